@@ -1,0 +1,65 @@
+"""One way to declare a service's command-line flags with environment-variable fallbacks.
+
+Each service keeps a frozen dataclass of its settings; its fields and defaults are declared once, as
+argparse flags built here, so ``--draft-address`` falls back to ``SPECDEC_DRAFT_ADDRESS`` and then to the
+default. Precedence: flag > environment > default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_BOOL_TRUE = {"1", "true", "yes", "on"}
+
+
+def env_name(flag: str) -> str:
+    """``--draft-address`` -> ``SPECDEC_DRAFT_ADDRESS``."""
+    return "SPECDEC_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def parse_config(cls: type[T], argv: Sequence[str] | None = None, prog: str | None = None) -> T:
+    """Build the frozen dataclass ``cls`` from flags named after its fields (``max_sequences`` ->
+    ``--max-sequences``), each falling back to its SPECDEC_* variable, then to the field's default.
+    Field help comes from ``metadata={"help": ...}``."""
+    parser = build_parser(cls, prog=prog)
+    return from_namespace(cls, parser.parse_args(argv))
+
+
+def build_parser(cls: type, prog: str | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Add one flag per field of ``cls`` to ``parser`` (a new one if None)."""
+    parser = parser or argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").strip().splitlines()[0])
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        flag = "--" + field.name.replace("_", "-")
+        kind = hints[field.name]
+        default = field.default
+        env = os.environ.get(env_name(flag))
+        if env is not None:
+            default = _convert(kind, env)
+        help_text = field.metadata.get("help", "")
+        help_text = f"{help_text} [env {env_name(flag)}; default: %(default)s]"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            parser.add_argument(flag, type=lambda s, k=kind: _convert(k, s), default=default, help=help_text)
+    return parser
+
+
+def from_namespace(cls: type[T], namespace: argparse.Namespace) -> T:
+    values: dict[str, Any] = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)}
+    return cls(**values)
+
+
+def _convert(kind: Any, text: str) -> Any:
+    if kind is bool:
+        return text.strip().lower() in _BOOL_TRUE
+    if kind in (int, float, str):
+        return kind(text)
+    raise TypeError(f"unsupported config field type {kind!r}")
