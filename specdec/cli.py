@@ -1,0 +1,91 @@
+"""The `specdec` command: `serve` the whole stack on embedded defaults, `generate` against a running one.
+
+`specdec serve` starts Triton (SmolLM2-135M target), the draft service (a SmolLM2 self-draft) and the
+orchestrator on 127.0.0.1, shows progress while the models load, prints the address, and stops all three
+on Ctrl-C. `specdec generate "PROMPT"` calls a running orchestrator and prints the text and the stats.
+The services also run on their own (`python -m target_service | draft_service | orchestrator`), which is
+how a fleet deploys them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+from specdec import config as config_flags
+
+log = logging.getLogger("specdec")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="specdec", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    from specdec.stack import StackConfig
+
+    serve = sub.add_parser("serve", help="run Triton + draft + orchestrator locally until Ctrl-C")
+    config_flags.build_parser(StackConfig, parser=serve)
+
+    generate = sub.add_parser("generate", help="generate text with a running orchestrator")
+    generate.add_argument("prompt")
+    generate.add_argument("--address", default="127.0.0.1:50051", help="the orchestrator's host:port")
+    generate.add_argument("--max-new-tokens", type=int)
+    generate.add_argument("--temperature", type=float)
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--top-p", type=float)
+    generate.add_argument("--seed", type=int)
+    generate.add_argument("--num-draft-tokens", type=int, help="K; 0 = target-only; unset = server default")
+    generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    generate.add_argument("--stream", action="store_true", help="print tokens as each round produces them")
+    generate.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
+
+    bench = sub.add_parser("bench", help="benchmark ArS vs SpS vs HF assisted generation (see bench/)")
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        fields = {f.name for f in dataclasses.fields(StackConfig)}
+        return serve_command(StackConfig(**{k: v for k, v in vars(args).items() if k in fields}))
+    if args.command == "generate":
+        from specdec.client import generate_command
+
+        return generate_command(args)
+    from specdec.bench import main as bench_main
+
+    return bench_main(args.args)
+
+
+def serve_command(config: "StackConfig") -> int:  # noqa: F821 - imported lazily (torch is slow to import)
+    from specdec.stack import LocalStack
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with LocalStack(config) as stack:
+        sys.stdout.write(
+            f"specdec is serving specdec.v1.GenerationService on {stack.address}\n"
+            f"  try: specdec generate --address {stack.address} \"The capital of France is\"\n"
+            f"  metrics: {stack.orchestrator_metrics_url} (orchestrator), {stack.draft_metrics_url} (draft), "
+            f"{stack.triton_metrics_url} (Triton)\n"
+            "  Ctrl-C stops all three services.\n"
+        )
+        sys.stdout.flush()
+        while not stop.wait(1.0):
+            try:
+                stack.check_alive()
+            except RuntimeError as exc:
+                log.error("%s", exc)
+                return 1
+        log.info("stopping the orchestrator, the draft service and Triton ...")
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""The whole system on one machine: Triton (target), the draft service and the orchestrator as processes.
+
+`specdec serve`, the end-to-end test fixture and the benchmark all start the stack the same way, from our
+own entry points (`python -m target_service`, `python -m draft_service`, `python -m orchestrator`), on
+127.0.0.1 and free ports, wait until each one is healthy, and stop all of them however they exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from specdec import models
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class StackConfig:
+    """What the local stack runs; every field has a flag in `specdec serve`."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051  # the orchestrator's (public) port; 0 = a free port
+    target_model: str = models.SMOLLM2
+    target_dtype: str = "float32"
+    draft_model: str = models.SMOLLM2
+    draft_layers: str = "0-7"
+    draft_dtype: str = "float32"
+    num_draft_tokens: int = 4
+    threads: int = 0  # torch threads per model process; 0 = torch's default
+    cache_dir: str = ""
+    startup_timeout_s: float = 300.0
+    log_dir: str = ""  # where each process's log goes; "" = a temporary folder
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class Process:
+    """A child process with its output in a log file, stopped with SIGTERM then SIGKILL."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str]) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        log.debug("starting %s: %s", name, " ".join(argv))
+        self.popen = subprocess.Popen(  # noqa: S603 - our own entry points
+            argv, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+
+    def check_alive(self) -> None:
+        code = self.popen.poll()
+        if code is not None:
+            raise RuntimeError(f"{self.name} exited with code {code}; its log ends with:\n{self.tail()}")
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.0f s; killing it", self.name, grace_s)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+        self._log.close()
+
+
+def wait_grpc_healthy(address: str, process: Process, timeout_s: float) -> None:
+    """Poll grpc.health.v1 until SERVING, failing fast if the process dies."""
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            process.check_alive()
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{process.name} not healthy after {timeout_s:.0f} s; log:\n{process.tail()}")
+            time.sleep(0.2)
+
+
+class LocalStack:
+    """Triton + draft service + orchestrator on 127.0.0.1. Use as a context manager."""
+
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.processes: list[Process] = []
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self.address = ""
+        self.draft_address = ""
+        self.triton_url = ""
+        self.triton_metrics_url = ""
+        self.draft_metrics_url = ""
+        self.orchestrator_metrics_url = ""
+
+    def __enter__(self) -> LocalStack:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        cfg = self.config
+        if cfg.log_dir:
+            log_dir = Path(cfg.log_dir)
+            log_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            self._tmp = tempfile.TemporaryDirectory(prefix="specdec-stack-")
+            log_dir = Path(self._tmp.name)
+        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
+        for spec in {cfg.target_model, cfg.draft_model}:
+            log.info("preparing model %s (the first run converts the packaged SmolLM2, ~20 s)", spec)
+            models.resolve_model_dir(spec, cache_dir)
+        env = child_env()
+        py = sys.executable
+        host = cfg.host
+        ports = {name: free_port(host) for name in ("grpc", "http", "metrics", "draft", "draft_metrics", "orch_metrics")}
+        orchestrator_port = cfg.port or free_port(host)
+        common = ["--cache-dir", cfg.cache_dir, "--threads", str(cfg.threads)]
+
+        log.info("starting Triton (target %s) ...", cfg.target_model)
+        t0 = time.monotonic()
+        triton = self._spawn("triton", log_dir, env, [
+            py, "-m", "target_service", "--host", host, "--grpc-port", str(ports["grpc"]),
+            "--http-port", str(ports["http"]), "--metrics-port", str(ports["metrics"]),
+            "--model", cfg.target_model, "--dtype", cfg.target_dtype, *common,
+        ])
+        log.info("starting the draft service (%s, layers %s) ...", cfg.draft_model, cfg.draft_layers or "all")
+        draft = self._spawn("draft", log_dir, env, [
+            py, "-m", "draft_service", "--host", host, "--port", str(ports["draft"]),
+            "--metrics-port", str(ports["draft_metrics"]), "--model", cfg.draft_model,
+            "--keep-layers", cfg.draft_layers, "--dtype", cfg.draft_dtype, *common,
+        ])
+        self.draft_address = f"{host}:{ports['draft']}"
+        self.triton_url = f"{host}:{ports['grpc']}"
+        self.triton_metrics_url = f"http://{host}:{ports['metrics']}/metrics"
+        self.draft_metrics_url = f"http://{host}:{ports['draft_metrics']}/metrics"
+        wait_grpc_healthy(self.draft_address, draft, cfg.startup_timeout_s)
+        log.info("draft service ready at %s (%.1f s)", self.draft_address, time.monotonic() - t0)
+        wait_triton_ready(self.triton_url, triton, cfg.startup_timeout_s)
+        log.info("Triton ready at %s (%.1f s)", self.triton_url, time.monotonic() - t0)
+
+        log.info("starting the orchestrator ...")
+        orchestrator = self._spawn("orchestrator", log_dir, env, [
+            py, "-m", "orchestrator", "--host", host, "--port", str(orchestrator_port),
+            "--draft-address", self.draft_address, "--triton-url", self.triton_url,
+            "--tokenizer", cfg.target_model, "--cache-dir", cfg.cache_dir,
+            "--default-num-draft-tokens", str(cfg.num_draft_tokens),
+            "--metrics-port", str(ports["orch_metrics"]),
+        ])
+        self.address = f"{host}:{orchestrator_port}"
+        self.orchestrator_metrics_url = f"http://{host}:{ports['orch_metrics']}/metrics"
+        wait_grpc_healthy(self.address, orchestrator, cfg.startup_timeout_s)
+        log.info("orchestrator ready at %s (%.1f s in all)", self.address, time.monotonic() - t0)
+
+    def _spawn(self, name: str, log_dir: Path, env: dict[str, str], argv: list[str]) -> Process:
+        process = Process(name, argv, log_dir / f"{name}.log", env)
+        self.processes.append(process)
+        return process
+
+    def process(self, name: str) -> Process:
+        return next(p for p in self.processes if p.name == name)
+
+    def check_alive(self) -> None:
+        for process in self.processes:
+            process.check_alive()
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):  # orchestrator first, Triton last
+            process.stop()
+        self.processes.clear()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["HF_HUB_OFFLINE"] = "1"
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def wait_triton_ready(url: str, process: Process, timeout_s: float, model: str = "specdec_target") -> None:
+    import tritonclient.grpc as triton_grpc
+
+    deadline = time.monotonic() + timeout_s
+    client = triton_grpc.InferenceServerClient(url)
+    try:
+        while True:
+            process.check_alive()
+            with contextlib.suppress(Exception):
+                if client.is_server_ready() and client.is_model_ready(model):
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Triton not ready after {timeout_s:.0f} s; log:\n{process.tail()}")
+            time.sleep(0.3)
+    finally:
+        client.close()
