@@ -1,0 +1,303 @@
+"""The exact sampler: logit warping and modified rejection sampling for speculative decoding.
+
+Why this module exists: speculative sampling is only worth deploying if its output is distributed
+*exactly* like sampling from the target model alone. That guarantee lives entirely in a few lines of
+math, so the math lives here, in one pure module (torch only: no grpc, no triton, no model code) that
+the draft service, the orchestrator and the tests all import. The draft warps q with `warp` and samples
+with `sample`; the orchestrator warps p with the same `warp` and calls `rejection_sample_batch`.
+
+Notation (used everywhere in specdec):
+
+* **p** = the *target* distribution (the large model we want to sample from),
+* **q** = the *draft* distribution (the small model that proposes tokens).
+
+Chen et al. 2023, "Accelerating Large Language Model Decoding with Speculative Sampling"
+(arXiv 2302.01318, Algorithm 2) **swap the letters**: there q is the target and p the draft.
+Leviathan et al. 2023, "Fast Inference from Transformers via Speculative Decoding" (arXiv 2211.17192,
+Algorithm 1) use our convention (p target, q draft).
+
+One round with draft length K (0-based positions i = 0..K-1):
+
+* **accepted**: draft token x_i is accepted with probability min(1, p_i(x_i) / q_i(x_i)), tested as
+  ``u_i * q_i(x_i) < p_i(x_i)`` with u_i ~ U[0, 1) so there is never a division (q_i(x_i) = 0 cannot happen
+  for a token the draft actually sampled; if it did, the token is accepted iff p_i(x_i) > 0).
+* **recovered**: at the first rejection, position n, a token is drawn from
+  norm(max(0, p_n - q_n)) and the round stops.
+* **bonus**: if all K drafts are accepted, one extra token is drawn from p_K for free.
+
+A round therefore emits ``accepted + 1`` tokens (1..K+1). With K = 0 it is plain target-only
+autoregressive sampling (one draw from p_0), the fair baseline.
+
+Greedy decoding needs no special case: `warp` with temperature 0 returns one-hot rows, so a draft token is
+accepted iff it equals argmax p_i, the recovered token is argmax p_n, and the bonus is argmax p_K.
+
+Randomness contract (what makes results reproducible and lets tests replay the draws): for each sequence
+(row) the rejection sampler draws exactly ``K + 1`` float64 uniforms in [0, 1) from that row's generator,
+``torch.rand(K + 1, dtype=torch.float64, generator=g)``: u_0..u_{K-1} for the acceptance tests and u_K for
+the final (recovered or bonus) draw, which is made by inverse CDF: the smallest token t with
+``cumsum(w)[t] > u_K * sum(w)`` for the non-negative weights w of the row (never a zero-weight token).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "SamplingParams",
+    "warp",
+    "sample",
+    "RejectionResult",
+    "rejection_sample",
+    "rejection_sample_batch",
+]
+
+
+def _is_real_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How logits become a sampling distribution; applied identically to p (target) and q (draft).
+
+    temperature: 0 means greedy (argmax); otherwise logits are divided by it.
+    top_k: keep the k most likely tokens; 0 disables.
+    top_p: nucleus sampling threshold in (0, 1]; 1 disables.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        t = self.temperature
+        if not _is_real_number(t):
+            raise ValueError(f"temperature must be a number, got {t!r}")
+        if math.isnan(t) or math.isinf(t):
+            raise ValueError(f"temperature must be finite, got {t!r}")
+        if t < 0:
+            raise ValueError(f"temperature must be >= 0, got {t!r}")
+        k = self.top_k
+        if not isinstance(k, int) or isinstance(k, bool):
+            raise ValueError(f"top_k must be an integer, got {k!r}")
+        if k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {k!r}")
+        tp = self.top_p
+        if not _is_real_number(tp):
+            raise ValueError(f"top_p must be a number, got {tp!r}")
+        if math.isnan(tp) or not 0 < tp <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {tp!r}")
+
+    @property
+    def greedy(self) -> bool:
+        """True when temperature is 0: decoding is argmax and sampling is deterministic."""
+        return self.temperature == 0
+
+    def validate_for_vocab(self, vocab_size: int) -> None:
+        """Raise ValueError if these parameters cannot apply to a vocabulary of `vocab_size` tokens."""
+        if vocab_size < 1:
+            raise ValueError(f"vocab size must be >= 1, got {vocab_size}")
+        if self.top_k > vocab_size:
+            raise ValueError(f"top_k must be <= vocab size {vocab_size}, got {self.top_k}")
+
+
+def _mask_top_k(scaled: torch.Tensor, k: int) -> torch.Tensor:
+    """scaled [..., V] -> [..., V] with everything but the k largest entries set to -inf.
+
+    Exactly k entries survive, even with ties at the k-th value (the ones torch.topk picks)."""
+    keep_idx = torch.topk(scaled, k, dim=-1).indices  # [..., k]
+    keep = torch.zeros_like(scaled, dtype=torch.bool).scatter_(-1, keep_idx, True)  # [..., V]
+    return scaled.masked_fill(~keep, float("-inf"))
+
+
+def _mask_top_p(scaled: torch.Tensor, top_p: float) -> torch.Tensor:
+    """scaled [..., V] -> [..., V] keeping the smallest most-likely set with probability mass >= top_p.
+
+    Token j (in descending-probability order, ties broken by lower index) is kept iff the mass of the
+    tokens before it is < top_p, so the most likely token is always kept. Cumulative sums in float64."""
+    probs = torch.softmax(scaled, dim=-1)  # [..., V]
+    sorted_probs, sorted_idx = torch.sort(probs, dim=-1, descending=True, stable=True)  # [..., V] each
+    mass_before = torch.cumsum(sorted_probs, dim=-1, dtype=torch.float64) - sorted_probs  # [..., V]
+    keep_sorted = mass_before < top_p  # [..., V]
+    keep_sorted[..., 0] = True
+    keep = torch.zeros_like(keep_sorted).scatter_(-1, sorted_idx, keep_sorted)  # [..., V]
+    return scaled.masked_fill(~keep, float("-inf"))
+
+
+def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits [..., V] (any float dtype, any device) -> probabilities [..., V] float32 on the same device.
+
+    Order (the same as Hugging Face generate's logits processors): temperature, then top-k, then top-p,
+    then softmax. Greedy (temperature == 0): one-hot at argmax (first index on ties, torch.argmax
+    semantics). top-k keeps the k largest logits (exactly k, ties resolved by torch.topk's indices).
+    top-p keeps the smallest set of most likely tokens whose cumulative probability is >= top_p
+    (always at least one token), computed on the temperature- and top-k-warped distribution; the kept
+    tokens are then renormalised. Vectorised; no Python loop over V.
+
+    Raises ValueError if top_k exceeds the vocabulary size V.
+    """
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits must have shape [..., V] with V >= 1, got {tuple(logits.shape)}")
+    vocab_size = logits.shape[-1]
+    params.validate_for_vocab(vocab_size)
+    x = logits.to(torch.float32)  # [..., V]
+    if params.greedy:
+        top = torch.argmax(x, dim=-1)  # [...]
+        return torch.nn.functional.one_hot(top, vocab_size).to(torch.float32)  # [..., V]
+    # Subtracting the row max first (softmax-invariant) keeps logits / T finite for tiny T.
+    x = (x - x.amax(dim=-1, keepdim=True)) / params.temperature  # [..., V]
+    if 0 < params.top_k < vocab_size:
+        x = _mask_top_k(x, params.top_k)
+    if params.top_p < 1.0:
+        x = _mask_top_p(x, params.top_p)
+    return torch.softmax(x, dim=-1)  # [..., V]
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """probs [N, V] -> tokens [N] (int64): one draw per row from `generator` (torch.multinomial)."""
+    if probs.dim() != 2:
+        raise ValueError(f"probs must have shape [N, V], got {tuple(probs.shape)}")
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [N]
+
+
+@dataclass(frozen=True)
+class RejectionResult:
+    """Outcome of one speculative round for one sequence."""
+
+    accepted: int  # n, number of draft tokens accepted (0..K)
+    tokens: list[int]  # the n accepted drafts, then one recovered (n < K) or bonus (n == K) token; len n+1
+
+
+def _draw_inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """weights [B, V] float64 >= 0 with a positive sum per row, u [B] in [0, 1) -> tokens [B] int64.
+
+    Returns the smallest t with cumsum(weights)[t] > u * sum(weights): a zero-weight token is never drawn."""
+    cdf = torch.cumsum(weights, dim=-1)  # [B, V]
+    target = (u * cdf[:, -1]).unsqueeze(-1)  # [B, 1]
+    tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1)  # [B]
+    # Guard against u * total rounding up to total: clamp to the last positive-weight token.
+    vocab_size = weights.shape[-1]
+    last_positive = vocab_size - 1 - torch.argmax(torch.flip(weights > 0, dims=[-1]).to(torch.int8), dim=-1)
+    return torch.minimum(tokens, last_positive)  # [B]
+
+
+def _check_batch_shapes(
+    draft_tokens: torch.Tensor, q: torch.Tensor | None, p: torch.Tensor, n_generators: int
+) -> tuple[int, int, int]:
+    """Validate shapes and dtypes of a batched call; returns (B, K, V)."""
+    if p.dim() != 3 or not p.is_floating_point():
+        raise ValueError(f"p must be a float tensor [B, K+1, V], got {p.dtype} {tuple(p.shape)}")
+    batch, k_plus_1, vocab_size = p.shape
+    k = k_plus_1 - 1
+    if k < 0:
+        raise ValueError(f"p must have K+1 >= 1 rows per sequence, got shape {tuple(p.shape)}")
+    if draft_tokens.dim() != 2 or tuple(draft_tokens.shape) != (batch, k):
+        raise ValueError(f"draft_tokens must have shape [B, K] = [{batch}, {k}], got {tuple(draft_tokens.shape)}")
+    if draft_tokens.is_floating_point() or draft_tokens.is_complex() or draft_tokens.dtype == torch.bool:
+        raise ValueError(f"draft_tokens must be an integer tensor, got {draft_tokens.dtype}")
+    if q is not None and (tuple(q.shape) != (batch, k, vocab_size) or not q.is_floating_point()):
+        raise ValueError(f"q must be a float tensor [B, K, V] = [{batch}, {k}, {vocab_size}], got {tuple(q.shape)}")
+    if n_generators != batch:
+        raise ValueError(f"need one generator per sequence: {batch} sequences, {n_generators} generators")
+    if draft_tokens.numel():
+        low, high = int(draft_tokens.min()), int(draft_tokens.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"draft_tokens must be in [0, {vocab_size}), got values in [{low}, {high}]")
+    return batch, k, vocab_size
+
+
+def _draw_uniforms(generators: Sequence[torch.Generator], k: int, device: torch.device) -> torch.Tensor:
+    """One row of K+1 float64 uniforms per generator -> [B, K+1] (the only per-row Python loop)."""
+    if not generators:
+        return torch.empty(0, k + 1, dtype=torch.float64, device=device)
+    rows = [torch.rand(k + 1, dtype=torch.float64, generator=g, device=device) for g in generators]
+    return torch.stack(rows)  # [B, K+1]
+
+
+def rejection_sample_batch(
+    draft_tokens: torch.Tensor,
+    q: torch.Tensor | None,
+    p: torch.Tensor,
+    generators: Sequence[torch.Generator],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Modified rejection sampling for B sequences at once, one row each.
+
+    draft_tokens [B, K] int: the tokens the draft sampled.
+    q [B, K, V]: the warped draft probabilities the draft actually sampled from, or None, meaning one-hot
+        at each draft token (what a greedy/deterministic draft has).
+    p [B, K+1, V]: warped target probabilities; row i scores position i given the prefix and x_0..x_{i-1}.
+    generators: one per row, on p's device. Each row consumes exactly K+1 float64 uniforms (module doc).
+
+    Returns (accepted [B] int64, tokens [B, K+1] int64): tokens[b, :accepted[b]] are the accepted drafts,
+    tokens[b, accepted[b]] the recovered (accepted < K) or bonus (accepted == K) token, then -1 padding.
+
+    If the residual max(0, p_n - q_n) is all zero (only possible through rounding, or when a draft token
+    with p_n(x) = q_n(x) = 0 is rejected), the recovered token is drawn from p_n instead.
+    Vectorised over B and K except the per-row uniform draws; deterministic given the generators' states.
+    """
+    batch, k, vocab_size = _check_batch_shapes(draft_tokens, q, p, len(generators))
+    device = p.device
+    x = draft_tokens.to(device=device, dtype=torch.int64)  # [B, K]
+    u = _draw_uniforms(generators, k, device)  # [B, K+1]
+    rows = torch.arange(batch, device=device)  # [B]
+
+    # Accept/reject every draft position at once; accepted = length of the leading run of acceptances.
+    p_x = torch.gather(p[:, :k, :], -1, x.unsqueeze(-1)).squeeze(-1).to(torch.float64)  # [B, K]
+    if q is None:
+        q_x = torch.ones_like(p_x)  # [B, K]
+    else:
+        q_x = torch.gather(q, -1, x.unsqueeze(-1)).squeeze(-1).to(torch.float64)  # [B, K]
+    accept = u[:, :k] * q_x < p_x  # [B, K]
+    accepted = torch.cumprod(accept.to(torch.int64), dim=-1).sum(dim=-1)  # [B]
+
+    # Final draw from row n = accepted: residual max(0, p_n - q_n), with q_K := 0 so the bonus row is p_K.
+    p_n = p[rows, accepted].to(torch.float64)  # [B, V]
+    rejected = accepted < k  # [B]
+    n_draft = accepted.clamp(max=max(k - 1, 0))  # [B] a valid draft index (unused where not rejected)
+    if k == 0:
+        q_n = torch.zeros_like(p_n)  # [B, V]
+    elif q is None:
+        x_n = x[rows, n_draft]  # [B]
+        q_n = torch.zeros_like(p_n).scatter_(-1, x_n.unsqueeze(-1), rejected.to(torch.float64).unsqueeze(-1))
+    else:
+        q_n = q[rows, n_draft].to(torch.float64) * rejected.to(torch.float64).unsqueeze(-1)  # [B, V]
+    residual = torch.clamp(p_n - q_n, min=0.0)  # [B, V]
+    degenerate = residual.sum(dim=-1) <= 0  # [B]
+    weights = torch.where(degenerate.unsqueeze(-1), p_n, residual)  # [B, V]
+    final = _draw_inverse_cdf(weights, u[:, k])  # [B]  recovered or bonus
+
+    positions = torch.arange(k + 1, device=device).unsqueeze(0)  # [1, K+1]
+    x_padded = torch.cat([x, torch.full((batch, 1), -1, dtype=torch.int64, device=device)], dim=-1)  # [B, K+1]
+    tokens = torch.where(positions < accepted.unsqueeze(-1), x_padded, torch.full_like(x_padded, -1))  # [B, K+1]
+    tokens[rows, accepted] = final
+    return accepted, tokens
+
+
+def rejection_sample(
+    draft_tokens: torch.Tensor,
+    q: torch.Tensor | None,
+    p: torch.Tensor,
+    generator: torch.Generator,
+) -> RejectionResult:
+    """Modified rejection sampling for one sequence: a thin wrapper over `rejection_sample_batch`.
+
+    draft_tokens [K] int, q [K, V] warped draft probabilities the draft actually sampled from (None means
+    one-hot at each draft token), p [K+1, V] warped target probabilities. K may be 0 (then this is a
+    single draw from p[0]: target-only autoregressive sampling). Same results as the batched call for
+    the same generator state.
+    """
+    if draft_tokens.dim() != 1:
+        raise ValueError(f"draft_tokens must have shape [K], got {tuple(draft_tokens.shape)}")
+    if p.dim() != 2:
+        raise ValueError(f"p must have shape [K+1, V], got {tuple(p.shape)}")
+    if q is not None and q.dim() != 2:
+        raise ValueError(f"q must have shape [K, V], got {tuple(q.shape)}")
+    accepted, tokens = rejection_sample_batch(
+        draft_tokens.unsqueeze(0), None if q is None else q.unsqueeze(0), p.unsqueeze(0), [generator]
+    )
+    n = int(accepted[0])
+    return RejectionResult(accepted=n, tokens=tokens[0, : n + 1].tolist())

@@ -1,0 +1,483 @@
+"""Unit tests for the exact sampler (`specdec.sampling`) and the theory helpers (`specdec.speedup`).
+
+Why this file exists: the sampler is the one place where a bug silently changes the output distribution
+instead of crashing. These tests pin each rule of modified rejection sampling with constructed cases
+(forced acceptance, forced rejection, greedy), cross-check the vectorised code against the naive oracle
+in `tests/sampling_oracle.py` token for token, and check determinism. Distribution-level checks live in
+`tests/statistical/test_sampling_distribution.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from specdec.sampling import (
+    RejectionResult,
+    SamplingParams,
+    rejection_sample,
+    rejection_sample_batch,
+    sample,
+    warp,
+)
+from specdec.speedup import acceptance_rate_alpha, expected_tokens_per_round, ideal_speedup
+from tests import sampling_oracle as oracle
+
+V = 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread() -> Iterator[None]:
+    """The tensors here are tiny: one intra-op thread avoids oversubscription when cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def gens(n: int, base: int = 0) -> list[torch.Generator]:
+    return [gen(base + i) for i in range(n)]
+
+
+def random_logits(*shape: int, seed: int = 0, scale: float = 2.0) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen(seed)) * scale
+
+
+def random_probs(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.softmax(random_logits(*shape, seed=seed), dim=-1)
+
+
+# --------------------------------------------------------------------------------------- SamplingParams
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"temperature": -1.0}, "temperature must be >= 0, got -1.0"),
+        ({"temperature": float("nan")}, "temperature must be finite, got nan"),
+        ({"temperature": float("inf")}, "temperature must be finite, got inf"),
+        ({"top_p": 0.0}, "top_p must be in (0, 1] (1 disables it), got 0.0"),
+        ({"top_p": 1.5}, "top_p must be in (0, 1] (1 disables it), got 1.5"),
+        ({"top_p": -0.1}, "top_p must be in (0, 1] (1 disables it), got -0.1"),
+        ({"top_p": float("nan")}, "top_p must be in (0, 1] (1 disables it), got nan"),
+        ({"top_k": -1}, "top_k must be >= 0 (0 disables it), got -1"),
+        ({"top_k": 2.5}, "top_k must be an integer, got 2.5"),
+        ({"top_k": True}, "top_k must be an integer, got True"),
+        ({"temperature": "1"}, "temperature must be a number, got '1'"),
+    ],
+)
+def test_sampling_params_rejects_invalid_values(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError) as excinfo:
+        SamplingParams(**kwargs)
+    assert str(excinfo.value) == message
+
+
+def test_sampling_params_accepts_valid_values_and_greedy_flag() -> None:
+    assert SamplingParams().greedy is False
+    assert SamplingParams(temperature=0).greedy is True
+    assert SamplingParams(temperature=0.0, top_k=5, top_p=1.0).greedy is True
+    SamplingParams(temperature=2, top_k=0, top_p=1e-9)  # boundaries that are allowed
+
+
+def test_validate_for_vocab() -> None:
+    SamplingParams(top_k=V).validate_for_vocab(V)
+    with pytest.raises(ValueError, match=f"top_k must be <= vocab size {V}, got {V + 1}"):
+        SamplingParams(top_k=V + 1).validate_for_vocab(V)
+    with pytest.raises(ValueError, match="top_k must be <= vocab size"):
+        warp(torch.zeros(2, V), SamplingParams(top_k=V + 1))
+
+
+# ------------------------------------------------------------------------------------------------ warp
+
+
+def test_warp_temperature_only_is_softmax_of_scaled_logits() -> None:
+    logits = random_logits(4, V)
+    for t in (0.3, 1.0, 2.5):
+        expected = torch.softmax(logits / t, dim=-1)
+        torch.testing.assert_close(warp(logits, SamplingParams(temperature=t)), expected)
+
+
+@pytest.mark.parametrize("k", [1, 3, V - 1, V])
+def test_warp_top_k_keeps_exactly_k_largest(k: int) -> None:
+    logits = random_logits(8, V, seed=1)
+    probs = warp(logits, SamplingParams(top_k=k))
+    assert ((probs > 0).sum(-1) == k).all(), (probs > 0).sum(-1)
+    top_idx = torch.topk(logits, k, dim=-1).indices
+    assert (probs.gather(-1, top_idx) > 0).all()
+
+
+def test_warp_top_k_with_ties_keeps_exactly_k() -> None:
+    logits = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.0]])
+    probs = warp(logits, SamplingParams(top_k=2))
+    assert int((probs > 0).sum()) == 2
+    assert probs[0, 0] == 0 and probs[0, 4] == 0
+
+
+@pytest.mark.parametrize(
+    ("top_p", "kept"),
+    [(0.4, {0}), (0.75, {0, 1}), (0.81, {0, 1, 2}), (0.99, {0, 1, 2, 3})],
+)
+def test_warp_top_p_keeps_minimal_set_on_known_distribution(top_p: float, kept: set[int]) -> None:
+    base = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    perm = torch.tensor([2, 0, 3, 1])  # token perm[j] has probability base[j]
+    logits = torch.empty(4)
+    logits[perm] = base.log()
+    probs = warp(logits, SamplingParams(top_p=top_p))
+    expected_support = {int(perm[j]) for j in kept}
+    assert {int(t) for t in torch.nonzero(probs).flatten()} == expected_support
+    expected = torch.zeros(4)
+    expected[perm[sorted(kept)]] = base[sorted(kept)] / base[sorted(kept)].sum()
+    torch.testing.assert_close(probs, expected)
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.6, 0.9])
+@pytest.mark.parametrize("temperature", [0.5, 1.0])
+def test_warp_top_p_set_is_minimal_property(top_p: float, temperature: float) -> None:
+    """The kept set has mass >= top_p, dropping its least likely member goes below, nothing outside beats it."""
+    logits = random_logits(64, V, seed=2)
+    probs = warp(logits, SamplingParams(temperature=temperature, top_p=top_p))
+    full = torch.softmax(logits.double() / temperature, dim=-1)
+    for row in range(logits.shape[0]):
+        kept = probs[row] > 0
+        mass = float(full[row][kept].sum())
+        smallest = float(full[row][kept].min())
+        assert mass >= top_p - 1e-6, (row, mass)
+        assert mass - smallest < top_p + 1e-6, (row, mass, smallest)
+        if (~kept).any():
+            assert float(full[row][~kept].max()) <= smallest + 1e-9
+
+
+def test_warp_greedy_is_one_hot_at_first_argmax() -> None:
+    logits = random_logits(5, V, seed=3)
+    logits[0, 3] = logits[0, 7] = logits[0].max() + 1.0  # tie: first index wins
+    probs = warp(logits, SamplingParams(temperature=0.0, top_k=4, top_p=0.5))
+    assert probs.dtype == torch.float32
+    assert ((probs == 0) | (probs == 1)).all() and (probs.sum(-1) == 1).all()
+    assert torch.equal(probs.argmax(-1), logits.argmax(-1))
+    assert int(probs[0].argmax()) == 3
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(),
+        SamplingParams(temperature=0.7),
+        SamplingParams(temperature=1.3, top_k=5),
+        SamplingParams(temperature=0.8, top_p=0.8),
+        SamplingParams(temperature=1.0, top_k=6, top_p=0.7),
+        SamplingParams(temperature=0.0),
+    ],
+)
+def test_warp_matches_oracle_and_rows_sum_to_one(params: SamplingParams) -> None:
+    logits = random_logits(3, 7, V, seed=4)  # leading batch dims are allowed
+    probs = warp(logits, params)
+    assert probs.shape == logits.shape and probs.dtype == torch.float32
+    torch.testing.assert_close(probs.sum(-1), torch.ones(3, 7))
+    for row_logits, row_probs in zip(logits.reshape(-1, V), probs.reshape(-1, V)):
+        expected = oracle.warp_row(row_logits.tolist(), params.temperature, params.top_k, params.top_p)
+        torch.testing.assert_close(row_probs.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_warp_accepts_half_precision_and_extreme_temperature() -> None:
+    logits = random_logits(2, V, seed=5)
+    probs = warp(logits.to(torch.bfloat16), SamplingParams(temperature=0.9, top_k=3))
+    assert probs.dtype == torch.float32 and ((probs > 0).sum(-1) == 3).all()
+    tiny = warp(logits, SamplingParams(temperature=1e-30))
+    assert torch.isfinite(tiny).all()
+    assert torch.equal(tiny.argmax(-1), logits.argmax(-1))
+
+
+def test_sample_draws_one_token_per_row_within_support() -> None:
+    probs = warp(random_logits(1000, V, seed=6), SamplingParams(top_k=2))
+    tokens = sample(probs, gen(0))
+    assert tokens.shape == (1000,) and tokens.dtype == torch.int64
+    assert (probs.gather(-1, tokens.unsqueeze(-1)) > 0).all()
+    assert torch.equal(tokens, sample(probs, gen(0)))
+
+
+# ------------------------------------------------------------------------------------ rejection sampling
+
+
+def draft_from(q: torch.Tensor, seed: int) -> torch.Tensor:
+    """Draft tokens [K] sampled from q [K, V], as the draft model would."""
+    return sample(q, gen(seed))
+
+
+def test_all_accepted_when_p_equals_q_and_bonus_from_last_target_row() -> None:
+    k = 4
+    q = random_probs(k, V, seed=7)
+    bonus_row = warp(random_logits(V, seed=8), SamplingParams(top_k=3))  # support of size 3
+    p = torch.cat([q, bonus_row.unsqueeze(0)])
+    for seed in range(200):
+        x = draft_from(q, seed)
+        result = rejection_sample(x, q, p, gen(1000 + seed))
+        assert result.accepted == k, (seed, result)
+        assert result.tokens[:k] == x.tolist()
+        assert len(result.tokens) == k + 1
+        assert bonus_row[result.tokens[k]] > 0, (seed, result.tokens[k])
+
+
+def test_p_equals_q_accepts_every_draft_batched() -> None:
+    b, k = 500, 5
+    q = warp(random_logits(b, k, V, seed=9), SamplingParams(temperature=0.8, top_p=0.9))
+    x = torch.stack([sample(q[i], gen(i)) for i in range(b)])
+    p = torch.cat([q, random_probs(b, 1, V, seed=10)], dim=1)
+    accepted, tokens = rejection_sample_batch(x, q, p, gens(b, 10_000))
+    assert (accepted == k).all(), accepted.unique()
+    assert torch.equal(tokens[:, :k], x)
+
+
+@pytest.mark.parametrize("reject_at", [0, 1, 2])
+def test_draft_with_zero_target_probability_is_always_rejected(reject_at: int) -> None:
+    k = 3
+    q = random_probs(k, V, seed=11)
+    p = torch.cat([q, random_probs(1, V, seed=12)]).clone()
+    x = torch.tensor([2, 5, 9])
+    p[reject_at, x[reject_at]] = 0.0  # the target never produces this draft token here
+    p[reject_at] /= p[reject_at].sum()
+    residual = torch.clamp(p[reject_at] - q[reject_at], min=0)
+    for seed in range(300):
+        result = rejection_sample(x, q, p, gen(seed))
+        assert result.accepted == reject_at, (seed, result)
+        assert result.tokens[:reject_at] == x[:reject_at].tolist()
+        recovered = result.tokens[reject_at]
+        assert residual[recovered] > 0, (seed, recovered, residual)
+        assert recovered != int(x[reject_at])
+
+
+def test_all_zero_residual_falls_back_to_p() -> None:
+    """p_0 == q_0 and a draft token with p = q = 0 there: rejected, residual all zero -> drawn from p_0."""
+    row = torch.zeros(V)
+    row[[1, 4, 6]] = torch.tensor([0.2, 0.5, 0.3])
+    x = torch.tensor([9])  # outside the support of both rows
+    q = row.unsqueeze(0)
+    p = torch.stack([row, random_probs(V, seed=31)])
+    b = 2000
+    accepted, tokens = rejection_sample_batch(x.expand(b, 1), q.expand(b, 1, V), p.expand(b, 2, V), gens(b))
+    assert (accepted == 0).all()
+    drawn = tokens[:, 0]
+    assert set(drawn.unique().tolist()) == {1, 4, 6}, torch.bincount(drawn, minlength=V)
+
+
+def test_recovered_token_never_where_p_le_q() -> None:
+    b = 20_000
+    p0 = random_probs(V, seed=13)
+    q0 = random_probs(V, seed=14)
+    q0[:4] = p0[:4]  # some exact ties p == q: never recoverable either
+    q0 /= q0.sum()
+    x = sample(q0.expand(b, V).contiguous(), gen(15)).unsqueeze(-1)  # [B, 1]
+    q = q0.expand(b, 1, V)
+    p = torch.stack([p0, random_probs(V, seed=16)]).expand(b, 2, V)
+    accepted, tokens = rejection_sample_batch(x, q, p, gens(b))
+    rejected = accepted == 0
+    recovered = tokens[rejected, 0]
+    forbidden = p0 <= q0
+    assert int(rejected.sum()) > 1000, int(rejected.sum())
+    bad = forbidden[recovered]
+    assert not bad.any(), f"recovered tokens where p <= q: {recovered[bad].unique().tolist()}"
+    assert (tokens[rejected, 1] == -1).all()
+
+
+@pytest.mark.parametrize("agree", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("explicit_q", [False, True])
+def test_greedy_token_by_token(agree: int, explicit_q: bool) -> None:
+    """Greedy: the draft agrees with argmax p for `agree` positions, then disagrees (or agrees to the end)."""
+    k = 4
+    greedy = SamplingParams(temperature=0.0)
+    target_logits = random_logits(k + 1, V, seed=17 + agree)
+    p = warp(target_logits, greedy)
+    argmax_p = target_logits.argmax(-1)
+    x = argmax_p[:k].clone()
+    if agree < k:
+        x[agree] = (x[agree] + 1) % V
+    q = torch.nn.functional.one_hot(x, V).float() if explicit_q else None
+    for seed in range(5):
+        result = rejection_sample(x, q, p, gen(seed))
+        assert result.accepted == agree
+        assert result.tokens == argmax_p[: agree + 1].tolist()
+
+
+def test_greedy_speculation_equals_greedy_target_only() -> None:
+    """Decoding a fixed 'model' greedily: speculative rounds emit exactly the target's argmax chain."""
+    table = random_logits(V, V, seed=18)  # next-token logits indexed by the previous token
+    draft_table = table + random_logits(V, V, seed=19, scale=1.5)
+    greedy = SamplingParams(temperature=0.0)
+    reference = [0]
+    for _ in range(30):
+        reference.append(int(table[reference[-1]].argmax()))
+    out, k = [0], 3
+    while len(out) < len(reference):
+        drafts = [out[-1]]
+        for _ in range(k):
+            drafts.append(int(warp(draft_table[drafts[-1]], greedy).argmax()))
+        x = torch.tensor(drafts[1:])
+        p = warp(table[torch.tensor(drafts)], greedy)  # [K+1, V]: rows given prefix + x_<i
+        out += rejection_sample(x, None, p, gen(len(out))).tokens
+    assert out[: len(reference)] == reference
+
+
+def test_q_none_equals_explicit_one_hot() -> None:
+    b, k = 300, 3
+    p = warp(random_logits(b, k + 1, V, seed=21), SamplingParams(temperature=0.5))  # peaked rows
+    x = sample(p[:, :k].reshape(-1, V), gen(20)).reshape(b, k)  # a deterministic draft that often agrees
+    q_one_hot = torch.nn.functional.one_hot(x, V).float()
+    a1, t1 = rejection_sample_batch(x, None, p, gens(b))
+    a2, t2 = rejection_sample_batch(x, q_one_hot, p, gens(b))
+    assert torch.equal(a1, a2) and torch.equal(t1, t2)
+    assert 0 < int((a1 < k).sum()) < b  # both branches were exercised
+
+
+def test_k_zero_is_target_only_sampling() -> None:
+    p = random_probs(1, V, seed=22)
+    result = rejection_sample(torch.empty(0, dtype=torch.int64), torch.empty(0, V), p, gen(0))
+    assert result.accepted == 0 and len(result.tokens) == 1 and p[0, result.tokens[0]] > 0
+    b = 2000
+    accepted, tokens = rejection_sample_batch(torch.empty(b, 0, dtype=torch.int64), None, p.expand(b, 1, V), gens(b))
+    assert tokens.shape == (b, 1) and (accepted == 0).all()
+    assert (p[0, tokens[:, 0]] > 0).all()
+
+
+@pytest.mark.parametrize("use_q", [True, False])
+@pytest.mark.parametrize(
+    "params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=5), SamplingParams(top_p=0.8)]
+)
+def test_matches_sequential_oracle_token_for_token(use_q: bool, params: SamplingParams) -> None:
+    """Same uniforms in, same tokens out: the vectorised sampler equals the naive Algorithm 2 on random rows."""
+    b, k = 400, 4
+    target_logits = random_logits(b, k + 1, V, seed=24)
+    draft_logits = target_logits[:, :k] + random_logits(b, k, V, seed=23)  # a draft that roughly agrees
+    q = warp(draft_logits, params)
+    p = warp(target_logits, params)
+    x = torch.stack([sample(q[i], gen(5000 + i)) for i in range(b)])
+    q_arg = q if use_q else None
+    accepted, tokens = rejection_sample_batch(x, q_arg, p, gens(b, 77))
+    counts = torch.bincount(accepted, minlength=k + 1)
+    assert (counts > 0).sum() >= 3, counts  # several acceptance lengths exercised
+    for i in range(b):
+        uniforms = torch.rand(k + 1, dtype=torch.float64, generator=gen(77 + i)).tolist()
+        q_rows = None if q_arg is None else q[i].double().tolist()
+        n, emitted = oracle.rejection_sample(x[i].tolist(), q_rows, p[i].double().tolist(), uniforms)
+        assert int(accepted[i]) == n, (i, int(accepted[i]), n)
+        assert tokens[i, : n + 1].tolist() == emitted, (i, tokens[i].tolist(), emitted)
+        assert (tokens[i, n + 1 :] == -1).all()
+
+
+def test_oracle_first_token_distribution_is_p() -> None:
+    """The theorem, on the oracle's own arithmetic: whatever q is, the first emitted token ~ p0."""
+    for seed in range(20):
+        p0_t = warp(random_logits(V, seed=seed), SamplingParams(top_k=6)).double()
+        q0_t = warp(random_logits(V, seed=seed + 100), SamplingParams(top_p=0.7)).double()
+        p0, q0 = (p0_t / p0_t.sum()).tolist(), (q0_t / q0_t.sum()).tolist()  # exact float64 normalisation
+        got = oracle.first_token_distribution(q0, p0)
+        assert max(abs(a - b) for a, b in zip(got, p0)) < 1e-12
+
+
+def test_seeded_determinism_and_batch_equals_single() -> None:
+    b, k = 64, 5
+    params = SamplingParams(temperature=0.9, top_k=8)
+    q = warp(random_logits(b, k, V, seed=25), params)
+    p = warp(random_logits(b, k + 1, V, seed=26), params)
+    x = torch.stack([sample(q[i], gen(i)) for i in range(b)])
+    first = [rejection_sample(x[i], q[i], p[i], gen(900 + i)) for i in range(b)]
+    for _ in range(20):
+        again = [rejection_sample(x[i], q[i], p[i], gen(900 + i)) for i in range(b)]
+        assert again == first
+    accepted, tokens = rejection_sample_batch(x, q, p, gens(b, 900))
+    for i, single in enumerate(first):
+        assert isinstance(single, RejectionResult)
+        assert int(accepted[i]) == single.accepted
+        assert tokens[i, : single.accepted + 1].tolist() == single.tokens
+    assert len({r.accepted for r in first}) > 1
+
+
+def test_each_row_consumes_exactly_k_plus_1_uniforms() -> None:
+    k = 3
+    q = random_probs(k, V, seed=27)
+    p = random_probs(k + 1, V, seed=28)
+    g = gen(5)
+    rejection_sample(torch.tensor([1, 2, 3]), q, p, g)
+    reference = gen(5)
+    torch.rand(k + 1, dtype=torch.float64, generator=reference)
+    assert torch.equal(torch.rand(4, generator=g), torch.rand(4, generator=reference))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"draft_tokens": torch.zeros(2, 3, dtype=torch.int64)}, "draft_tokens must have shape"),
+        ({"q": torch.zeros(2, 3, V)}, "q must be a float tensor"),
+        ({"p": torch.zeros(2, 3, V + 1)}, "q must be a float tensor"),
+        ({"generators": gens(3)}, "need one generator per sequence"),
+        ({"draft_tokens": torch.full((2, 2), V)}, "draft_tokens must be in"),
+        ({"draft_tokens": torch.zeros(2, 2)}, "draft_tokens must be an integer tensor"),
+    ],
+)
+def test_batch_rejects_bad_shapes(kwargs: dict, message: str) -> None:
+    args = {
+        "draft_tokens": torch.zeros(2, 2, dtype=torch.int64),
+        "q": random_probs(2, 2, V),
+        "p": random_probs(2, 3, V),
+        "generators": gens(2),
+    }
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        rejection_sample_batch(**args)
+
+
+# ---------------------------------------------------------------------------------------------- speedup
+
+
+def test_expected_tokens_per_round_known_values() -> None:
+    alpha, k = 0.8, 4
+    by_hand = 1 + alpha + alpha**2 + alpha**3 + alpha**4  # sum of P(at least i drafts accepted)
+    assert expected_tokens_per_round(alpha, k) == pytest.approx(by_hand)
+    assert expected_tokens_per_round(alpha, k) == pytest.approx((1 - 0.8**5) / 0.2)
+    assert expected_tokens_per_round(1.0, 4) == 5.0
+    assert expected_tokens_per_round(0.0, 7) == 1.0
+    assert expected_tokens_per_round(0.5, 0) == 1.0
+    assert expected_tokens_per_round(1 - 1e-12, 3) == pytest.approx(4.0, rel=1e-6)
+
+
+def test_ideal_speedup_known_values() -> None:
+    alpha, k, c = 0.8, 4, 0.05
+    by_hand = (1 - alpha ** (k + 1)) / (1 - alpha) / (k * c + 1)
+    assert ideal_speedup(alpha, k, c) == pytest.approx(by_hand)
+    assert ideal_speedup(alpha, k, c, verify_cost_ratio=1.6) == pytest.approx(by_hand * 1.2 / (0.2 + 1.6))
+    assert ideal_speedup(1.0, 3, 0.0) == 4.0
+    assert ideal_speedup(0.3, 0, 0.5) == 1.0  # k = 0: target only, no speedup
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: expected_tokens_per_round(1.1, 3), "alpha must be a number in"),
+        (lambda: expected_tokens_per_round(-0.1, 3), "alpha must be a number in"),
+        (lambda: expected_tokens_per_round(math.nan, 3), "alpha must be a number in"),
+        (lambda: expected_tokens_per_round(0.5, -1), "k must be an integer >= 0"),
+        (lambda: expected_tokens_per_round(0.5, 2.0), "k must be an integer >= 0"),
+        (lambda: ideal_speedup(0.5, 3, -0.1), "draft_cost_ratio must be a finite number >= 0"),
+        (lambda: ideal_speedup(0.5, 3, math.inf), "draft_cost_ratio must be a finite number >= 0"),
+        (lambda: ideal_speedup(0.5, 3, 0.1, 0.0), "verify_cost_ratio must be a finite number > 0"),
+        (lambda: acceptance_rate_alpha(torch.zeros(3), torch.zeros(4)), "same shape"),
+    ],
+)
+def test_speedup_helpers_reject_invalid_arguments(call, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_acceptance_rate_alpha() -> None:
+    p = torch.tensor([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
+    q = torch.tensor([[0.5, 0.0, 0.5], [0.2, 0.3, 0.5]])
+    torch.testing.assert_close(acceptance_rate_alpha(p, q), torch.tensor([0.5, 1.0], dtype=torch.float64))
+    a = random_probs(10, V, seed=29)
+    b = random_probs(10, V, seed=30)
+    tv = 0.5 * (a.double() - b.double()).abs().sum(-1)
+    torch.testing.assert_close(acceptance_rate_alpha(a, b), 1 - tv)
