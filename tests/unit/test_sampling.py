@@ -185,6 +185,21 @@ def test_warp_matches_oracle_and_rows_sum_to_one(params: SamplingParams) -> None
         torch.testing.assert_close(row_probs.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("scale", [0.2, 2.0, 6.0])  # flat (full sort), medium and peaked (top-k candidates)
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 0.99])
+def test_wide_vocab_top_p_matches_the_oracle(scale: float, top_p: float) -> None:
+    """Rows wider than the candidate window (256, 4096) take the topk path; it must equal a full sort."""
+    wide = 6000
+    logits = torch.randn(2, wide, generator=torch.Generator().manual_seed(11)) * scale
+    logits[1, 100:400] = logits[1, 99]  # a block of exact ties straddling the candidate window
+    probs = warp(logits, SamplingParams(temperature=1.0, top_p=top_p))
+    for row_logits, row_probs in zip(logits, probs):
+        expected = oracle.warp_row(row_logits.tolist(), 1.0, 0, top_p)
+        kept = [i for i, v in enumerate(expected) if v > 0]
+        assert torch.nonzero(row_probs).flatten().tolist() == kept
+        torch.testing.assert_close(row_probs.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
 def test_warp_accepts_half_precision_and_extreme_temperature() -> None:
     logits = random_logits(2, V, seed=5)
     probs = warp(logits.to(torch.bfloat16), SamplingParams(temperature=0.9, top_k=3))
