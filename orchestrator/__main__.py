@@ -1,0 +1,30 @@
+"""``python -m orchestrator [flags]``: run the orchestrator until SIGINT/SIGTERM, then drain gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+from orchestrator.config import parse_orchestrator_config
+from orchestrator.server import create_server
+from orchestrator.servicer import SERVICE_NAME
+from specdec.grpc_server import serve_until_signal
+
+log = logging.getLogger("orchestrator")
+
+
+async def _serve(argv: Sequence[str] | None) -> None:
+    config = parse_orchestrator_config(argv)
+    server, port = await create_server(config)
+    log.info("serving specdec.v1.GenerationService on %s:%d", config.host, port)
+    await serve_until_signal(server, server.health, [SERVICE_NAME], config.grace_s)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(_serve(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The two dependencies of the speculative loop, as interfaces: a draft and a target, each with sessions.
+
+The loop (``orchestrator.loop``) is written only against these Protocols, so unit tests drive it with
+scripted fakes and the transports (gRPC for the draft, tritonclient for Triton) stay in thin adapters.
+A *session* is one generation's conversation with a service under one sequence id: it owns that
+sequence's KV cache over there and must be closed (which releases the cache) on every exit path.
+
+The exceptions are the vocabulary both sides share: the adapters map transport errors onto them and the
+servicer maps them onto gRPC statuses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from specdec.sampling import SamplingParams
+
+
+class ClientError(Exception):
+    """A dependency of the orchestrator failed."""
+
+
+class DraftError(ClientError):
+    """The draft service failed (unavailable, refused, too slow, malformed answer); the loop falls back
+    to target-only rounds, which keeps the output's distribution exact."""
+
+
+class DraftCacheLost(DraftError):
+    """The draft service no longer holds the sequence's cache: re-send the prefix with keep_length 0."""
+
+
+class DraftTimeout(DraftError):
+    """A draft round took longer than the configured per-round limit."""
+
+
+class TargetError(ClientError):
+    """The target failed in a way the loop cannot recover from."""
+
+
+class TargetCacheLost(TargetError):
+    """The target no longer holds the sequence's cache (evicted, restarted, unknown sequence id): open a
+    new session and re-send the whole prefix."""
+
+
+class TargetUnavailable(TargetError):
+    """The target cannot be reached, or kept losing the cache."""
+
+
+class TargetCapacityExhausted(TargetError):
+    """The target refuses new sequences: it is at capacity."""
+
+
+class DeadlineExceeded(ClientError):
+    """The caller's deadline passed before the generation finished."""
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """One draft round's answer."""
+
+    token_ids: list[int]  # [K] the proposed tokens
+    q: torch.Tensor | None  # [K, V] float32: the warped draft rows they were sampled from; None = greedy (one-hot)
+    cache_length: int  # the draft's cache after the round: keep + len(append) + K - 1
+
+
+class DraftSession(Protocol):
+    """One generation's draft stream (one sequence id)."""
+
+    async def propose(
+        self,
+        keep_length: int,
+        append_token_ids: Sequence[int],
+        num_draft_tokens: int,
+        params: SamplingParams,
+        seed: int,
+    ) -> Proposal:
+        """Crop the cache to keep_length, feed append_token_ids, sample num_draft_tokens (K >= 1) from q.
+
+        Raises DraftCacheLost if the cache is gone, DraftError on any other failure."""
+        ...
+
+    async def close(self) -> None:
+        """End the session and release the draft's cache; idempotent, never raises."""
+        ...
+
+
+class DraftClient(Protocol):
+    """Opens draft sessions; one per orchestrator process (shares a channel)."""
+
+    async def open(self, sequence_id: int, *, timeout: float | None = None) -> DraftSession:
+        """Start a session for sequence_id; ``timeout`` (seconds) bounds the whole session."""
+        ...
+
+    async def close(self) -> None:
+        """Close the shared channel (server shutdown)."""
+        ...
+
+
+class TargetSession(Protocol):
+    """One generation's target stream (one sequence id = Triton correlation id)."""
+
+    async def score(self, keep_length: int, append_token_ids: Sequence[int], num_logits: int) -> torch.Tensor:
+        """Crop the cache to keep_length (0 on the first call: it starts the sequence), feed
+        append_token_ids and return raw logits [num_logits, V] float32 of the last num_logits positions.
+
+        Raises TargetCacheLost, TargetCapacityExhausted, TargetUnavailable or TargetError."""
+        ...
+
+    async def close(self) -> None:
+        """End the sequence and release the target's cache; idempotent, never raises."""
+        ...
+
+
+class TargetClient(Protocol):
+    """Opens target sessions; one per orchestrator process (shares a channel)."""
+
+    async def open(self, sequence_id: int, *, timeout: float | None = None) -> TargetSession:
+        """Start a session for sequence_id; ``timeout`` (seconds) bounds the whole session."""
+        ...
+
+    async def close(self) -> None:
+        """Close the shared channel (server shutdown)."""
+        ...

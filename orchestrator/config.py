@@ -1,0 +1,61 @@
+"""The orchestrator's settings: one frozen dataclass, built once from flags with SPECDEC_* env fallbacks.
+
+Every default is defined here and nowhere else; ``python -m orchestrator --help`` lists them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from specdec.config import parse_config
+
+
+@dataclass(frozen=True)
+class OrchestratorConfig:
+    """specdec orchestrator: the GenerationService front end of speculative sampling."""
+
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind the gRPC server to"})
+    port: int = field(default=50051, metadata={"help": "gRPC port (0 picks a free port)"})
+    draft_address: str = field(
+        default="127.0.0.1:50052", metadata={"help": "draft service host:port ('' = no draft: target-only)"}
+    )
+    triton_url: str = field(default="127.0.0.1:8001", metadata={"help": "Triton gRPC host:port"})
+    triton_model: str = field(default="specdec_target", metadata={"help": "Triton model name of the target"})
+    tokenizer: str = field(default="smollm2", metadata={"help": "model spec whose tokenizer (the target's) to load"})
+    cache_dir: str = field(
+        default="", metadata={"help": "converted-model cache ('' = $SPECDEC_CACHE_DIR or ~/.cache/specdec)"}
+    )
+    default_num_draft_tokens: int = field(default=4, metadata={"help": "K when the request leaves it unset"})
+    max_num_draft_tokens: int = field(default=8, metadata={"help": "largest K a request may ask for"})
+    default_max_new_tokens: int = field(
+        default=64, metadata={"help": "max_new_tokens when the request leaves it unset"}
+    )
+    max_new_tokens_limit: int = field(default=1024, metadata={"help": "largest max_new_tokens a request may ask for"})
+    context_length: int = field(
+        default=0, metadata={"help": "prompt + generated tokens at most (0 = from the model config/tokenizer)"}
+    )
+    max_prompt_chars: int = field(default=32768, metadata={"help": "longest prompt text accepted, in characters"})
+    max_stop_strings: int = field(default=8, metadata={"help": "most stop strings per request"})
+    max_stop_chars: int = field(default=128, metadata={"help": "longest stop string, in characters"})
+    draft_round_timeout_s: float = field(
+        default=5.0, metadata={"help": "a draft round slower than this falls back to target-only (0 = no limit)"}
+    )
+    max_target_reprefills: int = field(
+        default=2, metadata={"help": "times per generation the target's lost cache is re-sent before failing"}
+    )
+    grace_s: float = field(default=5.0, metadata={"help": "seconds in-flight generations get to finish on shutdown"})
+    metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics HTTP port (0 = disabled)"})
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.default_num_draft_tokens <= self.max_num_draft_tokens:
+            raise ValueError("need 0 <= default_num_draft_tokens <= max_num_draft_tokens")
+        if not 1 <= self.default_max_new_tokens <= self.max_new_tokens_limit:
+            raise ValueError("need 1 <= default_max_new_tokens <= max_new_tokens_limit")
+        if self.context_length < 0 or self.draft_round_timeout_s < 0 or self.max_target_reprefills < 0:
+            raise ValueError("context_length, draft_round_timeout_s and max_target_reprefills must be >= 0")
+
+
+def parse_orchestrator_config(argv: Sequence[str] | None = None) -> OrchestratorConfig:
+    """Flags > SPECDEC_* environment > defaults."""
+    return parse_config(OrchestratorConfig, argv, prog="python -m orchestrator")

@@ -1,0 +1,115 @@
+"""`DraftClient` over gRPC: one shared channel, one bidirectional ``DraftService.Propose`` stream per generation.
+
+Thin by design: it converts between `orchestrator.clients` types and ``specdec.v1`` messages and maps
+gRPC statuses onto the clients' exceptions (NOT_FOUND -> DraftCacheLost, anything else -> DraftError, so
+the loop falls back to target-only rounds). Ending the stream releases the draft's cache, however it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+import grpc
+
+from orchestrator.clients import DraftCacheLost, DraftError, Proposal
+from specdec.rows import decode_rows
+from specdec.sampling import SamplingParams
+from specdec.v1 import draft_pb2, draft_pb2_grpc, sampling_pb2
+
+log = logging.getLogger(__name__)
+
+_MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # q rows: K x V x 4 bytes (8 x 128k x 4 = 4 MiB for Llama 3)
+_CLOSE_TIMEOUT_S = 1.0
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+]
+
+
+def _to_error(exc: grpc.aio.AioRpcError) -> DraftError:
+    message = f"draft service {exc.code().name}: {exc.details()}"
+    if exc.code() == grpc.StatusCode.NOT_FOUND:
+        return DraftCacheLost(message)
+    return DraftError(message)
+
+
+class GrpcDraftSession:
+    """One ``Propose`` stream (one sequence id)."""
+
+    def __init__(self, call: grpc.aio.StreamStreamCall, sequence_id: int) -> None:
+        self._call = call
+        self._sequence_id = sequence_id
+        self._closed = False
+
+    async def propose(
+        self,
+        keep_length: int,
+        append_token_ids: Sequence[int],
+        num_draft_tokens: int,
+        params: SamplingParams,
+        seed: int,
+    ) -> Proposal:
+        request = draft_pb2.ProposeRequest(
+            sequence_id=self._sequence_id,
+            keep_length=keep_length,
+            append_token_ids=append_token_ids,
+            num_draft_tokens=num_draft_tokens,
+            sampling=sampling_pb2.SamplingParams(
+                temperature=params.temperature, top_k=params.top_k, top_p=params.top_p
+            ),
+            seed=seed,
+        )
+        try:
+            await self._call.write(request)
+            response = await self._call.read()
+        except grpc.aio.AioRpcError as exc:
+            raise _to_error(exc) from None
+        except asyncio.InvalidStateError as exc:  # the stream already ended
+            raise DraftError(f"draft stream is closed: {exc}") from None
+        if response is grpc.aio.EOF:
+            raise DraftError("draft service ended the stream without answering")
+        return _to_proposal(response)
+
+    async def close(self) -> None:
+        """Half-close and wait briefly for the server to finish (it releases the cache), else cancel."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if not self._call.done():
+                await asyncio.wait_for(self._call.done_writing(), _CLOSE_TIMEOUT_S)
+                await asyncio.wait_for(self._call.code(), _CLOSE_TIMEOUT_S)
+        except (asyncio.TimeoutError, grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+            log.debug("draft stream of sequence %d did not end cleanly: %r", self._sequence_id, exc)
+        finally:
+            self._call.cancel()  # no-op once the RPC has finished
+
+
+def _to_proposal(response: draft_pb2.ProposeResponse) -> Proposal:
+    tokens = list(response.draft_token_ids)
+    vocab = response.vocab_size
+    if vocab and any(not 0 <= t < vocab for t in tokens):
+        raise DraftError(f"draft returned token ids outside its vocabulary of {vocab}")
+    q = None
+    if response.q_probs:
+        try:
+            q = decode_rows(response.q_probs, len(tokens), vocab)  # [K, V]
+        except ValueError as exc:
+            raise DraftError(f"draft returned malformed q rows: {exc}") from None
+    return Proposal(token_ids=tokens, q=q, cache_length=response.cache_length)
+
+
+class GrpcDraftClient:
+    """The draft service over one shared aio channel."""
+
+    def __init__(self, address: str) -> None:
+        self._channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self._stub = draft_pb2_grpc.DraftServiceStub(self._channel)
+
+    async def open(self, sequence_id: int, *, timeout: float | None = None) -> GrpcDraftSession:
+        return GrpcDraftSession(self._stub.Propose(timeout=timeout), sequence_id)
+
+    async def close(self) -> None:
+        await self._channel.close()

@@ -1,0 +1,403 @@
+"""The speculative loop (design.md §1): draft K tokens, score them on the target, rejection-sample, repeat.
+
+This is the heart of the orchestrator, so it is written only against ``orchestrator.clients`` (no grpc,
+protobuf or tritonclient here) and unit-tested with scripted fakes. One generation is an async generator
+of `Round` results; whatever ends it (done, a stop string found by the caller, the caller closing the
+generator early, the deadline, an error) both sessions are closed, which releases both caches.
+
+Bookkeeping per round, with ``n`` drafts accepted out of ``k`` and ``L`` = tokens before the round:
+the target fed all ``k`` drafts, so its valid cache is ``L + n`` (the emitted last token is not fed yet);
+the draft fed only its first ``k - 1`` drafts, so its valid cache is ``L + min(n, k - 1)``. The next round
+crops each cache to its valid length and appends the tokens it has not seen.
+
+Failures: a failing draft (unreachable, too slow, its cache lost twice) turns the rest of the generation
+into target-only rounds (K = 0 through the same path: still exactly the target's distribution); a target
+that lost its cache is re-sent the whole prefix under a new sequence id, a bounded number of times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import torch
+
+from orchestrator.clients import (
+    DeadlineExceeded,
+    DraftCacheLost,
+    DraftClient,
+    DraftError,
+    DraftSession,
+    DraftTimeout,
+    Proposal,
+    TargetCacheLost,
+    TargetClient,
+    TargetError,
+    TargetSession,
+    TargetUnavailable,
+)
+from specdec.sampling import RejectionResult, SamplingParams, rejection_sample, warp
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_DRAFT_SEED_BOUND = 2**63 - 1
+
+
+def random_sequence_id() -> int:
+    """A random non-zero 63-bit id (fits Triton's int64 correlation id and the draft's uint64 key)."""
+    while True:
+        value = secrets.randbits(63)
+        if value:
+            return value
+
+
+class FinishReason(enum.Enum):
+    """Why a generation ended."""
+
+    LENGTH = "length"  # max_new_tokens generated
+    EOS = "eos"  # the target emitted the end-of-sequence token (not part of the output)
+    STOP = "stop"  # a stop string appeared (decided by the text layer, not by the loop)
+    CONTEXT_LENGTH = "context_length"  # prompt + output filled the model's context
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A validated generation request, in tokens."""
+
+    prompt_token_ids: tuple[int, ...]  # non-empty
+    params: SamplingParams
+    seed: int  # seeds the one torch.Generator that drives every random choice of the generation
+    max_new_tokens: int  # >= 1
+    num_draft_tokens: int  # K >= 0; 0 = target-only
+    eos_token_id: int | None = None
+    context_length: int | None = None  # prompt + output at most; None = unbounded
+    deadline: float | None = None  # time.monotonic() by which the generation must be done; None = none
+
+    def __post_init__(self) -> None:
+        if not self.prompt_token_ids:
+            raise ValueError("prompt_token_ids: the prompt must have at least one token")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        if self.num_draft_tokens < 0:
+            raise ValueError(f"num_draft_tokens: must be >= 0, got {self.num_draft_tokens}")
+        if self.context_length is not None and len(self.prompt_token_ids) >= self.context_length:
+            raise ValueError(
+                f"prompt: {len(self.prompt_token_ids)} tokens leave no room in the context length {self.context_length}"
+            )
+
+
+@dataclass
+class GenerationStats:
+    """Per-generation statistics, accumulated in place while the loop runs (times in seconds)."""
+
+    num_draft_tokens: int = 0
+    prompt_tokens: int = 0
+    rounds: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)  # [K] rounds accepting draft position i
+    emitted_tokens: int = 0  # accepted + one per round, before truncation at eos / the length limit
+    draft_fallback_rounds: int = 0
+    target_reprefills: int = 0
+    draft_time_s: float = 0.0
+    target_time_s: float = 0.0
+    started_at: float = field(default_factory=time.monotonic)
+    finished_at: float | None = None
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+    @property
+    def total_time_s(self) -> float:
+        end = self.finished_at if self.finished_at is not None else time.monotonic()
+        return end - self.started_at
+
+    @property
+    def orchestrator_time_s(self) -> float:
+        return max(0.0, self.total_time_s - self.draft_time_s - self.target_time_s)
+
+
+@dataclass(frozen=True)
+class Round:
+    """What one round adds to the output."""
+
+    token_ids: list[int]  # emitted tokens, without the eos token and anything past the length limit
+    num_draft_tokens: int  # k used this round (0 = target-only)
+    accepted: int  # drafts accepted this round
+    finish_reason: FinishReason | None  # set on the last round only
+    stats: GenerationStats  # the generation's live statistics
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """How the loop reacts to slow or failing dependencies."""
+
+    draft_round_timeout_s: float = 0.0  # a slower draft round falls back to target-only; 0 = no limit
+    max_target_reprefills: int = 2  # lost target caches re-sent per generation before failing UNAVAILABLE
+    max_draft_reprefills: int = 1  # lost draft caches re-sent per generation before falling back
+
+
+class SpeculativeLoop:
+    """Runs generations against a target and (optionally) a draft; holds no per-generation state."""
+
+    def __init__(
+        self,
+        target: TargetClient,
+        draft: DraftClient | None,
+        settings: LoopSettings | None = None,
+        *,
+        new_sequence_id: Callable[[], int] = random_sequence_id,
+    ) -> None:
+        self.target = target
+        self.draft = draft
+        self.settings = settings or LoopSettings()
+        self.new_sequence_id = new_sequence_id
+
+    def generate(self, request: GenerationRequest, stats: GenerationStats | None = None) -> AsyncIterator[Round]:
+        """An async generator of the generation's rounds; the last has ``finish_reason`` set.
+
+        Close it (``contextlib.aclosing``) when stopping early: that releases both caches."""
+        return _Generation(self, request, stats).run()
+
+
+class _Generation:
+    """The state of one generation: tokens, sessions, valid cache lengths, the random generator."""
+
+    def __init__(self, loop: SpeculativeLoop, request: GenerationRequest, stats: GenerationStats | None) -> None:
+        self.loop = loop
+        self.request = request
+        self.tokens: list[int] = list(request.prompt_token_ids)  # prompt + emitted
+        self.generator = torch.Generator().manual_seed(request.seed)
+        k = request.num_draft_tokens
+        self.stats = stats or GenerationStats()
+        self.stats.num_draft_tokens = k
+        self.stats.prompt_tokens = len(self.tokens)
+        self.stats.accepted_per_position = [0] * k
+        sequence_id = loop.new_sequence_id()
+        self.draft_sequence_id = sequence_id
+        self.target_sequence_id = sequence_id
+        self.draft_session: DraftSession | None = None
+        self.target_session: TargetSession | None = None
+        self.draft_valid = 0  # tokens of self.tokens the draft's cache holds
+        self.target_valid = 0  # tokens of self.tokens the target's cache holds
+        self.draft_failed = loop.draft is None
+        self.draft_reprefills = 0
+
+    async def run(self) -> AsyncIterator[Round]:
+        request, stats = self.request, self.stats
+        limit, limit_reason = self._limit()
+        emitted = 0
+        try:
+            while True:
+                self._remaining()  # raises once the deadline has passed
+                k = min(request.num_draft_tokens, limit - emitted - 1)  # never draft past the limit
+                proposal = await self._propose(k) if k > 0 and not self.draft_failed else None
+                if k > 0 and proposal is None:
+                    stats.draft_fallback_rounds += 1
+                drafts = proposal.token_ids if proposal is not None else []
+                logits = await self._score(drafts)  # [len(drafts) + 1, V]
+                result = self._rejection_sample(drafts, proposal.q if proposal is not None else None, logits)
+
+                before = len(self.tokens)
+                self.target_valid = before + result.accepted
+                if drafts:
+                    self.draft_valid = before + min(result.accepted, len(drafts) - 1)
+                stats.rounds += 1
+                stats.drafted_tokens += len(drafts)
+                stats.accepted_tokens += result.accepted
+                stats.emitted_tokens += len(result.tokens)
+                for i in range(result.accepted):
+                    stats.accepted_per_position[i] += 1
+
+                new = result.tokens[: limit - emitted]
+                finish = None
+                if request.eos_token_id is not None and request.eos_token_id in new:
+                    new = new[: new.index(request.eos_token_id)]
+                    finish = FinishReason.EOS
+                elif emitted + len(new) >= limit:
+                    finish = limit_reason
+                self.tokens.extend(new)
+                emitted += len(new)
+                yield Round(new, len(drafts), result.accepted, finish, stats)
+                if finish is not None:
+                    return
+        finally:
+            await self._release()
+            stats.finished_at = time.monotonic()
+
+    def _limit(self) -> tuple[int, FinishReason]:
+        limit, reason = self.request.max_new_tokens, FinishReason.LENGTH
+        if self.request.context_length is not None:
+            room = self.request.context_length - len(self.tokens)
+            if room < limit:
+                limit, reason = room, FinishReason.CONTEXT_LENGTH
+        return limit, reason
+
+    def _remaining(self) -> float | None:
+        """Seconds left before the caller's deadline (None = no deadline); DeadlineExceeded once it passed."""
+        if self.request.deadline is None:
+            return None
+        remaining = self.request.deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded("the deadline passed before the generation finished")
+        return remaining
+
+    def _rejection_sample(self, drafts: list[int], q: torch.Tensor | None, logits: torch.Tensor) -> RejectionResult:
+        p = warp(logits, self.request.params)  # [k+1, V_p]
+        # The draft's vocabulary may be narrower or wider than the target's: pad both with zero
+        # probability to a common width, which leaves the rejection sampler exact.
+        width = max(p.shape[-1], q.shape[-1] if q is not None else 0, max(drafts, default=-1) + 1)
+        if p.shape[-1] < width:
+            p = torch.nn.functional.pad(p, (0, width - p.shape[-1]))
+        if q is not None and q.shape[-1] < width:
+            q = torch.nn.functional.pad(q, (0, width - q.shape[-1]))
+        x = torch.tensor(drafts, dtype=torch.int64)  # [k]
+        return rejection_sample(x, q, p, self.generator)
+
+    # --- draft ---------------------------------------------------------------------------------------
+
+    async def _propose(self, k: int) -> Proposal | None:
+        """The draft's k tokens, or None after a draft failure (then the generation goes target-only)."""
+        seed = int(torch.randint(0, _DRAFT_SEED_BOUND, (1,), generator=self.generator))
+        started = time.monotonic()
+        try:
+            return await self._propose_once_or_reprefill(k, seed)
+        except DraftError as exc:
+            log.warning("draft failed for sequence %d (%s); finishing it target-only", self.draft_sequence_id, exc)
+            self.draft_failed = True
+            await self._close_draft()
+            return None
+        finally:
+            self.stats.draft_time_s += time.monotonic() - started
+
+    async def _propose_once_or_reprefill(self, k: int, seed: int) -> Proposal:
+        assert self.loop.draft is not None
+        while True:
+            if self.draft_session is None:
+                self.draft_session = await self._call_draft(
+                    self.loop.draft.open(self.draft_sequence_id, timeout=self._remaining())
+                )
+                self.draft_valid = 0
+            keep, append = self.draft_valid, self.tokens[self.draft_valid :]
+            try:
+                proposal = await self._call_draft(
+                    self.draft_session.propose(keep, append, k, self.request.params, seed)
+                )
+            except DraftCacheLost:
+                if self.draft_reprefills >= self.loop.settings.max_draft_reprefills:
+                    raise
+                self.draft_reprefills += 1
+                log.info("draft lost the cache of sequence %d; re-sending the prefix", self.draft_sequence_id)
+                await self._close_draft()
+                self.draft_sequence_id = self.loop.new_sequence_id()  # never race the old stream's release
+                continue
+            _check_proposal(proposal, keep, len(append), k, self.request.params)
+            return proposal
+
+    async def _call_draft(self, call: Awaitable[T]) -> T:
+        remaining = self._remaining()
+        limit = self.loop.settings.draft_round_timeout_s or None
+        timeout = remaining if limit is None else limit if remaining is None else min(limit, remaining)
+        try:
+            return await asyncio.wait_for(call, timeout)
+        except asyncio.TimeoutError:
+            if remaining is not None and (limit is None or remaining <= limit):
+                raise DeadlineExceeded("the deadline passed while waiting for the draft") from None
+            raise DraftTimeout(f"a draft round took longer than {limit} s") from None
+
+    async def _close_draft(self) -> None:
+        session, self.draft_session = self.draft_session, None
+        if session is not None:
+            await session.close()
+
+    # --- target --------------------------------------------------------------------------------------
+
+    async def _score(self, drafts: list[int]) -> torch.Tensor:
+        """Target logits [len(drafts) + 1, V] for the last positions of tokens[target_valid:] + drafts."""
+        num_logits = len(drafts) + 1
+        started = time.monotonic()
+        try:
+            while True:
+                if self.target_session is None:
+                    self.target_session = await self._call_target(
+                        self.loop.target.open(self.target_sequence_id, timeout=self._remaining())
+                    )
+                    self.target_valid = 0
+                append = self.tokens[self.target_valid :] + drafts
+                try:
+                    logits = await self._call_target(self.target_session.score(self.target_valid, append, num_logits))
+                except TargetCacheLost as exc:
+                    await self._reprefill_target(exc)
+                    continue
+                if logits.dim() != 2 or logits.shape[0] != num_logits or logits.shape[1] < 1:
+                    raise TargetError(f"target returned logits {tuple(logits.shape)}, expected [{num_logits}, V]")
+                return logits
+        finally:
+            self.stats.target_time_s += time.monotonic() - started
+
+    async def _reprefill_target(self, exc: TargetCacheLost) -> None:
+        self.stats.target_reprefills += 1
+        if self.stats.target_reprefills > self.loop.settings.max_target_reprefills:
+            raise TargetUnavailable(
+                f"the target lost the sequence cache {self.stats.target_reprefills} times; giving up ({exc})"
+            ) from exc
+        log.warning("target lost the cache of sequence %d (%s); re-sending the prefix", self.target_sequence_id, exc)
+        await self._close_target()
+        self.target_sequence_id = self.loop.new_sequence_id()
+
+    async def _call_target(self, call: Awaitable[T]) -> T:
+        try:
+            return await asyncio.wait_for(call, self._remaining())
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded("the deadline passed while waiting for the target") from None
+
+    async def _close_target(self) -> None:
+        session, self.target_session = self.target_session, None
+        if session is not None:
+            await session.close()
+
+    # --- release -------------------------------------------------------------------------------------
+
+    async def _release(self) -> None:
+        """Close both sessions (release both caches), even if this task is being cancelled."""
+
+        async def timed(close: Callable[[], Awaitable[None]], attribute: str) -> None:
+            started = time.monotonic()
+            try:
+                await close()
+            except Exception:  # noqa: BLE001 - closing must never mask the generation's outcome
+                log.exception("closing a session failed")
+            finally:
+                setattr(self.stats, attribute, getattr(self.stats, attribute) + time.monotonic() - started)
+
+        closes = []
+        if self.draft_session is not None:
+            closes.append(timed(self._close_draft, "draft_time_s"))
+        if self.target_session is not None:
+            closes.append(timed(self._close_target, "target_time_s"))
+        if closes:
+            # Shielded: a cancelled caller still gets its caches released (the task runs on).
+            await asyncio.shield(asyncio.gather(*closes))
+
+
+def _check_proposal(proposal: Proposal, keep: int, appended: int, k: int, params: SamplingParams) -> None:
+    """DraftError unless the proposal is the k tokens (and q rows) the round asked for."""
+    tokens: Sequence[int] = proposal.token_ids
+    if len(tokens) != k or any(t < 0 for t in tokens):
+        raise DraftError(f"draft returned {len(tokens)} tokens {list(tokens)[:16]}, expected {k} token ids")
+    if proposal.q is None and not params.greedy:
+        raise DraftError("draft returned no q rows for non-greedy sampling (q is one-hot only when greedy)")
+    if proposal.q is not None and (proposal.q.dim() != 2 or proposal.q.shape[0] != k):
+        raise DraftError(f"draft returned q of shape {tuple(proposal.q.shape)}, expected [{k}, V]")
+    expected = keep + appended + k - 1
+    if proposal.cache_length != expected:
+        raise DraftError(f"draft cache length is {proposal.cache_length}, expected {expected}")

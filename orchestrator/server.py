@@ -1,0 +1,138 @@
+"""Bootstrap of the orchestrator: ``create_server(config) -> (server, port)``, separate from serving.
+
+Builds the shared clients (one draft channel, one Triton client per process), the tokenizer and the
+limits, registers GenerationService with health and method-aware reflection, and starts listening. The
+returned server behaves like a ``grpc.aio.Server`` whose graceful ``stop`` also reports NOT_SERVING first
+and closes the clients (and the metrics endpoint) afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health
+from prometheus_client import CollectorRegistry, start_http_server
+
+from orchestrator.clients import DraftClient, TargetClient
+from orchestrator.config import OrchestratorConfig
+from orchestrator.loop import LoopSettings, SpeculativeLoop
+from orchestrator.servicer import SERVICE_NAME, GenerationServicer, Metrics, Tokenizer, limits_from
+from specdec.grpc_server import add_health_and_reflection, set_serving
+from specdec.models import load_tokenizer, resolve_model_dir
+from specdec.v1 import generation_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+_UNBOUNDED = 10**7  # tokenizers report a huge sentinel when they know no limit
+
+
+class OrchestratorServer:
+    """A started ``grpc.aio.Server`` and what its graceful stop must close; other attributes delegate."""
+
+    def __init__(
+        self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer, closers: list[Callable[[], Any]]
+    ) -> None:
+        self._server = server
+        self.health = health_servicer
+        self._closers = closers
+
+    async def stop(self, grace: float | None) -> None:
+        """NOT_SERVING, let in-flight generations finish for ``grace`` seconds, then close the clients."""
+        await set_serving(self.health, [SERVICE_NAME], False)
+        await self._server.stop(grace)
+        closers, self._closers = self._closers, []
+        for close in closers:
+            try:
+                result = close()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:  # noqa: BLE001 - shutting down; keep closing the rest
+                log.exception("closing a client failed")
+
+    async def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return await self._server.wait_for_termination(timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)
+
+
+def resolve_context_length(config: OrchestratorConfig, tokenizer: Tokenizer) -> int | None:
+    """config.context_length, else the model config's max_position_embeddings, else the tokenizer's limit."""
+    if config.context_length > 0:
+        return config.context_length
+    try:
+        folder = resolve_model_dir(config.tokenizer, Path(config.cache_dir) if config.cache_dir else None)
+        model_config = json.loads((folder / "config.json").read_text())
+        for section in (model_config, model_config.get("text_config") or {}):
+            for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+                if isinstance(section.get(key), int) and section[key] > 0:
+                    return section[key]
+    except (OSError, ValueError) as exc:
+        log.warning("no model config for %r (%s); using the tokenizer's limit", config.tokenizer, exc)
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < _UNBOUNDED else None
+
+
+async def create_server(
+    config: OrchestratorConfig,
+    *,
+    draft_client: DraftClient | None = None,
+    target_client: TargetClient | None = None,
+    tokenizer: Tokenizer | None = None,
+) -> tuple[OrchestratorServer, int]:
+    """Build and start the orchestrator; returns the server and its bound port (config.port 0 = a free one).
+
+    Clients not given are built from the config (no draft at all when draft_address is ''). Every client,
+    given or built, is closed by the server's ``stop``.
+    """
+    if tokenizer is None:
+        cache_dir = Path(config.cache_dir) if config.cache_dir else None
+        tokenizer = await asyncio.to_thread(load_tokenizer, config.tokenizer, cache_dir)
+    context_length = await asyncio.to_thread(resolve_context_length, config, tokenizer)
+    if target_client is None:
+        from orchestrator.target_triton import TritonTargetClient  # tritonclient only when really used
+
+        target_client = TritonTargetClient(config.triton_url, config.triton_model)
+    if draft_client is None and config.draft_address:
+        from orchestrator.draft_grpc import GrpcDraftClient
+
+        draft_client = GrpcDraftClient(config.draft_address)
+    closers: list[Callable[[], Any]] = [target_client.close]
+    if draft_client is not None:
+        closers.append(draft_client.close)
+
+    metrics = None
+    if config.metrics_port > 0:
+        registry = CollectorRegistry()
+        metrics = Metrics(registry)
+        httpd, _thread = start_http_server(config.metrics_port, addr=config.host, registry=registry)
+        closers.append(httpd.shutdown)
+        log.info("metrics on http://%s:%d/metrics", config.host, config.metrics_port)
+
+    loop = SpeculativeLoop(
+        target_client,
+        draft_client,
+        LoopSettings(
+            draft_round_timeout_s=config.draft_round_timeout_s, max_target_reprefills=config.max_target_reprefills
+        ),
+    )
+    servicer = GenerationServicer(loop, tokenizer, limits_from(config, len(tokenizer), context_length), metrics)
+    closers.append(servicer.close)
+    server = grpc.aio.server()
+    generation_pb2_grpc.add_GenerationServiceServicer_to_server(servicer, server)
+    health_servicer = add_health_and_reflection(server, [SERVICE_NAME])
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    await server.start()
+    await set_serving(health_servicer, [SERVICE_NAME], True)
+    log.info(
+        "orchestrator on %s:%d (draft %s, target %s model %s, context length %s)",
+        config.host, port, config.draft_address or "none", config.triton_url, config.triton_model, context_length,
+    )
+    return OrchestratorServer(server, health_servicer, closers), port

@@ -1,0 +1,528 @@
+"""The speculative loop against scripted fake clients that count calls and record keep/append arguments.
+
+The fakes keep real caches (token lists) and compute logits from the cache *contents*, so any slip in the
+loop's keep-length bookkeeping changes the output and the greedy-equivalence tests catch it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from orchestrator.clients import (
+    DeadlineExceeded,
+    DraftCacheLost,
+    DraftError,
+    Proposal,
+    TargetCacheLost,
+    TargetError,
+    TargetUnavailable,
+)
+from orchestrator.loop import FinishReason, GenerationRequest, LoopSettings, Round, SpeculativeLoop
+from specdec.sampling import SamplingParams, sample, warp
+
+V = 16
+
+
+def asyncio_test(test: Callable) -> Callable:
+    """Run an async test function in a fresh event loop (no pytest asyncio plugin needed)."""
+
+    @functools.wraps(test)
+    def wrapper(*args, **kwargs):
+        return asyncio.run(test(*args, **kwargs))
+
+    return wrapper
+
+GREEDY = SamplingParams(temperature=0.0)
+PROMPT = (3, 1, 4, 1, 5)
+
+
+def target_logits(prefix: Sequence[int]) -> torch.Tensor:
+    """A deterministic 'model': logits [V] of the next token given the whole prefix."""
+    g = torch.Generator().manual_seed(hash(tuple(prefix)) & 0x7FFF_FFFF)
+    return torch.randn(V, generator=g) * 3
+
+
+def noisy_draft_logits(prefix: Sequence[int]) -> torch.Tensor:
+    """A draft that mostly agrees with the target."""
+    g = torch.Generator().manual_seed((hash(tuple(prefix)) * 31 + 7) & 0x7FFF_FFFF)
+    return target_logits(prefix) + torch.randn(V, generator=g) * 1.5
+
+
+def argmax_target(prefix: Sequence[int]) -> int:
+    return int(torch.argmax(target_logits(prefix)))
+
+
+# --- fakes ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Calls:
+    """What a fake client saw, shared by all its sessions."""
+
+    opened: list[int] = field(default_factory=list)  # sequence ids
+    requests: list[tuple] = field(default_factory=list)  # (sequence_id, keep, append, n)
+    closed: list[int] = field(default_factory=list)  # sequence ids
+
+
+class FakeTargetSession:
+    def __init__(self, client: FakeTarget, sequence_id: int) -> None:
+        self.client, self.sequence_id, self.cache = client, sequence_id, []
+
+    async def score(self, keep_length: int, append_token_ids: Sequence[int], num_logits: int) -> torch.Tensor:
+        client = self.client
+        index = len(client.calls.requests)
+        client.calls.requests.append((self.sequence_id, keep_length, list(append_token_ids), num_logits))
+        if client.delay_s:
+            await asyncio.sleep(client.delay_s)
+        if index in client.fail_at:
+            raise client.fail_at[index]
+        assert self.sequence_id not in client.calls.closed, "score after close"
+        assert keep_length <= len(self.cache), f"keep {keep_length} > cache {len(self.cache)}"
+        assert (keep_length == 0) == (not self.cache or keep_length == 0)
+        self.cache = self.cache[:keep_length] + list(append_token_ids)
+        n = len(self.cache)
+        return torch.stack([client.model(self.cache[: j + 1]) for j in range(n - num_logits, n)])  # [num_logits, V]
+
+    async def close(self) -> None:
+        self.client.calls.closed.append(self.sequence_id)
+
+
+class FakeTarget:
+    def __init__(
+        self,
+        model: Callable[[Sequence[int]], torch.Tensor] = target_logits,
+        fail_at: dict[int, Exception] | None = None,
+        delay_s: float = 0.0,
+    ) -> None:
+        self.model, self.fail_at, self.delay_s = model, fail_at or {}, delay_s
+        self.calls = Calls()
+        self.client_closed = 0
+
+    async def open(self, sequence_id: int, *, timeout: float | None = None) -> FakeTargetSession:
+        self.calls.opened.append(sequence_id)
+        return FakeTargetSession(self, sequence_id)
+
+    async def close(self) -> None:
+        self.client_closed += 1
+
+
+class FakeDraftSession:
+    def __init__(self, client: FakeDraft, sequence_id: int) -> None:
+        self.client, self.sequence_id, self.cache = client, sequence_id, []
+
+    async def propose(
+        self,
+        keep_length: int,
+        append_token_ids: Sequence[int],
+        num_draft_tokens: int,
+        params: SamplingParams,
+        seed: int,
+    ) -> Proposal:
+        client = self.client
+        index = len(client.calls.requests)
+        client.calls.requests.append((self.sequence_id, keep_length, list(append_token_ids), num_draft_tokens))
+        if client.delay_s:
+            await asyncio.sleep(client.delay_s)
+        if index in client.fail_at:
+            raise client.fail_at[index]
+        assert keep_length <= len(self.cache), f"keep {keep_length} > cache {len(self.cache)}"
+        assert append_token_ids, "append must not be empty"
+        self.cache = self.cache[:keep_length] + list(append_token_ids)
+        generator = torch.Generator().manual_seed(seed)
+        drafts: list[int] = []
+        rows = []
+        for i in range(num_draft_tokens):
+            if client.policy is not None:
+                drafts.append(client.policy(self.cache + drafts, i))
+                continue
+            q = warp(client.model(self.cache + drafts), params)  # [V]
+            rows.append(q)
+            drafts.append(int(sample(q.unsqueeze(0), generator)[0]))
+        self.cache += drafts[:-1]  # the last draft is sampled, never fed
+        q_rows = None if params.greedy or not rows else torch.stack(rows)[:, : client.q_width]
+        return Proposal(token_ids=drafts, q=q_rows, cache_length=len(self.cache))
+
+    async def close(self) -> None:
+        self.client.calls.closed.append(self.sequence_id)
+
+
+class FakeDraft:
+    """A draft from a model (noisy target) or from a policy(prefix, position) -> token (greedy, q = None)."""
+
+    def __init__(
+        self,
+        model: Callable[[Sequence[int]], torch.Tensor] = noisy_draft_logits,
+        policy: Callable[[list[int], int], int] | None = None,
+        fail_at: dict[int, Exception] | None = None,
+        delay_s: float = 0.0,
+        q_width: int | None = None,
+    ) -> None:
+        self.model, self.policy, self.fail_at = model, policy, fail_at or {}
+        self.delay_s, self.q_width = delay_s, q_width
+        self.calls = Calls()
+
+    async def open(self, sequence_id: int, *, timeout: float | None = None) -> FakeDraftSession:
+        self.calls.opened.append(sequence_id)
+        return FakeDraftSession(self, sequence_id)
+
+    async def close(self) -> None:
+        pass
+
+
+def agree_first(n: int) -> Callable[[list[int], int], int]:
+    """A greedy draft policy: the target's argmax at positions < n of a round, a wrong token after."""
+
+    def policy(prefix: list[int], i: int) -> int:
+        best = argmax_target(prefix)
+        return best if i < n else (best + 1) % V
+
+    return policy
+
+
+def ids() -> Callable[[], int]:
+    counter = iter(range(100, 10**6))
+    return lambda: next(counter)
+
+
+def request(**overrides) -> GenerationRequest:
+    values = dict(prompt_token_ids=PROMPT, params=GREEDY, seed=1234, max_new_tokens=12, num_draft_tokens=4)
+    values.update(overrides)
+    return GenerationRequest(**values)
+
+
+async def run(loop: SpeculativeLoop, req: GenerationRequest) -> list[Round]:
+    return [r async for r in loop.generate(req)]
+
+
+def output(rounds: list[Round]) -> list[int]:
+    return [t for r in rounds for t in r.token_ids]
+
+
+def greedy_reference(n: int, prompt: Sequence[int] = PROMPT, eos: int | None = None) -> list[int]:
+    tokens = list(prompt)
+    out: list[int] = []
+    while len(out) < n:
+        t = argmax_target(tokens)
+        if t == eos:
+            break
+        tokens.append(t)
+        out.append(t)
+    return out
+
+
+# --- bookkeeping ------------------------------------------------------------------------------------------
+
+P = len(PROMPT)
+
+
+@asyncio_test
+async def test_accept_all_bookkeeping():
+    target, draft = FakeTarget(), FakeDraft(policy=agree_first(99))
+    rounds = await run(SpeculativeLoop(target, draft, new_sequence_id=ids()), request(max_new_tokens=10))
+    out = output(rounds)
+    assert out == greedy_reference(10)
+    assert [r.accepted for r in rounds] == [4, 4]
+    # Round 1: both start from scratch.
+    assert draft.calls.requests[0] == (100, 0, list(PROMPT), 4)
+    assert target.calls.requests[0] == (100, 0, list(PROMPT) + out[:4], 5)
+    # Round 2: the draft fed x0..x2 (keep P+3) and must see x3 + bonus; the target fed all 4 (keep P+4).
+    assert draft.calls.requests[1] == (100, P + 3, out[3:5], 4)
+    assert target.calls.requests[1] == (100, P + 4, out[4:5] + out[5:9], 5)
+    assert len(rounds[-1].token_ids) == 5 and rounds[-1].finish_reason is FinishReason.LENGTH
+
+
+@asyncio_test
+async def test_reject_at_zero_bookkeeping():
+    target, draft = FakeTarget(), FakeDraft(policy=agree_first(0))
+    rounds = await run(SpeculativeLoop(target, draft, new_sequence_id=ids()), request(max_new_tokens=6))
+    out = output(rounds)
+    assert out == greedy_reference(6)
+    assert [r.accepted for r in rounds] == [0] * 6
+    # Nothing of the draft's own tokens is kept: both caches roll back to the prompt, then the recovered token.
+    assert draft.calls.requests[1][1:] == (P, out[:1], 4)
+    assert target.calls.requests[1][1] == P
+    assert target.calls.requests[1][2][:1] == out[:1] and len(target.calls.requests[1][2]) == 5
+    # Rounds never draft past the limit: the last one has room for a single token and drafts nothing.
+    assert [r.num_draft_tokens for r in rounds] == [4, 4, 3, 2, 1, 0]
+    assert len(draft.calls.requests) == 5
+    assert rounds[-1].stats.accepted_per_position == [0, 0, 0, 0]
+
+
+@asyncio_test
+async def test_partial_accept_bookkeeping():
+    target, draft = FakeTarget(), FakeDraft(policy=agree_first(2))
+    rounds = await run(SpeculativeLoop(target, draft, new_sequence_id=ids()), request(max_new_tokens=6))
+    out = output(rounds)
+    assert out == greedy_reference(6)
+    assert [r.accepted for r in rounds] == [2, 2]
+    assert draft.calls.requests[1][1:3] == (P + 2, out[2:3])  # min(n=2, K-1=3) drafts kept
+    assert target.calls.requests[1][1] == P + 2
+    assert target.calls.requests[1][2][:1] == out[2:3]
+    stats = rounds[-1].stats
+    assert stats.accepted_per_position == [2, 2, 0, 0]
+    assert stats.emitted_tokens == stats.accepted_tokens + stats.rounds == 6
+
+
+@asyncio_test
+async def test_k1_keeps_no_draft_tokens():
+    target, draft = FakeTarget(), FakeDraft(policy=agree_first(99))
+    loop = SpeculativeLoop(target, draft, new_sequence_id=ids())
+    rounds = await run(loop, request(num_draft_tokens=1, max_new_tokens=4))
+    out = output(rounds)
+    assert out == greedy_reference(4)
+    assert draft.calls.requests[1][1:3] == (P, out[:2])  # K-1 = 0 drafts were fed
+
+
+@asyncio_test
+async def test_target_only_k0():
+    target, draft = FakeTarget(), FakeDraft()
+    loop = SpeculativeLoop(target, draft, new_sequence_id=ids())
+    rounds = await run(loop, request(num_draft_tokens=0, max_new_tokens=5))
+    out = output(rounds)
+    assert out == greedy_reference(5)
+    assert draft.calls.opened == [] and draft.calls.requests == []
+    assert [req[1:] for req in target.calls.requests] == [(0, list(PROMPT), 1)] + [
+        (P + i - 1, [out[i - 1]], 1) for i in range(1, 5)
+    ]
+    stats = rounds[-1].stats
+    assert (stats.rounds, stats.drafted_tokens, stats.draft_fallback_rounds) == (5, 0, 0)
+    assert stats.accepted_per_position == []
+
+
+@asyncio_test
+async def test_max_new_tokens_limits_the_last_round():
+    target, draft = FakeTarget(), FakeDraft(policy=agree_first(99))
+    rounds = await run(SpeculativeLoop(target, draft, new_sequence_id=ids()), request(max_new_tokens=8))
+    assert output(rounds) == greedy_reference(8)
+    assert [r.num_draft_tokens for r in rounds] == [4, 2]  # 5 + 3 tokens: never drafts past the limit
+    assert rounds[-1].finish_reason is FinishReason.LENGTH
+
+
+@asyncio_test
+async def test_context_length_finish():
+    target, draft = FakeTarget(), FakeDraft(policy=agree_first(99))
+    rounds = await run(SpeculativeLoop(target, draft), request(max_new_tokens=50, context_length=P + 7))
+    assert output(rounds) == greedy_reference(7)
+    assert rounds[-1].finish_reason is FinishReason.CONTEXT_LENGTH
+    assert max(len(r[2]) + r[1] for r in target.calls.requests) <= P + 7
+
+
+@asyncio_test
+async def test_eos_stops_and_is_not_emitted():
+    reference = greedy_reference(12)
+    eos = reference[6]
+    expected = reference[: reference.index(eos)]
+    target, draft = FakeTarget(), FakeDraft()
+    rounds = await run(SpeculativeLoop(target, draft), request(max_new_tokens=12, eos_token_id=eos))
+    assert output(rounds) == expected
+    assert rounds[-1].finish_reason is FinishReason.EOS
+    assert len(target.calls.closed) == 1 and len(draft.calls.closed) == 1
+
+
+# --- release on every exit path ---------------------------------------------------------------------------
+
+
+@asyncio_test
+async def test_release_once_on_normal_end():
+    target, draft = FakeTarget(), FakeDraft()
+    rounds = await run(SpeculativeLoop(target, draft, new_sequence_id=ids()), request())
+    assert target.calls.opened == [100] and draft.calls.opened == [100]
+    assert target.calls.closed == [100] and draft.calls.closed == [100]
+    assert rounds[-1].stats.finished_at is not None
+
+
+@asyncio_test
+async def test_release_once_on_early_consumer_close():
+    target, draft = FakeTarget(), FakeDraft()
+    loop = SpeculativeLoop(target, draft, new_sequence_id=ids())
+    async with contextlib.aclosing(loop.generate(request(max_new_tokens=40))) as rounds:
+        async for _ in rounds:
+            break
+    assert target.calls.closed == [100] and draft.calls.closed == [100]
+    assert len(target.calls.requests) == 1
+
+
+@asyncio_test
+async def test_release_once_on_exception():
+    target = FakeTarget(fail_at={1: TargetError("boom")})
+    draft = FakeDraft()
+    with pytest.raises(TargetError, match="boom"):
+        await run(SpeculativeLoop(target, draft, new_sequence_id=ids()), request())
+    assert target.calls.closed == [100] and draft.calls.closed == [100]
+
+
+@asyncio_test
+async def test_release_on_cancel():
+    target, draft = FakeTarget(delay_s=0.05), FakeDraft()
+    task = asyncio.create_task(run(SpeculativeLoop(target, draft, new_sequence_id=ids()), request(max_new_tokens=100)))
+    await asyncio.sleep(0.12)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert target.calls.closed == [100] and draft.calls.closed == [100]
+
+
+@asyncio_test
+async def test_deadline_releases_and_raises():
+    target, draft = FakeTarget(delay_s=0.05), FakeDraft()
+    req = request(max_new_tokens=100, deadline=time.monotonic() + 0.12)
+    with pytest.raises(DeadlineExceeded):
+        await run(SpeculativeLoop(target, draft, new_sequence_id=ids()), req)
+    assert target.calls.closed == [100] and draft.calls.closed == [100]
+
+
+@asyncio_test
+async def test_past_deadline_calls_nothing():
+    target, draft = FakeTarget(), FakeDraft()
+    with pytest.raises(DeadlineExceeded):
+        await run(SpeculativeLoop(target, draft), request(deadline=time.monotonic() - 1))
+    assert target.calls.opened == [] and draft.calls.opened == []
+
+
+# --- exactness --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 8])
+@asyncio_test
+async def test_greedy_speculative_equals_greedy_target_only(k):
+    spec = await run(SpeculativeLoop(FakeTarget(), FakeDraft()), request(num_draft_tokens=k, max_new_tokens=30))
+    base = await run(SpeculativeLoop(FakeTarget(), None), request(num_draft_tokens=0, max_new_tokens=30))
+    assert output(spec) == output(base) == greedy_reference(30)
+    assert 0 < spec[-1].stats.accepted_tokens < spec[-1].stats.drafted_tokens  # a mix of accepts and rejects
+
+
+@asyncio_test
+async def test_sampled_run_is_reproducible_per_seed():
+    params = SamplingParams(temperature=0.9, top_k=8, top_p=0.95)
+
+    async def sampled(seed: int) -> list[int]:
+        loop = SpeculativeLoop(FakeTarget(), FakeDraft())
+        return output(await run(loop, request(params=params, seed=seed, max_new_tokens=24)))
+
+    first = await sampled(7)
+    assert first == await sampled(7)
+    assert first != await sampled(8)
+
+
+@asyncio_test
+async def test_narrow_draft_q_is_padded():
+    draft = FakeDraft(model=lambda prefix: noisy_draft_logits(prefix)[: V - 3])  # q [K, V - 3]
+    params = SamplingParams(temperature=1.0)
+    rounds = await run(SpeculativeLoop(FakeTarget(), draft), request(params=params, max_new_tokens=20))
+    assert len(output(rounds)) == 20 and rounds[-1].stats.accepted_tokens > 0
+
+
+@asyncio_test
+async def test_narrow_target_vocabulary_is_padded():
+    draft = FakeDraft()  # q rows of V columns: the loop pads the target's narrower p [., V - 2] with zeros
+    target = FakeTarget(model=lambda prefix: target_logits(prefix)[: V - 2])
+    params = SamplingParams(temperature=1.0)
+    rounds = await run(SpeculativeLoop(target, draft), request(params=params, max_new_tokens=20))
+    assert all(0 <= t < V - 2 for t in output(rounds))
+
+
+# --- failures ---------------------------------------------------------------------------------------------
+
+
+@asyncio_test
+async def test_draft_error_falls_back_to_target_only():
+    target, draft = FakeTarget(), FakeDraft(fail_at={1: DraftError("draft down")})
+    rounds = await run(SpeculativeLoop(target, draft, new_sequence_id=ids()), request(max_new_tokens=12))
+    assert output(rounds) == greedy_reference(12)
+    stats = rounds[-1].stats
+    assert stats.draft_fallback_rounds == stats.rounds - 2 > 0  # not the first, nor the last single-token round
+    assert all(r.num_draft_tokens == 0 for r in rounds[1:])
+    assert len(draft.calls.requests) == 2 and draft.calls.closed == [100]
+    assert target.calls.closed == [100]
+
+
+@asyncio_test
+async def test_draft_cache_lost_reprefills_once_then_falls_back():
+    target = FakeTarget()
+    draft = FakeDraft(fail_at={1: DraftCacheLost("gone"), 3: DraftCacheLost("gone again")})
+    rounds = await run(SpeculativeLoop(target, draft, new_sequence_id=ids()), request(max_new_tokens=20))
+    assert output(rounds) == greedy_reference(20)
+    # Round 2 lost the cache: a new stream (new id) re-sends everything with keep 0.
+    seq, keep, append, _ = draft.calls.requests[2]
+    assert (seq, keep) == (101, 0) and append == list(PROMPT) + output(rounds[:1])
+    assert draft.calls.opened == [100, 101] and sorted(draft.calls.closed) == [100, 101]
+    assert rounds[-1].stats.draft_fallback_rounds > 0  # the second loss ends drafting
+
+
+@asyncio_test
+async def test_slow_draft_falls_back():
+    target, draft = FakeTarget(), FakeDraft(delay_s=0.2)
+    loop = SpeculativeLoop(target, draft, LoopSettings(draft_round_timeout_s=0.02), new_sequence_id=ids())
+    rounds = await run(loop, request(max_new_tokens=6))
+    assert output(rounds) == greedy_reference(6)
+    assert rounds[-1].stats.draft_fallback_rounds == 5  # all but the last single-token round
+    assert draft.calls.closed == [100]
+
+
+@asyncio_test
+async def test_target_cache_lost_reprefills_under_a_new_id():
+    target, draft = FakeTarget(fail_at={1: TargetCacheLost("no cache")}), FakeDraft(policy=agree_first(1))
+    rounds = await run(SpeculativeLoop(target, draft, new_sequence_id=ids()), request(max_new_tokens=10))
+    assert output(rounds) == greedy_reference(10)
+    lost, resent = target.calls.requests[1], target.calls.requests[2]
+    assert resent[0] == 101 and resent[1] == 0
+    assert resent[2] == list(PROMPT) + output(rounds[:1]) + lost[2][1:]  # the whole prefix + the same drafts
+    assert target.calls.opened == [100, 101] and sorted(target.calls.closed) == [100, 101]
+    assert rounds[-1].stats.target_reprefills == 1
+    assert set(r[0] for r in draft.calls.requests) == {100}  # the draft keeps its cache
+
+
+@asyncio_test
+async def test_target_cache_lost_too_often_is_unavailable():
+    lost = TargetCacheLost("no cache")
+    target, draft = FakeTarget(fail_at={1: lost, 2: lost, 3: lost}), FakeDraft()
+    with pytest.raises(TargetUnavailable):
+        loop = SpeculativeLoop(target, draft, LoopSettings(max_target_reprefills=2), new_sequence_id=ids())
+        await run(loop, request())
+    assert len(target.calls.closed) == len(target.calls.opened) == 3
+    assert draft.calls.closed == [100]
+
+
+@asyncio_test
+async def test_malformed_proposal_falls_back():
+    class WrongLength(FakeDraft):
+        async def open(self, sequence_id: int, *, timeout: float | None = None):
+            session = await super().open(sequence_id, timeout=timeout)
+            real = session.propose
+
+            async def propose(*args):
+                p = await real(*args)
+                return Proposal(token_ids=p.token_ids[:-1], q=None, cache_length=p.cache_length)
+
+            session.propose = propose
+            return session
+
+    target, draft = FakeTarget(), WrongLength()
+    rounds = await run(SpeculativeLoop(target, draft), request(max_new_tokens=5))
+    assert output(rounds) == greedy_reference(5)
+    assert rounds[-1].stats.draft_fallback_rounds == 4
+
+
+@asyncio_test
+async def test_missing_q_rows_when_sampling_falls_back():
+    draft = FakeDraft(policy=agree_first(2))  # q = None, which is only right for greedy
+    params = SamplingParams(temperature=0.7)
+    rounds = await run(SpeculativeLoop(FakeTarget(), draft), request(params=params, max_new_tokens=5))
+    assert len(output(rounds)) == 5 and rounds[-1].stats.drafted_tokens == 0
+
+
+def test_request_validation():
+    with pytest.raises(ValueError, match="prompt_token_ids"):
+        request(prompt_token_ids=())
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        request(max_new_tokens=0)
+    with pytest.raises(ValueError, match="context length"):
+        request(context_length=P)
