@@ -1,0 +1,391 @@
+"""Start the real Triton Inference Server from the ``nvidia-pytriton`` wheel on our model repository.
+
+The wheel ships ``pytriton/tritonserver`` (Triton 2.51: the server binary, the Python backend and one
+backend stub per Python version). Running it outside PyTriton takes a few steps, all done here:
+
+* copy the ``tritonserver`` folder once to a writable cache (``$SPECDEC_CACHE_DIR`` or ``~/.cache/specdec``,
+  never site-packages) with the stub of the running Python in ``backends/python/``;
+* render ``model_repository/specdec_target`` into a temporary folder, with the config's parameters,
+  instance group and sequence-batcher sizes taken from ``TritonServerConfig``;
+* run ``bin/tritonserver`` with this venv's ``bin`` first on ``PATH`` (the stub's Python must import torch),
+  ``LD_LIBRARY_PATH`` = the interpreter's ``LIBDIR`` (else the stub loads the system libpython against our
+  standard library) + the wheel's bundled libraries, and ``HF_HUB_OFFLINE=1``;
+* wait until server and model are ready over gRPC, or fail loudly with the tail of the Triton log.
+
+In production the same model repository runs in NVIDIA's Triton container instead (``deploy/triton``).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import fcntl
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from target_service import wire
+
+log = logging.getLogger(__name__)
+triton_log = logging.getLogger("target_service.tritonserver")
+
+MODEL_TEMPLATE = Path(__file__).parent / "model_repository" / wire.MODEL_NAME
+# Lines Triton logs as errors on every CPU-only start; harmless, logged at DEBUG.
+_HARMLESS = ("CudaDriverHelper has not been initialized",)
+_DTYPES = ("float32", "bfloat16", "float16")
+_INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU")
+
+
+@dataclass(frozen=True)
+class TritonServerConfig:
+    """Everything the launcher needs; port 0 = pick a free port."""
+
+    host: str = "127.0.0.1"  # address for gRPC, HTTP and metrics
+    grpc_port: int = 0
+    http_port: int = 0
+    metrics_port: int = 0
+    model: str = "smollm2"  # model spec (see specdec.models)
+    keep_layers: str = ""  # "" = all layers
+    dtype: str = "float32"
+    threads: int = 0  # torch threads in the model; 0 = torch's default
+    max_sequences: int = 64  # live KV caches per instance
+    idle_ttl_s: float = 300.0  # idle caches are evicted after this
+    cache_dir: str = ""  # converted models and the Triton copy; "" = $SPECDEC_CACHE_DIR or ~/.cache/specdec
+    instance_kind: str = "KIND_CPU"
+    instance_count: int = 1
+    max_batch_size: int = 8  # requests (of different sequences) per execute()
+    ready_timeout_s: float = 180.0  # a first start converts SmolLM2 (~20 s)
+    # On SIGTERM Triton waits up to this long for in-flight requests and the model's unload (~2-3 s
+    # here); it also counts every sequence not yet ENDed as in flight, so an open sequence holds the
+    # shutdown for the whole time: keep it short.
+    exit_timeout_s: int = 5
+    stop_grace_s: float = 10.0  # after SIGTERM, SIGKILL (Triton and its stubs) after this
+    log_file: str = ""  # Triton's stdout+stderr; "" = a file in the temporary folder (gone after stop())
+    log_verbose: int = 0  # Triton's --log-verbose
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.instance_kind not in _INSTANCE_KINDS:
+            raise ValueError(f"instance_kind must be one of {_INSTANCE_KINDS}, got {self.instance_kind!r}")
+        for name in ("grpc_port", "http_port", "metrics_port"):
+            if not 0 <= getattr(self, name) < 65536:
+                raise ValueError(f"{name} must be in [0, 65536), got {getattr(self, name)}")
+        if self.max_sequences < 1 or self.instance_count < 1 or self.max_batch_size < 1:
+            raise ValueError("max_sequences, instance_count and max_batch_size must be >= 1")
+        if self.idle_ttl_s <= 0 or self.threads < 0 or self.exit_timeout_s < 0:
+            raise ValueError("idle_ttl_s must be > 0, threads and exit_timeout_s >= 0")
+
+    @property
+    def cache_root(self) -> Path:
+        return Path(self.cache_dir or os.environ.get("SPECDEC_CACHE_DIR") or Path.home() / ".cache" / "specdec")
+
+
+def triton_idle_us(idle_ttl_s: float) -> int:
+    """Triton's own sequence idle timeout: above the model's TTL, so the model's NOT_FOUND comes first."""
+    return int((idle_ttl_s + max(30.0, 0.1 * idle_ttl_s)) * 1e6)
+
+
+def render_config(text: str, config: TritonServerConfig) -> str:
+    """Fill config.pbtxt with ``config``'s values; every field must be found exactly once."""
+    params = {
+        "model": config.model,
+        "keep_layers": config.keep_layers,
+        "dtype": config.dtype,
+        "threads": str(config.threads),
+        "max_sequences": str(config.max_sequences),
+        "idle_ttl_s": format(config.idle_ttl_s, "g"),
+        "cache_dir": config.cache_dir,
+    }
+    subs: list[tuple[str, str]] = [
+        (r"(max_batch_size:\s*)\d+", rf"\g<1>{config.max_batch_size}"),
+        (r"(preferred_batch_size:\s*\[\s*)\d+", rf"\g<1>{config.max_batch_size}"),
+        # Triton must never queue a sequence the model could still take: candidates above capacity.
+        (r"(max_candidate_sequences:\s*)\d+", rf"\g<1>{2 * config.max_sequences}"),
+        (r"(max_sequence_idle_microseconds:\s*)\d+", rf"\g<1>{triton_idle_us(config.idle_ttl_s)}"),
+        (
+            r"(instance_group\s*\[\s*\{\s*kind:\s*)KIND_\w+(\s*count:\s*)\d+",
+            rf"\g<1>{config.instance_kind}\g<2>{config.instance_count}",
+        ),
+    ]
+    for key, value in params.items():
+        quoted = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        subs.append((rf'(key:\s*"{key}"\s*value:\s*\{{\s*string_value:\s*)"[^"]*"', lambda m, q=quoted: m[1] + q))
+    for pattern, replacement in subs:
+        text, count = re.subn(pattern, replacement, text)
+        if count != 1:
+            raise ValueError(f"config template: {pattern!r} matched {count} times, expected once")
+    return text
+
+
+def render_model_repository(dest: Path, config: TritonServerConfig) -> Path:
+    """Copy the model template into ``dest/<model>`` with a rendered config; returns ``dest``."""
+    model_dir = dest / wire.MODEL_NAME
+    shutil.copytree(MODEL_TEMPLATE, model_dir, ignore=shutil.ignore_patterns("__pycache__"))
+    config_path = model_dir / "config.pbtxt"
+    config_path.write_text(render_config(config_path.read_text(), config))
+    return dest
+
+
+def _pytriton_dir() -> Path:
+    spec = importlib.util.find_spec("pytriton")  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("Triton ships in the nvidia-pytriton wheel: pip install 'specdec[triton]'")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def install_tritonserver(cache_root: Path) -> Path:
+    """Copy the wheel's ``tritonserver`` (with this Python's stub) to the cache once; returns the copy."""
+    source = _pytriton_dir() / "tritonserver"
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = source / "python_backend_stubs" / python / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise FileNotFoundError(f"the nvidia-pytriton wheel has no Python backend stub for Python {python}")
+    target = cache_root / f"tritonserver-{importlib.metadata.version('nvidia-pytriton')}-py{python}"
+    if (target / "bin" / "tritonserver").is_file():
+        return target
+    cache_root.mkdir(parents=True, exist_ok=True)
+    with _file_lock(cache_root / f".{target.name}.lock"):
+        if (target / "bin" / "tritonserver").is_file():
+            return target
+        log.info("copying Triton from %s to %s (once)", source, target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache_root))
+        try:
+            copy = tmp / "tritonserver"
+            shutil.copytree(source, copy, ignore=shutil.ignore_patterns("__pycache__", "python_backend_stubs"))
+            shutil.copy2(stub, copy / "backends" / "python" / "triton_python_backend_stub")
+            os.replace(copy, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def triton_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment tritonserver and its Python stub need to run this venv's Python."""
+    env = dict(os.environ if base is None else base)
+    venv_bin = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([venv_bin, env.get("PATH", "/usr/bin:/bin")])
+    libs = [sysconfig.get_config_var("LIBDIR") or "", str(_pytriton_dir().parent / "nvidia_pytriton.libs")]
+    if env.get("LD_LIBRARY_PATH"):
+        libs.append(env["LD_LIBRARY_PATH"])
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in libs if p)
+    # The stub must import this very target_service (and specdec), however the package is installed.
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
+    env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class TritonServer:
+    """One ``tritonserver`` process serving ``specdec_target``; ``with TritonServer(config) as s: ...``."""
+
+    def __init__(self, config: TritonServerConfig) -> None:
+        self.config = config
+        self.model_name = wire.MODEL_NAME
+        self.grpc_port = config.grpc_port or free_port(config.host)
+        self.http_port = config.http_port or free_port(config.host)
+        self.metrics_port = config.metrics_port or free_port(config.host)
+        self.log_path: Path | None = None
+        self.ready_seconds: float | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._tmp: Path | None = None
+        self._pump: threading.Thread | None = None
+        self._tail: collections.deque[str] = collections.deque(maxlen=40)
+        self._errors: collections.deque[str] = collections.deque(maxlen=10)
+        self._shm_prefix = f"specdec_triton_{uuid.uuid4().hex[:12]}_"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.config.host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.config.host}:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.config.host}:{self.metrics_port}/metrics"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def command(self, home: Path, repository: Path) -> list[str]:
+        c = self.config
+        cmd = [
+            str(home / "bin" / "tritonserver"),
+            f"--model-repository={repository}",
+            f"--backend-directory={home / 'backends'}",
+            f"--grpc-address={c.host}",
+            f"--grpc-port={self.grpc_port}",
+            f"--http-address={c.host}",
+            f"--http-port={self.http_port}",
+            "--allow-metrics=true",
+            f"--metrics-address={c.host}",
+            f"--metrics-port={self.metrics_port}",
+            f"--exit-timeout-secs={c.exit_timeout_s}",
+            # Our own prefix for the stubs' shared-memory regions, so stop() can remove what a killed
+            # stub leaves in /dev/shm.
+            f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
+            f"--log-verbose={c.log_verbose}",
+        ]
+        if c.instance_kind == "KIND_CPU":  # no CUDA: no GPU metrics, no pinned host memory (and no warnings)
+            cmd += ["--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0"]
+        return cmd
+
+    def start(self) -> TritonServer:
+        if self._proc is not None:
+            raise RuntimeError("already started")
+        started = time.monotonic()
+        home = install_tritonserver(self.config.cache_root)
+        self._tmp = Path(tempfile.mkdtemp(prefix="specdec-triton-"))
+        try:
+            repository = render_model_repository(self._tmp / "models", self.config)
+            self.log_path = Path(self.config.log_file) if self.config.log_file else self._tmp / "tritonserver.log"
+            cmd = self.command(home, repository)
+            log.info("starting Triton: %s (log: %s)", " ".join(cmd), self.log_path)
+            self._proc = subprocess.Popen(
+                cmd,
+                env=triton_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches us, and we stop Triton in order
+            )
+            self._pump = threading.Thread(
+                target=self._pump_log, args=(self._proc, self.log_path), name="tritonserver-log", daemon=True
+            )
+            self._pump.start()
+            self._wait_ready(started)
+        except BaseException:
+            self.stop()
+            raise
+        self.ready_seconds = time.monotonic() - started
+        log.info("Triton ready in %.1f s: grpc %s, metrics %s", self.ready_seconds, self.grpc_url, self.metrics_url)
+        return self
+
+    def _wait_ready(self, started: float) -> None:
+        import tritonclient.grpc as grpcclient
+
+        deadline = started + self.config.ready_timeout_s
+        with grpcclient.InferenceServerClient(self.grpc_url) as client:
+            while True:
+                code = self._proc.poll() if self._proc else None
+                if code is not None:
+                    raise RuntimeError(f"tritonserver exited with {code} before it was ready\n{self.log_tail()}")
+                with contextlib.suppress(Exception):
+                    if client.is_server_ready() and client.is_model_ready(self.model_name):
+                        return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"Triton not ready after {self.config.ready_timeout_s:.0f} s\n{self.log_tail()}"
+                    )
+                time.sleep(0.1)
+
+    def _pump_log(self, proc: subprocess.Popen[bytes], path: Path) -> None:
+        """Copy Triton's output to the log file and to the ``target_service.tritonserver`` logger."""
+        assert proc.stdout is not None
+        with open(path, "ab") as sink:
+            for raw in proc.stdout:
+                sink.write(raw)
+                sink.flush()
+                line = raw.decode(errors="replace").rstrip()
+                self._tail.append(line)
+                # Triton's own lines start with E/W/I + date; everything else is the model's Python.
+                level = logging.DEBUG
+                if line[1:2].isdigit() and not any(h in line for h in _HARMLESS):
+                    level = {"E": logging.ERROR, "W": logging.WARNING}.get(line[:1], logging.DEBUG)
+                if level == logging.ERROR:
+                    self._errors.append(line)
+                triton_log.log(level, "%s", line)
+
+    def log_tail(self) -> str:
+        """Triton's last error lines and the last lines it (and the model's Python) wrote."""
+        errors = "\n".join(self._errors) or "(none)"
+        return f"--- Triton errors ---\n{errors}\n--- tail of the Triton log ---\n" + "\n".join(self._tail)
+
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Block until Triton exits (or ``timeout``); its exit code or None."""
+        if self._proc is None:
+            return None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            return self._proc.wait(timeout)
+        return None
+
+    def stop(self) -> None:
+        """SIGTERM, SIGKILL after the grace period, remove the temporary folder. Idempotent."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            log.info("stopping Triton (pid %d)", proc.pid)
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(self.config.stop_grace_s)
+            except subprocess.TimeoutExpired:
+                log.warning("Triton ignored SIGTERM for %.0f s: killing it", self.config.stop_grace_s)
+                proc.kill()
+                proc.wait()
+        if proc is not None:
+            _kill_group_members(proc.pid)  # a stub outlives a killed Triton (it ignores SIGTERM)
+            for leftover in Path("/dev/shm").glob(f"{self._shm_prefix}*"):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+        if self._pump is not None:
+            self._pump.join(timeout=5)
+            self._pump = None
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def __enter__(self) -> TritonServer:
+        return self.start() if self._proc is None else self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def _kill_group_members(pgid: int) -> None:
+    """SIGKILL the processes still in process group ``pgid`` (Triton ran as its own session leader)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields_after_name = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields_after_name[2]) == pgid:  # field 5 of /proc/<pid>/stat: pgrp
+                pid = int(stat.parent.name)
+                log.warning("killing process %d left behind by Triton", pid)
+                os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

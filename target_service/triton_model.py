@@ -1,0 +1,269 @@
+"""The logic of the Triton target model, importable and testable without Triton.
+
+``model_repository/specdec_target/1/model.py`` is three lines that hand Triton's calls to ``TargetModel``;
+everything else lives here so unit tests can drive it with a tiny model and a fake ``pb_utils``:
+
+* ``TargetParams`` - the model-config ``parameters`` (model spec, dtype, capacity, TTL, ...), parsed once.
+* ``run_step`` - one request, numpy in, numpy or a ``StepError`` out: the wire contract of
+  ``target_service.wire`` applied to a ``specdec.engine.CausalLMEngine``. It never raises.
+* ``TargetModel`` - the Triton adapter: reads tensors and the correlation id off each request, answers
+  every request of an ``execute`` batch independently (one bad request never fails its neighbours), maps
+  ``StepError`` codes to ``pb_utils.TritonError`` codes and keeps the custom metrics current.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from specdec.engine import CapacityError, CausalLMEngine, SequenceNotFoundError, SequenceStore
+from specdec.models import load_model, parse_layers
+from target_service import wire
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TargetParams:
+    """The ``parameters`` of the model's config.pbtxt; defaults here match the checked-in file."""
+
+    model: str = "smollm2"  # model spec: "smollm2" or a local HF model folder
+    keep_layers: str = ""  # layer selection such as "0-13,17-29"; "" = all layers
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+    max_sequences: int = 64  # live KV caches per model instance before CapacityError
+    idle_ttl_s: float = 300.0  # a cache unused this long is evicted
+    cache_dir: str = ""  # where the converted SmolLM2 lives; "" = specdec's default
+
+    @classmethod
+    def from_model_config(cls, model_config: Mapping[str, Any]) -> TargetParams:
+        """Read ``{"parameters": {"model": {"string_value": "..."}, ...}}``; unknown keys are refused."""
+        raw = {k: v.get("string_value", "") for k, v in (model_config.get("parameters") or {}).items()}
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise ValueError(f"unknown model parameters {unknown}; known: {sorted(known)}")
+        values: dict[str, Any] = {}
+        for name, text in raw.items():
+            kind = type(getattr(cls, name))
+            try:
+                values[name] = kind(text)
+            except ValueError:
+                raise ValueError(f"model parameter {name!r} must be a {kind.__name__}, got {text!r}") from None
+        params = cls(**values)
+        parse_layers(params.keep_layers)  # fail at load time, not at the first request
+        if params.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {params.threads}")
+        return params
+
+
+class ErrorCode(enum.Enum):
+    """What went wrong with one request; ``TargetModel`` maps these to ``pb_utils.TritonError`` codes."""
+
+    INVALID_ARG = "INVALID_ARG"  # the request is malformed or inconsistent with the cache
+    NOT_FOUND = "NOT_FOUND"  # the sequence holds no cache here: re-send the prefix with START
+    UNAVAILABLE = "UNAVAILABLE"  # capacity: too many live sequences, back off or go elsewhere
+    INTERNAL = "INTERNAL"  # a bug or a failed forward; the traceback is in the Triton log only
+
+
+@dataclass(frozen=True)
+class StepError:
+    code: ErrorCode
+    message: str
+
+
+@dataclass(frozen=True)
+class StepRequest:
+    """One Triton request as numpy arrays, batch dim included (Triton hands each request over alone)."""
+
+    sequence_id: int  # the Triton correlation id (uint64)
+    input_ids: np.ndarray  # [1, T] int32: tokens to append
+    keep_length: np.ndarray  # [1, 1] int32: cache length to keep before appending
+    num_logits: np.ndarray  # [1, 1] int32: how many last positions to return logits for
+    start: bool  # CONTROL_SEQUENCE_START
+    end: bool  # CONTROL_SEQUENCE_END
+
+
+def _scalar(name: str, array: np.ndarray) -> int:
+    if array.size != 1:
+        raise ValueError(f"{name} must hold one value per request, got shape {list(array.shape)}")
+    return int(array.reshape(-1)[0])
+
+
+def run_step(engine: CausalLMEngine, request: StepRequest) -> np.ndarray | StepError:
+    """Apply one request to the engine: LOGITS [1, NUM_LOGITS, V] float32, or the error to send back.
+
+    A *release request* (no tokens, NUM_LOGITS 0, END) drops the cache and returns [1, 0, V]; here it is
+    idempotent (Triton itself wants START too for a sequence it no longer knows, see ``wire``). END on a
+    normal request returns the logits and then drops the cache; END always drops it, even when the step
+    itself fails.
+    """
+    sid = request.sequence_id
+    try:
+        try:
+            ids = request.input_ids
+            if ids.ndim != 2 or ids.shape[0] != 1:
+                raise ValueError(f"{wire.INPUT_IDS} must have shape [1, T], got {list(ids.shape)}")
+            keep_length = _scalar(wire.KEEP_LENGTH, request.keep_length)
+            num_logits = _scalar(wire.NUM_LOGITS, request.num_logits)
+            if keep_length < 0:
+                raise ValueError(f"keep_length must be >= 0, got {keep_length}")
+            tokens = ids[0].tolist()
+            if not tokens and num_logits == 0:
+                if not request.end:
+                    raise ValueError(
+                        f"a request without tokens is a release request and must set END "
+                        f"(sequence {sid}, {wire.NUM_LOGITS} 0)"
+                    )
+                return np.zeros((1, 0, engine.vocab_size), dtype=np.float32)  # released below
+            logits = engine.extend(sid, keep_length, tokens, num_logits, start=request.start)  # [N, V]
+            return logits.cpu().numpy()[None]  # [1, N, V]
+        finally:
+            if request.end:
+                engine.store.release(sid)
+    except ValueError as exc:
+        return StepError(ErrorCode.INVALID_ARG, f"{wire.INVALID_PREFIX} {exc}")
+    except SequenceNotFoundError as exc:
+        return StepError(ErrorCode.NOT_FOUND, f"{wire.NOT_FOUND_PREFIX} {exc}; resend the prefix with START")
+    except CapacityError as exc:
+        return StepError(ErrorCode.UNAVAILABLE, f"{wire.CAPACITY_PREFIX} {exc}")
+    except Exception:
+        log.exception("sequence %d: step failed", sid)
+        message = f"{wire.INTERNAL_PREFIX} step failed in sequence {sid} (see the Triton log)"
+        return StepError(ErrorCode.INTERNAL, message)
+
+
+def device_for(args: Mapping[str, str]) -> str:
+    """Torch device of a model instance from Triton's ``initialize`` args."""
+    if args.get("model_instance_kind", "CPU").upper() == "GPU":
+        return f"cuda:{int(args.get('model_instance_device_id', '0'))}"
+    return "cpu"
+
+
+class TargetModel:
+    """``TritonPythonModel`` minus the Triton imports: ``pb_utils`` is passed in (or a fake, in tests)."""
+
+    def __init__(self, pb_utils: Any, engine: CausalLMEngine | None = None) -> None:
+        self._pb = pb_utils
+        self.engine = engine
+        # Triton requires a MetricFamily to outlive its Metrics: keep both, drop metrics first.
+        self._gauge_family: Any = None
+        self._gauge: Any = None
+        self._counter_family: Any = None
+        self._counters: dict[str, Any] = {}
+        self._labels: dict[str, str] = {}
+
+    def initialize(self, args: Mapping[str, str]) -> None:
+        if not logging.getLogger().handlers:
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        model_config = json.loads(args["model_config"])
+        params = TargetParams.from_model_config(model_config)
+        device = device_for(args)
+        if params.threads > 0:
+            torch.set_num_threads(params.threads)
+        if self.engine is None:
+            started = time.perf_counter()
+            model = load_model(
+                params.model,
+                device=device,
+                dtype=params.dtype,
+                keep_layers=parse_layers(params.keep_layers),
+                cache_dir=Path(params.cache_dir) if params.cache_dir else None,
+            )
+            store = SequenceStore(params.max_sequences, params.idle_ttl_s)
+            self.engine = CausalLMEngine(model, store)
+            log.info(
+                "loaded %s (%s, layers %s) on %s in %.1f s; torch threads %d, capacity %d, idle TTL %.0f s",
+                params.model, params.dtype, params.keep_layers or "all", device,
+                time.perf_counter() - started, torch.get_num_threads(), params.max_sequences, params.idle_ttl_s,
+            )  # fmt: skip
+        self._labels = {
+            "model": args.get("model_name", wire.MODEL_NAME),
+            "instance": args.get("model_instance_name", "0"),
+        }
+        pb = self._pb
+        self._gauge_family = pb.MetricFamily(
+            name=wire.METRIC_LIVE_SEQUENCES,
+            description="Live per-sequence KV caches in this model instance",
+            kind=pb.MetricFamily.GAUGE,
+        )
+        self._gauge = self._gauge_family.Metric(labels=self._labels)
+        self._counter_family = pb.MetricFamily(
+            name=wire.METRIC_REQUESTS,
+            description="Requests answered by this model instance, by result code",
+            kind=pb.MetricFamily.COUNTER,
+        )
+        self._gauge.set(0.0)
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        assert self.engine is not None, "initialize() first"
+        self.engine.store.evict_idle()
+        responses = []
+        for request in requests:
+            result = self._step(request)
+            responses.append(self._respond(result))
+        try:
+            self._gauge.set(float(len(self.engine.store)))
+        except Exception:  # metrics must never cost a response
+            log.exception("updating metrics failed")
+        return responses
+
+    def finalize(self) -> None:
+        if self.engine is not None:
+            log.info("unloading with %d live sequence(s)", len(self.engine.store))
+        self.engine = None
+        self._gauge = None
+        self._counters.clear()
+        self._gauge_family = self._counter_family = None
+
+    def _step(self, request: Any) -> np.ndarray | StepError:
+        try:
+            get = self._pb.get_input_tensor_by_name
+
+            def flag(name: str) -> bool:
+                tensor = get(request, name)
+                return tensor is not None and bool(tensor.as_numpy().reshape(-1)[0])
+
+            arrays = {}
+            for name in (wire.INPUT_IDS, wire.KEEP_LENGTH, wire.NUM_LOGITS):
+                tensor = get(request, name)
+                if tensor is None:
+                    return StepError(ErrorCode.INVALID_ARG, f"{wire.INVALID_PREFIX} missing input {name}")
+                arrays[name] = tensor.as_numpy()
+            step = StepRequest(
+                sequence_id=int(request.correlation_id()),
+                input_ids=arrays[wire.INPUT_IDS],
+                keep_length=arrays[wire.KEEP_LENGTH],
+                num_logits=arrays[wire.NUM_LOGITS],
+                start=flag(wire.START),
+                end=flag(wire.END),
+            )
+        except Exception:
+            log.exception("reading a request failed")
+            message = f"{wire.INTERNAL_PREFIX} reading the request failed (see the Triton log)"
+            return StepError(ErrorCode.INTERNAL, message)
+        return run_step(self.engine, step)
+
+    def _respond(self, result: np.ndarray | StepError) -> Any:
+        pb = self._pb
+        code = "OK" if isinstance(result, np.ndarray) else result.code.value
+        try:
+            if code not in self._counters:
+                self._counters[code] = self._counter_family.Metric(labels={**self._labels, "code": code})
+            self._counters[code].increment(1.0)
+        except Exception:
+            log.exception("updating metrics failed")
+        if isinstance(result, np.ndarray):
+            return pb.InferenceResponse(output_tensors=[pb.Tensor(wire.LOGITS, result)])
+        return pb.InferenceResponse(
+            output_tensors=[], error=pb.TritonError(result.message, getattr(pb.TritonError, result.code.value))
+        )

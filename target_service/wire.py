@@ -1,0 +1,108 @@
+"""The wire contract of the Triton target model: the names clients use and the errors they get back.
+
+Free of torch and Triton imports, so the orchestrator's tritonclient adapter can import it cheaply.
+
+Model ``specdec_target`` (KServe v2 over gRPC). ``max_batch_size`` > 0, so every tensor carries a leading
+batch dim of 1:
+
+==================  =====  ============  ==========================================================
+name                type   client shape  meaning
+==================  =====  ============  ==========================================================
+INPUT_IDS (in)      INT32  [1, T]        tokens to append; T = 0 only on a release request
+KEEP_LENGTH (in)    INT32  [1, 1]        cache length to keep (roll back to) before appending
+NUM_LOGITS (in)     INT32  [1, 1]        how many last appended positions to return; 0 only on release
+LOGITS (out)        FP32   [1, N, V]     raw target logits of the last N = NUM_LOGITS positions
+==================  =====  ============  ==========================================================
+
+The sequence id is Triton's correlation id (``sequence_id=``, uint64, non-zero). ``sequence_start=True``
+on the first request (KEEP_LENGTH must be 0; on a live id it restarts the sequence), ``sequence_end=True``
+on the last. A *release request* is INPUT_IDS [1, 0], NUM_LOGITS 0, ``sequence_end=True``: the cache is
+dropped and LOGITS is [1, 0, V]. END on a normal request returns the logits, then drops the cache; END
+always drops it, even when that request fails. Triton itself refuses any request without START for a
+sequence it does not know (never started, already ENDed, Triton restarted or idle-timed-out), so a
+release that must succeed whatever the state also sets ``sequence_start=True``.
+
+Errors, as a tritonclient 2.73 caller receives them from Triton 2.51 (seen on this machine, asserted by
+``tests/integration/test_triton_target.py``); ``exc.status()`` of a unary call, then ``exc.message()``.
+Triton has no RESOURCE_EXHAUSTED, so capacity is UNAVAILABLE with a "capacity:" message.
+
+* bad argument (token id outside the vocabulary, keep_length > cached length, NUM_LOGITS out of range,
+  an empty request without END): ``StatusCode.INVALID_ARGUMENT``, ``"invalid: <reason>"``.
+* Triton knows the sequence, the model holds no cache for it (evicted after idle_ttl_s, its START was
+  refused, a failed forward): ``StatusCode.NOT_FOUND``,
+  ``"no cache: sequence <id> has no cache here (...); resend the prefix with START"``.
+* Triton's sequence batcher does not know the sequence (never started, already ENDed, Triton restarted
+  or idle-timed-out it) and START is not set: ``StatusCode.INVALID_ARGUMENT``, Triton core's
+  ``"inference request for sequence <id> to model 'specdec_target' must specify the START flag on the
+  first request of the sequence"``.
+* sequence id 0 or none: ``StatusCode.INVALID_ARGUMENT``, ``"... must specify a non-zero or non-empty
+  correlation ID"`` (Triton core).
+* too many live sequences (max_sequences per instance): ``StatusCode.UNAVAILABLE``, ``"capacity: ..."``.
+  Triton has accepted that START all the same and holds a slot for the sequence until END or its own
+  idle timeout, so release it (START+END) like any other failed sequence.
+* anything else: ``StatusCode.INTERNAL``, ``"internal: ... (see the Triton log)"``; the traceback is
+  in the Triton log only.
+* Triton down: ``StatusCode.UNAVAILABLE`` with gRPC's connection message.
+
+On a gRPC *stream* (``start_stream``/``async_stream_infer``, or ``grpc.aio`` ``stream_infer``) the same
+errors arrive as per-response ``InferenceServerException`` objects whose ``status()`` is **None**
+(Triton sends only ``error_message``); the message is identical and the stream stays open. Hence every
+message of the model starts with a fixed prefix, and ``classify_error`` reads the prefix first. "no
+cache:" and Triton's "must specify the START flag" mean the same to the orchestrator: the target lost
+the sequence, re-send the whole prefix with START.
+"""
+
+from __future__ import annotations
+
+import enum
+
+MODEL_NAME = "specdec_target"
+
+INPUT_IDS = "INPUT_IDS"
+KEEP_LENGTH = "KEEP_LENGTH"
+NUM_LOGITS = "NUM_LOGITS"
+START = "START"  # control input, CONTROL_SEQUENCE_START; clients set it via sequence_start=True
+END = "END"  # control input, CONTROL_SEQUENCE_END; clients set it via sequence_end=True
+LOGITS = "LOGITS"
+
+# Message prefixes of the model's errors (the only thing a stream response carries).
+INVALID_PREFIX = "invalid:"  # INVALID_ARG
+NOT_FOUND_PREFIX = "no cache:"  # NOT_FOUND
+CAPACITY_PREFIX = "capacity:"  # UNAVAILABLE
+INTERNAL_PREFIX = "internal:"  # INTERNAL
+# Triton core, when its sequence batcher does not know the sequence and START is not set.
+TRITON_NO_START = "must specify the START flag"
+
+METRIC_LIVE_SEQUENCES = "specdec_target_live_sequences"  # gauge; labels model, instance
+METRIC_REQUESTS = "specdec_target_requests_total"  # counter; labels model, instance, code
+
+
+class TargetError(enum.Enum):
+    """What a failed target request means to the caller."""
+
+    SEQUENCE_LOST = "SEQUENCE_LOST"  # re-send the whole prefix with START
+    CAPACITY = "CAPACITY"  # target full: back off or go elsewhere (RESOURCE_EXHAUSTED upstream)
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"  # a bug in the caller
+    UNAVAILABLE = "UNAVAILABLE"  # Triton down or unreachable
+    INTERNAL = "INTERNAL"  # anything else
+
+
+def classify_error(status: str | None, message: str) -> TargetError:
+    """Classify a tritonclient ``InferenceServerException`` by ``.status()`` and ``.message()``.
+
+    Works for unary calls (status like "StatusCode.NOT_FOUND") and stream responses (status None).
+    """
+    if message.startswith(NOT_FOUND_PREFIX) or TRITON_NO_START in message:
+        return TargetError.SEQUENCE_LOST
+    if message.startswith(CAPACITY_PREFIX):
+        return TargetError.CAPACITY
+    if message.startswith(INVALID_PREFIX):
+        return TargetError.INVALID_ARGUMENT
+    if message.startswith(INTERNAL_PREFIX):
+        return TargetError.INTERNAL
+    status = status or ""
+    if status.endswith("INVALID_ARGUMENT"):
+        return TargetError.INVALID_ARGUMENT
+    if status.endswith("UNAVAILABLE"):
+        return TargetError.UNAVAILABLE
+    return TargetError.INTERNAL

@@ -1,0 +1,291 @@
+"""The target model inside the REAL Triton server (from the nvidia-pytriton wheel), with the real SmolLM2.
+
+One Triton for the module, started by ``target_service.launcher`` on 127.0.0.1 with free ports. The
+checks are what the orchestrator relies on: Triton's logits equal an in-process forward of the same
+weights (start, append, rollback), a release empties the cache (the live-sequences metric), a lost
+sequence and bad input come back as statuses a client can tell apart (``target_service.wire``), unary and
+over a gRPC stream, and concurrent sequences do not disturb each other. No skips: if Triton cannot start,
+these tests fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpcaio
+from tritonclient.utils import InferenceServerException
+
+from specdec.models import load_model
+from target_service import wire
+from target_service.launcher import TritonServer, TritonServerConfig
+
+pytestmark = pytest.mark.integration
+
+MAX_SEQUENCES = 4
+ATOL = 1e-3
+PROMPT = [1, 9690, 314, 253, 1789, 33, 2, 28]  # arbitrary in-vocabulary ids
+DRAFTS = [30, 4, 1215, 11]
+# One torch thread on both sides: on a small, busy CPU two OpenMP threads per process collapse under
+# contention (5-20x slower); correctness is what is tested here, not speed.
+THREADS = 1
+
+
+@pytest.fixture(scope="module")
+def triton() -> Iterator[TritonServer]:
+    config = TritonServerConfig(
+        model="smollm2", max_sequences=MAX_SEQUENCES, threads=THREADS, ready_timeout_s=240.0
+    )
+    with TritonServer(config) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def client(triton: TritonServer) -> Iterator[grpcclient.InferenceServerClient]:
+    with grpcclient.InferenceServerClient(triton.grpc_url) as c:
+        yield c
+
+
+class Reference:
+    """The same weights in-process, without a cache; remembers forwards (a prefix is a slice of them)."""
+
+    def __init__(self) -> None:
+        self.model = load_model("smollm2")
+        self._done: dict[tuple[int, ...], np.ndarray] = {}
+
+    @torch.inference_mode()
+    def __call__(self, ids: list[int]) -> np.ndarray:
+        """Logits of every position of ``ids``: [T, V]."""
+        key = tuple(ids)
+        for done, logits in self._done.items():
+            if done[: len(key)] == key:
+                return logits[: len(key)]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(THREADS)
+        try:
+            logits = self.model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+        finally:
+            torch.set_num_threads(threads)
+        self._done[key] = logits
+        return logits
+
+
+@pytest.fixture(scope="module")
+def forward() -> Reference:
+    return Reference()
+
+
+def new_sid() -> int:
+    return secrets.randbits(63) | 1
+
+
+def inputs(ids: list[int], keep: int, n: int) -> list[grpcclient.InferInput]:
+    arrays = {
+        wire.INPUT_IDS: np.array(ids, dtype=np.int32).reshape(1, len(ids)),  # [1, T]
+        wire.KEEP_LENGTH: np.array([[keep]], dtype=np.int32),  # [1, 1]
+        wire.NUM_LOGITS: np.array([[n]], dtype=np.int32),  # [1, 1]
+    }
+    out = []
+    for name, array in arrays.items():
+        tensor = grpcclient.InferInput(name, list(array.shape), "INT32")
+        tensor.set_data_from_numpy(array)
+        out.append(tensor)
+    return out
+
+
+def infer(
+    client: grpcclient.InferenceServerClient,
+    sid: int,
+    ids: list[int],
+    keep: int,
+    n: int,
+    *,
+    start: bool = False,
+    end: bool = False,
+) -> np.ndarray:
+    """One target step; returns LOGITS [1, n, V]."""
+    result = client.infer(
+        wire.MODEL_NAME, inputs(ids, keep, n), sequence_id=sid, sequence_start=start, sequence_end=end
+    )
+    logits = result.as_numpy(wire.LOGITS)
+    assert logits.dtype == np.float32
+    return logits
+
+
+def release(client: grpcclient.InferenceServerClient, sid: int) -> None:
+    """A release request; START as well, so it succeeds whether or not Triton still knows the sequence."""
+    logits = infer(client, sid, [], 0, 0, start=True, end=True)
+    assert logits.shape[:2] == (1, 0)
+
+
+def refused(call, *args, **kwargs) -> InferenceServerException:
+    with pytest.raises(InferenceServerException) as info:
+        call(*args, **kwargs)
+    return info.value
+
+
+def live_sequences(triton: TritonServer) -> float:
+    text = urllib.request.urlopen(triton.metrics_url, timeout=10).read().decode()
+    values = re.findall(rf"^{wire.METRIC_LIVE_SEQUENCES}\{{[^}}]*\}} (\S+)$", text, re.MULTILINE)
+    assert values, f"{wire.METRIC_LIVE_SEQUENCES} not exported on {triton.metrics_url}"
+    return sum(float(v) for v in values)
+
+
+def test_start_matches_an_in_process_forward(client, forward):
+    forward(PROMPT + DRAFTS)  # one forward serves the prefixes compared below and in later tests
+    sid = new_sid()
+    logits = infer(client, sid, PROMPT, 0, 3, start=True)
+    assert logits.shape == (1, 3, 49152)
+    np.testing.assert_allclose(logits[0], forward(PROMPT)[-3:], atol=ATOL)
+    release(client, sid)
+
+
+def test_append_and_rollback_match_a_fresh_sequence(client, forward):
+    sid, fresh = new_sid(), new_sid()
+    infer(client, sid, PROMPT, 0, 1, start=True)
+    verified = infer(client, sid, DRAFTS, len(PROMPT), len(DRAFTS))  # K drafts, their K rows
+    np.testing.assert_allclose(verified[0], forward(PROMPT + DRAFTS)[-len(DRAFTS) :], atol=ATOL)
+    # Two drafts accepted, then a new token: the cache is rolled back, not recomputed.
+    rolled = infer(client, sid, [42], len(PROMPT) + 2, 1)
+    from_scratch = infer(client, fresh, PROMPT + DRAFTS[:2] + [42], 0, 1, start=True, end=True)
+    np.testing.assert_allclose(rolled, from_scratch, atol=ATOL)
+    np.testing.assert_allclose(rolled[0], forward(PROMPT + DRAFTS[:2] + [42])[-1:], atol=ATOL)
+    release(client, sid)
+
+
+def test_release_brings_live_sequences_back_to_zero(client, triton):
+    assert live_sequences(triton) == 0
+    sids = [new_sid(), new_sid()]
+    for sid in sids:
+        infer(client, sid, PROMPT[:2], 0, 1, start=True)
+    assert live_sequences(triton) == 2
+    released = infer(client, sids[0], [], 0, 0, end=True)  # the release request of the contract
+    assert released.shape == (1, 0, 49152)
+    assert live_sequences(triton) == 1
+    infer(client, sids[1], [5], 2, 1, end=True)  # END on a normal request: logits, then dropped
+    assert live_sequences(triton) == 0
+
+
+def test_a_lost_sequence_is_recognisable(client):
+    # Triton never saw this sequence (or restarted, or ENDed it): its sequence batcher refuses it.
+    error = refused(infer, client, new_sid(), [1, 2], 3, 1)
+    assert error.status() == "StatusCode.INVALID_ARGUMENT"
+    assert wire.TRITON_NO_START in error.message()
+    assert wire.classify_error(error.status(), error.message()) is wire.TargetError.SEQUENCE_LOST
+    # Triton knows the sequence but the model holds no cache for it (here: its START was refused).
+    sid = new_sid()
+    refused(infer, client, sid, [10**6], 0, 1, start=True)
+    error = refused(infer, client, sid, [1, 2], 0, 1)
+    assert error.status() == "StatusCode.NOT_FOUND"
+    assert "sequence" in error.message() and "no cache" in error.message()
+    assert wire.classify_error(error.status(), error.message()) is wire.TargetError.SEQUENCE_LOST
+    release(client, sid)
+
+
+def test_bad_input_is_invalid_argument_and_the_server_stays_up(client, forward):
+    sid = new_sid()
+    infer(client, sid, PROMPT, 0, 1, start=True)
+    for ids, keep, needle in (([49152], len(PROMPT), "vocabulary"), ([5], len(PROMPT) + 1, "cached length")):
+        error = refused(infer, client, sid, ids, keep, 1)
+        assert error.status() == "StatusCode.INVALID_ARGUMENT", error
+        assert needle in error.message()
+        assert wire.classify_error(error.status(), error.message()) is wire.TargetError.INVALID_ARGUMENT
+    assert client.is_server_live() and client.is_model_ready(wire.MODEL_NAME)
+    logits = infer(client, sid, DRAFTS[:1], len(PROMPT), 1)  # the cache survived the refused requests
+    np.testing.assert_allclose(logits[0], forward(PROMPT + DRAFTS[:1])[-1:], atol=ATOL)
+    release(client, sid)
+
+
+def test_capacity_is_unavailable_with_a_capacity_message(client, triton):
+    sids = [new_sid() for _ in range(MAX_SEQUENCES + 1)]
+    for sid in sids[:-1]:
+        infer(client, sid, [1], 0, 1, start=True)
+    error = refused(infer, client, sids[-1], [1], 0, 1, start=True)
+    assert error.status() == "StatusCode.UNAVAILABLE"
+    assert error.message().startswith(wire.CAPACITY_PREFIX)
+    assert wire.classify_error(error.status(), error.message()) is wire.TargetError.CAPACITY
+    for sid in sids:
+        release(client, sid)
+    assert live_sequences(triton) == 0
+
+
+def test_interleaved_sequences_do_not_disturb_each_other(client, forward):
+    prompts = [PROMPT, PROMPT[::-1], [17, 2000, 9, 9, 9]]
+    sids = [new_sid() for _ in prompts]
+
+    def run(i: int) -> tuple[np.ndarray, np.ndarray]:
+        sid, ids = sids[i], prompts[i] + DRAFTS[: i + 1]
+        verified = infer(client, sid, ids, 0, i + 2, start=True)  # prompt + i+1 drafts, i+2 rows
+        rolled = infer(client, sid, [100 + i], len(ids) - 1, 1, end=True)  # reject the last draft
+        return verified, rolled
+
+    with ThreadPoolExecutor(len(prompts)) as pool:  # concurrent: Triton may batch them in one execute()
+        results = list(pool.map(run, range(len(prompts))))
+    for i, (verified, rolled) in enumerate(results):
+        ids = prompts[i] + DRAFTS[: i + 1]
+        np.testing.assert_allclose(verified[0], forward(ids)[-(i + 2) :], atol=ATOL)
+        np.testing.assert_allclose(rolled[0], forward(ids[:-1] + [100 + i])[-1:], atol=ATOL)
+
+
+def test_stream_infer_over_grpc_aio(triton, forward):
+    sid = new_sid()
+
+    def request(ids: list[int], keep: int, n: int, start: bool = False, end: bool = False) -> dict:
+        return {
+            "model_name": wire.MODEL_NAME,
+            "inputs": inputs(ids, keep, n),
+            "sequence_id": sid,
+            "sequence_start": start,
+            "sequence_end": end,
+        }
+
+    steps = [
+        request(PROMPT, 0, 2, start=True),
+        request(DRAFTS, len(PROMPT), 1),
+        request([3], len(PROMPT) + 99, 1),  # keep_length > cached: an error on the open stream
+        request([42], len(PROMPT) + 2, 1),  # the stream and the cache carry on (rollback)
+        request([], 0, 0, end=True),  # release
+    ]
+
+    async def session() -> list[tuple]:
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def requests():
+            while (item := await queue.get()) is not None:
+                yield item
+
+        async with grpcaio.InferenceServerClient(triton.grpc_url) as client:
+            stream = client.stream_infer(requests())
+            answers = []
+            for step in steps:
+                await queue.put(step)
+                answers.append(await asyncio.wait_for(stream.__anext__(), timeout=60))
+            await queue.put(None)
+            return answers
+
+    (r0, e0), (r1, e1), (r2, e2), (r3, e3), (r4, e4) = asyncio.run(session())
+    assert e0 is None and e1 is None and e3 is None and e4 is None
+    np.testing.assert_allclose(r0.as_numpy(wire.LOGITS)[0], forward(PROMPT)[-2:], atol=ATOL)
+    np.testing.assert_allclose(r1.as_numpy(wire.LOGITS)[0], forward(PROMPT + DRAFTS)[-1:], atol=ATOL)
+    assert r2 is None and e2 is not None
+    assert e2.status() is None  # a stream response carries only the message
+    assert e2.message().startswith(wire.INVALID_PREFIX) and "exceeds the cached length" in e2.message()
+    assert wire.classify_error(e2.status(), e2.message()) is wire.TargetError.INVALID_ARGUMENT
+    np.testing.assert_allclose(r3.as_numpy(wire.LOGITS)[0], forward(PROMPT + DRAFTS[:2] + [42])[-1:], atol=ATOL)
+    assert r4.as_numpy(wire.LOGITS).shape == (1, 0, 49152)
+
+
+def test_a_model_that_cannot_load_fails_the_start_loudly(tmp_path):
+    server = TritonServer(TritonServerConfig(model=str(tmp_path / "no-model"), threads=THREADS))
+    with pytest.raises(RuntimeError, match="has no config.json") as info:
+        server.start()
+    assert "tail of the Triton log" in str(info.value)
+    assert not server.is_running() and server.pid is None
