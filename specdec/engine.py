@@ -136,6 +136,8 @@ class CausalLMEngine:
         bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"token ids out of the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+        if keep_length < 0:
+            raise ValueError(f"keep_length must be >= 0, got {keep_length}")
         if start and keep_length != 0:
             raise ValueError(f"a sequence starts with keep_length 0, got {keep_length}")
         entry = self.store.checkout(sequence_id, start=start)

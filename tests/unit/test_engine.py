@@ -87,6 +87,7 @@ def test_idle_sequences_are_evicted_after_the_ttl(model: LlamaForCausalLM) -> No
         (1, 0, [1, 2], 3, True, "num_logits must be in"),
         (1, 0, [64], 1, True, "out of the vocabulary"),
         (1, 2, [1], 1, True, "starts with keep_length 0"),
+        (1, -1, [1], 1, False, "keep_length must be >= 0"),
         (1, 0, list(range(33)), 1, True, "exceed the context length 32"),
     ],
 )
