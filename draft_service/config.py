@@ -1,0 +1,66 @@
+"""The draft service's settings: one frozen dataclass, built once from flags with SPECDEC_DRAFT_* env fallbacks.
+
+Why it exists: every knob of the draft service is declared here, with its default, exactly once; the
+flags (``--max-sequences``) and environment variables (``SPECDEC_DRAFT_MAX_SEQUENCES``) are derived from the
+fields by ``specdec.config``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from specdec.config import parse_config
+
+# Why "0-13,17-29" (SmolLM2's 30 layers minus 14-16: a layer-skip self-draft) and not the first N layers.
+# Measured on SmolLM2, teacher-forced on its own continuations of 5-7 chat prompts, alpha = E[sum min(p, q)], T=1:
+# first 8 layers 0.05, first 16 0.11, first 24 0.30, skip 14-16 0.65 (greedy agreement also 0.65), skip 3-5
+# 0.66, skip 12-19 0.39. Cutting the top of the stack starves the final norm + LM head of the representation
+# they expect; a draft that is almost never accepted emits one token per round and exercises nothing. Cost:
+# the LM head (49152 x 576) weighs about 4 layers, so first-8 costs ~35% of the target and skip-3 ~90%.
+# No self-draft of SmolLM2 beats target-only even in theory (Leviathan speedup < 1 at these alpha/cost
+# pairs); this one makes the protocol do real work (accepts, rejects, bonus tokens).
+DEFAULT_KEEP_LAYERS = "0-13,17-29"
+
+
+@dataclass(frozen=True)
+class DraftConfig:
+    """Settings of the draft service (specdec.v1.DraftService)."""
+
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind"})
+    port: int = field(default=50052, metadata={"help": "port to bind; 0 picks a free port"})
+    model: str = field(default="smollm2", metadata={"help": "model folder, or 'smollm2' (the packaged SmolLM2-135M)"})
+    keep_layers: str = field(
+        default=DEFAULT_KEEP_LAYERS,
+        metadata={"help": "self-draft: decoder layers to keep, e.g. '0-7' or '0-13,17-29'; '' keeps all"},
+    )
+    device: str = field(default="cpu", metadata={"help": "torch device, e.g. cpu or cuda:0"})
+    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16"})
+    threads: int = field(default=0, metadata={"help": "torch intra-op threads; 0 keeps torch's default"})
+    max_sequences: int = field(default=64, metadata={"help": "most sequences holding a KV cache at once"})
+    idle_ttl_s: float = field(default=300.0, metadata={"help": "evict a sequence's cache after this many idle seconds"})
+    max_num_draft_tokens: int = field(default=16, metadata={"help": "largest K a request may ask for"})
+    cache_dir: str = field(
+        default="", metadata={"help": "where converted models live; '' = $SPECDEC_CACHE_DIR or ~/.cache/specdec"}
+    )
+    grace_s: float = field(default=5.0, metadata={"help": "seconds open streams get to finish on shutdown"})
+    metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics port; 0 turns it off"})
+
+    def __post_init__(self) -> None:
+        checks = [
+            (0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port}"),
+            (0 <= self.metrics_port <= 65535, f"metrics_port must be in [0, 65535], got {self.metrics_port}"),
+            (self.threads >= 0, f"threads must be >= 0, got {self.threads}"),
+            (self.max_sequences >= 1, f"max_sequences must be >= 1, got {self.max_sequences}"),
+            (self.idle_ttl_s > 0, f"idle_ttl_s must be > 0, got {self.idle_ttl_s}"),
+            (self.max_num_draft_tokens >= 1, f"max_num_draft_tokens must be >= 1, got {self.max_num_draft_tokens}"),
+            (self.grace_s >= 0, f"grace_s must be >= 0, got {self.grace_s}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+def load_config(argv: Sequence[str] | None = None) -> DraftConfig:
+    """DraftConfig from command-line flags (``argv``; None = sys.argv) with SPECDEC_DRAFT_* env fallbacks."""
+    return parse_config(DraftConfig, argv, prog="python -m draft_service", env_prefix="SPECDEC_DRAFT_")

@@ -1,0 +1,429 @@
+"""The draft gRPC server for real: grpc.aio on 127.0.0.1 port 0, a tiny random Llama (and once SmolLM2).
+
+Each server runs its own event loop in a background thread, started and stopped by a fixture; the tests
+talk to it with blocking grpc clients, exactly as a foreign client would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import queue
+import re
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from draft_service.config import DraftConfig
+from draft_service.drafter import Drafter, Proposal, ProposeRound
+from draft_service.server import SERVICE_NAME, build_drafter, create_server
+from specdec.rows import decode_rows
+from specdec.v1 import draft_pb2, draft_pb2_grpc, sampling_pb2
+from tests.tiny_model import TINY_VOCAB_SIZE, save_tiny_llama
+
+pytestmark = pytest.mark.integration
+
+PROMPT = [5, 17, 3, 42, 8]
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+SAMPLING = sampling_pb2.SamplingParams
+Stub = draft_pb2_grpc.DraftServiceStub
+T = TypeVar("T")
+
+
+class ServerThread:
+    """A draft server on its own event loop in a daemon thread."""
+
+    def __init__(self, config: DraftConfig, drafter: Drafter | None = None) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="draft-server-loop", daemon=True)
+        self._thread.start()
+        try:
+            _, self.port, self.handle = self._run(create_server(config, drafter), timeout=120)
+        except BaseException:
+            self._shutdown_loop()
+            raise
+        self.address = f"127.0.0.1:{self.port}"
+        self.channel = grpc.insecure_channel(self.address)
+        self.stub = draft_pb2_grpc.DraftServiceStub(self.channel)
+
+    def _run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def live_sequences(self) -> int:
+        return self.stub.GetStats(draft_pb2.GetStatsRequest(), timeout=5).live_sequences
+
+    def stop(self) -> None:
+        self.channel.close()
+        self._run(self.handle.stop(0))
+        self._shutdown_loop()
+
+    def _shutdown_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+
+class Stream:
+    """One Propose stream driven a request at a time."""
+
+    def __init__(self, stub: Stub, timeout: float | None = None) -> None:
+        self._requests: queue.Queue = queue.Queue()
+        self.responses = stub.Propose(iter(self._requests.get, None), timeout=timeout)
+
+    def round(self, **fields: Any) -> draft_pb2.ProposeResponse:
+        fields.setdefault("sequence_id", 1)
+        fields.setdefault("num_draft_tokens", 4)
+        self._requests.put(draft_pb2.ProposeRequest(**fields))
+        return next(self.responses)
+
+    def close(self) -> None:
+        self._requests.put(None)
+        assert list(self.responses) == []
+
+    def cancel(self) -> None:
+        self.responses.cancel()
+        self._requests.put(None)
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for: {what}")
+        time.sleep(0.02)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tiny_config(folder: Path, **overrides: Any) -> DraftConfig:
+    settings = dict(
+        host="127.0.0.1", port=0, model=str(folder), keep_layers="", max_sequences=8, max_num_draft_tokens=8,
+        threads=1,  # the model worker's own setting; a tiny model gains nothing from more
+    )
+    settings.update(overrides)
+    return DraftConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def metrics_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_folder: Path, metrics_port: int) -> Iterator[ServerThread]:
+    running = ServerThread(tiny_config(tiny_folder, metrics_port=metrics_port))
+    yield running
+    running.stop()
+
+
+@pytest.fixture()
+def stub(server: ServerThread) -> Iterator[Stub]:
+    assert server.live_sequences() == 0, "a previous test leaked a sequence"
+    yield server.stub
+    wait_until(lambda: server.live_sequences() == 0, "every test's sequences to be released")
+
+
+def test_a_stream_of_rounds_then_release_on_completion(server: ServerThread, stub: Stub) -> None:
+    stream = Stream(stub)
+    first = stream.round(append_token_ids=PROMPT, num_draft_tokens=4, seed=1)
+    assert len(first.draft_token_ids) == 4 and first.vocab_size == TINY_VOCAB_SIZE
+    assert first.cache_length == len(PROMPT) + 3
+    q = decode_rows(first.q_probs, 4, first.vocab_size)
+    torch.testing.assert_close(q.sum(-1), torch.ones(4), atol=1e-5, rtol=0)
+    assert all(q[i, t] > 0 for i, t in enumerate(first.draft_token_ids))
+    assert server.live_sequences() == 1
+    # The target accepted 2 drafts and produced token 9: keep prompt + 2, append 9.
+    sampling = sampling_pb2.SamplingParams(temperature=0.5, top_k=10, top_p=0.9)
+    second = stream.round(
+        keep_length=len(PROMPT) + 2, append_token_ids=[9], num_draft_tokens=3, sampling=sampling, seed=2
+    )
+    q2 = decode_rows(second.q_probs, 3, TINY_VOCAB_SIZE)
+    assert ((q2 > 0).sum(-1) <= 10).all()
+    assert second.cache_length == len(PROMPT) + 2 + 1 + 2
+    greedy = stream.round(
+        keep_length=second.cache_length, append_token_ids=[second.draft_token_ids[-1]], num_draft_tokens=2,
+        sampling=sampling_pb2.SamplingParams(temperature=0.0),
+    )
+    assert greedy.q_probs == b"" and len(greedy.draft_token_ids) == 2
+    stream.close()
+    wait_until(lambda: server.live_sequences() == 0, "the completed stream's cache to be released")
+
+
+def test_same_request_same_proposal_over_the_wire(stub: Stub) -> None:
+    proposals = []
+    for sequence_id in (11, 12):
+        stream = Stream(stub)
+        proposals.append(stream.round(sequence_id=sequence_id, append_token_ids=PROMPT, num_draft_tokens=6, seed=77))
+        stream.close()
+    assert proposals[0] == proposals[1]
+
+
+def test_client_cancel_releases_the_cache(server: ServerThread, stub: Stub) -> None:
+    stream = Stream(stub)
+    stream.round(sequence_id=21, append_token_ids=PROMPT)
+    assert server.live_sequences() == 1
+    stream.cancel()
+    wait_until(lambda: server.live_sequences() == 0, "the cancelled stream's cache to be released")
+
+
+def test_deadline_releases_the_cache(server: ServerThread, stub: Stub) -> None:
+    stream = Stream(stub, timeout=1.0)
+    stream.round(sequence_id=22, append_token_ids=PROMPT)
+    assert server.live_sequences() == 1
+    with pytest.raises(grpc.RpcError) as error:
+        next(stream.responses)  # no more requests: the deadline ends the stream
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_until(lambda: server.live_sequences() == 0, "the expired stream's cache to be released")
+    stream.cancel()
+
+
+def test_release_is_idempotent_and_the_stream_then_sees_not_found(server: ServerThread, stub: Stub) -> None:
+    stream = Stream(stub)
+    first = stream.round(sequence_id=31, append_token_ids=PROMPT)
+    assert stub.Release(draft_pb2.ReleaseRequest(sequence_id=31), timeout=5).released is True
+    assert stub.Release(draft_pb2.ReleaseRequest(sequence_id=31), timeout=5).released is False
+    assert stub.Release(draft_pb2.ReleaseRequest(sequence_id=999), timeout=5).released is False
+    assert server.live_sequences() == 0
+    with pytest.raises(grpc.RpcError) as error:
+        stream.round(sequence_id=31, keep_length=first.cache_length, append_token_ids=[1])
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_unknown_sequence_with_keep_length_is_not_found(stub: Stub) -> None:
+    with pytest.raises(grpc.RpcError) as error:
+        Stream(stub).round(sequence_id=41, keep_length=3, append_token_ids=[1])
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "41" in error.value.details()
+
+
+def test_after_not_found_a_new_stream_re_prefills(stub: Stub) -> None:
+    stream = Stream(stub)
+    stream.round(sequence_id=42, append_token_ids=PROMPT)
+    stub.Release(draft_pb2.ReleaseRequest(sequence_id=42), timeout=5)  # as if evicted
+    with pytest.raises(grpc.RpcError):
+        stream.round(sequence_id=42, keep_length=len(PROMPT), append_token_ids=[1])
+    # The status ended that stream; the orchestrator opens a new one and re-sends the prefix.
+    retry = Stream(stub)
+    assert retry.round(sequence_id=42, append_token_ids=[*PROMPT, 1]).cache_length == len(PROMPT) + 1 + 3
+    retry.close()
+
+
+@pytest.mark.parametrize(
+    ("fields", "pattern"),
+    [
+        (dict(sequence_id=0, append_token_ids=PROMPT), "sequence_id must be non-zero"),
+        (dict(append_token_ids=[]), "append_token_ids must hold at least one token"),
+        (dict(append_token_ids=[1, TINY_VOCAB_SIZE]), r"append_token_ids must be in \[0, 64\)"),
+        (dict(append_token_ids=PROMPT, num_draft_tokens=0), r"num_draft_tokens must be in \[1, 8\]"),
+        (dict(append_token_ids=PROMPT, num_draft_tokens=9), r"num_draft_tokens must be in \[1, 8\]"),
+        (dict(append_token_ids=[1] * 255, num_draft_tokens=4), "context length 256"),
+        (dict(append_token_ids=PROMPT, sampling=SAMPLING(temperature=-1.0)), "sampling: temperature"),
+        (dict(append_token_ids=PROMPT, sampling=SAMPLING(temperature=math.nan)), "sampling: temperature"),
+        (dict(append_token_ids=PROMPT, sampling=SAMPLING(top_p=0.0)), "sampling: top_p"),
+        (dict(append_token_ids=PROMPT, sampling=SAMPLING(top_p=1.5)), "sampling: top_p"),
+        (dict(append_token_ids=PROMPT, sampling=SAMPLING(top_k=65)), "sampling: top_k must be <= vocab size 64"),
+    ],
+)
+def test_invalid_requests_and_the_server_stays_up(server: ServerThread, stub: Stub, fields: dict, pattern: str) -> None:
+    with pytest.raises(grpc.RpcError) as error:
+        Stream(stub).round(**fields)
+    assert error.value.code() == INVALID, error.value.details()
+    assert re.search(pattern, error.value.details()), error.value.details()
+    assert server.live_sequences() == 0
+    stream = Stream(stub)
+    stream.round(sequence_id=50, append_token_ids=PROMPT)
+    stream.close()
+
+
+def test_in_stream_validation(stub: Stub) -> None:
+    stream = Stream(stub)
+    first = stream.round(sequence_id=61, append_token_ids=PROMPT)
+    with pytest.raises(grpc.RpcError) as error:
+        stream.round(sequence_id=61, keep_length=first.cache_length + 1, append_token_ids=[1])
+    assert error.value.code() == INVALID and "keep_length" in error.value.details()
+
+    stream = Stream(stub)
+    stream.round(sequence_id=62, append_token_ids=PROMPT)
+    with pytest.raises(grpc.RpcError) as error:
+        stream.round(sequence_id=63, append_token_ids=PROMPT)
+    assert error.value.code() == INVALID and "same on every request" in error.value.details()
+
+    owner = Stream(stub)
+    owner.round(sequence_id=64, append_token_ids=PROMPT)
+    with pytest.raises(grpc.RpcError) as error:
+        Stream(stub).round(sequence_id=64, append_token_ids=PROMPT)
+    assert error.value.code() == INVALID and "another open Propose stream" in error.value.details()
+    owner.round(sequence_id=64, keep_length=len(PROMPT), append_token_ids=[2])  # the owner is unaffected
+    owner.close()
+
+
+def test_resource_exhausted_past_capacity(tiny_folder: Path) -> None:
+    running = ServerThread(tiny_config(tiny_folder, max_sequences=1))
+    try:
+        holder = Stream(running.stub)
+        holder.round(sequence_id=1, append_token_ids=PROMPT)
+        with pytest.raises(grpc.RpcError) as error:
+            Stream(running.stub).round(sequence_id=2, append_token_ids=PROMPT)
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "capacity" in error.value.details()
+        stats = running.stub.GetStats(draft_pb2.GetStatsRequest(), timeout=5)
+        assert (stats.live_sequences, stats.max_sequences, stats.vocab_size) == (1, 1, TINY_VOCAB_SIZE)
+        holder.close()
+        wait_until(lambda: running.live_sequences() == 0, "the holder's release")
+        Stream(running.stub).round(sequence_id=2, append_token_ids=PROMPT)  # room again
+    finally:
+        running.stop()
+
+
+def test_idle_sequences_are_evicted_in_the_background(tiny_folder: Path) -> None:
+    running = ServerThread(tiny_config(tiny_folder, idle_ttl_s=0.3))
+    try:
+        stream = Stream(running.stub)
+        first = stream.round(sequence_id=8, append_token_ids=PROMPT)
+        wait_until(lambda: running.live_sequences() == 0, "the idle sequence's eviction (no request arrived)")
+        with pytest.raises(grpc.RpcError) as error:
+            stream.round(sequence_id=8, keep_length=first.cache_length, append_token_ids=[1])
+        assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        running.stop()
+
+
+def test_a_taken_port_is_refused(server: ServerThread, tiny_folder: Path) -> None:
+    with pytest.raises(OSError, match=f"cannot bind 127.0.0.1:{server.port}"):
+        ServerThread(tiny_config(tiny_folder, port=server.port))
+
+
+class _FailingDrafter(Drafter):
+    def propose(self, request: ProposeRound) -> Proposal:
+        self.engine.extend(request.sequence_id, 0, request.append_token_ids, 1, start=True)  # holds a cache
+        raise RuntimeError("secret internal detail")
+
+
+class _BlockingDrafter(Drafter):
+    def __init__(self, inner: Drafter) -> None:
+        super().__init__(inner.engine, inner.max_num_draft_tokens)
+        self.entered, self.proceed = threading.Event(), threading.Event()
+
+    def propose(self, request: ProposeRound) -> Proposal:
+        self.entered.set()
+        assert self.proceed.wait(30)
+        return super().propose(request)
+
+
+def test_unexpected_errors_are_internal_without_details_and_release(tiny_folder: Path) -> None:
+    inner = build_drafter(tiny_config(tiny_folder))
+    running = ServerThread(tiny_config(tiny_folder), _FailingDrafter(inner.engine, 4))
+    try:
+        with pytest.raises(grpc.RpcError) as error:
+            Stream(running.stub).round(sequence_id=5, append_token_ids=PROMPT)
+        assert error.value.code() == grpc.StatusCode.INTERNAL
+        assert "secret" not in error.value.details() and "ref" in error.value.details()
+        wait_until(lambda: running.live_sequences() == 0, "the failed stream's release")
+    finally:
+        running.stop()
+
+
+def test_health_and_stats_answer_while_a_round_runs(tiny_folder: Path) -> None:
+    drafter = _BlockingDrafter(build_drafter(tiny_config(tiny_folder)))
+    running = ServerThread(tiny_config(tiny_folder), drafter)
+    try:
+        requests: queue.Queue = queue.Queue()
+        responses = running.stub.Propose(iter(requests.get, None), timeout=30)
+        requests.put(draft_pb2.ProposeRequest(sequence_id=3, append_token_ids=PROMPT, num_draft_tokens=2))
+        assert drafter.entered.wait(10)
+        health = health_pb2_grpc.HealthStub(running.channel)
+        assert health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5).status == (
+            health_pb2.HealthCheckResponse.SERVING
+        )
+        running.live_sequences()  # answers while the model worker is busy
+        drafter.proceed.set()
+        assert len(next(responses).draft_token_ids) == 2
+        requests.put(None)
+        assert list(responses) == []
+    finally:
+        drafter.proceed.set()
+        running.stop()
+
+
+def test_health_serving(server: ServerThread) -> None:
+    health = health_pb2_grpc.HealthStub(server.channel)
+    for service in ("", SERVICE_NAME):
+        response = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_lists_the_service_and_resolves_a_method_symbol(server: ServerThread) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(server.channel)
+    requests = [
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol=f"{SERVICE_NAME}.Propose"),
+    ]
+    listed, by_method = list(stub.ServerReflectionInfo(iter(requests), timeout=5))
+    assert SERVICE_NAME in {s.name for s in listed.list_services_response.service}
+    assert by_method.WhichOneof("message_response") == "file_descriptor_response", by_method
+    protos = by_method.file_descriptor_response.file_descriptor_proto
+    assert any(b"specdec/v1/draft.proto" in proto for proto in protos)
+
+
+def test_metrics_endpoint_serves_the_live_sequences_gauge(
+    server: ServerThread, stub: Stub, metrics_port: int
+) -> None:
+    def scrape() -> str:
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - loopback
+            return response.read().decode()
+
+    assert server.handle.metrics_port == metrics_port
+    stream = Stream(stub)
+    stream.round(sequence_id=71, append_token_ids=PROMPT, num_draft_tokens=3)
+    text = scrape()
+    assert re.search(r"^specdec_draft_live_sequences 1\.0$", text, re.MULTILINE), text
+    assert re.search(r"^specdec_draft_tokens_total [1-9]", text, re.MULTILINE)
+    assert re.search(r"^specdec_draft_round_seconds_count [1-9]", text, re.MULTILINE)
+    stream.close()
+    with pytest.raises(grpc.RpcError):
+        Stream(stub).round(sequence_id=72, keep_length=1, append_token_ids=[1])
+    wait_until(lambda: "specdec_draft_live_sequences 0.0" in scrape(), "the gauge to drop to 0")
+    assert re.search(r'^specdec_draft_errors_total\{code="NOT_FOUND"\} [1-9]', scrape(), re.MULTILINE)
+
+
+def test_smollm2_self_draft_proposes_over_grpc() -> None:
+    """The real SmolLM2 with the default layer-skip self-draft (first use converts the GGUF, ~20 s)."""
+    from specdec.models import load_tokenizer
+
+    prompt = load_tokenizer("smollm2")("The capital of France is")["input_ids"]
+    running = ServerThread(DraftConfig(host="127.0.0.1", port=0, max_sequences=2))
+    try:
+        stream = Stream(running.stub)
+        sampled = stream.round(sequence_id=1, append_token_ids=prompt, num_draft_tokens=3, seed=5)
+        assert sampled.vocab_size == 49152 and sampled.cache_length == len(prompt) + 2
+        q = decode_rows(sampled.q_probs, 3, 49152)
+        torch.testing.assert_close(q.sum(-1), torch.ones(3), atol=1e-4, rtol=0)
+        greedy = stream.round(
+            sequence_id=1, keep_length=len(prompt), append_token_ids=[sampled.draft_token_ids[0]],
+            num_draft_tokens=3, sampling=sampling_pb2.SamplingParams(temperature=0.0),
+        )
+        assert greedy.q_probs == b"" and all(0 <= t < 49152 for t in greedy.draft_token_ids)
+        stream.close()
+        wait_until(lambda: running.live_sequences() == 0, "release")
+    finally:
+        running.stop()
