@@ -1,4 +1,4 @@
-"""The orchestrator's settings: one frozen dataclass, built once from flags with SPECDEC_* env fallbacks.
+"""The orchestrator's settings: one frozen dataclass, built once from flags with SPECDEC_ORCHESTRATOR_* env fallbacks.
 
 Every default is defined here and nowhere else; ``python -m orchestrator --help`` lists them.
 """
@@ -57,5 +57,5 @@ class OrchestratorConfig:
 
 
 def parse_orchestrator_config(argv: Sequence[str] | None = None) -> OrchestratorConfig:
-    """Flags > SPECDEC_* environment > defaults."""
-    return parse_config(OrchestratorConfig, argv, prog="python -m orchestrator")
+    """Flags > SPECDEC_ORCHESTRATOR_* environment > defaults."""
+    return parse_config(OrchestratorConfig, argv, prog="python -m orchestrator", env_prefix="SPECDEC_ORCHESTRATOR_")

@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from specdec.stack import StackConfig
 
     serve = sub.add_parser("serve", help="run Triton + draft + orchestrator locally until Ctrl-C")
-    config_flags.build_parser(StackConfig, parser=serve)
+    config_flags.build_parser(StackConfig, parser=serve, env_prefix="SPECDEC_SERVE_")
 
     generate = sub.add_parser("generate", help="generate text with a running orchestrator")
     generate.add_argument("prompt")

@@ -2,7 +2,8 @@
 
 Each service keeps a frozen dataclass of its settings; its fields and defaults are declared once, as
 argparse flags built here, so ``--draft-address`` falls back to ``SPECDEC_DRAFT_ADDRESS`` and then to the
-default. Precedence: flag > environment > default.
+default. Each service has its own prefix (``SPECDEC_DRAFT_``, ``SPECDEC_ORCHESTRATOR_``, ``SPECDEC_TARGET_``)
+so one environment can configure several services on a host. Precedence: flag > environment > default.
 """
 
 from __future__ import annotations
@@ -19,20 +20,27 @@ T = TypeVar("T")
 _BOOL_TRUE = {"1", "true", "yes", "on"}
 
 
-def env_name(flag: str) -> str:
-    """``--draft-address`` -> ``SPECDEC_DRAFT_ADDRESS``."""
-    return "SPECDEC_" + flag.lstrip("-").replace("-", "_").upper()
+def env_name(flag: str, prefix: str = "SPECDEC_") -> str:
+    """``--draft-address`` -> ``SPECDEC_DRAFT_ADDRESS`` (with the default prefix)."""
+    return prefix + flag.lstrip("-").replace("-", "_").upper()
 
 
-def parse_config(cls: type[T], argv: Sequence[str] | None = None, prog: str | None = None) -> T:
+def parse_config(
+    cls: type[T], argv: Sequence[str] | None = None, prog: str | None = None, env_prefix: str = "SPECDEC_"
+) -> T:
     """Build the frozen dataclass ``cls`` from flags named after its fields (``max_sequences`` ->
-    ``--max-sequences``), each falling back to its SPECDEC_* variable, then to the field's default.
+    ``--max-sequences``), each falling back to ``<env_prefix>MAX_SEQUENCES``, then to the field's default.
     Field help comes from ``metadata={"help": ...}``."""
-    parser = build_parser(cls, prog=prog)
+    parser = build_parser(cls, prog=prog, env_prefix=env_prefix)
     return from_namespace(cls, parser.parse_args(argv))
 
 
-def build_parser(cls: type, prog: str | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+def build_parser(
+    cls: type,
+    prog: str | None = None,
+    parser: argparse.ArgumentParser | None = None,
+    env_prefix: str = "SPECDEC_",
+) -> argparse.ArgumentParser:
     """Add one flag per field of ``cls`` to ``parser`` (a new one if None)."""
     parser = parser or argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").strip().splitlines()[0])
     hints = typing.get_type_hints(cls)
@@ -40,11 +48,12 @@ def build_parser(cls: type, prog: str | None = None, parser: argparse.ArgumentPa
         flag = "--" + field.name.replace("_", "-")
         kind = hints[field.name]
         default = field.default
-        env = os.environ.get(env_name(flag))
+        var = env_name(flag, env_prefix)
+        env = os.environ.get(var)
         if env is not None:
             default = _convert(kind, env)
         help_text = field.metadata.get("help", "")
-        help_text = f"{help_text} [env {env_name(flag)}; default: %(default)s]"
+        help_text = f"{help_text} [env {var}; default: %(default)s]"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:

@@ -36,7 +36,7 @@ class StackConfig:
     target_model: str = models.SMOLLM2
     target_dtype: str = "float32"
     draft_model: str = models.SMOLLM2
-    draft_layers: str = "0-7"
+    draft_layers: str = "0-13,17-29"  # skip layers 14-16: alpha ~0.65 (see bench/README.md)
     draft_dtype: str = "float32"
     num_draft_tokens: int = 4
     threads: int = 0  # torch threads per model process; 0 = torch's default

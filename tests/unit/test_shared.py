@@ -30,6 +30,8 @@ def test_flags_override_env_which_overrides_defaults(monkeypatch: pytest.MonkeyP
     assert parse_config(_Config, []) == _Config(port=7, verbose=True)
     assert parse_config(_Config, ["--port", "9", "--no-verbose", "--ratio", "0.25"]) == _Config(port=9, ratio=0.25)
     assert env_name("--draft-address") == "SPECDEC_DRAFT_ADDRESS"
+    monkeypatch.setenv("SPECDEC_OTHER_PORT", "11")
+    assert parse_config(_Config, [], env_prefix="SPECDEC_OTHER_") == _Config(port=11)
 
 
 def test_rows_round_trip_and_size_check() -> None:
