@@ -12,19 +12,19 @@ few (layer skip), always followed by the final norm and the LM head.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+
+from specdec.filelock import file_lock  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def resolve_model_dir(spec: str, cache_dir: Path | None = None) -> Path:
     if (target / "config.json").is_file():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with _file_lock(cache_dir / f".{_SMOLLM2_CACHE_NAME}.lock"):
+    with file_lock(cache_dir / f".{_SMOLLM2_CACHE_NAME}.lock"):
         if not (target / "config.json").is_file():  # another process may have finished meanwhile
             _convert_smollm2(target)
     return target
@@ -156,13 +156,3 @@ def _convert_smollm2(target: Path) -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("converted SmolLM2 into %s", target)
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import fcntl
 import importlib.metadata
 import importlib.util
 import logging
@@ -35,11 +34,11 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from specdec.filelock import file_lock
 from target_service import wire
 
 log = logging.getLogger(__name__)
@@ -161,7 +160,7 @@ def install_tritonserver(cache_root: Path) -> Path:
     if (target / "bin" / "tritonserver").is_file():
         return target
     cache_root.mkdir(parents=True, exist_ok=True)
-    with _file_lock(cache_root / f".{target.name}.lock"):
+    with file_lock(cache_root / f".{target.name}.lock"):
         if (target / "bin" / "tritonserver").is_file():
             return target
         log.info("copying Triton from %s to %s (once)", source, target)
@@ -379,13 +378,3 @@ def _kill_group_members(pgid: int) -> None:
                 pid = int(stat.parent.name)
                 log.warning("killing process %d left behind by Triton", pid)
                 os.kill(pid, signal.SIGKILL)
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -33,7 +33,7 @@ controls land at p-values that underflow to 0.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,7 +44,7 @@ from scipy import stats
 from specdec.sampling import SamplingParams, rejection_sample_batch, sample, warp
 from specdec.speedup import acceptance_rate_alpha
 
-pytestmark = pytest.mark.statistical
+pytestmark = [pytest.mark.statistical, pytest.mark.usefixtures("single_torch_thread")]
 
 V = 12
 START = 0
@@ -61,15 +61,6 @@ WARPS = {
     "top_k4": SamplingParams(top_k=4),
     "top_p0.8": SamplingParams(top_p=0.8),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    """The tensors here are tiny: one intra-op thread avoids oversubscription when cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 Sampler = Callable[

@@ -10,7 +10,6 @@ in `tests/sampling_oracle.py` token for token, and check determinism. Distributi
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -26,16 +25,9 @@ from specdec.sampling import (
 from specdec.speedup import acceptance_rate_alpha, expected_tokens_per_round, ideal_speedup
 from tests import sampling_oracle as oracle
 
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
 V = 16
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    """The tensors here are tiny: one intra-op thread avoids oversubscription when cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def gen(seed: int) -> torch.Generator:
