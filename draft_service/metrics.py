@@ -1,7 +1,8 @@
 """Prometheus metrics of one draft server, in a registry of its own (no global state).
 
 Why it exists: operators need to see how many caches are live (capacity planning), how much drafting is
-done, how long a round takes, and which errors clients get; a per-server CollectorRegistry keeps several
+done, how long a round takes (``specdec_draft_round_seconds``: the step latency), and what clients get
+(``specdec_draft_requests_total`` by method and status code, errors also in ``specdec_draft_errors_total``); a per-server CollectorRegistry keeps several
 servers in one process (tests) from colliding.
 """
 
@@ -37,6 +38,12 @@ class DraftMetrics:
         self.errors = Counter(
             "specdec_draft_errors", "Requests that failed, by gRPC status code.", ["code"], registry=self.registry
         )
+        self.requests = Counter(
+            "specdec_draft_requests",
+            "RPCs answered (a Propose stream counts once, when it ends), by method and gRPC status code.",
+            ["method", "code"],
+            registry=self.registry,
+        )
         self.round_seconds = Histogram(
             "specdec_draft_round_seconds",
             "Time of one draft round in the model worker (K+1 forwards' worth of work), excluding queueing.",
@@ -52,6 +59,11 @@ class DraftMetrics:
 
     def count_error(self, code: grpc.StatusCode) -> None:
         self.errors.labels(code=code.name).inc()
+
+    def count_request(self, method: str, code: grpc.StatusCode) -> None:
+        self.requests.labels(method=method, code=code.name).inc()
+        if code is not grpc.StatusCode.OK:
+            self.count_error(code)
 
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics on host:port (a background thread); returns the bound port."""

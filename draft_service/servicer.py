@@ -27,6 +27,7 @@ from draft_service.metrics import DraftMetrics
 from specdec import sampling
 from specdec.engine import CapacityError, SequenceNotFoundError
 from specdec.grpc_server import ErrorTable, error_boundary
+from specdec.logs import SequenceLogger, tag_sequence
 from specdec.rows import encode_rows
 from specdec.v1 import draft_pb2, draft_pb2_grpc, sampling_pb2
 
@@ -80,17 +81,20 @@ def _status_of(exc: BaseException) -> grpc.StatusCode:
 
 
 def _counted(method: Callable) -> Callable:
-    """Count a handler's failures by the status ERROR_TABLE gives them (applied inside error_boundary)."""
+    """Count every call by the status ERROR_TABLE gives its outcome (applied inside error_boundary)."""
 
     @functools.wraps(method)
     async def wrapper(self: DraftServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return await method(self, request, context)
+            result = await method(self, request, context)
         except grpc.aio.AbortError:
+            self._metrics.count_request(method.__name__, context.code() or grpc.StatusCode.UNKNOWN)
             raise
         except BaseException as exc:
-            self._metrics.count_error(_status_of(exc))
+            self._metrics.count_request(method.__name__, _status_of(exc))
             raise
+        self._metrics.count_request(method.__name__, grpc.StatusCode.OK)
+        return result
 
     return wrapper
 
@@ -125,12 +129,15 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
                 response, seconds = await self._in_worker(self._propose, round_)
                 self._metrics.observe_round(seconds, round_.num_draft_tokens)
                 await context.write(response)
+        except BaseException as exc:
+            tag_sequence(exc, sequence_id)  # the error boundary's line names the sequence
+            raise
         finally:
             self._metrics.open_streams.dec()
             if sequence_id is not None:
                 self._streaming.discard(sequence_id)
                 if self._drafter.release(sequence_id):
-                    log.debug("stream of sequence %d ended: cache released", sequence_id)
+                    SequenceLogger(log, sequence_id).debug("the Propose stream ended: cache released")
 
     @error_boundary(ERROR_TABLE, log)
     @_counted

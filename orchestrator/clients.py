@@ -46,6 +46,12 @@ class TargetCacheLost(TargetError):
     new session and re-send the whole prefix."""
 
 
+class TargetConnectionLost(TargetCacheLost):
+    """The stream to the target broke under a live sequence (Triton restarted, a connection dropped): the
+    cache is gone or out of reach. Re-send the prefix on a new session, which waits (briefly) until the
+    target is reachable again."""
+
+
 class TargetUnavailable(TargetError):
     """The target cannot be reached, or kept losing the cache."""
 
@@ -119,7 +125,9 @@ class TargetClient(Protocol):
     """Opens target sessions; one per orchestrator process (shares a channel)."""
 
     async def open(self, sequence_id: int, *, timeout: float | None = None) -> TargetSession:
-        """Start a session for sequence_id; ``timeout`` (seconds) bounds the whole session."""
+        """Start a session for sequence_id; ``timeout`` (seconds) is the caller's remaining time.
+
+        Raises TargetUnavailable, within a bounded time, if the target cannot be reached."""
         ...
 
     async def close(self) -> None:

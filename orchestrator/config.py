@@ -44,6 +44,21 @@ class OrchestratorConfig:
     max_target_reprefills: int = field(
         default=2, metadata={"help": "times per generation the target's lost cache is re-sent before failing"}
     )
+    draft_breaker_failures: int = field(
+        default=3, metadata={"help": "consecutive draft failures that open the draft circuit breaker (0 = never)"}
+    )
+    draft_breaker_cooldown_s: float = field(
+        default=10.0, metadata={"help": "seconds an open draft circuit breaker skips the draft before a trial round"}
+    )
+    target_connect_timeout_s: float = field(
+        default=3.0,
+        metadata={"help": "how long a request waits for a connection to Triton before UNAVAILABLE (keep > 1 s, "
+                  "the reconnect backoff cap, so a Triton that is back is always found)"},
+    )
+    max_request_bytes: int = field(
+        default=1024 * 1024,
+        metadata={"help": "largest request message accepted; gRPC refuses larger ones with RESOURCE_EXHAUSTED"},
+    )
     grace_s: float = field(default=5.0, metadata={"help": "seconds in-flight generations get to finish on shutdown"})
     metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics HTTP port (0 = disabled)"})
 
@@ -54,6 +69,10 @@ class OrchestratorConfig:
             raise ValueError("need 1 <= default_max_new_tokens <= max_new_tokens_limit")
         if self.context_length < 0 or self.draft_round_timeout_s < 0 or self.max_target_reprefills < 0:
             raise ValueError("context_length, draft_round_timeout_s and max_target_reprefills must be >= 0")
+        if self.draft_breaker_failures < 0 or self.draft_breaker_cooldown_s < 0:
+            raise ValueError("draft_breaker_failures and draft_breaker_cooldown_s must be >= 0")
+        if self.target_connect_timeout_s <= 0 or self.max_request_bytes < 1024:
+            raise ValueError("target_connect_timeout_s must be > 0 and max_request_bytes >= 1024")
 
 
 def parse_orchestrator_config(argv: Sequence[str] | None = None) -> OrchestratorConfig:

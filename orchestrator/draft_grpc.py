@@ -1,8 +1,13 @@
 """`DraftClient` over gRPC: one shared channel, one bidirectional ``DraftService.Propose`` stream per generation.
 
 Thin by design: it converts between `orchestrator.clients` types and ``specdec.v1`` messages and maps
-gRPC statuses onto the clients' exceptions (NOT_FOUND -> DraftCacheLost, anything else -> DraftError, so
-the loop falls back to target-only rounds). Ending the stream releases the draft's cache, however it ends.
+gRPC statuses onto the clients' exceptions (NOT_FOUND -> DraftCacheLost; DEADLINE_EXCEEDED, which only the
+caller's own deadline on the stream can cause, -> DeadlineExceeded; anything else -> DraftError, so the
+loop falls back to target-only rounds). Ending the stream releases the draft's cache, however it ends.
+
+The stream's gRPC deadline is the caller's remaining time, so the draft service stops working for a
+caller that is gone. The channel's reconnect backoff is capped at 1 s, so a draft service that is back is
+used again as soon as the circuit breaker lets a trial round through.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ from collections.abc import Sequence
 
 import grpc
 
-from orchestrator.clients import DraftCacheLost, DraftError, Proposal
+from orchestrator.clients import DeadlineExceeded, DraftCacheLost, DraftError, Proposal
+from specdec.logs import SequenceLogger
 from specdec.rows import decode_rows
 from specdec.sampling import SamplingParams
 from specdec.v1 import draft_pb2, draft_pb2_grpc, sampling_pb2
@@ -25,13 +31,17 @@ _CLOSE_TIMEOUT_S = 1.0
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),  # gRPC's default grows to 120 s
 ]
 
 
-def _to_error(exc: grpc.aio.AioRpcError) -> DraftError:
+def _to_error(exc: grpc.aio.AioRpcError) -> DraftError | DeadlineExceeded:
     message = f"draft service {exc.code().name}: {exc.details()}"
     if exc.code() == grpc.StatusCode.NOT_FOUND:
         return DraftCacheLost(message)
+    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(message)
     return DraftError(message)
 
 
@@ -41,6 +51,7 @@ class GrpcDraftSession:
     def __init__(self, call: grpc.aio.StreamStreamCall, sequence_id: int) -> None:
         self._call = call
         self._sequence_id = sequence_id
+        self._log = SequenceLogger(log, sequence_id)
         self._closed = False
 
     async def propose(
@@ -82,7 +93,7 @@ class GrpcDraftSession:
                 await asyncio.wait_for(self._call.done_writing(), _CLOSE_TIMEOUT_S)
                 await asyncio.wait_for(self._call.code(), _CLOSE_TIMEOUT_S)
         except (asyncio.TimeoutError, grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
-            log.debug("draft stream of sequence %d did not end cleanly: %r", self._sequence_id, exc)
+            self._log.debug("the draft stream did not end cleanly: %r", exc)
         finally:
             self._call.cancel()  # no-op once the RPC has finished
 

@@ -11,8 +11,13 @@ the draft fed only its first ``k - 1`` drafts, so its valid cache is ``L + min(n
 crops each cache to its valid length and appends the tokens it has not seen.
 
 Failures: a failing draft (unreachable, too slow, its cache lost twice) turns the rest of the generation
-into target-only rounds (K = 0 through the same path: still exactly the target's distribution); a target
-that lost its cache is re-sent the whole prefix under a new sequence id, a bounded number of times.
+into target-only rounds (K = 0 through the same path: still exactly the target's distribution), and counts
+towards the process-wide circuit breaker (``orchestrator.breaker``): while it is open, every generation
+skips the draft without trying it. A target that lost its cache (evicted, Triton restarted, the stream
+broke) is re-sent the whole prefix under a new sequence id, a bounded number of times.
+
+Every log line about a generation starts with ``sequence_id=<id>`` (the generation's first id; re-prefills
+under new ids say so in the message).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import TypeVar
 
 import torch
 
+from orchestrator.breaker import CircuitBreaker
 from orchestrator.clients import (
     DeadlineExceeded,
     DraftCacheLost,
@@ -42,6 +48,7 @@ from orchestrator.clients import (
     TargetSession,
     TargetUnavailable,
 )
+from specdec.logs import SequenceLogger
 from specdec.sampling import RejectionResult, SamplingParams, rejection_sample, warp
 
 log = logging.getLogger(__name__)
@@ -105,8 +112,10 @@ class GenerationStats:
     accepted_tokens: int = 0
     accepted_per_position: list[int] = field(default_factory=list)  # [K] rounds accepting draft position i
     emitted_tokens: int = 0  # accepted + one per round, before truncation at eos / the length limit
-    draft_fallback_rounds: int = 0
+    draft_fallback_rounds: int = 0  # rounds that wanted drafts but ran target-only
+    draft_fallback_reason: str = ""  # why the first of them did: "error" | "timeout" | "breaker_open" | "no_draft"
     target_reprefills: int = 0
+    sequence_id: int = 0  # the generation's (first) sequence id, as in the logs
     draft_time_s: float = 0.0
     target_time_s: float = 0.0
     started_at: float = field(default_factory=time.monotonic)
@@ -135,6 +144,10 @@ class Round:
     accepted: int  # drafts accepted this round
     finish_reason: FinishReason | None  # set on the last round only
     stats: GenerationStats  # the generation's live statistics
+    draft_fallback: bool = False  # the round wanted drafts but ran target-only
+    seconds: float = 0.0  # wall time of the round
+    draft_s: float = 0.0  # of which waiting on the draft
+    target_s: float = 0.0  # of which waiting on the target
 
 
 @dataclass(frozen=True)
@@ -144,10 +157,15 @@ class LoopSettings:
     draft_round_timeout_s: float = 0.0  # a slower draft round falls back to target-only; 0 = no limit
     max_target_reprefills: int = 2  # lost target caches re-sent per generation before failing UNAVAILABLE
     max_draft_reprefills: int = 1  # lost draft caches re-sent per generation before falling back
+    breaker_failures: int = 3  # consecutive draft failures that open the circuit breaker; 0 = never
+    breaker_cooldown_s: float = 10.0  # how long an open breaker skips the draft before one trial round
 
 
 class SpeculativeLoop:
-    """Runs generations against a target and (optionally) a draft; holds no per-generation state."""
+    """Runs generations against a target and (optionally) a draft; holds no per-generation state.
+
+    The one piece of state shared by generations is the draft's circuit breaker (``breaker``; built from
+    the settings unless given)."""
 
     def __init__(
         self,
@@ -156,11 +174,13 @@ class SpeculativeLoop:
         settings: LoopSettings | None = None,
         *,
         new_sequence_id: Callable[[], int] = random_sequence_id,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self.target = target
         self.draft = draft
         self.settings = settings or LoopSettings()
         self.new_sequence_id = new_sequence_id
+        self.breaker = breaker or CircuitBreaker(self.settings.breaker_failures, self.settings.breaker_cooldown_s)
 
     def generate(self, request: GenerationRequest, stats: GenerationStats | None = None) -> AsyncIterator[Round]:
         """An async generator of the generation's rounds; the last has ``finish_reason`` set.
@@ -183,6 +203,8 @@ class _Generation:
         self.stats.prompt_tokens = len(self.tokens)
         self.stats.accepted_per_position = [0] * k
         sequence_id = loop.new_sequence_id()
+        self.stats.sequence_id = sequence_id
+        self.log = SequenceLogger(log, sequence_id)
         self.draft_sequence_id = sequence_id
         self.target_sequence_id = sequence_id
         self.draft_session: DraftSession | None = None
@@ -196,11 +218,13 @@ class _Generation:
         request, stats = self.request, self.stats
         limit, limit_reason = self._limit()
         emitted = 0
+        self.log.debug("started: prompt_tokens=%d limit=%d k=%d", len(self.tokens), limit, request.num_draft_tokens)
         try:
             while True:
                 self._remaining()  # raises once the deadline has passed
+                round_started, draft_before, target_before = time.monotonic(), stats.draft_time_s, stats.target_time_s
                 k = min(request.num_draft_tokens, limit - emitted - 1)  # never draft past the limit
-                proposal = await self._propose(k) if k > 0 and not self.draft_failed else None
+                proposal = await self._propose(k) if k > 0 else None
                 if k > 0 and proposal is None:
                     stats.draft_fallback_rounds += 1
                 drafts = proposal.token_ids if proposal is not None else []
@@ -227,7 +251,13 @@ class _Generation:
                     finish = limit_reason
                 self.tokens.extend(new)
                 emitted += len(new)
-                yield Round(new, len(drafts), result.accepted, finish, stats)
+                yield Round(
+                    new, len(drafts), result.accepted, finish, stats,
+                    draft_fallback=k > 0 and proposal is None,
+                    seconds=time.monotonic() - round_started,
+                    draft_s=stats.draft_time_s - draft_before,
+                    target_s=stats.target_time_s - target_before,
+                )  # fmt: skip
                 if finish is not None:
                     return
         finally:
@@ -266,18 +296,37 @@ class _Generation:
     # --- draft ---------------------------------------------------------------------------------------
 
     async def _propose(self, k: int) -> Proposal | None:
-        """The draft's k tokens, or None after a draft failure (then the generation goes target-only)."""
+        """The draft's k tokens, or None for a target-only round: no draft, an earlier draft failure in
+        this generation, an open circuit breaker, or a draft failure now (then the rest goes target-only)."""
+        if self.draft_failed:
+            self._fallback("no_draft" if self.loop.draft is None else "error")
+            return None
+        breaker = self.loop.breaker
+        if not breaker.allow():
+            self._fallback("breaker_open")
+            return None
         seed = int(torch.randint(0, _DRAFT_SEED_BOUND, (1,), generator=self.generator))
         started = time.monotonic()
         try:
-            return await self._propose_once_or_reprefill(k, seed)
+            proposal = await self._propose_once_or_reprefill(k, seed)
         except DraftError as exc:
-            log.warning("draft failed for sequence %d (%s); finishing it target-only", self.draft_sequence_id, exc)
+            breaker.record_failure()
+            self._fallback("timeout" if isinstance(exc, DraftTimeout) else "error")
+            self.log.warning("draft failed (%s); finishing the generation target-only", exc)
             self.draft_failed = True
             await self._close_draft()
             return None
+        except BaseException:  # deadline, cancellation, a bug: nothing learnt about the draft
+            breaker.record_abandoned()
+            raise
         finally:
             self.stats.draft_time_s += time.monotonic() - started
+        breaker.record_success()
+        return proposal
+
+    def _fallback(self, reason: str) -> None:
+        if not self.stats.draft_fallback_reason:
+            self.stats.draft_fallback_reason = reason
 
     async def _propose_once_or_reprefill(self, k: int, seed: int) -> Proposal:
         assert self.loop.draft is not None
@@ -296,9 +345,9 @@ class _Generation:
                 if self.draft_reprefills >= self.loop.settings.max_draft_reprefills:
                     raise
                 self.draft_reprefills += 1
-                log.info("draft lost the cache of sequence %d; re-sending the prefix", self.draft_sequence_id)
                 await self._close_draft()
                 self.draft_sequence_id = self.loop.new_sequence_id()  # never race the old stream's release
+                self.log.info("draft cache lost; re-sending the prefix as draft_sequence_id=%d", self.draft_sequence_id)
                 continue
             _check_proposal(proposal, keep, len(append), k, self.request.params)
             return proposal
@@ -350,9 +399,11 @@ class _Generation:
             raise TargetUnavailable(
                 f"the target lost the sequence cache {self.stats.target_reprefills} times; giving up ({exc})"
             ) from exc
-        log.warning("target lost the cache of sequence %d (%s); re-sending the prefix", self.target_sequence_id, exc)
         await self._close_target()
         self.target_sequence_id = self.loop.new_sequence_id()
+        self.log.warning(
+            "target lost the cache (%s); re-sending the prefix as target_sequence_id=%d", exc, self.target_sequence_id
+        )
 
     async def _call_target(self, call: Awaitable[T]) -> T:
         try:
@@ -375,7 +426,7 @@ class _Generation:
             try:
                 await close()
             except Exception:  # noqa: BLE001 - closing must never mask the generation's outcome
-                log.exception("closing a session failed")
+                self.log.exception("closing a session failed")
             finally:
                 setattr(self.stats, attribute, getattr(self.stats, attribute) + time.monotonic() - started)
 

@@ -1,9 +1,10 @@
 """Bootstrap of the orchestrator: ``create_server(config) -> (server, port)``, separate from serving.
 
-Builds the shared clients (one draft channel, one Triton client per process), the tokenizer and the
-limits, registers GenerationService with health and method-aware reflection, and starts listening. The
-returned server behaves like a ``grpc.aio.Server`` whose graceful ``stop`` also reports NOT_SERVING first
-and closes the clients (and the metrics endpoint) afterwards.
+Builds the shared clients (one draft channel, one Triton client per process), the draft circuit breaker,
+the metrics, the tokenizer and the limits, registers GenerationService with health and method-aware
+reflection, and starts listening, refusing request messages over ``max_request_bytes``. The returned
+server behaves like a ``grpc.aio.Server`` whose graceful ``stop`` also reports NOT_SERVING first and
+closes the clients (and the metrics endpoint) afterwards.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ import grpc
 from grpc_health.v1 import health
 from prometheus_client import CollectorRegistry, start_http_server
 
+from orchestrator.breaker import CircuitBreaker
 from orchestrator.clients import DraftClient, TargetClient
 from orchestrator.config import OrchestratorConfig
 from orchestrator.loop import LoopSettings, SpeculativeLoop
-from orchestrator.servicer import SERVICE_NAME, GenerationServicer, Metrics, Tokenizer, limits_from
+from orchestrator.metrics import OrchestratorMetrics
+from orchestrator.servicer import SERVICE_NAME, GenerationServicer, Tokenizer, limits_from
 from specdec.grpc_server import add_health_and_reflection, set_serving
 from specdec.models import load_tokenizer, resolve_model_dir
 from specdec.v1 import generation_pb2_grpc
@@ -37,11 +40,19 @@ class OrchestratorServer:
     """A started ``grpc.aio.Server`` and what its graceful stop must close; other attributes delegate."""
 
     def __init__(
-        self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer, closers: list[Callable[[], Any]]
+        self,
+        server: grpc.aio.Server,
+        health_servicer: health.aio.HealthServicer,
+        closers: list[Callable[[], Any]],
+        *,
+        metrics: OrchestratorMetrics | None = None,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self._server = server
         self.health = health_servicer
         self._closers = closers
+        self.metrics = metrics
+        self.breaker = breaker
 
     async def stop(self, grace: float | None) -> None:
         """NOT_SERVING, let in-flight generations finish for ``grace`` seconds, then close the clients."""
@@ -97,9 +108,13 @@ async def create_server(
         tokenizer = await asyncio.to_thread(load_tokenizer, config.tokenizer, cache_dir)
     context_length = await asyncio.to_thread(resolve_context_length, config, tokenizer)
     if target_client is None:
-        from orchestrator.target_triton import TritonTargetClient  # tritonclient only when really used
+        from orchestrator.target_triton import (
+            TritonTargetClient,  # tritonclient only when really used
+        )
 
-        target_client = TritonTargetClient(config.triton_url, config.triton_model)
+        target_client = TritonTargetClient(
+            config.triton_url, config.triton_model, connect_timeout_s=config.target_connect_timeout_s
+        )
     if draft_client is None and config.draft_address:
         from orchestrator.draft_grpc import GrpcDraftClient
 
@@ -108,24 +123,26 @@ async def create_server(
     if draft_client is not None:
         closers.append(draft_client.close)
 
-    metrics = None
+    settings = LoopSettings(
+        draft_round_timeout_s=config.draft_round_timeout_s,
+        max_target_reprefills=config.max_target_reprefills,
+        breaker_failures=config.draft_breaker_failures,
+        breaker_cooldown_s=config.draft_breaker_cooldown_s,
+    )
+    metrics = OrchestratorMetrics(CollectorRegistry())
+    breaker = CircuitBreaker(
+        settings.breaker_failures, settings.breaker_cooldown_s, on_transition=metrics.observe_breaker
+    )
+    metrics.watch_breaker(lambda: breaker.state)
     if config.metrics_port > 0:
-        registry = CollectorRegistry()
-        metrics = Metrics(registry)
-        httpd, _thread = start_http_server(config.metrics_port, addr=config.host, registry=registry)
+        httpd, _thread = start_http_server(config.metrics_port, addr=config.host, registry=metrics.registry)
         closers.append(httpd.shutdown)
         log.info("metrics on http://%s:%d/metrics", config.host, config.metrics_port)
 
-    loop = SpeculativeLoop(
-        target_client,
-        draft_client,
-        LoopSettings(
-            draft_round_timeout_s=config.draft_round_timeout_s, max_target_reprefills=config.max_target_reprefills
-        ),
-    )
+    loop = SpeculativeLoop(target_client, draft_client, settings, breaker=breaker)
     servicer = GenerationServicer(loop, tokenizer, limits_from(config, len(tokenizer), context_length), metrics)
     closers.append(servicer.close)
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", config.max_request_bytes)])
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(servicer, server)
     health_servicer = add_health_and_reflection(server, [SERVICE_NAME])
     port = server.add_insecure_port(f"{config.host}:{config.port}")
@@ -135,4 +152,4 @@ async def create_server(
         "orchestrator on %s:%d (draft %s, target %s model %s, context length %s)",
         config.host, port, config.draft_address or "none", config.triton_url, config.triton_model, context_length,
     )
-    return OrchestratorServer(server, health_servicer, closers), port
+    return OrchestratorServer(server, health_servicer, closers, metrics=metrics, breaker=breaker), port

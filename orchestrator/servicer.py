@@ -5,6 +5,16 @@ error boundary turns into INVALID_ARGUMENT), the prompt is tokenized with the ta
 runs, and its rounds become text through ``orchestrator.text``. Nothing below this file sees protobuf.
 Generate and GenerateStream share one path (`GenerationServicer.chunks`), so the streamed chunks always
 concatenate to the unary text.
+
+Limits on a request, each refused with INVALID_ARGUMENT naming the field (see `request_from_pb`): exactly
+one of prompt / prompt_token_ids; the prompt's characters or token ids; token ids inside the vocabulary;
+sampling (finite temperature >= 0, top_k <= vocabulary, top_p in (0, 1]); K <= the maximum; max_new_tokens
+>= 1, <= the server's limit and below the context length (a prompt that leaves less room than
+max_new_tokens ends with FINISH_REASON_CONTEXT_LENGTH instead); the number and length of stop strings.
+A message larger than the server's ``max_request_bytes`` (1 MiB by default; every valid request is far
+smaller) never reaches this file: gRPC itself answers RESOURCE_EXHAUSTED "Received message larger than max".
+
+Every generation ends with one log line ``sequence_id=<id> finished outcome=...`` and feeds the metrics.
 """
 
 from __future__ import annotations
@@ -12,16 +22,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import functools
+import inspect
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from orchestrator.clients import (
     DeadlineExceeded,
@@ -32,8 +43,10 @@ from orchestrator.clients import (
 )
 from orchestrator.config import OrchestratorConfig
 from orchestrator.loop import FinishReason, GenerationRequest, GenerationStats, SpeculativeLoop
+from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.text import Decoder, TextDelta, TextStream
 from specdec.grpc_server import ErrorTable, error_boundary
+from specdec.logs import SequenceLogger, tag_sequence
 from specdec.sampling import SamplingParams
 from specdec.v1 import generation_pb2, generation_pb2_grpc
 
@@ -135,6 +148,14 @@ def request_from_pb(request: generation_pb2.GenerateRequest, limits: Limits) -> 
         raise ValueError(f"max_new_tokens: must be >= 1 (leave it unset for the default), got {max_new_tokens}")
     if max_new_tokens > limits.max_new_tokens_limit:
         raise ValueError(f"max_new_tokens: must be <= {limits.max_new_tokens_limit}, got {max_new_tokens}")
+    context = limits.context_length
+    if context is not None and max_new_tokens >= context:
+        if request.HasField("max_new_tokens"):
+            raise ValueError(
+                f"max_new_tokens: {max_new_tokens} does not fit in the context length of {context} tokens "
+                f"(prompt + output); must be <= {context - 1}"
+            )
+        max_new_tokens = context - 1  # the server's default, fitted to a small context
 
     stop = tuple(request.stop)
     if len(stop) > limits.max_stop_strings:
@@ -182,29 +203,6 @@ def stats_to_pb(stats: GenerationStats) -> generation_pb2.GenerationStats:
     )
 
 
-class Metrics:
-    """Prometheus series of the orchestrator, on a registry the server owns."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        prefix = "specdec_orchestrator_"
-        self.generations = Counter(prefix + "generations", "Finished generations", ["outcome"], registry=registry)
-        self.tokens = Counter(prefix + "tokens", "Tokens by kind", ["kind"], registry=registry)
-        self.rounds = Counter(prefix + "rounds", "Speculative rounds", ["mode"], registry=registry)
-        self.target_reprefills = Counter(prefix + "target_reprefills", "Target caches re-sent", registry=registry)
-        self.seconds = Histogram(prefix + "generation_seconds", "Wall time per generation", registry=registry)
-
-    def observe(self, outcome: str, stats: GenerationStats) -> None:
-        self.generations.labels(outcome).inc()
-        self.tokens.labels("prompt").inc(stats.prompt_tokens)
-        self.tokens.labels("drafted").inc(stats.drafted_tokens)
-        self.tokens.labels("accepted").inc(stats.accepted_tokens)
-        self.tokens.labels("emitted").inc(stats.emitted_tokens)
-        self.rounds.labels("draft_fallback").inc(stats.draft_fallback_rounds)
-        self.rounds.labels("all").inc(stats.rounds)
-        self.target_reprefills.inc(stats.target_reprefills)
-        self.seconds.observe(stats.total_time_s)
-
-
 class PromptEncoder:
     """Tokenizes prompts off the event loop, on one thread, with its own copy of the tokenizer.
 
@@ -224,22 +222,70 @@ class PromptEncoder:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
+def _counted(method: Callable) -> Callable:
+    """Count each RPC by its final status in ``self._metrics`` (applied outside the error boundary)."""
+    name = method.__name__
+
+    def status(context: grpc.aio.ServicerContext, exc: BaseException | None) -> grpc.StatusCode:
+        if exc is None:
+            return grpc.StatusCode.OK
+        if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):  # the caller left, or gRPC's deadline
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= 0
+            return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+        return context.code() or grpc.StatusCode.UNKNOWN  # set by the boundary's abort
+
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream_wrapper(self: GenerationServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            error: BaseException | None = None
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                self._metrics.observe_request(name, status(context, error))
+
+        return stream_wrapper
+
+    @functools.wraps(method)
+    async def unary_wrapper(self: GenerationServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        error: BaseException | None = None
+        try:
+            return await method(self, request, context)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self._metrics.observe_request(name, status(context, error))
+
+    return unary_wrapper
+
+
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     """Generate / GenerateStream over a `SpeculativeLoop`."""
 
     def __init__(
-        self, loop: SpeculativeLoop, tokenizer: Tokenizer, limits: Limits, metrics: Metrics | None = None
+        self,
+        loop: SpeculativeLoop,
+        tokenizer: Tokenizer,
+        limits: Limits,
+        metrics: OrchestratorMetrics | None = None,
     ) -> None:
         self._loop = loop
         self._tokenizer = tokenizer  # decoding, on the event loop thread only
         self._encoder = PromptEncoder(tokenizer)
         self._limits = limits
-        self._metrics = metrics
+        self._metrics = metrics if metrics is not None else OrchestratorMetrics()
 
     def close(self) -> None:
         """Stop the tokenizer thread (after the server stopped)."""
         self._encoder.close()
 
+    @_counted
     @error_boundary(ERRORS, log)
     async def Generate(  # noqa: N802 - gRPC method name
         self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -258,6 +304,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             stats=stats_to_pb(last.stats) if last.stats else None,
         )
 
+    @_counted
     @error_boundary(ERRORS, log)
     async def GenerateStream(  # noqa: N802 - gRPC method name
         self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -281,10 +328,15 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         generation = await self._to_generation_request(validated, deadline)
         text = TextStream(self._tokenizer, validated.stop)
         last, finish = TextDelta("", [], False), FinishReason.LENGTH
-        outcome = "error"
+        outcome, error = "error", ""
+        metrics = self._metrics
+        metrics.live_generations.inc()
+        rounds = self._loop.generate(generation, stats)  # sets stats.sequence_id
+        seq_log = SequenceLogger(log, stats.sequence_id)
         try:
-            async with contextlib.aclosing(self._loop.generate(generation, stats)) as rounds:
+            async with contextlib.aclosing(rounds):
                 async for round_ in rounds:
+                    metrics.observe_round(round_)
                     delta = text.push(round_.token_ids)
                     if delta.stopped or round_.finish_reason is not None:
                         last = delta
@@ -297,9 +349,24 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 finish = FinishReason.STOP
             outcome = finish.value
             yield Chunk(last.text + tail.text, last.token_ids, finish, stats)
+        except GeneratorExit:  # closed by the consumer: after the last chunk, that is a normal end
+            if outcome == "error":
+                outcome = "cancelled"
+            raise
+        except BaseException as exc:
+            outcome, error = _outcome_of(exc), f" error={type(exc).__name__}: {exc}"
+            tag_sequence(exc, stats.sequence_id)  # the error boundary's line names the sequence too
+            raise
         finally:
-            if self._metrics is not None:
-                self._metrics.observe(outcome, stats)
+            metrics.live_generations.dec()
+            metrics.observe_generation(outcome, stats)
+            seq_log.info(
+                "finished outcome=%s prompt_tokens=%d emitted=%d rounds=%d k=%d accepted=%d/%d fallback_rounds=%d "
+                "fallback_reason=%s target_reprefills=%d ms=%.1f%s",
+                outcome, stats.prompt_tokens, stats.emitted_tokens, stats.rounds, stats.num_draft_tokens,
+                stats.accepted_tokens, stats.drafted_tokens, stats.draft_fallback_rounds,
+                stats.draft_fallback_reason or "-", stats.target_reprefills, stats.total_time_s * 1e3, error,
+            )  # fmt: skip
 
     async def _to_generation_request(self, request: ValidatedRequest, deadline: float | None) -> GenerationRequest:
         field_name = "prompt" if request.prompt else "prompt_token_ids"
@@ -324,6 +391,19 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             context_length=context_length,
             deadline=deadline,
         )
+
+
+def _outcome_of(exc: BaseException) -> str:
+    """The ``outcome`` label of a generation that ended with ``exc``."""
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    if isinstance(exc, (DeadlineExceeded, asyncio.TimeoutError)):
+        return "deadline_exceeded"
+    if isinstance(exc, (TargetUnavailable, TargetCacheLost)):
+        return "target_unavailable"
+    if isinstance(exc, TargetCapacityExhausted):
+        return "target_capacity"
+    return "error"
 
 
 def limits_from(config: OrchestratorConfig, vocab_size: int, context_length: int | None) -> Limits:

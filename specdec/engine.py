@@ -103,8 +103,7 @@ class SequenceStore:
         ]
         for sid in expired:
             del self._sequences[sid]
-        if expired:
-            log.info("evicted %d idle sequence(s): %s", len(expired), expired)
+            log.info("sequence_id=%d evicted: idle for more than %.0f s", sid, self.idle_ttl_s)
         return expired
 
 

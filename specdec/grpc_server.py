@@ -24,6 +24,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer as _AsyncReflectionServicer
 
+from specdec.logs import log_prefix
+
 log = logging.getLogger(__name__)
 
 ErrorTable = Sequence[tuple[type[BaseException], grpc.StatusCode]]
@@ -70,12 +72,13 @@ def error_boundary(table: ErrorTable, logger: logging.Logger) -> Callable:
     """
 
     async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+        prefix = log_prefix(exc)  # "sequence_id=<id> " when the error ended a known sequence
         for exc_type, code in table:
             if isinstance(exc, exc_type):
-                logger.info("%s: %s", code.name, exc)
+                logger.info("%s%s: %s", prefix, code.name, exc)
                 await context.abort(code, str(exc))
         ref = uuid.uuid4().hex[:12]
-        logger.exception("internal error (ref %s)", ref)
+        logger.exception("%sinternal error (ref %s)", prefix, ref)
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref}); see the server log")
 
     def decorate(method: Callable) -> Callable:

@@ -3,6 +3,10 @@
 `specdec serve`, the end-to-end test fixture and the benchmark all start the stack the same way, from our
 own entry points (`python -m target_service`, `python -m draft_service`, `python -m orchestrator`), on
 127.0.0.1 and free ports, wait until each one is healthy, and stop all of them however they exit.
+
+For fault-injection tests, `LocalStack.kill(name)` crashes one service (SIGKILL) and
+`LocalStack.restart(name)` starts it again with the same command line (same ports) and waits until it is
+healthy, while the other two keep running.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import grpc
@@ -56,6 +61,8 @@ class Process:
 
     def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str]) -> None:
         self.name = name
+        self.argv = argv
+        self.env = env
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         log.debug("starting %s: %s", name, " ".join(argv))
@@ -73,6 +80,17 @@ class Process:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def kill(self, timeout_s: float = 30.0) -> None:
+        """SIGKILL the process and its process group, and reap it."""
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait(timeout_s)
 
     def stop(self, grace_s: float = 15.0) -> None:
         if self.popen.poll() is None:
@@ -106,10 +124,14 @@ def wait_grpc_healthy(address: str, process: Process, timeout_s: float) -> None:
 
 
 class LocalStack:
-    """Triton + draft service + orchestrator on 127.0.0.1. Use as a context manager."""
+    """Triton + draft service + orchestrator on 127.0.0.1. Use as a context manager.
 
-    def __init__(self, config: StackConfig) -> None:
+    ``env`` adds environment variables for the three processes (e.g. ``SPECDEC_ORCHESTRATOR_*`` settings
+    that `StackConfig` does not carry)."""
+
+    def __init__(self, config: StackConfig, env: Mapping[str, str] | None = None) -> None:
         self.config = config
+        self.env = dict(env or {})
         self.processes: list[Process] = []
         self._tmp: tempfile.TemporaryDirectory | None = None
         self.address = ""
@@ -142,7 +164,7 @@ class LocalStack:
         for spec in {cfg.target_model, cfg.draft_model}:
             log.info("preparing model %s (the first run converts the packaged SmolLM2, ~20 s)", spec)
             models.resolve_model_dir(spec, cache_dir)
-        env = child_env()
+        env = {**child_env(), **self.env}
         py = sys.executable
         host = cfg.host
         ports = {name: free_port(host) for name in ("grpc", "http", "metrics", "draft", "draft_metrics", "orch_metrics")}
@@ -192,6 +214,40 @@ class LocalStack:
     def process(self, name: str) -> Process:
         return next(p for p in self.processes if p.name == name)
 
+    def kill(self, name: str, timeout_s: float = 60.0) -> None:
+        """Crash one service with SIGKILL ("triton", "draft" or "orchestrator"); the others keep running.
+
+        For "triton" the victim is the tritonserver process itself, as in a real crash: its launcher
+        (``python -m target_service``) sees it die, cleans up after it (model stubs, shared memory) and exits.
+        """
+        process = self.process(name)
+        if name == "triton":
+            for pid in _children_named(process.pid, "tritonserver"):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            try:
+                process.popen.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("the Triton launcher outlived tritonserver by %.0f s; killing it", timeout_s)
+        process.kill()
+        log.info("%s killed", name)
+
+    def restart(self, name: str) -> None:
+        """Stop ``name`` if it still runs (gracefully: SIGTERM), start it again with the same command line
+        and ports, and wait until it is healthy (Triton: server and model ready)."""
+        index = next(i for i, p in enumerate(self.processes) if p.name == name)
+        old = self.processes[index]
+        old.stop()
+        started = time.monotonic()
+        new = Process(name, old.argv, old.log_path, old.env)
+        self.processes[index] = new
+        timeout_s = self.config.startup_timeout_s
+        if name == "triton":
+            wait_triton_ready(self.triton_url, new, timeout_s)
+        else:
+            wait_grpc_healthy(self.address if name == "orchestrator" else self.draft_address, new, timeout_s)
+        log.info("%s restarted in %.1f s", name, time.monotonic() - started)
+
     def check_alive(self) -> None:
         for process in self.processes:
             process.check_alive()
@@ -203,6 +259,19 @@ class LocalStack:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+
+
+def _children_named(parent: int, name: str) -> list[int]:
+    """Pids of the direct children of ``parent`` whose command name is ``name`` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            text = stat.read_text()
+            comm = text[text.index("(") + 1 : text.rindex(")")]
+            ppid = int(text.rsplit(")", 1)[1].split()[1])  # fields after the name: state, ppid, ...
+            if ppid == parent and comm == name:
+                found.append(int(stat.parent.name))
+    return found
 
 
 def child_env() -> dict[str, str]:

@@ -137,7 +137,7 @@ def run_step(engine: CausalLMEngine, request: StepRequest) -> np.ndarray | StepE
     except CapacityError as exc:
         return StepError(ErrorCode.UNAVAILABLE, f"{wire.CAPACITY_PREFIX} {exc}")
     except Exception:
-        log.exception("sequence %d: step failed", sid)
+        log.exception("sequence_id=%d step failed", sid)
         message = f"{wire.INTERNAL_PREFIX} step failed in sequence {sid} (see the Triton log)"
         return StepError(ErrorCode.INTERNAL, message)
 

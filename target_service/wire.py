@@ -43,6 +43,10 @@ Triton has no RESOURCE_EXHAUSTED, so capacity is UNAVAILABLE with a "capacity:" 
 * anything else: ``StatusCode.INTERNAL``, ``"internal: ... (see the Triton log)"``; the traceback is
   in the Triton log only.
 * Triton down: ``StatusCode.UNAVAILABLE`` with gRPC's connection message.
+* Triton up but not serving the model (seen on a stream, status None): while it shuts down, a new
+  sequence gets ``"Server is stopping, scheduler for model has stopped accepting new inference
+  requests"``; before the model is loaded, ``"Request for unknown model: 'specdec_target' is not
+  found"`` (or "... has no available versions" / "... is not ready"). These mean UNAVAILABLE: try later.
 
 On a gRPC *stream* (``start_stream``/``async_stream_infer``, or ``grpc.aio`` ``stream_infer``) the same
 errors arrive as per-response ``InferenceServerException`` objects whose ``status()`` is **None**
@@ -72,6 +76,13 @@ CAPACITY_PREFIX = "capacity:"  # UNAVAILABLE
 INTERNAL_PREFIX = "internal:"  # INTERNAL
 # Triton core, when its sequence batcher does not know the sequence and START is not set.
 TRITON_NO_START = "must specify the START flag"
+# Triton core, when it is not (or no longer) serving the model: stopping, or the model not loaded yet.
+TRITON_NOT_SERVING = (
+    "Server is stopping",
+    "Request for unknown model",
+    "has no available versions",
+    "is not ready",
+)
 
 METRIC_LIVE_SEQUENCES = "specdec_target_live_sequences"  # gauge; labels model, instance
 METRIC_REQUESTS = "specdec_target_requests_total"  # counter; labels model, instance, code
@@ -100,6 +111,8 @@ def classify_error(status: str | None, message: str) -> TargetError:
         return TargetError.INVALID_ARGUMENT
     if message.startswith(INTERNAL_PREFIX):
         return TargetError.INTERNAL
+    if any(text in message for text in TRITON_NOT_SERVING):
+        return TargetError.UNAVAILABLE
     status = status or ""
     if status.endswith("INVALID_ARGUMENT"):
         return TargetError.INVALID_ARGUMENT

@@ -403,7 +403,11 @@ def test_metrics_endpoint_serves_the_live_sequences_gauge(
     with pytest.raises(grpc.RpcError):
         Stream(stub).round(sequence_id=72, keep_length=1, append_token_ids=[1])
     wait_until(lambda: "specdec_draft_live_sequences 0.0" in scrape(), "the gauge to drop to 0")
-    assert re.search(r'^specdec_draft_errors_total\{code="NOT_FOUND"\} [1-9]', scrape(), re.MULTILINE)
+    text = scrape()
+    assert re.search(r'^specdec_draft_errors_total\{code="NOT_FOUND"\} [1-9]', text, re.MULTILINE)
+    # Every RPC is counted by method and final status, a Propose stream once, when it ends.
+    assert re.search(r'^specdec_draft_requests_total\{code="OK",method="Propose"\} [1-9]', text, re.MULTILINE), text
+    assert re.search(r'^specdec_draft_requests_total\{code="NOT_FOUND",method="Propose"\} [1-9]', text, re.MULTILINE)
 
 
 def test_smollm2_self_draft_proposes_over_grpc() -> None:

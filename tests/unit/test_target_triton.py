@@ -1,0 +1,241 @@
+"""The Triton adapter's reachability behaviour against a fake KServe v2 server on 127.0.0.1 (no Triton).
+
+Proves: an unreachable Triton fails a request with UNAVAILABLE "target (Triton at HOST:PORT) is
+unavailable: ..." after the bounded connect timeout, not the caller's whole deadline; once something
+listens there again the same client (channel) serves without being rebuilt; the caller's deadline reaches
+the stream as a gRPC deadline; a stream that breaks under a live sequence is TargetConnectionLost (the loop
+then re-sends the prefix); the release is END on the stream or (stream broken) unary, and a slow
+release is finished in the background, never cancelled; Triton's "not serving" messages are UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+import pytest
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from orchestrator.clients import TargetConnectionLost, TargetError, TargetUnavailable
+from orchestrator import target_triton
+from orchestrator.target_triton import TritonTargetClient
+from target_service import wire
+from tests.unit.test_loop import asyncio_test
+
+V = 8
+
+
+class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """Answers ModelStreamInfer with zero logits [1, NUM_LOGITS, V]; records each stream's deadline."""
+
+    def __init__(self, break_after: int | None = None, release_delay_s: float = 0.0, delay_s: float = 0.0) -> None:
+        self.deadlines: list[float | None] = []
+        self.requests = 0
+        self.break_after = break_after  # abort the stream with UNAVAILABLE after this many answers
+        self.release_delay_s = release_delay_s  # answer release requests (END, no tokens) this late
+        self.delay_s = delay_s  # answer other requests this late
+        self.flags: list[tuple[str, bool, bool]] = []  # (how, START, END) of every request
+        self.released: list[int] = []  # sequence ids whose release was answered
+
+    async def ModelStreamInfer(self, request_iterator, context):  # noqa: N802 - gRPC method name
+        self.deadlines.append(context.time_remaining())
+        async for request in request_iterator:
+            self.requests += 1
+            if self.break_after is not None and self.requests > self.break_after:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "Socket closed")
+            yield service_pb2.ModelStreamInferResponse(infer_response=await self._answer("stream", request))
+
+    async def ModelInfer(self, request, context):  # noqa: N802 - gRPC method name
+        return await self._answer("unary", request)
+
+    async def _answer(self, how: str, request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
+        params = request.parameters
+        end = params["sequence_end"].bool_param
+        self.flags.append((how, params["sequence_start"].bool_param, end))
+        names = [t.name for t in request.inputs]
+        num_logits = int(np.frombuffer(request.raw_input_contents[names.index(wire.NUM_LOGITS)], np.int32)[0])
+        if end and num_logits == 0:
+            await asyncio.sleep(self.release_delay_s)
+            self.released.append(params["sequence_id"].int64_param)
+        else:
+            await asyncio.sleep(self.delay_s)
+        logits = np.zeros((1, num_logits, V), dtype=np.float32)
+        output = service_pb2.ModelInferResponse.InferOutputTensor(
+            name=wire.LOGITS, datatype="FP32", shape=list(logits.shape)
+        )
+        return service_pb2.ModelInferResponse(
+            model_name=request.model_name, outputs=[output], raw_output_contents=[logits.tobytes()]
+        )
+
+
+def unused_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def fake_triton(port: int, servicer: FakeTriton) -> AsyncIterator[FakeTriton]:
+    server = grpc.aio.server()
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    assert server.add_insecure_port(f"127.0.0.1:{port}") == port
+    await server.start()
+    try:
+        yield servicer
+    finally:
+        await server.stop(None)
+
+
+@asyncio_test
+async def test_unreachable_triton_is_unavailable_within_the_connect_timeout_then_works_again():
+    port = unused_port()
+    # Above the channel's 1 s reconnect backoff cap, as the default (3 s) is: then a Triton that is back is
+    # always found within the connect timeout.
+    client = TritonTargetClient(f"127.0.0.1:{port}", connect_timeout_s=1.5)
+    try:
+        for _ in range(2):  # a channel in reconnect backoff does not change the answer
+            with pytest.raises(TargetUnavailable) as info:
+                # The caller has a whole minute; the client gives up after its connect timeout.
+                await asyncio.wait_for(client.open(1, timeout=60.0), 30.0)
+            assert f"target (Triton at 127.0.0.1:{port}) is unavailable: no connection within 1.5 s" in str(info.value)
+        async with fake_triton(port, FakeTriton()) as fake:  # Triton is back: same client, no restart
+            session = await client.open(2, timeout=60.0)
+            logits = await session.score(0, [1, 2, 3], 2)
+            assert tuple(logits.shape) == (2, V) and fake.requests == 1
+            await session.close()
+    finally:
+        await client.close()
+
+
+@asyncio_test
+async def test_the_callers_deadline_reaches_the_stream():
+    port = unused_port()
+    async with fake_triton(port, FakeTriton()) as fake:
+        client = TritonTargetClient(f"127.0.0.1:{port}")
+        try:
+            session = await client.open(7, timeout=20.0)
+            await session.score(0, [1, 2], 1)
+            await session.close()
+            session = await client.open(8)  # no deadline, none on the stream
+            await session.score(0, [1, 2], 1)
+            await session.close()
+        finally:
+            await client.close()
+    with_deadline, without = fake.deadlines[0], fake.deadlines[-1]
+    # The caller's 20 s plus the room left for the release (30 s), less the time on the wire (gRPC rounds the
+    # header up).
+    assert with_deadline is not None and 45.0 < with_deadline <= 51.0
+    assert without is None or without > 1e6
+
+
+@asyncio_test
+async def test_a_stream_that_breaks_under_a_sequence_is_a_lost_connection():
+    port = unused_port()
+    async with fake_triton(port, FakeTriton(break_after=1)):
+        client = TritonTargetClient(f"127.0.0.1:{port}")
+        try:
+            session = await client.open(9, timeout=30.0)
+            await session.score(0, [1, 2], 1)
+            with pytest.raises(TargetConnectionLost, match="broke"):
+                await session.score(3, [4], 1)
+            with pytest.raises(TargetConnectionLost):  # and stays broken; close never raises
+                await session.score(4, [5], 1)
+            await session.close()
+        finally:
+            await client.close()
+
+
+@pytest.mark.parametrize(
+    "message, kind",
+    [
+        ("Server is stopping, scheduler for model has stopped accepting new inference requests", "UNAVAILABLE"),
+        ("Request for unknown model: 'specdec_target' is not found", "UNAVAILABLE"),
+        ("Request for unknown model: 'specdec_target' has no available versions", "UNAVAILABLE"),
+        ("no cache: sequence 5 has no cache here; resend the prefix with START", "SEQUENCE_LOST"),
+        ("capacity: 64 live sequences", "CAPACITY"),
+        ("invalid: keep_length 9 > cached 3", "INVALID_ARGUMENT"),
+    ],
+)
+def test_triton_messages_on_a_stream_are_classified(message, kind):
+    assert wire.classify_error(None, message) is wire.TargetError[kind]
+
+
+def test_unavailable_is_a_target_error():
+    assert issubclass(TargetUnavailable, TargetError)
+
+
+@asyncio_test
+async def test_the_release_is_end_on_the_stream():
+    port = unused_port()
+    async with fake_triton(port, FakeTriton()) as fake:
+        client = TritonTargetClient(f"127.0.0.1:{port}")
+        try:
+            session = await client.open(11, timeout=30.0)
+            await session.score(0, [1, 2], 1)
+            await session.score(2, [3], 1)
+            await session.close()
+            await session.close()  # idempotent
+        finally:
+            await client.close()
+    assert fake.flags == [("stream", True, False), ("stream", False, False), ("stream", False, True)]
+    assert fake.released == [11]
+
+
+@asyncio_test
+async def test_a_broken_stream_is_released_by_a_unary_end():
+    port = unused_port()
+    async with fake_triton(port, FakeTriton(break_after=1)) as fake:
+        client = TritonTargetClient(f"127.0.0.1:{port}")
+        try:
+            session = await client.open(12, timeout=30.0)
+            await session.score(0, [1, 2], 1)
+            with pytest.raises(TargetConnectionLost):
+                await session.score(2, [3], 1)
+            await session.close()
+        finally:
+            await client.close()
+    assert fake.flags[-1] == ("unary", False, True) and fake.released == [12]
+
+
+@asyncio_test
+async def test_a_slow_release_is_finished_in_the_background_not_cancelled(monkeypatch):
+    monkeypatch.setattr(target_triton, "_CLOSE_TIMEOUT_S", 0.05)
+    port = unused_port()
+    async with fake_triton(port, FakeTriton(release_delay_s=0.5)) as fake:
+        client = TritonTargetClient(f"127.0.0.1:{port}")
+        try:
+            session = await client.open(13, timeout=30.0)
+            await session.score(0, [1, 2], 1)
+            await session.close()  # returns before the release is answered
+            assert fake.released == []
+            for _ in range(100):
+                if fake.released:
+                    break
+                await asyncio.sleep(0.02)
+            assert fake.released == [13]  # the release went through all the same
+        finally:
+            await client.close()
+
+
+@asyncio_test
+async def test_a_caller_that_gives_up_mid_request_does_not_break_the_stream():
+    """The release must follow the pending request on the same stream: were the stream cancelled, a START
+    not yet flushed could reach Triton after a release sent on another call, and its cache would leak."""
+    port = unused_port()
+    async with fake_triton(port, FakeTriton(delay_s=0.3)) as fake:
+        client = TritonTargetClient(f"127.0.0.1:{port}")
+        try:
+            session = await client.open(14, timeout=30.0)
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(session.score(0, [1, 2], 1), 0.05)  # the caller's deadline
+            with pytest.raises(TargetConnectionLost):  # out of step with its answers: not reusable
+                await session.score(2, [3], 1)
+            await session.close()
+        finally:
+            await client.close()
+    assert fake.flags == [("stream", True, False), ("stream", False, True)]  # START, then END on the stream
+    assert fake.released == [14]
