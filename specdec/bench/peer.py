@@ -1,0 +1,132 @@
+"""The peer: Hugging Face transformers `generate` on the same model pair, in-process, no RPCs.
+
+Why this module exists: our stack pays for two gRPC hops, packed probability rows and a stateless
+orchestrator; HF assisted generation (`generate(..., assistant_model=draft)`) is the well-known in-process
+implementation of the same algorithm (with ``do_sample`` it runs Leviathan/Chen speculative sampling, greedy
+it keeps the longest matching prefix). Measuring both on the same prompts, token budget, K and sampling
+settings says what the service architecture costs or gains. Fairness settings: K is fixed
+(``num_assistant_tokens=K`` with the ``constant`` schedule) and HF's dynamic confidence-based early stop of
+the draft is disabled (``assistant_confidence_threshold=0``), so each round drafts exactly K tokens as ours
+does. Plain `generate()` (K = 0) is HF's own target-only baseline.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+
+from specdec.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PeerRecord:
+    """One measured HF generation."""
+
+    mode: str
+    k: int  # 0 = plain generate(); else assisted generation with K draft tokens per round
+    prompt_index: int
+    repeat: int
+    wall_ms: float
+    tokens: int  # generated tokens, up to and including an end-of-sequence token
+    rounds: int = 0  # target forward calls (one per round: each verifies K drafts, or makes 1 token when K = 0)
+
+
+def generation_config(
+    params: SamplingParams, max_new_tokens: int, eos_token_id: int | None, pad_token_id: int | None
+) -> GenerationConfig:
+    """HF's settings for our SamplingParams: greedy, or temperature -> top-k -> top-p (HF's order, ours too)."""
+    common = {"max_new_tokens": max_new_tokens, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
+    if params.greedy:
+        return GenerationConfig(do_sample=False, temperature=None, top_k=None, top_p=None, **common)
+    return GenerationConfig(
+        do_sample=True, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, **common
+    )
+
+
+def configure_assistant(draft: torch.nn.Module, k: int) -> None:
+    """Make HF draft exactly K tokens every round (HF reads these from the assistant's own config)."""
+    cfg = draft.generation_config
+    cfg.num_assistant_tokens = k
+    cfg.num_assistant_tokens_schedule = "constant"
+    cfg.assistant_confidence_threshold = 0.0
+
+
+def count_generated(new_tokens: Sequence[int], eos_token_id: int | None) -> int:
+    """Tokens generated up to and including the first end-of-sequence token (HF pads after it)."""
+    for i, token in enumerate(new_tokens):
+        if token == eos_token_id:
+            return i + 1
+    return len(new_tokens)
+
+
+@torch.inference_mode()
+def hf_generate(
+    target: torch.nn.Module,
+    draft: torch.nn.Module | None,
+    prompt_ids: Sequence[int],
+    config: GenerationConfig,
+    k: int,
+    seed: int,
+) -> tuple[list[int], float, int]:
+    """One HF generation (assisted when k > 0): (new token ids, wall ms, target forward calls)."""
+    ids = torch.tensor([list(prompt_ids)], dtype=torch.long)  # [1, T]
+    kwargs: dict = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "generation_config": config}
+    if k > 0:
+        if draft is None:
+            raise ValueError("assisted generation needs a draft model")
+        configure_assistant(draft, k)
+        kwargs["assistant_model"] = draft
+    calls = [0]
+    hook = target.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    try:
+        torch.manual_seed(seed)
+        start = time.perf_counter()
+        out = target.generate(**kwargs)
+        wall_ms = (time.perf_counter() - start) * 1e3
+    finally:
+        hook.remove()
+    return out[0, ids.shape[1]:].tolist(), wall_ms, calls[0]
+
+
+def run_peer(
+    target: torch.nn.Module,
+    draft: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    modes: Sequence[tuple[str, SamplingParams]],
+    ks: Sequence[int],
+    max_new_tokens: int,
+    repeats: int,
+    warmup: int,
+    warmup_new_tokens: int,
+    seed: int,
+    eos_token_id: int | None,
+    pad_token_id: int | None,
+    progress: Callable[[int], None] = lambda n: None,
+) -> list[PeerRecord]:
+    """Measure HF plain (K = 0) and assisted generation for every mode and K over all prompts.
+
+    ``progress`` is called with the number of generations just finished (warm-up included).
+    """
+    records: list[PeerRecord] = []
+    for mode, params in modes:
+        config = generation_config(params, max_new_tokens, eos_token_id, pad_token_id)
+        warm = generation_config(params, warmup_new_tokens, eos_token_id, pad_token_id)
+        for k in ks:
+            for w in range(warmup):
+                hf_generate(target, draft, prompts[w % len(prompts)], warm, k, seed - 1 - w)
+                progress(1)
+            for p, prompt in enumerate(prompts):
+                for r in range(repeats):
+                    new, wall_ms, calls = hf_generate(target, draft, prompt, config, k, seed + 1000 * r + p)
+                    tokens = count_generated(new, eos_token_id)
+                    records.append(PeerRecord(mode, k, p, r, wall_ms, tokens, calls))
+                    progress(1)
+            log.debug("HF %s K=%d done", mode, k)
+    return records

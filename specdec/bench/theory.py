@@ -1,0 +1,168 @@
+"""What the model pair could deliver with zero serving overhead: α, the cost ratios, Leviathan's ideal speedup.
+
+Why this module exists: a measured speedup says little on its own. Leviathan et al. 2023 (§3) predict the
+speedup from three numbers: α (the mean of Σ_x min(p(x), q(x)) over the positions a generation visits),
+c (one draft step / one target step) and, on a CPU, v(K) (the target scoring K+1 tokens at once / scoring
+1 token; a GPU makes it ~1, a CPU does not). All three are measured here, in-process, with the very
+`CausalLMEngine` both servers run, so ``efficiency = measured speedup / ideal speedup`` isolates what the
+serving stack (RPCs, copies, sampling, Python) costs. The self-draft sweep reuses the same functions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from specdec.engine import CausalLMEngine, SequenceStore
+from specdec.sampling import SamplingParams, sample, warp
+from specdec.speedup import acceptance_rate_alpha, ideal_speedup
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Median in-process step times (ms) at a representative context length."""
+
+    context_length: int
+    target_step_ms: float  # the target appending 1 token (one autoregressive step)
+    draft_step_ms: float  # the draft appending 1 token
+    verify_ms: dict[int, float] = field(default_factory=dict)  # K -> the target appending K+1 tokens
+
+    @property
+    def draft_cost_ratio(self) -> float:
+        """c: one draft step relative to one target step."""
+        return self.draft_step_ms / self.target_step_ms
+
+    def verify_cost_ratio(self, k: int) -> float:
+        """v(K): scoring K+1 tokens at once relative to one target step (1 for K = 0)."""
+        return 1.0 if k == 0 else self.verify_ms[k] / self.target_step_ms
+
+
+@dataclass(frozen=True)
+class Alpha:
+    """Mean acceptance probability over generated positions, with the number of positions it averages."""
+
+    mean: float
+    positions: int
+
+
+def ideal_speedups(alpha: float, costs: Costs, ks: Iterable[int]) -> dict[int, float]:
+    """K -> Leviathan's expected speedup over target-only with this α, c and the measured v(K)."""
+    return {k: ideal_speedup(alpha, k, costs.draft_cost_ratio, costs.verify_cost_ratio(k)) for k in ks}
+
+
+def best_k(speedups: dict[int, float]) -> int:
+    """The K with the largest speedup (the smallest K on ties)."""
+    return max(sorted(speedups), key=lambda k: speedups[k])
+
+
+@torch.inference_mode()
+def measure_alpha(
+    target: torch.nn.Module,
+    draft: torch.nn.Module,
+    sequences: Sequence[tuple[Sequence[int], int]],
+    params: SamplingParams,
+) -> Alpha:
+    """α over the generated positions of ``sequences`` ((token ids, prompt length) pairs).
+
+    Each sequence is scored teacher-forced in one forward per model: at every position that produced a
+    generated token, p and q are warped with ``params`` and β = Σ_x min(p(x), q(x)) is taken (under greedy
+    warping that is 1 when both argmaxes agree, else 0). α is the mean β over all those positions.
+    """
+    betas: list[torch.Tensor] = []
+    for ids, prompt_len in sequences:
+        if len(ids) <= prompt_len or prompt_len < 1:
+            continue
+        x = torch.tensor([list(ids)], dtype=torch.long)  # [1, T]
+        span = slice(prompt_len - 1, len(ids) - 1)  # positions whose next token was generated
+        p = warp(target(input_ids=x).logits[0, span], params)  # [N, V]
+        q = warp(draft(input_ids=x).logits[0, span], params)  # [N, V]
+        betas.append(acceptance_rate_alpha(p, q))  # [N]
+    if not betas:
+        return Alpha(mean=math.nan, positions=0)
+    all_betas = torch.cat(betas)
+    return Alpha(mean=float(all_betas.mean()), positions=int(all_betas.numel()))
+
+
+def generate(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    params: SamplingParams,
+    seed: int,
+    eos_token_id: int | None = None,
+) -> list[int]:
+    """Target-only sampling with our own sampler (warp + sample) and engine: prompt + generated ids."""
+    engine = CausalLMEngine(model, SequenceStore(max_sequences=1, idle_ttl_s=3600))
+    generator = torch.Generator().manual_seed(seed)
+    ids = list(prompt_ids)
+    logits = engine.extend(1, 0, ids, 1, start=True)  # [1, V]
+    for _ in range(max_new_tokens):
+        token = int(sample(warp(logits, params), generator)[0])
+        ids.append(token)
+        if token == eos_token_id:
+            break
+        logits = engine.extend(1, len(ids) - 1, [token], 1, start=False)
+    engine.store.release(1)
+    return ids
+
+
+def _time_extend(engine: CausalLMEngine, keep: int, tokens: list[int]) -> float:
+    start = time.perf_counter()
+    engine.extend(1, keep, tokens, len(tokens), start=False)
+    return (time.perf_counter() - start) * 1e3
+
+
+def step_times(
+    model: torch.nn.Module, context: Sequence[int], widths: Iterable[int], trials: int
+) -> dict[int, float]:
+    """Median ms for ``model`` to append ``w`` tokens to a cached ``context``, for each width ``w``.
+
+    Exactly the servers' work per request: crop the cache back to the context, feed ``w`` tokens, return
+    ``w`` logit rows. The widths are interleaved trial by trial so background noise hits all of them alike.
+    """
+    widths = sorted(set(widths))
+    engine = CausalLMEngine(model, SequenceStore(max_sequences=1, idle_ttl_s=3600))
+    context = list(context)
+    engine.extend(1, 0, context, 1, start=True)
+    filler = [context[i % len(context)] for i in range(max(widths))]
+    for w in widths:  # warm-up: first calls allocate
+        _time_extend(engine, len(context), filler[:w])
+    samples: dict[int, list[float]] = {w: [] for w in widths}
+    for _ in range(trials):
+        for w in widths:
+            samples[w].append(_time_extend(engine, len(context), filler[:w]))
+    engine.store.release(1)
+    return {w: statistics.median(s) for w, s in samples.items()}
+
+
+def measure_costs(
+    target: torch.nn.Module,
+    draft: torch.nn.Module,
+    context: Sequence[int],
+    ks: Iterable[int],
+    trials: int = 15,
+) -> Costs:
+    """c and v(K) at the given context (use a prompt plus about half a generation)."""
+    ks = sorted(k for k in set(ks) if k > 0)
+    target_ms = step_times(target, context, [1, *(k + 1 for k in ks)], trials)
+    draft_ms = step_times(draft, context, [1], trials)
+    costs = Costs(
+        context_length=len(context),
+        target_step_ms=target_ms[1],
+        draft_step_ms=draft_ms[1],
+        verify_ms={k: target_ms[k + 1] for k in ks},
+    )
+    log.info(
+        "costs at context %d: target %.1f ms/step, draft %.1f ms/step (c=%.3f), v(K)=%s",
+        costs.context_length, costs.target_step_ms, costs.draft_step_ms, costs.draft_cost_ratio,
+        {k: round(costs.verify_cost_ratio(k), 2) for k in ks},
+    )
+    return costs
