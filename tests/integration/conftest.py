@@ -11,8 +11,13 @@ import pytest
 from specdec.stack import LocalStack, StackConfig
 
 
+# These tests check speculation itself (greedy equality, statistics): no per-round draft time limit, so a
+# machine busy with other work never turns their rounds target-only (fallbacks are tests/integration/test_load.py's).
+STACK_ENV = {"SPECDEC_ORCHESTRATOR_DRAFT_ROUND_TIMEOUT_S": "0"}
+
+
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory):
     config = StackConfig(port=0, log_dir=str(tmp_path_factory.mktemp("stack-logs")))
-    with LocalStack(config) as running:
+    with LocalStack(config, env=STACK_ENV) as running:
         yield running
