@@ -109,7 +109,7 @@ def measure_stack(
         cache_dir=config.cache_dir, log_dir=str(log_dir),
     )
     # No fallback to target-only on a slow draft round: that would mix ArS rounds into the SpS numbers.
-    env = {f"{_ORCHESTRATOR_ENV}DRAFT_ROUND_TIMEOUT_S": "0"}
+    env = {f"{_ORCHESTRATOR_ENV}DRAFT_ROUND_TIMEOUT_S": "0", f"{_ORCHESTRATOR_ENV}DRAFT_BREAKER_FAILURES": "0"}
     if max(config.ks) > _ORCHESTRATOR_DEFAULT_MAX_K:
         env[f"{_ORCHESTRATOR_ENV}MAX_NUM_DRAFT_TOKENS"] = str(max(config.ks))
         env["SPECDEC_DRAFT_MAX_NUM_DRAFT_TOKENS"] = str(max(config.ks))
