@@ -92,6 +92,7 @@ class FakeTargetSession:
         return torch.stack([client.model(self.cache[: j + 1]) for j in range(n - num_logits, n)])  # [num_logits, V]
 
     async def close(self) -> None:
+        await asyncio.sleep(self.client.close_delay_s)
         self.client.calls.closed.append(self.sequence_id)
 
 
@@ -101,8 +102,9 @@ class FakeTarget:
         model: Callable[[Sequence[int]], torch.Tensor] = target_logits,
         fail_at: dict[int, Exception] | None = None,
         delay_s: float = 0.0,
+        close_delay_s: float = 0.0,
     ) -> None:
-        self.model, self.fail_at, self.delay_s = model, fail_at or {}, delay_s
+        self.model, self.fail_at, self.delay_s, self.close_delay_s = model, fail_at or {}, delay_s, close_delay_s
         self.calls = Calls()
         self.client_closed = 0
 
@@ -151,6 +153,7 @@ class FakeDraftSession:
         return Proposal(token_ids=drafts, q=q_rows, cache_length=len(self.cache))
 
     async def close(self) -> None:
+        await asyncio.sleep(self.client.close_delay_s)
         self.client.calls.closed.append(self.sequence_id)
 
 
@@ -164,9 +167,10 @@ class FakeDraft:
         fail_at: dict[int, Exception] | None = None,
         delay_s: float = 0.0,
         q_width: int | None = None,
+        close_delay_s: float = 0.0,
     ) -> None:
         self.model, self.policy, self.fail_at = model, policy, fail_at or {}
-        self.delay_s, self.q_width = delay_s, q_width
+        self.delay_s, self.q_width, self.close_delay_s = delay_s, q_width, close_delay_s
         self.calls = Calls()
 
     async def open(self, sequence_id: int, *, timeout: float | None = None) -> FakeDraftSession:
@@ -337,6 +341,18 @@ async def test_release_once_on_normal_end():
     assert target.calls.opened == [100] and draft.calls.opened == [100]
     assert target.calls.closed == [100] and draft.calls.closed == [100]
     assert rounds[-1].stats.finished_at is not None
+
+
+@asyncio_test
+async def test_stage_times_never_exceed_the_wall_time_when_releases_overlap():
+    # Slow releases run at once; counting each in its stage would make draft + target exceed the total.
+    target, draft = FakeTarget(delay_s=0.01, close_delay_s=0.2), FakeDraft(delay_s=0.01, close_delay_s=0.2)
+    rounds = await run(SpeculativeLoop(target, draft, new_sequence_id=ids()), request())
+    stats = rounds[-1].stats
+    assert target.calls.closed == [100] and draft.calls.closed == [100]
+    assert stats.draft_time_s > 0 and stats.target_time_s > 0
+    assert stats.total_time_s >= stats.draft_time_s + stats.target_time_s
+    assert stats.orchestrator_time_s >= 0.2  # the overlapping releases are the orchestrator's time
 
 
 @asyncio_test
