@@ -250,12 +250,14 @@ class TritonTargetSession:
             self._log.warning("the target release got no answer within %.0f s", _RELEASE_TIMEOUT_S)
         finally:
             self._responses.cancel()
+        # Triton going away takes its caches with it: worth an INFO line, not a WARNING.
+        gone = isinstance(self._last_error, (TargetUnavailable, TargetConnectionLost))
+        level = logging.INFO if gone else logging.WARNING
         if self._answered < self._sent:
-            self._log.warning(
-                "the target stream ended before the release was answered: %s", _describe(self._last_error)
-            )
+            why = _describe(self._last_error)
+            self._log.log(level, "the target stream ended before the release was answered: %s", why)
         elif self._last_error is not None:
-            self._log.warning("releasing the target sequence failed: %s", _describe(self._last_error))
+            self._log.log(level, "releasing the target sequence failed: %s", _describe(self._last_error))
 
     async def _release_unary(self) -> None:
         """The stream broke (Triton restarted, the connection dropped): release with a unary request."""
@@ -276,7 +278,8 @@ class TritonTargetSession:
                 if lost and not start:  # Triton forgot the sequence: START + END clears what the model holds
                     start = True
                     continue
-                level = logging.INFO if exc.status() == "StatusCode.UNAVAILABLE" else logging.WARNING
+                gone = wire.classify_error(exc.status(), exc.message() or "") is wire.TargetError.UNAVAILABLE
+                level = logging.INFO if gone else logging.WARNING  # Triton going away took its caches along
                 self._log.log(level, "releasing the target sequence failed: %s", _describe(exc))
                 return
             except Exception as exc:  # noqa: BLE001 - logged; the model's TTL is the backstop

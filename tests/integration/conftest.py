@@ -10,7 +10,6 @@ import pytest
 
 from specdec.stack import LocalStack, StackConfig
 
-
 # These tests check speculation itself (greedy equality, statistics): no per-round draft time limit, so a
 # machine busy with other work never turns their rounds target-only (fallbacks are tests/integration/test_load.py's).
 STACK_ENV = {"SPECDEC_ORCHESTRATOR_DRAFT_ROUND_TIMEOUT_S": "0"}

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from orchestrator.clients import TargetConnectionLost, TargetError, TargetUnavailable
 from orchestrator import target_triton
+from orchestrator.clients import TargetConnectionLost, TargetError, TargetUnavailable
 from orchestrator.target_triton import TritonTargetClient
 from target_service import wire
 from tests.unit.test_loop import asyncio_test
