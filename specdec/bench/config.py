@@ -41,7 +41,7 @@ class BenchConfig:
 
     ks: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)  # K > 0 for SpS; K = 0 (ArS) is always measured
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
-    num_prompts: int = 4
+    num_prompts: int = 3
     max_new_tokens: int = 32
     repeats: int = 1  # measured generations per (config, prompt)
     warmup: int = 1  # unmeasured generations per config before measuring

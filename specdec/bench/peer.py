@@ -12,7 +12,6 @@ does. Plain `generate()` (K = 0) is HF's own target-only baseline.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,8 +20,6 @@ import torch
 from transformers import GenerationConfig
 
 from specdec.sampling import SamplingParams
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -110,23 +107,24 @@ def run_peer(
     pad_token_id: int | None,
     progress: Callable[[int], None] = lambda n: None,
 ) -> list[PeerRecord]:
-    """Measure HF plain (K = 0) and assisted generation for every mode and K over all prompts.
-
-    ``progress`` is called with the number of generations just finished (warm-up included).
+    """Measure HF plain (K = 0) and assisted generation for every mode and K over all prompts, interleaved
+    as in `specdec.bench.stack_runs.run_stack`: short warm-ups per configuration, then each prompt under
+    every configuration in turn. ``progress`` is called with the number of generations just finished.
     """
+    configs = [
+        (mode, k, generation_config(params, max_new_tokens, eos_token_id, pad_token_id),
+         generation_config(params, warmup_new_tokens, eos_token_id, pad_token_id))
+        for mode, params in modes for k in ks
+    ]
+    for _, k, _, warm in configs:
+        for w in range(warmup):
+            hf_generate(target, draft, prompts[w % len(prompts)], warm, k, seed - 1 - w)
+            progress(1)
     records: list[PeerRecord] = []
-    for mode, params in modes:
-        config = generation_config(params, max_new_tokens, eos_token_id, pad_token_id)
-        warm = generation_config(params, warmup_new_tokens, eos_token_id, pad_token_id)
-        for k in ks:
-            for w in range(warmup):
-                hf_generate(target, draft, prompts[w % len(prompts)], warm, k, seed - 1 - w)
+    for r in range(repeats):
+        for p, prompt in enumerate(prompts):
+            for mode, k, config, _ in configs:
+                new, wall_ms, calls = hf_generate(target, draft, prompt, config, k, seed + 1000 * r + p)
+                records.append(PeerRecord(mode, k, p, r, wall_ms, count_generated(new, eos_token_id), calls))
                 progress(1)
-            for p, prompt in enumerate(prompts):
-                for r in range(repeats):
-                    new, wall_ms, calls = hf_generate(target, draft, prompt, config, k, seed + 1000 * r + p)
-                    tokens = count_generated(new, eos_token_id)
-                    records.append(PeerRecord(mode, k, p, r, wall_ms, tokens, calls))
-                    progress(1)
-            log.debug("HF %s K=%d done", mode, k)
     return records

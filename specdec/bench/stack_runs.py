@@ -15,7 +15,7 @@ import logging
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import grpc
 
@@ -62,14 +62,10 @@ class ServerCounters:
     draft_round_s: float = 0.0  # time of draft rounds in the draft's model worker
 
     def __sub__(self, other: ServerCounters) -> ServerCounters:
-        return ServerCounters(
-            self.triton_requests - other.triton_requests,
-            self.triton_success_ns - other.triton_success_ns,
-            self.triton_queue_ns - other.triton_queue_ns,
-            self.triton_compute_ns - other.triton_compute_ns,
-            self.draft_rounds - other.draft_rounds,
-            self.draft_round_s - other.draft_round_s,
-        )
+        return ServerCounters(*(a - b for a, b in zip(astuple(self), astuple(other))))
+
+    def __add__(self, other: ServerCounters) -> ServerCounters:
+        return ServerCounters(*(a + b for a, b in zip(astuple(self), astuple(other))))
 
 
 @dataclass(frozen=True)
@@ -184,23 +180,29 @@ def run_stack(
     seed: int,
     progress: Callable[[int], None] = lambda n: None,
 ) -> list[ConfigRun]:
-    """Measure every (mode, K) over all prompts: ``warmup`` short unmeasured generations first (every code
-    path of that K runs once), then ``repeats`` per prompt. ``progress`` is called with the number of generations just finished (warm-up included)."""
-    runs: list[ConfigRun] = []
+    """Measure every (mode, K) over all prompts, interleaved.
+
+    First ``warmup`` short unmeasured generations per configuration (every code path of that K runs once);
+    then ``repeats`` passes over the prompts in which each prompt is generated under every configuration
+    in turn, so a burst of background load hits all configurations alike instead of wrecking one of them.
+    The servers' counters are read around each measured generation and summed per configuration.
+    ``progress`` is called with the number of generations just finished (warm-up included).
+    """
+    configs = [(mode, params, k) for mode, params in modes for k in ks]
+    records: dict[tuple[str, int], list[GenerationRecord]] = {(m, k): [] for m, _, k in configs}
+    servers: dict[tuple[str, int], ServerCounters] = {(m, k): ServerCounters() for m, _, k in configs}
     with grpc.insecure_channel(address) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
-        for mode, params in modes:
-            for k in ks:
-                for w in range(warmup):
-                    generate_once(stub, prompts[w % len(prompts)], k, params, warmup_new_tokens, seed - 1 - w)
+        for mode, params, k in configs:
+            for w in range(warmup):
+                generate_once(stub, prompts[w % len(prompts)], k, params, warmup_new_tokens, seed - 1 - w)
+                progress(1)
+        for r in range(repeats):
+            for p, prompt in enumerate(prompts):
+                for mode, params, k in configs:
+                    before = counters.read()
+                    response, wall_ms = generate_once(stub, prompt, k, params, max_new_tokens, seed + 1000 * r + p)
+                    servers[(mode, k)] += counters.read() - before
+                    records[(mode, k)].append(to_record(mode, k, p, r, response, wall_ms))
                     progress(1)
-                before = counters.read()
-                records = []
-                for p, prompt in enumerate(prompts):
-                    for r in range(repeats):
-                        response, wall_ms = generate_once(stub, prompt, k, params, max_new_tokens, seed + 1000 * r + p)
-                        records.append(to_record(mode, k, p, r, response, wall_ms))
-                        progress(1)
-                runs.append(ConfigRun(mode, k, tuple(records), counters.read() - before))
-                log.debug("stack %s K=%d done", mode, k)
-    return runs
+    return [ConfigRun(m, k, tuple(records[(m, k)]), servers[(m, k)]) for m, _, k in configs]

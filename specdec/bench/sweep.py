@@ -91,7 +91,7 @@ def run_sweep(
     }
     progress(1)
     context = list(sequences["greedy"][0][0][: len(prompts[0]) + max_new_tokens // 2])
-    target_ms = step_times(target, context, [1, *(k + 1 for k in ks)], cost_trials)
+    (target_ms,) = step_times([(target, [1, *(k + 1 for k in ks)])], context, cost_trials)
     progress(1)
     rows = []
     for (name, layers), dtype in ((sel, dtype) for sel in selections for dtype in dtypes):
@@ -99,7 +99,11 @@ def run_sweep(
         draft = models.load_model(target_spec, keep_layers=keep, dtype=dtype, cache_dir=cache_dir)
         alpha_g = measure_alpha(target, draft, sequences["greedy"], greedy).mean
         alpha_s = measure_alpha(target, draft, sequences["sample"], sample_params).mean
-        draft_ms = step_times(draft, context, [1], cost_trials)[1]
+        # c against a target step timed alongside (interleaved), so background load cancels in the ratio;
+        # v(K) comes from the target's own measurement above.
+        step_target, step_draft = step_times([(target, [1]), (draft, [1])], context, cost_trials)
+        scale = target_ms[1] / step_target[1]
+        draft_ms = step_draft[1] * scale
         costs = Costs(len(context), target_ms[1], draft_ms, {k: target_ms[k + 1] for k in ks})
         ideal_g, ideal_s = ideal_speedups(alpha_g, costs, ks), ideal_speedups(alpha_s, costs, ks)
         kg, ks_ = best_k(ideal_g), best_k(ideal_s)

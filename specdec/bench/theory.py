@@ -121,26 +121,32 @@ def _time_extend(engine: CausalLMEngine, keep: int, tokens: list[int]) -> float:
 
 
 def step_times(
-    model: torch.nn.Module, context: Sequence[int], widths: Iterable[int], trials: int
-) -> dict[int, float]:
-    """Median ms for ``model`` to append ``w`` tokens to a cached ``context``, for each width ``w``.
+    jobs: Sequence[tuple[torch.nn.Module, Iterable[int]]], context: Sequence[int], trials: int
+) -> list[dict[int, float]]:
+    """For each (model, widths) job: median ms for the model to append ``w`` tokens to a cached ``context``.
 
     Exactly the servers' work per request: crop the cache back to the context, feed ``w`` tokens, return
-    ``w`` logit rows. The widths are interleaved trial by trial so background noise hits all of them alike.
+    ``w`` logit rows. All (model, width) pairs are interleaved trial by trial, so background load drifting
+    during the measurement hits every pair alike and the ratios (c, v(K)) stay meaningful.
     """
-    widths = sorted(set(widths))
-    engine = CausalLMEngine(model, SequenceStore(max_sequences=1, idle_ttl_s=3600))
     context = list(context)
-    engine.extend(1, 0, context, 1, start=True)
-    filler = [context[i % len(context)] for i in range(max(widths))]
-    for w in widths:  # warm-up: first calls allocate
-        _time_extend(engine, len(context), filler[:w])
-    samples: dict[int, list[float]] = {w: [] for w in widths}
-    for _ in range(trials):
+    plans = []
+    for model, widths in jobs:
+        engine = CausalLMEngine(model, SequenceStore(max_sequences=1, idle_ttl_s=3600))
+        engine.extend(1, 0, context, 1, start=True)
+        plans.append((engine, sorted(set(widths))))
+    filler = [context[i % len(context)] for i in range(max(max(w) for _, w in plans))]
+    for engine, widths in plans:  # warm-up: first calls allocate
         for w in widths:
-            samples[w].append(_time_extend(engine, len(context), filler[:w]))
-    engine.store.release(1)
-    return {w: statistics.median(s) for w, s in samples.items()}
+            _time_extend(engine, len(context), filler[:w])
+    samples: list[dict[int, list[float]]] = [{w: [] for w in widths} for _, widths in plans]
+    for _ in range(trials):
+        for (engine, widths), per_width in zip(plans, samples):
+            for w in widths:
+                per_width[w].append(_time_extend(engine, len(context), filler[:w]))
+    for engine, _ in plans:
+        engine.store.release(1)
+    return [{w: statistics.median(s) for w, s in per_width.items()} for per_width in samples]
 
 
 def measure_costs(
@@ -152,8 +158,7 @@ def measure_costs(
 ) -> Costs:
     """c and v(K) at the given context (use a prompt plus about half a generation)."""
     ks = sorted(k for k in set(ks) if k > 0)
-    target_ms = step_times(target, context, [1, *(k + 1 for k in ks)], trials)
-    draft_ms = step_times(draft, context, [1], trials)
+    target_ms, draft_ms = step_times([(target, [1, *(k + 1 for k in ks)]), (draft, [1])], context, trials)
     costs = Costs(
         context_length=len(context),
         target_step_ms=target_ms[1],

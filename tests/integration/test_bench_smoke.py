@@ -94,3 +94,23 @@ def test_markdown_table_is_well_formed(quick_run: tuple[Path, str]) -> None:
         assert f"**{mode}**, best K = " in text
         assert "α = " in text
     assert "![" in text and "bench.png" in text
+
+
+def test_quick_sweep_ranks_every_draft(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--sweep", "--out-dir", str(tmp_path)],
+        check=False, cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, f"bench --quick --sweep failed ({done.returncode}):\n{done.stderr[-4000:]}"
+    with (tmp_path / "sweep.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert {(r["name"], r["dtype"]) for r in rows} == {
+        (name, dtype) for name in ("first 2", "skip 1") for dtype in ("float32", "bfloat16")
+    }
+    scores = [finite(r["score"]) for r in rows]
+    assert scores == sorted(scores, reverse=True)  # ranked best first
+    for row in rows:
+        assert 0.0 <= finite(row["alpha_greedy"]) <= 1.0 and 0.0 <= finite(row["alpha_sample"]) <= 1.0
+        assert finite(row["c"]) > 0 and finite(row["ideal_greedy"]) > 0 and finite(row["ideal_sample"]) > 0
+    best = rows[0]
+    assert f"--draft-layers {best['layers']} --draft-dtype {best['dtype']}" in (tmp_path / "sweep.md").read_text()
