@@ -47,7 +47,7 @@ class Proposal:
     """What one round proposes."""
 
     draft_token_ids: tuple[int, ...]  # [K]
-    q_probs: torch.Tensor | None  # [K, V] float32 on the CPU: the rows sampled from; None when greedy (one-hot)
+    q_probs: torch.Tensor | None  # [K, V] float32 on the model's device: the rows sampled from; None when greedy
     vocab_size: int
     cache_length: int  # keep_length + len(append_token_ids) + K - 1
 
@@ -132,5 +132,5 @@ class Drafter:
             if i < k - 1:
                 logits = self.engine.extend(seq, length, [token], 1, start=False)  # [1, V]
                 length += 1
-        q_probs = None if params.greedy else torch.cat(rows).to(device="cpu", dtype=torch.float32)  # [K, V]
+        q_probs = None if params.greedy else torch.cat(rows)  # [K, V] float32, packed for the wire on the device
         return Proposal(draft_token_ids=tuple(tokens), q_probs=q_probs, vocab_size=self.vocab_size, cache_length=length)

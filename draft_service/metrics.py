@@ -35,6 +35,9 @@ class DraftMetrics:
         self.open_streams = Gauge("specdec_draft_open_streams", "Open Propose streams.", registry=self.registry)
         self.proposals = Counter("specdec_draft_proposals", "Draft rounds completed.", registry=self.registry)
         self.draft_tokens = Counter("specdec_draft_tokens", "Draft tokens proposed.", registry=self.registry)
+        self.q_bytes = Counter(
+            "specdec_draft_q_bytes", "Bytes of q rows sent (packed supports or dense rows).", registry=self.registry
+        )
         self.errors = Counter(
             "specdec_draft_errors", "Requests that failed, by gRPC status code.", ["code"], registry=self.registry
         )
@@ -52,9 +55,10 @@ class DraftMetrics:
         )
         self._http = None
 
-    def observe_round(self, seconds: float, num_tokens: int) -> None:
+    def observe_round(self, seconds: float, num_tokens: int, q_bytes: int) -> None:
         self.proposals.inc()
         self.draft_tokens.inc(num_tokens)
+        self.q_bytes.inc(q_bytes)
         self.round_seconds.observe(seconds)
 
     def count_error(self, code: grpc.StatusCode) -> None:

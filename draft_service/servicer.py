@@ -66,9 +66,11 @@ def round_from_pb(pb: draft_pb2.ProposeRequest) -> ProposeRound:
 
 
 def proposal_to_pb(proposal: Proposal) -> draft_pb2.ProposeResponse:
+    q_probs, q_index = (b"", b"") if proposal.q_probs is None else encode_rows(proposal.q_probs)
     return draft_pb2.ProposeResponse(
         draft_token_ids=proposal.draft_token_ids,
-        q_probs=b"" if proposal.q_probs is None else encode_rows(proposal.q_probs),
+        q_probs=q_probs,
+        q_index=q_index,
         vocab_size=proposal.vocab_size,
         cache_length=proposal.cache_length,
     )
@@ -127,7 +129,9 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
                         f"this stream is {sequence_id}, got {round_.sequence_id}"
                     )
                 response, seconds = await self._in_worker(self._propose, round_)
-                self._metrics.observe_round(seconds, round_.num_draft_tokens)
+                self._metrics.observe_round(
+                    seconds, round_.num_draft_tokens, len(response.q_probs) + len(response.q_index)
+                )
                 await context.write(response)
         except BaseException as exc:
             tag_sequence(exc, sequence_id)  # the error boundary's line names the sequence

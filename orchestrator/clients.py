@@ -109,9 +109,14 @@ class DraftClient(Protocol):
 class TargetSession(Protocol):
     """One generation's target stream (one sequence id = Triton correlation id)."""
 
-    async def score(self, keep_length: int, append_token_ids: Sequence[int], num_logits: int) -> torch.Tensor:
+    async def score(
+        self, keep_length: int, append_token_ids: Sequence[int], num_logits: int, params: SamplingParams
+    ) -> torch.Tensor:
         """Crop the cache to keep_length (0 on the first call: it starts the sequence), feed
-        append_token_ids and return raw logits [num_logits, V] float32 of the last num_logits positions.
+        append_token_ids and return p [num_logits, W] float32: the target's distributions at the last
+        num_logits positions, warped with ``params`` exactly as ``specdec.sampling.warp`` does (the
+        target warps next to the model, so only the rows' support crosses the wire). W is the vocabulary
+        size V, or less when the rows travel packed: every token beyond W has probability 0.
 
         Raises TargetCacheLost, TargetCapacityExhausted, TargetUnavailable or TargetError."""
         ...

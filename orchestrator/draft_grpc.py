@@ -26,7 +26,7 @@ from specdec.v1 import draft_pb2, draft_pb2_grpc, sampling_pb2
 
 log = logging.getLogger(__name__)
 
-_MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # q rows: K x V x 4 bytes (8 x 128k x 4 = 4 MiB for Llama 3)
+_MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # dense q rows: K x V x 4 bytes (8 x 128k x 4 = 4 MiB for Llama 3)
 _CLOSE_TIMEOUT_S = 1.0
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
@@ -104,9 +104,9 @@ def _to_proposal(response: draft_pb2.ProposeResponse) -> Proposal:
     if vocab and any(not 0 <= t < vocab for t in tokens):
         raise DraftError(f"draft returned token ids outside its vocabulary of {vocab}")
     q = None
-    if response.q_probs:
+    if response.q_probs or response.q_index:
         try:
-            q = decode_rows(response.q_probs, len(tokens), vocab)  # [K, V]
+            q = decode_rows(response.q_probs, response.q_index, len(tokens), vocab)  # [K, V]
         except ValueError as exc:
             raise DraftError(f"draft returned malformed q rows: {exc}") from None
     return Proposal(token_ids=tokens, q=q, cache_length=response.cache_length)

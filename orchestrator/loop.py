@@ -49,7 +49,7 @@ from orchestrator.clients import (
     TargetUnavailable,
 )
 from specdec.logs import SequenceLogger
-from specdec.sampling import RejectionResult, SamplingParams, rejection_sample, warp
+from specdec.sampling import RejectionResult, SamplingParams, rejection_sample
 
 log = logging.getLogger(__name__)
 
@@ -228,8 +228,8 @@ class _Generation:
                 if k > 0 and proposal is None:
                     stats.draft_fallback_rounds += 1
                 drafts = proposal.token_ids if proposal is not None else []
-                logits = await self._score(drafts)  # [len(drafts) + 1, V]
-                result = self._rejection_sample(drafts, proposal.q if proposal is not None else None, logits)
+                p = await self._score(drafts)  # [len(drafts) + 1, V]
+                result = self._rejection_sample(drafts, proposal.q if proposal is not None else None, p)
 
                 before = len(self.tokens)
                 self.target_valid = before + result.accepted
@@ -281,8 +281,8 @@ class _Generation:
             raise DeadlineExceeded("the deadline passed before the generation finished")
         return remaining
 
-    def _rejection_sample(self, drafts: list[int], q: torch.Tensor | None, logits: torch.Tensor) -> RejectionResult:
-        p = warp(logits, self.request.params)  # [k+1, V_p]
+    def _rejection_sample(self, drafts: list[int], q: torch.Tensor | None, p: torch.Tensor) -> RejectionResult:
+        """p [k+1, V_p] and q [k, V_q] are warped already (by the target and the draft)."""
         # The draft's vocabulary may be narrower or wider than the target's: pad both with zero
         # probability to a common width, which leaves the rejection sampler exact.
         width = max(p.shape[-1], q.shape[-1] if q is not None else 0, max(drafts, default=-1) + 1)
@@ -371,7 +371,7 @@ class _Generation:
     # --- target --------------------------------------------------------------------------------------
 
     async def _score(self, drafts: list[int]) -> torch.Tensor:
-        """Target logits [len(drafts) + 1, V] for the last positions of tokens[target_valid:] + drafts."""
+        """Warped target rows p [len(drafts) + 1, V] for the last positions of tokens[target_valid:] + drafts."""
         num_logits = len(drafts) + 1
         started = time.monotonic()
         try:
@@ -383,13 +383,15 @@ class _Generation:
                     self.target_valid = 0
                 append = self.tokens[self.target_valid :] + drafts
                 try:
-                    logits = await self._call_target(self.target_session.score(self.target_valid, append, num_logits))
+                    p = await self._call_target(
+                        self.target_session.score(self.target_valid, append, num_logits, self.request.params)
+                    )
                 except TargetCacheLost as exc:
                     await self._reprefill_target(exc)
                     continue
-                if logits.dim() != 2 or logits.shape[0] != num_logits or logits.shape[1] < 1:
-                    raise TargetError(f"target returned logits {tuple(logits.shape)}, expected [{num_logits}, V]")
-                return logits
+                if p.dim() != 2 or p.shape[0] != num_logits or p.shape[1] < 1:
+                    raise TargetError(f"target returned rows {tuple(p.shape)}, expected [{num_logits}, V]")
+                return p
         finally:
             self.stats.target_time_s += time.monotonic() - started
 

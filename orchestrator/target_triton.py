@@ -1,7 +1,8 @@
 """`TargetClient` over Triton: one shared ``tritonclient.grpc.aio`` client, one ``stream_infer`` per generation.
 
 Thin by design: it builds the tensors of the contract in ``target_service.wire`` (INPUT_IDS, KEEP_LENGTH,
-NUM_LOGITS -> LOGITS; sequence id = Triton correlation id, START on the first request, END on the release),
+NUM_LOGITS and the sampling settings -> the warped rows PROBS + PROBS_INDEX, unpacked by ``specdec.rows``;
+sequence id = Triton correlation id, START on the first request, END on the release),
 and maps Triton's errors onto ``orchestrator.clients`` exceptions. On a stream, Triton reports an error as
 a response carrying only a message (no status code), so errors are classified by message via
 ``wire.classify_error``: "no cache" or Triton's "must specify the START flag" = cache lost, "capacity:" =
@@ -56,6 +57,8 @@ from orchestrator.clients import (
     TargetUnavailable,
 )
 from specdec.logs import SequenceLogger
+from specdec.rows import unpack_rows
+from specdec.sampling import SamplingParams
 from target_service import wire
 
 log = logging.getLogger(__name__)
@@ -81,12 +84,31 @@ def _int32_input(name: str, values: np.ndarray) -> InferInput:
     return tensor
 
 
-def _inputs(keep_length: int, token_ids: Sequence[int], num_logits: int) -> list[InferInput]:
-    return [
+def _fp32_input(name: str, value: float) -> InferInput:
+    tensor = InferInput(name, [1, 1], "FP32")
+    tensor.set_data_from_numpy(np.array([[value]], dtype=np.float32))
+    return tensor
+
+
+def _inputs(
+    keep_length: int, token_ids: Sequence[int], num_logits: int, params: SamplingParams | None
+) -> list[InferInput]:
+    inputs = [
         _int32_input(wire.INPUT_IDS, np.asarray(token_ids, dtype=np.int32).reshape(1, -1)),  # [1, T]
         _int32_input(wire.KEEP_LENGTH, np.array([[keep_length]], dtype=np.int32)),  # [1, 1]
         _int32_input(wire.NUM_LOGITS, np.array([[num_logits]], dtype=np.int32)),  # [1, 1]
     ]
+    if params is not None:  # the model returns the warped rows, packed
+        inputs += [
+            _fp32_input(wire.TEMPERATURE, params.temperature),
+            _int32_input(wire.TOP_K, np.array([[params.top_k]], dtype=np.int32)),
+            _fp32_input(wire.TOP_P, params.top_p),
+        ]
+    return inputs
+
+
+_PROBS_OUTPUTS = [wire.PROBS, wire.PROBS_INDEX]
+_RELEASE_OUTPUTS = [wire.LOGITS]  # [1, 0, V]: a release asks for nothing, and LOGITS is the cheapest to name
 
 
 def unavailable(url: str, why: str) -> TargetUnavailable:
@@ -188,12 +210,15 @@ class TritonTargetSession:
             self._last_error = ended
         self._answers.put_nowait((None, ended))
 
-    def _send(self, keep_length: int, token_ids: Sequence[int], num_logits: int, *, end: bool = False) -> None:
+    def _send(
+        self, keep_length: int, token_ids: Sequence[int], num_logits: int, params: SamplingParams | None
+    ) -> None:
+        end = params is None  # every request but the release carries sampling settings
         self._requests.put_nowait(
             {
                 "model_name": self._model,
-                "inputs": _inputs(keep_length, token_ids, num_logits),
-                "outputs": [InferRequestedOutput(wire.LOGITS)],
+                "inputs": _inputs(keep_length, token_ids, num_logits, params),
+                "outputs": [InferRequestedOutput(name) for name in (_RELEASE_OUTPUTS if end else _PROBS_OUTPUTS)],
                 "sequence_id": self._sequence_id,
                 "sequence_start": not self._started,
                 "sequence_end": end,
@@ -202,10 +227,12 @@ class TritonTargetSession:
         self._started = True
         self._sent += 1
 
-    async def score(self, keep_length: int, append_token_ids: Sequence[int], num_logits: int) -> torch.Tensor:
+    async def score(
+        self, keep_length: int, append_token_ids: Sequence[int], num_logits: int, params: SamplingParams
+    ) -> torch.Tensor:
         if self._broken or self._closed or self._out_of_step:
             raise TargetConnectionLost("the target stream is closed")
-        self._send(keep_length, append_token_ids, num_logits)
+        self._send(keep_length, append_token_ids, num_logits, params)
         try:
             result, error = await self._answers.get()
         except BaseException:  # the caller gave up (cancelled, deadline): its answer will come unread
@@ -216,10 +243,17 @@ class TritonTargetSession:
         if error is not None:
             raise error
         assert result is not None
-        logits = result.as_numpy(wire.LOGITS)  # [1, num_logits, V] float32, a view of the response
-        if logits is None or logits.ndim != 3 or logits.shape[0] != 1:
-            raise TargetError(f"target returned LOGITS {None if logits is None else logits.shape}, expected [1, N, V]")
-        return torch.from_numpy(np.array(logits[0], dtype=np.float32))  # [num_logits, V], a writable copy
+        values, index = result.as_numpy(wire.PROBS), result.as_numpy(wire.PROBS_INDEX)  # [1, N, M], [1, N, M | 0]
+        if values is None or index is None or values.ndim != 3 or index.ndim != 3 or values.shape[0] != 1:
+            shapes = [None if a is None else list(a.shape) for a in (values, index)]
+            raise TargetError(f"target returned PROBS, PROBS_INDEX of shapes {shapes}, expected [1, N, M] each")
+        # Packed rows say nothing of V: unpack them just wide enough for every token they hold (the loop pads
+        # p and q to a common width with zeros, which leaves the sampler exact).
+        width = values.shape[-1] if index.shape[-1] == 0 else int(index.max(initial=0)) + 1
+        try:
+            return unpack_rows(values[0], index[0], width)  # [N, width], a fresh tensor
+        except ValueError as exc:
+            raise TargetError(f"target returned malformed PROBS: {exc}") from None
 
     async def close(self) -> None:
         """Release the sequence and end the stream; never raises, never cancels a release under way."""
@@ -234,7 +268,7 @@ class TritonTargetSession:
             self._responses.cancel()
             release = self._in_background(self._release_unary())
         else:
-            self._send(0, [], 0, end=True)  # in order after every request already sent on this stream
+            self._send(0, [], 0, None)  # the release: in order after every request already sent on this stream
             self._requests.put_nowait(None)  # half-close: Triton ends the stream after its last answer
             release = self._in_background(self._release_on_stream())
         try:
@@ -266,7 +300,8 @@ class TritonTargetSession:
             try:
                 await self._client.infer(
                     self._model,
-                    _inputs(0, [], 0),
+                    _inputs(0, [], 0, None),
+                    outputs=[InferRequestedOutput(name) for name in _RELEASE_OUTPUTS],
                     sequence_id=self._sequence_id,
                     sequence_start=start,
                     sequence_end=True,

@@ -4,7 +4,7 @@
 everything else lives here so unit tests can drive it with a tiny model and a fake ``pb_utils``:
 
 * ``TargetParams`` - the model-config ``parameters`` (model spec, dtype, capacity, TTL, ...), parsed once.
-* ``run_step`` - one request, numpy in, numpy or a ``StepError`` out: the wire contract of
+* ``run_step`` - one request, numpy in, output arrays or a ``StepError`` out: the wire contract of
   ``target_service.wire`` applied to a ``specdec.engine.CausalLMEngine``. It never raises.
 * ``TargetModel`` - the Triton adapter: reads tensors and the correlation id off each request, answers
   every request of an ``execute`` batch independently (one bad request never fails its neighbours), maps
@@ -27,6 +27,8 @@ import torch
 
 from specdec.engine import CapacityError, CausalLMEngine, SequenceNotFoundError, SequenceStore
 from specdec.models import load_model, parse_layers
+from specdec.rows import pack_rows
+from specdec.sampling import SamplingParams, warp
 from target_service import wire
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,7 @@ class StepRequest:
     num_logits: np.ndarray  # [1, 1] int32: how many last positions to return logits for
     start: bool  # CONTROL_SEQUENCE_START
     end: bool  # CONTROL_SEQUENCE_END
+    sampling: np.ndarray | None = None  # [3] float64 (temperature, top_k, top_p) if TEMPERATURE was sent
 
 
 def _scalar(name: str, array: np.ndarray) -> int:
@@ -99,8 +102,31 @@ def _scalar(name: str, array: np.ndarray) -> int:
     return int(array.reshape(-1)[0])
 
 
-def run_step(engine: CausalLMEngine, request: StepRequest) -> np.ndarray | StepError:
-    """Apply one request to the engine: LOGITS [1, NUM_LOGITS, V] float32, or the error to send back.
+Outputs = dict[str, np.ndarray]
+
+
+def _sampling_params(values: np.ndarray) -> SamplingParams:
+    temperature, top_k, top_p = (float(v) for v in values)
+    if top_k != int(top_k):
+        raise ValueError(f"TOP_K must be an integer, got {top_k}")
+    return SamplingParams(temperature=temperature, top_k=int(top_k), top_p=top_p)  # ValueError if out of range
+
+
+def _outputs(logits: torch.Tensor, params: SamplingParams | None) -> Outputs:
+    """logits [N, V] -> LOGITS, or PROBS and PROBS_INDEX (warped, packed) when sampling settings came."""
+    if params is None:
+        return {wire.LOGITS: logits.cpu().numpy()[None]}  # [1, N, V]
+    if logits.shape[0] == 0:
+        values, index = logits.cpu().numpy(), None
+    else:
+        values, index = pack_rows(warp(logits, params))  # [N, M] each, or [N, V] and None when dense
+    if index is None:
+        index = np.zeros((values.shape[0], 0), dtype=np.int32)
+    return {wire.PROBS: values[None], wire.PROBS_INDEX: index[None]}  # [1, N, M], [1, N, M | 0]
+
+
+def run_step(engine: CausalLMEngine, request: StepRequest) -> Outputs | StepError:
+    """Apply one request to the engine: its output arrays (``wire``), or the error to send back.
 
     A *release request* (no tokens, NUM_LOGITS 0, END) drops the cache and returns [1, 0, V]; here it is
     idempotent (Triton itself wants START too for a sequence it no longer knows, see ``wire``). END on a
@@ -115,6 +141,9 @@ def run_step(engine: CausalLMEngine, request: StepRequest) -> np.ndarray | StepE
                 raise ValueError(f"{wire.INPUT_IDS} must have shape [1, T], got {list(ids.shape)}")
             keep_length = _scalar(wire.KEEP_LENGTH, request.keep_length)
             num_logits = _scalar(wire.NUM_LOGITS, request.num_logits)
+            params = None if request.sampling is None else _sampling_params(request.sampling)
+            if params is not None:
+                params.validate_for_vocab(engine.vocab_size)
             if keep_length < 0:
                 raise ValueError(f"keep_length must be >= 0, got {keep_length}")
             tokens = ids[0].tolist()
@@ -124,9 +153,9 @@ def run_step(engine: CausalLMEngine, request: StepRequest) -> np.ndarray | StepE
                         f"a request without tokens is a release request and must set END "
                         f"(sequence {sid}, {wire.NUM_LOGITS} 0)"
                     )
-                return np.zeros((1, 0, engine.vocab_size), dtype=np.float32)  # released below
+                return _outputs(torch.zeros(0, engine.vocab_size), params)  # released below
             logits = engine.extend(sid, keep_length, tokens, num_logits, start=request.start)  # [N, V]
-            return logits.cpu().numpy()[None]  # [1, N, V]
+            return _outputs(logits, params)
         finally:
             if request.end:
                 engine.store.release(sid)
@@ -160,6 +189,8 @@ class TargetModel:
         self._gauge: Any = None
         self._counter_family: Any = None
         self._counters: dict[str, Any] = {}
+        self._bytes_family: Any = None
+        self._bytes: Any = None
         self._labels: dict[str, str] = {}
 
     def initialize(self, args: Mapping[str, str]) -> None:
@@ -202,6 +233,12 @@ class TargetModel:
             description="Requests answered by this model instance, by result code",
             kind=pb.MetricFamily.COUNTER,
         )
+        self._bytes_family = pb.MetricFamily(
+            name=wire.METRIC_OUTPUT_BYTES,
+            description="Bytes of output tensors (logits or packed probability rows) answered by this instance",
+            kind=pb.MetricFamily.COUNTER,
+        )
+        self._bytes = self._bytes_family.Metric(labels=self._labels)
         self._gauge.set(0.0)
 
     def execute(self, requests: list[Any]) -> list[Any]:
@@ -221,11 +258,11 @@ class TargetModel:
         if self.engine is not None:
             log.info("unloading with %d live sequence(s)", len(self.engine.store))
         self.engine = None
-        self._gauge = None
+        self._gauge = self._bytes = None
         self._counters.clear()
-        self._gauge_family = self._counter_family = None
+        self._gauge_family = self._counter_family = self._bytes_family = None
 
-    def _step(self, request: Any) -> np.ndarray | StepError:
+    def _step(self, request: Any) -> Outputs | StepError:
         try:
             get = self._pb.get_input_tensor_by_name
 
@@ -239,6 +276,16 @@ class TargetModel:
                 if tensor is None:
                     return StepError(ErrorCode.INVALID_ARG, f"{wire.INVALID_PREFIX} missing input {name}")
                 arrays[name] = tensor.as_numpy()
+            sampling = None
+            if get(request, wire.TEMPERATURE) is not None:
+                sampling = np.empty(3, dtype=np.float64)
+                for i, (name, default) in enumerate(((wire.TEMPERATURE, 0.0), (wire.TOP_K, 0), (wire.TOP_P, 1.0))):
+                    tensor = get(request, name)
+                    values = np.asarray([default]) if tensor is None else tensor.as_numpy().reshape(-1)
+                    if values.size != 1:
+                        message = f"{wire.INVALID_PREFIX} {name} must hold one value, got shape {list(values.shape)}"
+                        return StepError(ErrorCode.INVALID_ARG, message)
+                    sampling[i] = values[0]
             step = StepRequest(
                 sequence_id=int(request.correlation_id()),
                 input_ids=arrays[wire.INPUT_IDS],
@@ -246,6 +293,7 @@ class TargetModel:
                 num_logits=arrays[wire.NUM_LOGITS],
                 start=flag(wire.START),
                 end=flag(wire.END),
+                sampling=sampling,
             )
         except Exception:
             log.exception("reading a request failed")
@@ -253,17 +301,19 @@ class TargetModel:
             return StepError(ErrorCode.INTERNAL, message)
         return run_step(self.engine, step)
 
-    def _respond(self, result: np.ndarray | StepError) -> Any:
+    def _respond(self, result: Outputs | StepError) -> Any:
         pb = self._pb
-        code = "OK" if isinstance(result, np.ndarray) else result.code.value
+        code = result.code.value if isinstance(result, StepError) else "OK"
         try:
             if code not in self._counters:
                 self._counters[code] = self._counter_family.Metric(labels={**self._labels, "code": code})
             self._counters[code].increment(1.0)
+            if not isinstance(result, StepError):
+                self._bytes.increment(float(sum(array.nbytes for array in result.values())))
         except Exception:
             log.exception("updating metrics failed")
-        if isinstance(result, np.ndarray):
-            return pb.InferenceResponse(output_tensors=[pb.Tensor(wire.LOGITS, result)])
+        if not isinstance(result, StepError):
+            return pb.InferenceResponse(output_tensors=[pb.Tensor(name, array) for name, array in result.items()])
         return pb.InferenceResponse(
             output_tensors=[], error=pb.TritonError(result.message, getattr(pb.TritonError, result.code.value))
         )

@@ -11,8 +11,22 @@ name                type   client shape  meaning
 INPUT_IDS (in)      INT32  [1, T]        tokens to append; T = 0 only on a release request
 KEEP_LENGTH (in)    INT32  [1, 1]        cache length to keep (roll back to) before appending
 NUM_LOGITS (in)     INT32  [1, 1]        how many last appended positions to return; 0 only on release
-LOGITS (out)        FP32   [1, N, V]     raw target logits of the last N = NUM_LOGITS positions
+TEMPERATURE (in)    FP32   [1, 1]        optional: sampling settings; present = return PROBS, not
+TOP_K (in)          INT32  [1, 1]        LOGITS. Temperature 0 = greedy, top_k 0 and top_p 1 = off
+TOP_P (in)          FP32   [1, 1]        (their defaults when absent); refused if out of range
+LOGITS (out)        FP32   [1, N, V]     without TEMPERATURE: raw logits of the last N = NUM_LOGITS
+                                         positions
+PROBS (out)         FP32   [1, N, M]     with TEMPERATURE: those rows warped (``specdec.sampling.warp``)
+PROBS_INDEX (out)   INT32  [1, N, M|0]   and packed (``specdec.rows.pack_rows``): each row's support,
+                                         PROBS[0, i, j] being the probability of token
+                                         PROBS_INDEX[0, i, j] (zero-padded to the widest support M);
+                                         or dense (M = V) when PROBS_INDEX has no columns
 ==================  =====  ============  ==========================================================
+
+Why PROBS: the orchestrator needs the *warped* target distribution p, which under greedy, top-k or top-p
+has a support of one to a few hundred tokens out of V (49,152 for SmolLM2). Warping next to the model
+(on its GPU in production) and sending the support cuts a round's reply from (K+1)·V·4 bytes (≈ 1 MB at
+K = 4) to a few KB, and the orchestrator does no softmax of its own. The rows come back bit for bit.
 
 The sequence id is Triton's correlation id (``sequence_id=``, uint64, non-zero). ``sequence_start=True``
 on the first request (KEEP_LENGTH must be 0; on a live id it restarts the sequence), ``sequence_end=True``
@@ -67,7 +81,12 @@ KEEP_LENGTH = "KEEP_LENGTH"
 NUM_LOGITS = "NUM_LOGITS"
 START = "START"  # control input, CONTROL_SEQUENCE_START; clients set it via sequence_start=True
 END = "END"  # control input, CONTROL_SEQUENCE_END; clients set it via sequence_end=True
+TEMPERATURE = "TEMPERATURE"  # optional sampling inputs: present = PROBS + PROBS_INDEX instead of LOGITS
+TOP_K = "TOP_K"
+TOP_P = "TOP_P"
 LOGITS = "LOGITS"
+PROBS = "PROBS"
+PROBS_INDEX = "PROBS_INDEX"
 
 # Message prefixes of the model's errors (the only thing a stream response carries).
 INVALID_PREFIX = "invalid:"  # INVALID_ARG
@@ -86,6 +105,7 @@ TRITON_NOT_SERVING = (
 
 METRIC_LIVE_SEQUENCES = "specdec_target_live_sequences"  # gauge; labels model, instance
 METRIC_REQUESTS = "specdec_target_requests_total"  # counter; labels model, instance, code
+METRIC_OUTPUT_BYTES = "specdec_target_output_bytes_total"  # counter of output tensor bytes; labels model, instance
 
 
 class TargetError(enum.Enum):

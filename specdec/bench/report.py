@@ -131,7 +131,8 @@ def render_markdown(summary: Summary, figure_name: str | None) -> str:
          "*client hop* = client wall − orchestrator total; *overhead* = client − draft compute − Triton model "
          "(orchestrator + every wire + framework), also as % of one in-process target step; *… / in-process* = "
          "the servers' model time over the same forwards timed in-process (1 = no serving penalty); MB/round = "
-         "float32 probability rows moved (q: K×V when sampling, logits: (K+1)×V)."),
+         "probability-row bytes the draft (q) and Triton (p) sent per round, measured by their counters (only each "
+         "row's support travels under greedy, top-k and top-p)."),
         overhead_table(summary),
         "## Goals",
         "\n".join(goals(summary)),

@@ -114,7 +114,7 @@ def measure_stack(
         env[f"{_ORCHESTRATOR_ENV}MAX_NUM_DRAFT_TOKENS"] = str(max(config.ks))
         env["SPECDEC_DRAFT_MAX_NUM_DRAFT_TOKENS"] = str(max(config.ks))
     with LocalStack(stack_config, env=env) as running:
-        counters = stack_runs.CounterReader(running.triton_url, running.draft_metrics_url)
+        counters = stack_runs.CounterReader(running.triton_url, running.triton_metrics_url, running.draft_metrics_url)
         try:
             return stack_runs.run_stack(
                 running.address, counters, prompts, modes, config.all_ks, config.max_new_tokens, config.repeats,

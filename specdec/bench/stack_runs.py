@@ -4,9 +4,10 @@ Why this module exists: the numbers that matter to a user of `specdec.v1.Generat
 client sees: wall time per generated token, measured around each `Generate` call. To explain them, each
 generation's GenerationStats (rounds, accepted tokens, time waiting on the draft and on Triton, time in the
 orchestrator) is kept, and around each configuration the servers' own counters are read — Triton's model
-statistics (`get_inference_statistics`: time inside the model) and the draft service's
-``specdec_draft_round_seconds`` histogram (time inside the draft model worker) — so time on the wire can be
-told apart from compute.
+statistics (`get_inference_statistics`: time inside the model), the draft service's
+``specdec_draft_round_seconds`` histogram (time inside the draft model worker) and both servers' counters of
+the probability-row bytes they sent — so time on the wire can be told apart from compute, and the bytes per
+round are measured, not computed.
 """
 
 from __future__ import annotations
@@ -15,17 +16,20 @@ import logging
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, replace
 
 import grpc
 
 from specdec.sampling import SamplingParams
 from specdec.v1 import generation_pb2, generation_pb2_grpc, sampling_pb2
+from target_service import wire
 
 log = logging.getLogger(__name__)
 
 TRITON_MODEL = "specdec_target"
 DRAFT_ROUND_METRIC = "specdec_draft_round_seconds"
+DRAFT_Q_BYTES_METRIC = "specdec_draft_q_bytes"
+TRITON_BYTES_METRIC = wire.METRIC_OUTPUT_BYTES
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,8 @@ class ServerCounters:
     triton_compute_ns: int = 0  # compute_input + compute_infer + compute_output (the Python model)
     draft_rounds: float = 0.0
     draft_round_s: float = 0.0  # time of draft rounds in the draft's model worker
+    draft_q_bytes: float = 0.0  # q rows the draft service sent
+    triton_output_bytes: float = 0.0  # output tensors (probability rows) the Triton model answered
 
     def __sub__(self, other: ServerCounters) -> ServerCounters:
         return ServerCounters(*(a - b for a, b in zip(astuple(self), astuple(other))))
@@ -79,51 +85,55 @@ class ConfigRun:
 
 
 class CounterReader:
-    """Reads Triton's model statistics and the draft service's Prometheus histogram."""
+    """Reads Triton's model statistics and the Prometheus counters of Triton's model and the draft service."""
 
-    def __init__(self, triton_url: str, draft_metrics_url: str | None) -> None:
+    def __init__(self, triton_url: str, triton_metrics_url: str, draft_metrics_url: str | None) -> None:
         import tritonclient.grpc as triton_grpc
 
         self._triton = triton_grpc.InferenceServerClient(triton_url)
+        self._triton_metrics_url = triton_metrics_url
         self._draft_metrics_url = draft_metrics_url
 
     def read(self) -> ServerCounters:
         stats = self._triton.get_inference_statistics(model_name=TRITON_MODEL).model_stats
         s = stats[0].inference_stats if stats else None
-        draft_count, draft_sum = self._draft_round_seconds()
+        draft = _scrape(self._draft_metrics_url, f"{DRAFT_ROUND_METRIC}_count", f"{DRAFT_ROUND_METRIC}_sum",
+                        f"{DRAFT_Q_BYTES_METRIC}_total")
+        (triton_bytes,) = _scrape(self._triton_metrics_url, TRITON_BYTES_METRIC)
+        counters = ServerCounters(draft_rounds=draft[0], draft_round_s=draft[1], draft_q_bytes=draft[2],
+                                  triton_output_bytes=triton_bytes)
         if s is None:
-            return ServerCounters(draft_rounds=draft_count, draft_round_s=draft_sum)
-        return ServerCounters(
+            return counters
+        return replace(
+            counters,
             triton_requests=s.success.count,
             triton_success_ns=s.success.ns,
             triton_queue_ns=s.queue.ns,
             triton_compute_ns=s.compute_input.ns + s.compute_infer.ns + s.compute_output.ns,
-            draft_rounds=draft_count,
-            draft_round_s=draft_sum,
         )
-
-    def _draft_round_seconds(self) -> tuple[float, float]:
-        if not self._draft_metrics_url:
-            return 0.0, 0.0
-        from prometheus_client.parser import text_string_to_metric_families
-
-        try:
-            with urllib.request.urlopen(self._draft_metrics_url, timeout=5) as response:  # loopback only
-                text = response.read().decode()
-        except OSError as exc:
-            log.warning("cannot read the draft service's metrics (%s); draft wire time unknown", exc)
-            return 0.0, 0.0
-        count = total = 0.0
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == f"{DRAFT_ROUND_METRIC}_count":
-                    count += sample.value
-                elif sample.name == f"{DRAFT_ROUND_METRIC}_sum":
-                    total += sample.value
-        return count, total
 
     def close(self) -> None:
         self._triton.close()
+
+
+def _scrape(url: str | None, *names: str) -> tuple[float, ...]:
+    """The sums over labels of the named Prometheus samples at ``url`` (zeros if there is no url)."""
+    totals = dict.fromkeys(names, 0.0)
+    if not url:
+        return tuple(totals.values())
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:  # loopback only
+            text = response.read().decode()
+    except OSError as exc:
+        log.warning("cannot read metrics at %s (%s); their figures are unknown", url, exc)
+        return tuple(totals.values())
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in totals:
+                totals[sample.name] += sample.value
+    return tuple(totals.values())
 
 
 def _request(

@@ -58,7 +58,7 @@ class Row:
     overhead_pct: float = NAN  # overhead_ms / one in-process target step, in %
     triton_vs_inprocess: float = NAN  # Triton model time / the same forward in-process (target step or v(K))
     draft_vs_inprocess: float = NAN  # draft compute / K in-process draft steps
-    mb_per_round: float = NAN  # probability rows on the wire: q (K x V, sampling only) + logits ((K+1) x V)
+    mb_per_round: float = NAN  # probability rows sent per round by the draft (q) and Triton (p), measured
     fallback_rounds: int = 0  # rounds the orchestrator ran target-only because the draft failed
 
 
@@ -80,13 +80,6 @@ class Summary:
         """The speculative row (K > 0) with the highest measured speedup."""
         rows = [r for r in self.rows if r.system == system and r.mode == mode and r.k > 0]
         return max(rows, key=lambda r: r.speedup) if rows else None
-
-
-def bytes_per_round(k: int, vocab_size: int, greedy: bool) -> int:
-    """Probability rows one round moves: the draft's q rows ([K, V] float32, none when greedy: q is then
-    one-hot at the draft tokens) and Triton's logits ([K+1, V] float32). Token ids are negligible."""
-    q = 0 if greedy else k * vocab_size * 4
-    return q + (k + 1) * vocab_size * 4
 
 
 def implied_alpha(tokens_per_round: float, k: int) -> float:
@@ -123,7 +116,7 @@ def _base_row(system: str, mode: str, k: int, per_token: list[float], tokens: in
 
 
 def stack_rows(runs: Iterable[ConfigRun], ideal: dict[str, dict[int, float]], alphas: dict[str, Alpha],
-               costs: Costs, vocab_size: int) -> list[Row]:
+               costs: Costs) -> list[Row]:
     rows = []
     for run in runs:
         recs = run.records
@@ -160,7 +153,7 @@ def stack_rows(runs: Iterable[ConfigRun], ideal: dict[str, dict[int, float]], al
             overhead_ms=overhead, overhead_pct=100.0 * _ratio(overhead, costs.target_step_ms),
             triton_vs_inprocess=_ratio(triton_compute, costs.target_step_ms * costs.verify_cost_ratio(run.k)),
             draft_vs_inprocess=_ratio(draft_compute, run.k * costs.draft_step_ms) if run.k else NAN,
-            mb_per_round=bytes_per_round(run.k, vocab_size, run.mode == "greedy") / 1e6,
+            mb_per_round=per_round(servers.draft_q_bytes + servers.triton_output_bytes) / 1e6,
             fallback_rounds=sum(r.fallback_rounds for r in recs),
         ))
     return rows
@@ -205,5 +198,5 @@ def summarize(
 ) -> Summary:
     """Build the table: stack rows, peer rows, ideal speedups, and the ratios between them."""
     ideal = {mode: ideal_speedups(a.mean, costs, ks) if math.isfinite(a.mean) else {} for mode, a in alphas.items()}
-    rows = with_ratios(stack_rows(runs, ideal, alphas, costs, vocab_size) + peer_rows(peer, ideal))
+    rows = with_ratios(stack_rows(runs, ideal, alphas, costs) + peer_rows(peer, ideal))
     return Summary(tuple(rows), dict(alphas), costs, ideal, vocab_size, dict(settings or {}))

@@ -147,7 +147,7 @@ def test_a_stream_of_rounds_then_release_on_completion(server: ServerThread, stu
     first = stream.round(append_token_ids=PROMPT, num_draft_tokens=4, seed=1)
     assert len(first.draft_token_ids) == 4 and first.vocab_size == TINY_VOCAB_SIZE
     assert first.cache_length == len(PROMPT) + 3
-    q = decode_rows(first.q_probs, 4, first.vocab_size)
+    q = decode_rows(first.q_probs, first.q_index, 4, first.vocab_size)
     torch.testing.assert_close(q.sum(-1), torch.ones(4), atol=1e-5, rtol=0)
     assert all(q[i, t] > 0 for i, t in enumerate(first.draft_token_ids))
     assert server.live_sequences() == 1
@@ -156,8 +156,9 @@ def test_a_stream_of_rounds_then_release_on_completion(server: ServerThread, stu
     second = stream.round(
         keep_length=len(PROMPT) + 2, append_token_ids=[9], num_draft_tokens=3, sampling=sampling, seed=2
     )
-    q2 = decode_rows(second.q_probs, 3, TINY_VOCAB_SIZE)
+    q2 = decode_rows(second.q_probs, second.q_index, 3, TINY_VOCAB_SIZE)
     assert ((q2 > 0).sum(-1) <= 10).all()
+    assert 0 < len(second.q_index) <= 3 * 10 * 4  # top-k 10: only the support travels
     assert second.cache_length == len(PROMPT) + 2 + 1 + 2
     greedy = stream.round(
         keep_length=second.cache_length, append_token_ids=[second.draft_token_ids[-1]], num_draft_tokens=2,
@@ -420,13 +421,13 @@ def test_smollm2_self_draft_proposes_over_grpc() -> None:
         stream = Stream(running.stub)
         sampled = stream.round(sequence_id=1, append_token_ids=prompt, num_draft_tokens=3, seed=5)
         assert sampled.vocab_size == 49152 and sampled.cache_length == len(prompt) + 2
-        q = decode_rows(sampled.q_probs, 3, 49152)
+        q = decode_rows(sampled.q_probs, sampled.q_index, 3, 49152)
         torch.testing.assert_close(q.sum(-1), torch.ones(3), atol=1e-4, rtol=0)
         greedy = stream.round(
             sequence_id=1, keep_length=len(prompt), append_token_ids=[sampled.draft_token_ids[0]],
             num_draft_tokens=3, sampling=sampling_pb2.SamplingParams(temperature=0.0),
         )
-        assert greedy.q_probs == b"" and all(0 <= t < 49152 for t in greedy.draft_token_ids)
+        assert greedy.q_probs == greedy.q_index == b"" and all(0 <= t < 49152 for t in greedy.draft_token_ids)
         stream.close()
         wait_until(lambda: running.live_sequences() == 0, "release")
     finally:

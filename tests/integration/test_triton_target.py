@@ -24,7 +24,9 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
+from orchestrator.target_triton import TritonTargetClient
 from specdec.models import load_model
+from specdec.sampling import SamplingParams, warp
 from target_service import wire
 from target_service.launcher import TritonServer, TritonServerConfig
 
@@ -281,6 +283,36 @@ def test_stream_infer_over_grpc_aio(triton, forward):
     assert wire.classify_error(e2.status(), e2.message()) is wire.TargetError.INVALID_ARGUMENT
     np.testing.assert_allclose(r3.as_numpy(wire.LOGITS)[0], forward(PROMPT + DRAFTS[:2] + [42])[-1:], atol=ATOL)
     assert r4.as_numpy(wire.LOGITS).shape == (1, 0, 49152)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, top_p=0.95), SamplingParams(temperature=0.7, top_k=50)],
+    ids=["greedy", "top-p", "top-k"],
+)
+def test_the_orchestrators_adapter_gets_the_warped_rows_packed(triton, client, params):
+    # Through the orchestrator's real adapter: PROBS must be warp(LOGITS) of the same step, bit for bit,
+    # while only each row's support crosses the wire.
+    plain = new_sid()
+    logits = infer(client, plain, PROMPT + DRAFTS, 0, len(DRAFTS) + 1, start=True, end=True)  # [1, K+1, V]
+    expected = warp(torch.from_numpy(np.array(logits[0])), params)  # [K+1, V]
+
+    async def score() -> torch.Tensor:
+        target = TritonTargetClient(triton.grpc_url)
+        try:
+            session = await target.open(new_sid(), timeout=60.0)
+            try:
+                return await session.score(0, PROMPT + DRAFTS, len(DRAFTS) + 1, params)
+            finally:
+                await session.close()
+        finally:
+            await target.close()
+
+    p = asyncio.run(score())  # [K+1, W]: W covers every token with non-zero probability
+    support = int(torch.count_nonzero(expected, dim=-1).max())
+    assert support < 49152 / 2 and p.shape[1] <= 49152
+    assert torch.equal(torch.nn.functional.pad(p, (0, 49152 - p.shape[1])), expected)
+    assert live_sequences(triton) == 0  # the adapter released its sequence
 
 
 def test_a_model_that_cannot_load_fails_the_start_loudly(tmp_path):

@@ -36,7 +36,8 @@ def run(mode: str, k: int, ms_per_token: float, rounds: int) -> ConfigRun:
                  for p in range(3))
     servers = ServerCounters(triton_requests=3 * rounds, triton_success_ns=3 * rounds * 31_000_000,
                              triton_compute_ns=3 * rounds * 30_000_000, draft_rounds=3 * rounds if k else 0,
-                             draft_round_s=3 * rounds * k * 0.006)
+                             draft_round_s=3 * rounds * k * 0.006, draft_q_bytes=3 * rounds * k * 800,
+                             triton_output_bytes=3 * rounds * (k + 1) * 800)
     return ConfigRun(mode, k, recs, servers)
 
 
@@ -79,8 +80,8 @@ def test_per_round_split_and_bytes(table: summary.Summary) -> None:
     assert row.overhead_pct == pytest.approx(100 * row.overhead_ms / 30.0)
     assert row.triton_vs_inprocess == pytest.approx(30.0 / 42.0)  # Triton's 30 ms vs 42 ms in-process for K+1 = 3
     assert row.draft_vs_inprocess == pytest.approx(12.0 / (2 * 6.0))
-    assert row.mb_per_round == pytest.approx((2 * V + 3 * V) * 4 / 1e6)  # q rows + logits rows
-    assert table.row("specdec", "greedy", 2).mb_per_round == pytest.approx(3 * V * 4 / 1e6)  # greedy: no q
+    assert row.mb_per_round == pytest.approx((2 + 3) * 800 / 1e6)  # the servers' byte counters over the rounds
+    assert table.row("specdec", "greedy", 0).mb_per_round == pytest.approx(800 / 1e6)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 0.75, 0.99])

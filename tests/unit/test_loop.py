@@ -76,7 +76,9 @@ class FakeTargetSession:
     def __init__(self, client: FakeTarget, sequence_id: int) -> None:
         self.client, self.sequence_id, self.cache = client, sequence_id, []
 
-    async def score(self, keep_length: int, append_token_ids: Sequence[int], num_logits: int) -> torch.Tensor:
+    async def score(
+        self, keep_length: int, append_token_ids: Sequence[int], num_logits: int, params: SamplingParams
+    ) -> torch.Tensor:
         client = self.client
         index = len(client.calls.requests)
         client.calls.requests.append((self.sequence_id, keep_length, list(append_token_ids), num_logits))
@@ -89,7 +91,8 @@ class FakeTargetSession:
         assert (keep_length == 0) == (not self.cache or keep_length == 0)
         self.cache = self.cache[:keep_length] + list(append_token_ids)
         n = len(self.cache)
-        return torch.stack([client.model(self.cache[: j + 1]) for j in range(n - num_logits, n)])  # [num_logits, V]
+        logits = torch.stack([client.model(self.cache[: j + 1]) for j in range(n - num_logits, n)])  # [num_logits, V]
+        return warp(logits, params)  # as the Triton model does
 
     async def close(self) -> None:
         await asyncio.sleep(self.client.close_delay_s)

@@ -332,9 +332,11 @@ class FakeDraftService(draft_pb2_grpc.DraftServiceServicer):
                     )
                 except DraftCacheLost as exc:
                     await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+                q_probs, q_index = (b"", b"") if proposal.q is None else encode_rows(proposal.q)
                 yield draft_pb2.ProposeResponse(
                     draft_token_ids=proposal.token_ids,
-                    q_probs=b"" if proposal.q is None else encode_rows(proposal.q),
+                    q_probs=q_probs,
+                    q_index=q_index,
                     vocab_size=VOCAB,
                     cache_length=proposal.cache_length,
                 )

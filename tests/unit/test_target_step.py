@@ -22,6 +22,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from specdec.engine import CausalLMEngine, SequenceStore
 from target_service import launcher, wire
+from specdec.rows import unpack_rows
+from specdec.sampling import SamplingParams, warp
 from target_service.triton_model import ErrorCode, StepError, StepRequest, TargetModel, TargetParams, run_step
 
 V = 64
@@ -61,7 +63,8 @@ def engine(model: torch.nn.Module, clock: FakeClock) -> CausalLMEngine:
 
 
 def request(
-    sid: int, ids: list[int], keep: int, n: int, *, start: bool = False, end: bool = False
+    sid: int, ids: list[int], keep: int, n: int, *, start: bool = False, end: bool = False,
+    sampling: tuple[float, float, float] | None = None,
 ) -> StepRequest:
     return StepRequest(
         sequence_id=sid,
@@ -70,16 +73,26 @@ def request(
         num_logits=np.array([[n]], dtype=np.int32),  # [1, 1]
         start=start,
         end=end,
+        sampling=None if sampling is None else np.array(sampling, dtype=np.float64),
     )
 
 
-def ok(result: np.ndarray | StepError) -> np.ndarray:
-    assert isinstance(result, np.ndarray), result
-    assert result.dtype == np.float32
-    return result
+def ok(result: dict[str, np.ndarray] | StepError) -> np.ndarray:
+    """The LOGITS of a request sent without sampling settings."""
+    assert isinstance(result, dict) and set(result) == {wire.LOGITS}, result
+    assert result[wire.LOGITS].dtype == np.float32
+    return result[wire.LOGITS]
 
 
-def err(result: np.ndarray | StepError, code: ErrorCode) -> str:
+def probs(result: dict[str, np.ndarray] | StepError, vocab_size: int = V) -> torch.Tensor:
+    """PROBS and PROBS_INDEX of a request sent with sampling settings, unpacked to dense [N, V] rows."""
+    assert isinstance(result, dict) and set(result) == {wire.PROBS, wire.PROBS_INDEX}, result
+    values, index = result[wire.PROBS], result[wire.PROBS_INDEX]
+    assert values.dtype == np.float32 and index.dtype == np.int32 and values.shape[:2] == index.shape[:2]
+    return unpack_rows(values[0], index[0], vocab_size)
+
+
+def err(result: dict[str, np.ndarray] | StepError, code: ErrorCode) -> str:
     assert isinstance(result, StepError), f"expected {code}, got logits {getattr(result, 'shape', result)}"
     assert result.code == code, result
     return result.message
@@ -93,6 +106,46 @@ def full_forward(model: torch.nn.Module, ids: list[int]) -> np.ndarray:
 
 PROMPT = [5, 17, 3, 42, 8, 11]
 DRAFTS = [60, 2, 33, 7]
+
+
+@pytest.mark.parametrize(
+    ("sampling", "packed"),
+    [((0.0, 0, 1.0), True), ((0.7, 0, 0.5), True), ((1.2, 5, 1.0), True), ((0.9, 0, 1.0), False)],
+)
+def test_sampling_settings_return_the_warped_rows_packed(engine, model, sampling, packed):
+    # The same step without settings gives the logits; warping them must give exactly PROBS, bit for bit.
+    logits = ok(run_step(engine, request(1, PROMPT, 0, 3, start=True)))
+    result = run_step(engine, request(2, PROMPT, 0, 3, start=True, sampling=sampling))
+    temperature, top_k, top_p = sampling
+    expected = warp(torch.from_numpy(logits[0]), SamplingParams(temperature, int(top_k), top_p))  # [3, V]
+    assert torch.equal(probs(result), expected)
+    index = result[wire.PROBS_INDEX]
+    if packed:  # only the support travels
+        assert index.shape[-1] == int(torch.count_nonzero(expected, dim=-1).max()) < V / 2
+    else:  # plain temperature: every token is possible, the rows travel dense
+        assert index.shape == (1, 3, 0) and result[wire.PROBS].shape == (1, 3, V)
+    assert torch.equal(probs(run_step(engine, request(2, [9], len(PROMPT), 1, sampling=sampling))), warp(
+        torch.from_numpy(ok(run_step(engine, request(1, [9], len(PROMPT), 1)))[0]),
+        SamplingParams(temperature, int(top_k), top_p),
+    ))
+
+
+@pytest.mark.parametrize(
+    ("sampling", "field"),
+    [((-1.0, 0, 1.0), "temperature"), ((float("nan"), 0, 1.0), "temperature"), ((1.0, -2, 1.0), "top_k"),
+     ((1.0, V + 1, 1.0), "top_k"), ((1.0, 1.5, 1.0), "TOP_K"), ((1.0, 0, 0.0), "top_p"), ((1.0, 0, 1.5), "top_p")],
+)
+def test_bad_sampling_settings_are_invalid_and_keep_the_cache(engine, sampling, field):
+    ok(run_step(engine, request(1, PROMPT, 0, 1, start=True)))
+    message = err(run_step(engine, request(1, [9], len(PROMPT), 1, sampling=sampling)), ErrorCode.INVALID_ARG)
+    assert message.startswith(wire.INVALID_PREFIX) and field in message
+    ok(run_step(engine, request(1, [9], len(PROMPT), 1)))  # the cache was not touched
+
+
+def test_release_with_sampling_settings_returns_empty_rows(engine):
+    ok(run_step(engine, request(1, PROMPT, 0, 1, start=True)))
+    result = run_step(engine, request(1, [], 0, 0, end=True, sampling=(0.0, 0, 1.0)))
+    assert probs(result).shape == (0, V) and 1 not in engine.store
 
 
 def test_start_returns_the_last_logits_of_a_full_forward(engine, model):
@@ -316,7 +369,9 @@ def fake_pb_utils() -> types.SimpleNamespace:
     )
 
 
-def triton_request(sid: int, ids: list[int], keep: int, n: int, start: int = 0, end: int = 0) -> FakeRequest:
+def triton_request(
+    sid: int, ids: list[int], keep: int, n: int, start: int = 0, end: int = 0, **sampling: np.ndarray
+) -> FakeRequest:
     return FakeRequest(
         sid,
         {
@@ -325,6 +380,7 @@ def triton_request(sid: int, ids: list[int], keep: int, n: int, start: int = 0, 
             wire.NUM_LOGITS: np.array([[n]], np.int32),
             wire.START: np.array([[start]], np.int32),
             wire.END: np.array([[end]], np.int32),
+            **sampling,
         },
     )
 
@@ -365,6 +421,28 @@ def test_one_bad_request_does_not_fail_its_batch(triton_model, model):
     assert metric(wire.METRIC_REQUESTS, code="OK") == 2.0
     assert metric(wire.METRIC_REQUESTS, code="INVALID_ARG") == 2.0
     assert metric(wire.METRIC_REQUESTS, code="NOT_FOUND") == 1.0
+
+
+def test_sampling_inputs_select_the_probs_outputs(triton_model, model):
+    greedy = {wire.TEMPERATURE: np.array([[0.0]], np.float32)}  # TOP_K and TOP_P left out: off
+    nucleus = {wire.TEMPERATURE: np.array([[0.8]], np.float32), wire.TOP_P: np.array([[0.9]], np.float32)}
+    two_values = {wire.TEMPERATURE: np.array([[0.8]], np.float32), wire.TOP_K: np.array([[1, 2]], np.int32)}
+    responses = triton_model.execute([
+        triton_request(1, PROMPT, 0, 2, start=1, **greedy),
+        triton_request(2, PROMPT, 0, 2, start=1, **nucleus),
+        triton_request(3, PROMPT, 0, 2, start=1, **two_values),
+    ])
+    expected = torch.from_numpy(full_forward(model, PROMPT)[-2:])  # [2, V]
+    for response, params in zip(responses[:2], (SamplingParams(0.0), SamplingParams(0.8, top_p=0.9))):
+        assert response.error is None
+        outputs = {t.name(): t.as_numpy() for t in response.output_tensors}
+        assert set(outputs) == {wire.PROBS, wire.PROBS_INDEX}
+        rows = unpack_rows(outputs[wire.PROBS][0], outputs[wire.PROBS_INDEX][0], V)
+        torch.testing.assert_close(rows, warp(expected, params), atol=1e-5, rtol=1e-4)
+    assert responses[0].output_tensors[0].as_numpy().shape == (1, 2, 1)  # greedy: one entry per row
+    sent = sum(t.as_numpy().nbytes for r in responses[:2] for t in r.output_tensors)
+    assert metric(wire.METRIC_OUTPUT_BYTES) == sent
+    assert responses[2].error.code() == "INVALID_ARG" and "TOP_K must hold one value" in responses[2].error.message()
 
 
 def test_capacity_maps_to_unavailable(triton_model):

@@ -23,14 +23,17 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from orchestrator import target_triton
 from orchestrator.clients import TargetConnectionLost, TargetError, TargetUnavailable
 from orchestrator.target_triton import TritonTargetClient
+from specdec.sampling import SamplingParams
 from target_service import wire
 from tests.unit.test_loop import asyncio_test
 
 V = 8
+GREEDY = SamplingParams(temperature=0.0)
 
 
 class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
-    """Answers ModelStreamInfer with zero logits [1, NUM_LOGITS, V]; records each stream's deadline."""
+    """Answers ModelStreamInfer with packed one-hot rows at token V - 1 (PROBS, PROBS_INDEX [1, NUM_LOGITS, 1])
+    and a release with LOGITS [1, 0, V]; records each stream's deadline."""
 
     def __init__(self, break_after: int | None = None, release_delay_s: float = 0.0, delay_s: float = 0.0) -> None:
         self.deadlines: list[float | None] = []
@@ -63,12 +66,24 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
             self.released.append(params["sequence_id"].int64_param)
         else:
             await asyncio.sleep(self.delay_s)
-        logits = np.zeros((1, num_logits, V), dtype=np.float32)
-        output = service_pb2.ModelInferResponse.InferOutputTensor(
-            name=wire.LOGITS, datatype="FP32", shape=list(logits.shape)
-        )
+        if num_logits == 0:
+            arrays = {wire.LOGITS: np.zeros((1, 0, V), dtype=np.float32)}
+        else:
+            assert wire.TEMPERATURE in names, "a scoring request carries the sampling settings"
+            arrays = {
+                wire.PROBS: np.ones((1, num_logits, 1), dtype=np.float32),
+                wire.PROBS_INDEX: np.full((1, num_logits, 1), V - 1, dtype=np.int32),
+            }
+        wanted = [o.name for o in request.outputs]
+        assert set(wanted) == set(arrays), f"requested {wanted}, the model answers {sorted(arrays)}"
+        outputs = [
+            service_pb2.ModelInferResponse.InferOutputTensor(
+                name=name, datatype="FP32" if a.dtype == np.float32 else "INT32", shape=list(a.shape)
+            )
+            for name, a in arrays.items()
+        ]
         return service_pb2.ModelInferResponse(
-            model_name=request.model_name, outputs=[output], raw_output_contents=[logits.tobytes()]
+            model_name=request.model_name, outputs=outputs, raw_output_contents=[a.tobytes() for a in arrays.values()]
         )
 
 
@@ -104,8 +119,8 @@ async def test_unreachable_triton_is_unavailable_within_the_connect_timeout_then
             assert f"target (Triton at 127.0.0.1:{port}) is unavailable: no connection within 1.5 s" in str(info.value)
         async with fake_triton(port, FakeTriton()) as fake:  # Triton is back: same client, no restart
             session = await client.open(2, timeout=60.0)
-            logits = await session.score(0, [1, 2, 3], 2)
-            assert tuple(logits.shape) == (2, V) and fake.requests == 1
+            p = await session.score(0, [1, 2, 3], 2, GREEDY)
+            assert p.tolist() == [[0.0] * (V - 1) + [1.0]] * 2 and fake.requests == 1
             await session.close()
     finally:
         await client.close()
@@ -118,10 +133,10 @@ async def test_the_callers_deadline_reaches_the_stream():
         client = TritonTargetClient(f"127.0.0.1:{port}")
         try:
             session = await client.open(7, timeout=20.0)
-            await session.score(0, [1, 2], 1)
+            await session.score(0, [1, 2], 1, GREEDY)
             await session.close()
             session = await client.open(8)  # no deadline, none on the stream
-            await session.score(0, [1, 2], 1)
+            await session.score(0, [1, 2], 1, GREEDY)
             await session.close()
         finally:
             await client.close()
@@ -139,11 +154,11 @@ async def test_a_stream_that_breaks_under_a_sequence_is_a_lost_connection():
         client = TritonTargetClient(f"127.0.0.1:{port}")
         try:
             session = await client.open(9, timeout=30.0)
-            await session.score(0, [1, 2], 1)
+            await session.score(0, [1, 2], 1, GREEDY)
             with pytest.raises(TargetConnectionLost, match="broke"):
-                await session.score(3, [4], 1)
+                await session.score(3, [4], 1, GREEDY)
             with pytest.raises(TargetConnectionLost):  # and stays broken; close never raises
-                await session.score(4, [5], 1)
+                await session.score(4, [5], 1, GREEDY)
             await session.close()
         finally:
             await client.close()
@@ -175,8 +190,8 @@ async def test_the_release_is_end_on_the_stream():
         client = TritonTargetClient(f"127.0.0.1:{port}")
         try:
             session = await client.open(11, timeout=30.0)
-            await session.score(0, [1, 2], 1)
-            await session.score(2, [3], 1)
+            await session.score(0, [1, 2], 1, GREEDY)
+            await session.score(2, [3], 1, GREEDY)
             await session.close()
             await session.close()  # idempotent
         finally:
@@ -192,9 +207,9 @@ async def test_a_broken_stream_is_released_by_a_unary_end():
         client = TritonTargetClient(f"127.0.0.1:{port}")
         try:
             session = await client.open(12, timeout=30.0)
-            await session.score(0, [1, 2], 1)
+            await session.score(0, [1, 2], 1, GREEDY)
             with pytest.raises(TargetConnectionLost):
-                await session.score(2, [3], 1)
+                await session.score(2, [3], 1, GREEDY)
             await session.close()
         finally:
             await client.close()
@@ -209,7 +224,7 @@ async def test_a_slow_release_is_finished_in_the_background_not_cancelled(monkey
         client = TritonTargetClient(f"127.0.0.1:{port}")
         try:
             session = await client.open(13, timeout=30.0)
-            await session.score(0, [1, 2], 1)
+            await session.score(0, [1, 2], 1, GREEDY)
             await session.close()  # returns before the release is answered
             assert fake.released == []
             for _ in range(100):
@@ -231,9 +246,9 @@ async def test_a_caller_that_gives_up_mid_request_does_not_break_the_stream():
         try:
             session = await client.open(14, timeout=30.0)
             with pytest.raises(asyncio.TimeoutError):
-                await asyncio.wait_for(session.score(0, [1, 2], 1), 0.05)  # the caller's deadline
+                await asyncio.wait_for(session.score(0, [1, 2], 1, GREEDY), 0.05)  # the caller's deadline
             with pytest.raises(TargetConnectionLost):  # out of step with its answers: not reusable
-                await session.score(2, [3], 1)
+                await session.score(2, [3], 1, GREEDY)
             await session.close()
         finally:
             await client.close()
