@@ -17,6 +17,7 @@ from typing import Protocol
 
 import torch
 
+from specdec.rows import PackedRows
 from specdec.sampling import SamplingParams
 
 
@@ -69,7 +70,7 @@ class Proposal:
     """One draft round's answer."""
 
     token_ids: list[int]  # [K] the proposed tokens
-    q: torch.Tensor | None  # [K, V] float32: the warped draft rows they were sampled from; None = greedy (one-hot)
+    q: torch.Tensor | PackedRows | None  # [K, V]: the warped draft rows they were sampled from; None = greedy (one-hot)
     cache_length: int  # the draft's cache after the round: keep + len(append) + K - 1
 
 
@@ -111,12 +112,13 @@ class TargetSession(Protocol):
 
     async def score(
         self, keep_length: int, append_token_ids: Sequence[int], num_logits: int, params: SamplingParams
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | PackedRows:
         """Crop the cache to keep_length (0 on the first call: it starts the sequence), feed
         append_token_ids and return p [num_logits, W] float32: the target's distributions at the last
         num_logits positions, warped with ``params`` exactly as ``specdec.sampling.warp`` does (the
-        target warps next to the model, so only the rows' support crosses the wire). W is the vocabulary
-        size V, or less when the rows travel packed: every token beyond W has probability 0.
+        target warps next to the model, so only the rows' support crosses the wire), dense or kept packed.
+        W is the vocabulary size V, or less when the rows travel packed: every token beyond W has
+        probability 0.
 
         Raises TargetCacheLost, TargetCapacityExhausted, TargetUnavailable or TargetError."""
         ...

@@ -20,7 +20,7 @@ import grpc
 
 from orchestrator.clients import DeadlineExceeded, DraftCacheLost, DraftError, Proposal
 from specdec.logs import SequenceLogger
-from specdec.rows import decode_rows
+from specdec.rows import decode_packed
 from specdec.sampling import SamplingParams
 from specdec.v1 import draft_pb2, draft_pb2_grpc, sampling_pb2
 
@@ -106,7 +106,7 @@ def _to_proposal(response: draft_pb2.ProposeResponse) -> Proposal:
     q = None
     if response.q_probs or response.q_index:
         try:
-            q = decode_rows(response.q_probs, response.q_index, len(tokens), vocab)  # [K, V]
+            q = decode_packed(response.q_probs, response.q_index, len(tokens), vocab)  # [K, V], kept packed
         except ValueError as exc:
             raise DraftError(f"draft returned malformed q rows: {exc}") from None
     return Proposal(token_ids=tokens, q=q, cache_length=response.cache_length)

@@ -49,7 +49,8 @@ from orchestrator.clients import (
     TargetUnavailable,
 )
 from specdec.logs import SequenceLogger
-from specdec.sampling import RejectionResult, SamplingParams, rejection_sample
+from specdec.rows import PackedRows
+from specdec.sampling import RejectionResult, SamplingParams, rejection_sample_on_support
 
 log = logging.getLogger(__name__)
 
@@ -281,17 +282,13 @@ class _Generation:
             raise DeadlineExceeded("the deadline passed before the generation finished")
         return remaining
 
-    def _rejection_sample(self, drafts: list[int], q: torch.Tensor | None, p: torch.Tensor) -> RejectionResult:
-        """p [k+1, V_p] and q [k, V_q] are warped already (by the target and the draft)."""
-        # The draft's vocabulary may be narrower or wider than the target's: pad both with zero
-        # probability to a common width, which leaves the rejection sampler exact.
-        width = max(p.shape[-1], q.shape[-1] if q is not None else 0, max(drafts, default=-1) + 1)
-        if p.shape[-1] < width:
-            p = torch.nn.functional.pad(p, (0, width - p.shape[-1]))
-        if q is not None and q.shape[-1] < width:
-            q = torch.nn.functional.pad(q, (0, width - q.shape[-1]))
-        x = torch.tensor(drafts, dtype=torch.int64)  # [k]
-        return rejection_sample(x, q, p, self.generator)
+    def _rejection_sample(
+        self, drafts: list[int], q: torch.Tensor | PackedRows | None, p: torch.Tensor | PackedRows
+    ) -> RejectionResult:
+        """p [k+1, V_p] and q [k, V_q] are warped already (by the target and the draft). Their widths may
+        differ (another vocabulary size, or rows unpacked only as wide as their support): a token beyond a
+        row's width has probability 0 there, which leaves the sampler exact."""
+        return rejection_sample_on_support(drafts, q, p, self.generator)
 
     # --- draft ---------------------------------------------------------------------------------------
 
@@ -370,7 +367,7 @@ class _Generation:
 
     # --- target --------------------------------------------------------------------------------------
 
-    async def _score(self, drafts: list[int]) -> torch.Tensor:
+    async def _score(self, drafts: list[int]) -> torch.Tensor | PackedRows:
         """Warped target rows p [len(drafts) + 1, V] for the last positions of tokens[target_valid:] + drafts."""
         num_logits = len(drafts) + 1
         started = time.monotonic()

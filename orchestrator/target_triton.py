@@ -57,7 +57,7 @@ from orchestrator.clients import (
     TargetUnavailable,
 )
 from specdec.logs import SequenceLogger
-from specdec.rows import unpack_rows
+from specdec.rows import PackedRows
 from specdec.sampling import SamplingParams
 from target_service import wire
 
@@ -229,7 +229,7 @@ class TritonTargetSession:
 
     async def score(
         self, keep_length: int, append_token_ids: Sequence[int], num_logits: int, params: SamplingParams
-    ) -> torch.Tensor:
+    ) -> PackedRows:
         if self._broken or self._closed or self._out_of_step:
             raise TargetConnectionLost("the target stream is closed")
         self._send(keep_length, append_token_ids, num_logits, params)
@@ -247,11 +247,11 @@ class TritonTargetSession:
         if values is None or index is None or values.ndim != 3 or index.ndim != 3 or values.shape[0] != 1:
             shapes = [None if a is None else list(a.shape) for a in (values, index)]
             raise TargetError(f"target returned PROBS, PROBS_INDEX of shapes {shapes}, expected [1, N, M] each")
-        # Packed rows say nothing of V: unpack them just wide enough for every token they hold (the loop pads
-        # p and q to a common width with zeros, which leaves the sampler exact).
+        # Packed rows say nothing of V: call them just wide enough for every token they hold (a token beyond
+        # a row's width has probability 0, which leaves the sampler exact).
         width = values.shape[-1] if index.shape[-1] == 0 else int(index.max(initial=0)) + 1
         try:
-            return unpack_rows(values[0], index[0], width)  # [N, width], a fresh tensor
+            return PackedRows.from_arrays(values[0], index[0], width)  # [N, width], kept packed
         except ValueError as exc:
             raise TargetError(f"target returned malformed PROBS: {exc}") from None
 

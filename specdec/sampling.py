@@ -2,9 +2,10 @@
 
 Why this module exists: speculative sampling is only worth deploying if its output is distributed
 *exactly* like sampling from the target model alone. That guarantee lives entirely in a few lines of
-math, so the math lives here, in one pure module (torch only: no grpc, no triton, no model code) that
-the draft service, the orchestrator and the tests all import. The draft warps q with `warp` and samples
-with `sample`; the orchestrator warps p with the same `warp` and calls `rejection_sample_batch`.
+math, so the math lives here, in one pure module (torch and specdec.rows only: no grpc, no triton, no model code) that
+the draft service, the Triton target model, the orchestrator and the tests all import. The draft warps q
+with `warp` and samples with `sample`; the target warps p with the same `warp`; the orchestrator calls
+`rejection_sample_on_support` (or `rejection_sample_batch`).
 
 Notation (used everywhere in specdec):
 
@@ -46,6 +47,8 @@ from dataclasses import dataclass
 
 import torch
 
+from specdec.rows import PackedRows
+
 __all__ = [
     "SamplingParams",
     "warp",
@@ -53,6 +56,7 @@ __all__ = [
     "RejectionResult",
     "rejection_sample",
     "rejection_sample_batch",
+    "rejection_sample_on_support",
 ]
 
 
@@ -319,3 +323,40 @@ def rejection_sample(
     )
     n = int(accepted[0])
     return RejectionResult(accepted=n, tokens=tokens[0, : n + 1].tolist())
+
+
+def rejection_sample_on_support(
+    draft_tokens: Sequence[int],
+    q: torch.Tensor | PackedRows | None,
+    p: torch.Tensor | PackedRows,
+    generator: torch.Generator,
+) -> RejectionResult:
+    """`rejection_sample` computed over the union of the rows' supports instead of the whole vocabulary.
+
+    Same arguments, except that q [K, V_q] and p [K+1, V_p] may be kept packed (`specdec.rows.PackedRows`,
+    as they come off the wire) and may differ in width (a token beyond a row's width has probability 0
+    there). Same result, token for token, for the same generator state: a column where every row of p
+    and q is 0 changes neither an acceptance test nor the inverse-CDF draw (its cumulative weight equals
+    its left neighbour's, so it is never the first to exceed the target) and the kept columns stay in
+    token order. Warped rows under greedy, top-k or top-p have a support of 1 to a few hundred tokens,
+    so the float64 work shrinks from V (49,152 for SmolLM2) to that, and no V-wide row is ever built.
+    """
+    p_rows, q_rows = _as_packed(p), None if q is None else _as_packed(q)
+    x = torch.as_tensor(list(draft_tokens), dtype=torch.int64)  # [K]
+    if x.numel() and int(x.min()) < 0:
+        raise ValueError(f"draft_tokens must be >= 0, got {x.tolist()}")
+    parts = [p_rows.support(), x] + ([] if q_rows is None else [q_rows.support()])
+    columns = torch.unique(torch.cat(parts))  # [S] sorted token ids
+    result = rejection_sample(
+        torch.searchsorted(columns, x), None if q_rows is None else q_rows.take(columns), p_rows.take(columns),
+        generator,
+    )
+    return RejectionResult(accepted=result.accepted, tokens=columns[result.tokens].tolist())
+
+
+def _as_packed(rows: torch.Tensor | PackedRows) -> PackedRows:
+    if isinstance(rows, PackedRows):
+        return rows
+    if rows.dim() != 2:
+        raise ValueError(f"probability rows must have shape [R, V], got {tuple(rows.shape)}")
+    return PackedRows(rows.detach().cpu(), None, rows.shape[1])

@@ -26,6 +26,7 @@ from tritonclient.utils import InferenceServerException
 
 from orchestrator.target_triton import TritonTargetClient
 from specdec.models import load_model
+from specdec.rows import PackedRows
 from specdec.sampling import SamplingParams, warp
 from target_service import wire
 from target_service.launcher import TritonServer, TritonServerConfig
@@ -297,7 +298,7 @@ def test_the_orchestrators_adapter_gets_the_warped_rows_packed(triton, client, p
     logits = infer(client, plain, PROMPT + DRAFTS, 0, len(DRAFTS) + 1, start=True, end=True)  # [1, K+1, V]
     expected = warp(torch.from_numpy(np.array(logits[0])), params)  # [K+1, V]
 
-    async def score() -> torch.Tensor:
+    async def score() -> PackedRows:
         target = TritonTargetClient(triton.grpc_url)
         try:
             session = await target.open(new_sid(), timeout=60.0)
@@ -308,10 +309,10 @@ def test_the_orchestrators_adapter_gets_the_warped_rows_packed(triton, client, p
         finally:
             await target.close()
 
-    p = asyncio.run(score())  # [K+1, W]: W covers every token with non-zero probability
+    p = asyncio.run(score())  # PackedRows [K+1, W]: W covers every token with non-zero probability
     support = int(torch.count_nonzero(expected, dim=-1).max())
     assert support < 49152 / 2 and p.shape[1] <= 49152
-    assert torch.equal(torch.nn.functional.pad(p, (0, 49152 - p.shape[1])), expected)
+    assert torch.equal(torch.nn.functional.pad(p.dense(), (0, 49152 - p.shape[1])), expected)
     assert live_sequences(triton) == 0  # the adapter released its sequence
 
 

@@ -19,9 +19,11 @@ from specdec.sampling import (
     SamplingParams,
     rejection_sample,
     rejection_sample_batch,
+    rejection_sample_on_support,
     sample,
     warp,
 )
+from specdec.rows import PackedRows, pack_rows
 from specdec.speedup import acceptance_rate_alpha, expected_tokens_per_round, ideal_speedup
 from tests import sampling_oracle as oracle
 
@@ -488,3 +490,49 @@ def test_acceptance_rate_alpha() -> None:
     b = random_probs(10, V, seed=30)
     tv = 0.5 * (a.double() - b.double()).abs().sum(-1)
     torch.testing.assert_close(acceptance_rate_alpha(a, b), 1 - tv)
+
+
+# --- on the support only ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 5])
+@pytest.mark.parametrize(
+    "draft_params",
+    [None, SamplingParams(temperature=0.9, top_p=0.8), SamplingParams(temperature=1.1, top_k=6), SamplingParams(1.0)],
+    ids=["greedy-draft", "top-p", "top-k", "dense"],
+)
+def test_on_support_equals_the_full_width_sampler_token_for_token(k, draft_params):
+    # Identical outputs for identical generator states: the support-only sampler inherits every guarantee
+    # (and every statistical test) of rejection_sample. Widths differ on purpose (V_q < V_p, as when rows
+    # are unpacked only as wide as their support), and the full-width call gets both padded with zeros.
+    torch.manual_seed(k)
+    vocab, narrow = 300, 260
+    target_params = SamplingParams(temperature=0.8, top_p=0.9) if draft_params is not None else SamplingParams(0.0)
+    for trial in range(40):
+        p = warp(torch.randn(k + 1, vocab) * 2.5, target_params)  # [K+1, V]
+        if draft_params is None:  # a greedy draft: q one-hot, sent as None
+            q = None
+            drafts = torch.randint(0, narrow, (k,)).tolist()
+        else:
+            q = warp(torch.randn(k, narrow) * 2.5, draft_params)  # [K, V_q]
+            drafts = [int(torch.multinomial(row, 1)) for row in q] if k else []
+        if trial % 2:  # often a draft the target would pick, so acceptances happen too
+            drafts = [int(torch.argmax(row)) for row in p[:k]]
+        padded_q = None if q is None else torch.nn.functional.pad(q, (0, vocab - narrow))
+        seed = 1000 * k + trial
+        full = rejection_sample(torch.tensor(drafts, dtype=torch.int64), padded_q, p, torch.Generator().manual_seed(seed))
+        compact = rejection_sample_on_support(drafts, q, p, torch.Generator().manual_seed(seed))
+        assert compact == full, (trial, drafts)
+        packed_p = PackedRows.from_arrays(*pack_rows(p), vocab)  # as the orchestrator receives them
+        packed_q = None if q is None else PackedRows.from_arrays(*pack_rows(q), narrow)
+        packed = rejection_sample_on_support(drafts, packed_q, packed_p, torch.Generator().manual_seed(seed))
+        assert packed == full, (trial, drafts)
+
+
+def test_on_support_handles_a_draft_token_outside_every_support():
+    p = torch.zeros(2, 10)
+    p[:, 3] = 1.0  # greedy target: token 3
+    result = rejection_sample_on_support([7], None, p, torch.Generator().manual_seed(0))
+    assert result == RejectionResult(accepted=0, tokens=[3])  # 7 has p = 0: rejected, recovered from p
+    with pytest.raises(ValueError, match="draft_tokens must be >= 0"):
+        rejection_sample_on_support([-1], None, p, torch.Generator().manual_seed(0))
