@@ -4,7 +4,7 @@ A warped row (design.md §1) is V probabilities (49,152 for SmolLM2), but under 
 only a few of them are non-zero: one under greedy, a nucleus of tens to hundreds under top-p. So a set of
 rows [R, V] travels as its support: ``values`` [R, M] float32 and ``index`` [R, M] int32 token ids, M
 being the largest support of any row (a row with a smaller support is padded with zero-probability
-entries). Unpacking scatters the values back into zeros: the dense rows come back **bit for bit**, so
+entries). `PackedRows.dense()` scatters the values back into zeros: the rows come back **bit for bit**, so
 the rejection sampler sees exactly what was sampled from. Rows whose support is wider than half of V
 (plain temperature sampling) travel dense instead, with no index (``index`` is None / empty bytes).
 
@@ -38,22 +38,10 @@ def pack_rows(rows: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
     return values.cpu().numpy(), index.to(torch.int32).cpu().numpy()
 
 
-def unpack_rows(values: np.ndarray, index: np.ndarray | None, width: int) -> torch.Tensor:
-    """The inverse of pack_rows -> [R, width] float32 on the CPU; ValueError if the parts do not fit.
-
-    An ``index`` of None, or with no columns ([R, 0], as Triton carries "no index"), means dense rows."""
-    return PackedRows.from_arrays(values, index, width).dense()
-
-
 def encode_rows(rows: torch.Tensor) -> tuple[bytes, bytes]:
     """rows [R, V] -> (values, index) bytes for a protobuf message; index is b"" for dense rows."""
     values, index = pack_rows(rows)
     return values.astype(_VALUE, copy=False).tobytes(), b"" if index is None else index.astype(_INDEX).tobytes()
-
-
-def decode_rows(values: bytes, index: bytes, num_rows: int, width: int) -> torch.Tensor:
-    """The inverse of encode_rows -> [num_rows, width] float32 (CPU); ValueError on any size mismatch."""
-    return decode_packed(values, index, num_rows, width).dense()
 
 
 def decode_packed(values: bytes, index: bytes, num_rows: int, width: int) -> PackedRows:
@@ -92,7 +80,8 @@ class PackedRows:
 
     @classmethod
     def from_arrays(cls, values: np.ndarray, index: np.ndarray | None, width: int) -> PackedRows:
-        """Checked like `unpack_rows` (ValueError); an index with no columns means dense rows."""
+        """The inverse of pack_rows (ValueError if the parts do not fit); an index of None, or with no
+        columns ([R, 0], as Triton carries "no index"), means dense rows."""
         if values.ndim != 2:
             raise ValueError(f"values must have shape [R, M], got {list(values.shape)}")
         if index is not None and index.ndim == 2 and index.shape[1] == 0 and index.shape[0] == values.shape[0]:

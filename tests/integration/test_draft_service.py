@@ -27,7 +27,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from draft_service.config import DraftConfig
 from draft_service.drafter import Drafter, Proposal, ProposeRound
 from draft_service.server import SERVICE_NAME, build_drafter, create_server
-from specdec.rows import decode_rows
+from specdec.rows import decode_packed
 from specdec.v1 import draft_pb2, draft_pb2_grpc, sampling_pb2
 from tests.tiny_model import TINY_VOCAB_SIZE, save_tiny_llama
 
@@ -147,7 +147,7 @@ def test_a_stream_of_rounds_then_release_on_completion(server: ServerThread, stu
     first = stream.round(append_token_ids=PROMPT, num_draft_tokens=4, seed=1)
     assert len(first.draft_token_ids) == 4 and first.vocab_size == TINY_VOCAB_SIZE
     assert first.cache_length == len(PROMPT) + 3
-    q = decode_rows(first.q_probs, first.q_index, 4, first.vocab_size)
+    q = decode_packed(first.q_probs, first.q_index, 4, first.vocab_size).dense()
     torch.testing.assert_close(q.sum(-1), torch.ones(4), atol=1e-5, rtol=0)
     assert all(q[i, t] > 0 for i, t in enumerate(first.draft_token_ids))
     assert server.live_sequences() == 1
@@ -156,7 +156,7 @@ def test_a_stream_of_rounds_then_release_on_completion(server: ServerThread, stu
     second = stream.round(
         keep_length=len(PROMPT) + 2, append_token_ids=[9], num_draft_tokens=3, sampling=sampling, seed=2
     )
-    q2 = decode_rows(second.q_probs, second.q_index, 3, TINY_VOCAB_SIZE)
+    q2 = decode_packed(second.q_probs, second.q_index, 3, TINY_VOCAB_SIZE).dense()
     assert ((q2 > 0).sum(-1) <= 10).all()
     assert 0 < len(second.q_index) <= 3 * 10 * 4  # top-k 10: only the support travels
     assert second.cache_length == len(PROMPT) + 2 + 1 + 2
@@ -421,7 +421,7 @@ def test_smollm2_self_draft_proposes_over_grpc() -> None:
         stream = Stream(running.stub)
         sampled = stream.round(sequence_id=1, append_token_ids=prompt, num_draft_tokens=3, seed=5)
         assert sampled.vocab_size == 49152 and sampled.cache_length == len(prompt) + 2
-        q = decode_rows(sampled.q_probs, sampled.q_index, 3, 49152)
+        q = decode_packed(sampled.q_probs, sampled.q_index, 3, 49152).dense()
         torch.testing.assert_close(q.sum(-1), torch.ones(3), atol=1e-4, rtol=0)
         greedy = stream.round(
             sequence_id=1, keep_length=len(prompt), append_token_ids=[sampled.draft_token_ids[0]],

@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from specdec.config import env_name, parse_config
 from specdec.models import _keep_layers, parse_dtype, parse_layers, resolve_model_dir
-from specdec.rows import decode_rows, encode_rows, pack_rows, unpack_rows
+from specdec.rows import PackedRows, decode_packed, encode_rows, pack_rows
 from specdec.sampling import SamplingParams, warp
 
 
@@ -40,9 +40,9 @@ def test_dense_rows_round_trip_bit_for_bit() -> None:
     rows = torch.rand(3, 11)  # every entry non-zero: too wide a support to pack
     values, index = encode_rows(rows)
     assert index == b"" and len(values) == 3 * 11 * 4
-    assert torch.equal(decode_rows(values, index, 3, 11), rows)
+    assert torch.equal(decode_packed(values, index, 3, 11).dense(), rows)
     with pytest.raises(ValueError, match="expected 3x12 float32 rows"):
-        decode_rows(values, index, 3, 12)
+        decode_packed(values, index, 3, 12)
 
 
 @pytest.mark.parametrize(
@@ -55,7 +55,7 @@ def test_warped_rows_travel_as_their_support_and_come_back_bit_for_bit(params: S
     values, index = encode_rows(rows)
     support = int(torch.count_nonzero(rows, dim=-1).max())
     assert len(index) == len(values) == 5 * support * 4 < 5 * 1000 * 4 / 2
-    assert torch.equal(decode_rows(values, index, 5, 1000), rows)
+    assert torch.equal(decode_packed(values, index, 5, 1000).dense(), rows)
     if params.greedy:
         assert support == 1
 
@@ -66,7 +66,7 @@ def test_packed_rows_with_supports_of_different_sizes() -> None:
     rows[1, [2, 5, 9]] = torch.tensor([0.5, 0.25, 0.25])
     values, index = pack_rows(rows)  # row 2 is all zero
     assert index is not None and values.shape == index.shape == (3, 3)
-    assert torch.equal(unpack_rows(values, index, 10), rows)
+    assert torch.equal(PackedRows.from_arrays(values, index, 10).dense(), rows)
 
 
 def test_malformed_packed_rows_are_refused() -> None:
@@ -75,13 +75,13 @@ def test_malformed_packed_rows_are_refused() -> None:
     rows[1, [1, 45]] = 0.5
     values, index = encode_rows(rows)
     with pytest.raises(ValueError, match="as many float32 values as int32 token ids"):
-        decode_rows(values[:-4], index, 2, 50)
+        decode_packed(values[:-4], index, 2, 50)
     with pytest.raises(ValueError, match=r"token ids in \[0, 20\), got \[1, 45\]"):
-        decode_rows(values, index, 2, 20)
+        decode_packed(values, index, 2, 20)
     repeated = np.frombuffer(index, "<i4").copy()
     repeated[1] = repeated[0]
     with pytest.raises(ValueError, match="repeats a token id"):
-        decode_rows(values, repeated.tobytes(), 2, 50)
+        decode_packed(values, repeated.tobytes(), 2, 50)
 
 
 def test_layer_selection_parsing() -> None:

@@ -22,7 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from specdec.engine import CausalLMEngine, SequenceStore
 from target_service import launcher, wire
-from specdec.rows import unpack_rows
+from specdec.rows import PackedRows
 from specdec.sampling import SamplingParams, warp
 from target_service.triton_model import ErrorCode, StepError, StepRequest, TargetModel, TargetParams, run_step
 
@@ -89,7 +89,7 @@ def probs(result: dict[str, np.ndarray] | StepError, vocab_size: int = V) -> tor
     assert isinstance(result, dict) and set(result) == {wire.PROBS, wire.PROBS_INDEX}, result
     values, index = result[wire.PROBS], result[wire.PROBS_INDEX]
     assert values.dtype == np.float32 and index.dtype == np.int32 and values.shape[:2] == index.shape[:2]
-    return unpack_rows(values[0], index[0], vocab_size)
+    return PackedRows.from_arrays(values[0], index[0], vocab_size).dense()
 
 
 def err(result: dict[str, np.ndarray] | StepError, code: ErrorCode) -> str:
@@ -437,7 +437,7 @@ def test_sampling_inputs_select_the_probs_outputs(triton_model, model):
         assert response.error is None
         outputs = {t.name(): t.as_numpy() for t in response.output_tensors}
         assert set(outputs) == {wire.PROBS, wire.PROBS_INDEX}
-        rows = unpack_rows(outputs[wire.PROBS][0], outputs[wire.PROBS_INDEX][0], V)
+        rows = PackedRows.from_arrays(outputs[wire.PROBS][0], outputs[wire.PROBS_INDEX][0], V).dense()
         torch.testing.assert_close(rows, warp(expected, params), atol=1e-5, rtol=1e-4)
     assert responses[0].output_tensors[0].as_numpy().shape == (1, 2, 1)  # greedy: one entry per row
     sent = sum(t.as_numpy().nbytes for r in responses[:2] for t in r.output_tensors)
