@@ -78,15 +78,10 @@ _CHANNEL_ARGS = [
 ]
 
 
-def _int32_input(name: str, values: np.ndarray) -> InferInput:
-    tensor = InferInput(name, list(values.shape), "INT32")
-    tensor.set_data_from_numpy(values.astype(np.int32, copy=False))
-    return tensor
-
-
-def _fp32_input(name: str, value: float) -> InferInput:
-    tensor = InferInput(name, [1, 1], "FP32")
-    tensor.set_data_from_numpy(np.array([[value]], dtype=np.float32))
+def _input(name: str, values: np.ndarray) -> InferInput:
+    """An INT32 or FP32 input tensor, by the array's dtype."""
+    tensor = InferInput(name, list(values.shape), "FP32" if values.dtype == np.float32 else "INT32")
+    tensor.set_data_from_numpy(values)
     return tensor
 
 
@@ -94,15 +89,15 @@ def _inputs(
     keep_length: int, token_ids: Sequence[int], num_logits: int, params: SamplingParams | None
 ) -> list[InferInput]:
     inputs = [
-        _int32_input(wire.INPUT_IDS, np.asarray(token_ids, dtype=np.int32).reshape(1, -1)),  # [1, T]
-        _int32_input(wire.KEEP_LENGTH, np.array([[keep_length]], dtype=np.int32)),  # [1, 1]
-        _int32_input(wire.NUM_LOGITS, np.array([[num_logits]], dtype=np.int32)),  # [1, 1]
+        _input(wire.INPUT_IDS, np.asarray(token_ids, dtype=np.int32).reshape(1, -1)),  # [1, T]
+        _input(wire.KEEP_LENGTH, np.array([[keep_length]], dtype=np.int32)),  # [1, 1]
+        _input(wire.NUM_LOGITS, np.array([[num_logits]], dtype=np.int32)),  # [1, 1]
     ]
     if params is not None:  # the model returns the warped rows, packed
         inputs += [
-            _fp32_input(wire.TEMPERATURE, params.temperature),
-            _int32_input(wire.TOP_K, np.array([[params.top_k]], dtype=np.int32)),
-            _fp32_input(wire.TOP_P, params.top_p),
+            _input(wire.TEMPERATURE, np.array([[params.temperature]], dtype=np.float32)),
+            _input(wire.TOP_K, np.array([[params.top_k]], dtype=np.int32)),
+            _input(wire.TOP_P, np.array([[params.top_p]], dtype=np.float32)),
         ]
     return inputs
 

@@ -118,15 +118,13 @@ class PackedRows:
     def take(self, columns: torch.Tensor) -> torch.Tensor:
         """The rows restricted to ``columns`` (sorted token ids, a superset of the support) -> [R, S];
         a column beyond ``width`` is 0."""
+        out = torch.zeros(self.values.shape[0], columns.numel(), dtype=self.values.dtype)
         if self.index is None:
             inside = columns < self.width
-            out = torch.zeros(self.values.shape[0], columns.numel(), dtype=self.values.dtype)
             out[:, inside] = self.values[:, columns[inside]]
-            return out
-        rows, entries = self.values.ne(0).nonzero(as_tuple=True)
-        out = torch.zeros(self.values.shape[0], columns.numel(), dtype=self.values.dtype)
-        positions = torch.searchsorted(columns, self.index[rows, entries])
-        out[rows, positions] = self.values[rows, entries]
+        else:
+            rows, entries = self.values.ne(0).nonzero(as_tuple=True)
+            out[rows, torch.searchsorted(columns, self.index[rows, entries])] = self.values[rows, entries]
         return out
 
     def dense(self) -> torch.Tensor:
