@@ -43,7 +43,6 @@ from typing import Any
 
 import grpc
 import numpy as np
-import torch
 from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, InferInput, InferRequestedOutput, InferResult
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException

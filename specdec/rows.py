@@ -10,11 +10,13 @@ the rejection sampler sees exactly what was sampled from. Rows whose support is 
 
 Both ends of both hops go through here (the draft service and the Triton target model pack; the
 orchestrator unpacks), so the layout is defined once. Bytes are little-endian. The orchestrator keeps
-rows packed (`PackedRows`): the sampler reads only the columns some row gives a non-zero probability.
+rows packed (`PackedRows`, numpy views of the received bytes) and `on_common_support` hands the sampler
+only the columns some row gives a non-zero probability.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,39 +70,54 @@ def decode_packed(values: bytes, index: bytes, num_rows: int, width: int) -> Pac
 
 @dataclass(frozen=True)
 class PackedRows:
-    """Probability rows [R, width] held as their support: ``values`` [R, M] float32 and ``index`` [R, M]
-    int64 token ids (entries with value 0 are padding), or ``index`` None for dense rows (M = width).
+    """Probability rows [R, width] held as their support: ``values`` [R, M] and ``index`` [R, M] token ids
+    (entries with value 0 are padding), or ``index`` None for dense rows (M = width). numpy arrays, not
+    torch tensors: the rows are a few hundred numbers at most, where numpy's per-call cost is a tenth of
+    torch's (the orchestrator handles them once per round, on its event loop).
 
     ``shape`` and ``dim()`` answer as the dense tensor would, so shape checks need not care which it is.
     """
 
-    values: torch.Tensor
-    index: torch.Tensor | None
+    values: np.ndarray  # float32 off the wire (any float dtype when wrapping a dense tensor)
+    index: np.ndarray | None  # integer token ids
     width: int
 
     @classmethod
     def from_arrays(cls, values: np.ndarray, index: np.ndarray | None, width: int) -> PackedRows:
         """The inverse of pack_rows (ValueError if the parts do not fit); an index of None, or with no
-        columns ([R, 0], as Triton carries "no index"), means dense rows."""
+        columns ([R, 0], as Triton carries "no index"), means dense rows. The arrays are kept, not copied
+        (they may be read-only views of the received bytes)."""
         if values.ndim != 2:
             raise ValueError(f"values must have shape [R, M], got {list(values.shape)}")
+        values = values.astype(np.float32, copy=False)
         if index is not None and index.ndim == 2 and index.shape[1] == 0 and index.shape[0] == values.shape[0]:
             index = None
         if index is None:
             if values.shape[1] != width:
                 raise ValueError(f"dense rows must be {width} wide, got {values.shape[1]}")
-            return cls(torch.from_numpy(np.array(values, dtype=np.float32)), None, width)
+            return cls(values, None, width)
         if index.shape != values.shape:
             raise ValueError(f"index {list(index.shape)} and values {list(values.shape)} differ in shape")
         if index.size:
-            if int(index.min()) < 0 or int(index.max()) >= width:
-                raise ValueError(
-                    f"index must hold token ids in [0, {width}), got [{int(index.min())}, {int(index.max())}]"
-                )
-            ordered = np.sort(index, axis=-1)
-            if (ordered[:, 1:] == ordered[:, :-1]).any():
+            low, high = int(index.min()), int(index.max())
+            if low < 0 or high >= width:
+                raise ValueError(f"index must hold token ids in [0, {width}), got [{low}, {high}]")
+            seen = np.zeros(index.shape[0] * width, dtype=bool)  # (row, token id) pairs, without a sort
+            seen[(index + np.arange(index.shape[0])[:, None] * width).ravel()] = True
+            if np.count_nonzero(seen) != index.size:
                 raise ValueError("index repeats a token id within a row")
-        return cls(torch.from_numpy(values.astype(np.float32)), torch.from_numpy(index.astype(np.int64)), width)
+        return cls(values, index, width)
+
+    @classmethod
+    def of_dense(cls, rows: torch.Tensor) -> PackedRows:
+        """Dense rows [R, V] as PackedRows: float32 and float64 kept as they are, other float dtypes widened
+        to float64 (exactly)."""
+        if rows.dim() != 2 or not rows.is_floating_point():
+            raise ValueError(f"probability rows must be a float tensor [R, V], got {rows.dtype} {tuple(rows.shape)}")
+        rows = rows.detach().cpu()
+        if rows.dtype not in (torch.float32, torch.float64):
+            rows = rows.to(torch.float64)
+        return cls(rows.numpy(), None, rows.shape[1])
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -109,24 +126,43 @@ class PackedRows:
     def dim(self) -> int:
         return 2
 
-    def support(self) -> torch.Tensor:
-        """Sorted token ids to which some row gives a non-zero probability."""
-        if self.index is None:
-            return self.values.ne(0).any(dim=0).nonzero().squeeze(-1)
-        return torch.unique(self.index[self.values.ne(0)])
-
-    def take(self, columns: torch.Tensor) -> torch.Tensor:
-        """The rows restricted to ``columns`` (sorted token ids, a superset of the support) -> [R, S];
-        a column beyond ``width`` is 0."""
-        out = torch.zeros(self.values.shape[0], columns.numel(), dtype=self.values.dtype)
-        if self.index is None:
-            inside = columns < self.width
-            out[:, inside] = self.values[:, columns[inside]]
-        else:
-            rows, entries = self.values.ne(0).nonzero(as_tuple=True)
-            out[rows, torch.searchsorted(columns, self.index[rows, entries])] = self.values[rows, entries]
-        return out
-
     def dense(self) -> torch.Tensor:
-        """[R, width] float32."""
-        return self.take(torch.arange(self.width))
+        """[R, width] as a tensor."""
+        if self.index is None:
+            return torch.from_numpy(np.array(self.values))
+        out = np.zeros((self.values.shape[0], self.width), dtype=self.values.dtype)
+        rows, entries = np.nonzero(self.values)
+        out[rows, self.index[rows, entries]] = self.values[rows, entries]
+        return torch.from_numpy(out)
+
+
+def on_common_support(row_sets: Sequence[PackedRows], token_ids: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Several sets of rows restricted to the same columns: the token ids to which some row gives a
+    non-zero probability, plus ``token_ids``.
+
+    Returns (columns [S] sorted token ids, one float64 array [R_i, S] per set, exact copies of the rows'
+    values, 0 where a row gives a column no probability or is narrower than it). Costs O(V) bytes for a
+    mask and O(entries) for the rest: no sort, no search.
+    """
+    width = max([rows.width for rows in row_sets] + [int(token_ids.max()) + 1 if token_ids.size else 0])
+    mask = np.zeros(width, dtype=bool)
+    mask[token_ids] = True
+    for rows in row_sets:
+        if rows.index is None:
+            mask[: rows.width] |= (rows.values != 0).any(axis=0)
+        else:
+            mask[rows.index[rows.values != 0]] = True
+    columns = np.flatnonzero(mask)
+    slot = np.empty(width, dtype=np.intp)  # token id -> its column
+    slot[columns] = np.arange(columns.size)
+    restricted = []
+    for rows in row_sets:
+        out = np.zeros((rows.values.shape[0], columns.size), dtype=np.float64)
+        if rows.index is None:
+            inside = int(np.searchsorted(columns, rows.width))  # columns [0, inside) are < width
+            out[:, :inside] = rows.values[:, columns[:inside]]
+        else:
+            r, e = np.nonzero(rows.values)
+            out[r, slot[rows.index[r, e]]] = rows.values[r, e]
+        restricted.append(out)
+    return columns, restricted

@@ -2,7 +2,7 @@
 
 Why this module exists: speculative sampling is only worth deploying if its output is distributed
 *exactly* like sampling from the target model alone. That guarantee lives entirely in a few lines of
-math, so the math lives here, in one pure module (torch and specdec.rows only: no grpc, no triton, no model code) that
+math, so the math lives here, in one pure module (torch, numpy and specdec.rows only: no grpc, no triton, no model code) that
 the draft service, the Triton target model, the orchestrator and the tests all import. The draft warps q
 with `warp` and samples with `sample`; the target warps p with the same `warp`; the orchestrator calls
 `rejection_sample_on_support` (or `rejection_sample_batch`).
@@ -45,9 +45,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from specdec.rows import PackedRows
+from specdec.rows import PackedRows, on_common_support
 
 __all__ = [
     "SamplingParams",
@@ -340,23 +341,43 @@ def rejection_sample_on_support(
     its left neighbour's, so it is never the first to exceed the target) and the kept columns stay in
     token order. Warped rows under greedy, top-k or top-p have a support of 1 to a few hundred tokens,
     so the float64 work shrinks from V (49,152 for SmolLM2) to that, and no V-wide row is ever built.
+
+    This is the orchestrator's per-round hot path, so it is the same arithmetic as `rejection_sample_batch`
+    (same uniforms, same float64 operations in the same order) written in numpy for one sequence: on rows
+    this small, each torch call costs ten times a numpy one. The tests hold it to the torch sampler
+    token for token.
     """
-    p_rows, q_rows = _as_packed(p), None if q is None else _as_packed(q)
-    x = torch.as_tensor(list(draft_tokens), dtype=torch.int64)  # [K]
-    if x.numel() and int(x.min()) < 0:
+    p_rows = p if isinstance(p, PackedRows) else PackedRows.of_dense(p)
+    q_rows = q if q is None or isinstance(q, PackedRows) else PackedRows.of_dense(q)
+    x = np.asarray(draft_tokens, dtype=np.int64)  # [K]
+    k = x.size
+    if k and int(x.min()) < 0:
         raise ValueError(f"draft_tokens must be >= 0, got {x.tolist()}")
-    parts = [p_rows.support(), x] + ([] if q_rows is None else [q_rows.support()])
-    columns = torch.unique(torch.cat(parts))  # [S] sorted token ids
-    result = rejection_sample(
-        torch.searchsorted(columns, x), None if q_rows is None else q_rows.take(columns), p_rows.take(columns),
-        generator,
-    )
-    return RejectionResult(accepted=result.accepted, tokens=columns[result.tokens].tolist())
+    if p_rows.shape[0] != k + 1:
+        raise ValueError(f"p must have K+1 = {k + 1} rows, got {p_rows.shape[0]}")
+    if q_rows is not None and q_rows.shape[0] != k:
+        raise ValueError(f"q must have K = {k} rows, got {q_rows.shape[0]}")
+    columns, restricted = on_common_support([p_rows] + ([] if q_rows is None else [q_rows]), x)  # [S]
+    p_s, q_s = restricted[0], (None if q_rows is None else restricted[1])  # [K+1, S], [K, S] float64
+    x_col = np.searchsorted(columns, x)  # [K] the drafts' columns
+    u = torch.rand(k + 1, dtype=torch.float64, generator=generator).numpy()  # the randomness contract
 
+    positions = np.arange(k)
+    p_x = p_s[positions, x_col]  # [K]
+    q_x = np.ones(k) if q_s is None else q_s[positions, x_col]  # [K]
+    rejections = np.flatnonzero(~(u[:k] * q_x < p_x))
+    n = int(rejections[0]) if rejections.size else k  # drafts accepted
 
-def _as_packed(rows: torch.Tensor | PackedRows) -> PackedRows:
-    if isinstance(rows, PackedRows):
-        return rows
-    if rows.dim() != 2:
-        raise ValueError(f"probability rows must have shape [R, V], got {tuple(rows.shape)}")
-    return PackedRows(rows.detach().cpu(), None, rows.shape[1])
+    p_n = p_s[n]  # [S]
+    if n == k:  # all accepted: the bonus row, q_K := 0
+        residual = p_n
+    else:  # the first rejection: max(0, p_n - q_n), q_n one-hot at the draft when q is None
+        q_n = q_s[n] if q_s is not None else np.where(np.arange(columns.size) == x_col[n], 1.0, 0.0)
+        residual = np.maximum(p_n - q_n, 0.0)
+    weights = p_n if residual.sum() <= 0 else residual  # degenerate residual: draw from p_n
+    cdf = np.cumsum(weights)
+    final = int(np.searchsorted(cdf, u[k] * cdf[-1], side="right"))
+    positive = np.flatnonzero(weights > 0)
+    final = min(final, int(positive[-1]) if positive.size else weights.size - 1)  # u * total rounding up
+    tokens = [*x[:n].tolist(), int(columns[final])]
+    return RejectionResult(accepted=n, tokens=tokens)

@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from specdec.config import env_name, parse_config
 from specdec.models import _keep_layers, parse_dtype, parse_layers, resolve_model_dir
-from specdec.rows import PackedRows, decode_packed, encode_rows, pack_rows
+from specdec.rows import PackedRows, decode_packed, encode_rows, on_common_support, pack_rows
 from specdec.sampling import SamplingParams, warp
 
 
@@ -67,6 +67,21 @@ def test_packed_rows_with_supports_of_different_sizes() -> None:
     values, index = pack_rows(rows)  # row 2 is all zero
     assert index is not None and values.shape == index.shape == (3, 3)
     assert torch.equal(PackedRows.from_arrays(values, index, 10).dense(), rows)
+
+
+def test_row_sets_restricted_to_their_common_support() -> None:
+    p = torch.zeros(2, 12)
+    p[0, [2, 9]] = torch.tensor([0.25, 0.75])
+    p[1, 4] = 1.0
+    q = torch.zeros(1, 6)  # narrower, and dense on purpose (PackedRows.of_dense)
+    q[0, [4, 5]] = 0.5
+    columns, (p_s, q_s) = on_common_support(
+        [PackedRows.from_arrays(*pack_rows(p), 12), PackedRows.of_dense(q)], np.array([11, 2])
+    )
+    assert columns.tolist() == [2, 4, 5, 9, 11]  # every non-zero entry, plus the extra ids, sorted
+    assert p_s.dtype == q_s.dtype == np.float64
+    assert p_s.tolist() == p[:, columns].tolist()
+    assert q_s.tolist() == [[0.0, 0.5, 0.5, 0.0, 0.0]]  # token 9 and 11 are beyond q's width: 0
 
 
 def test_malformed_packed_rows_are_refused() -> None:
