@@ -5,13 +5,19 @@ Why it exists: the deployable entry point; flags (``--help``) fall back to SPECD
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import Sequence
+import os
 
-from draft_service.config import DraftConfig, load_config
-from draft_service.server import SERVICE_NAME, create_server
-from specdec.grpc_server import serve_until_signal
+from specdec.openmp import short_spin
+
+short_spin(os.environ)  # before anything imports torch, which loads OpenMP (specdec.openmp)
+
+import asyncio  # noqa: E402
+import logging  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+
+from draft_service.config import DraftConfig, load_config  # noqa: E402
+from draft_service.server import SERVICE_NAME, create_server  # noqa: E402
+from specdec.grpc_server import serve_until_signal  # noqa: E402
 
 log = logging.getLogger("draft_service")
 

@@ -28,6 +28,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from specdec import models
+from specdec.openmp import short_spin
 
 log = logging.getLogger(__name__)
 
@@ -276,6 +277,7 @@ def _children_named(parent: int, name: str) -> list[int]:
 
 def child_env() -> dict[str, str]:
     env = dict(os.environ)
+    short_spin(env)  # OpenMP threads that let go of the cores between rounds (specdec.openmp)
     env["HF_HUB_OFFLINE"] = "1"
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env

@@ -39,6 +39,7 @@ from pathlib import Path
 from types import TracebackType
 
 from specdec.filelock import file_lock
+from specdec.openmp import short_spin
 from target_service import wire
 
 log = logging.getLogger(__name__)
@@ -188,6 +189,7 @@ def triton_env(base: dict[str, str] | None = None) -> dict[str, str]:
     package_root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
     env["HF_HUB_OFFLINE"] = "1"
+    short_spin(env)  # the model's OpenMP threads let go of the cores between rounds (specdec.openmp)
     return env
 
 

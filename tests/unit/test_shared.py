@@ -135,3 +135,13 @@ def test_a_self_draft_keeping_all_layers_equals_the_model_and_fewer_differ() -> 
 def test_a_missing_model_folder_is_a_clear_error(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         resolve_model_dir(str(tmp_path / "nope"))
+
+
+def test_model_processes_start_with_a_short_openmp_spin_unless_one_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    from specdec.stack import child_env
+    from target_service.launcher import triton_env
+
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    assert child_env()["GOMP_SPINCOUNT"] == triton_env()["GOMP_SPINCOUNT"] == "20000"
+    monkeypatch.setenv("GOMP_SPINCOUNT", "300000")  # an operator's own value wins
+    assert child_env()["GOMP_SPINCOUNT"] == triton_env()["GOMP_SPINCOUNT"] == "300000"
