@@ -24,7 +24,6 @@ SPINCOUNT_VARIABLE = "GOMP_SPINCOUNT"
 DEFAULT_SPINCOUNT = "20000"
 
 
-def short_spin(env: MutableMapping[str, str]) -> MutableMapping[str, str]:
-    """Set GOMP_SPINCOUNT in ``env`` unless it is set already; returns ``env``."""
+def short_spin(env: MutableMapping[str, str]) -> None:
+    """Set GOMP_SPINCOUNT in ``env`` unless it is set already."""
     env.setdefault(SPINCOUNT_VARIABLE, DEFAULT_SPINCOUNT)
-    return env

@@ -2,10 +2,10 @@
 
 Why this module exists: speculative sampling is only worth deploying if its output is distributed
 *exactly* like sampling from the target model alone. That guarantee lives entirely in a few lines of
-math, so the math lives here, in one pure module (torch, numpy and specdec.rows only: no grpc, no triton, no model code) that
-the draft service, the Triton target model, the orchestrator and the tests all import. The draft warps q
-with `warp` and samples with `sample`; the target warps p with the same `warp`; the orchestrator calls
-`rejection_sample_on_support` (or `rejection_sample_batch`).
+math, so the math lives here, in one pure module (torch, numpy and specdec.rows only: no grpc, no triton,
+no model code) that the draft service, the Triton target model, the orchestrator and the tests all import.
+The draft warps q with `warp` and samples with `sample`; the target warps p with the same `warp`; the
+orchestrator calls `rejection_sample_on_support` (or `rejection_sample_batch`).
 
 Notation (used everywhere in specdec):
 
