@@ -37,7 +37,9 @@ class DraftConfig:
     device: str = field(default="cpu", metadata={"help": "torch device, e.g. cpu or cuda:0"})
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16"})
     threads: int = field(default=0, metadata={"help": "torch intra-op threads; 0 keeps torch's default"})
-    max_sequences: int = field(default=64, metadata={"help": "most sequences holding a KV cache at once"})
+    max_sequences: int = field(
+        default=64, metadata={"help": "most sequences with a KV cache, and most open Propose streams, at once"}
+    )
     idle_ttl_s: float = field(default=300.0, metadata={"help": "evict a sequence's cache after this many idle seconds"})
     max_num_draft_tokens: int = field(default=16, metadata={"help": "largest K a request may ask for"})
     cache_dir: str = field(

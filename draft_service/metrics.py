@@ -49,7 +49,7 @@ class DraftMetrics:
         )
         self.round_seconds = Histogram(
             "specdec_draft_round_seconds",
-            "Time of one draft round in the model worker (K+1 forwards' worth of work), excluding queueing.",
+            "Time of one draft round under the model lock (K+1 forwards' worth of work), excluding queueing.",
             buckets=_ROUND_BUCKETS,
             registry=self.registry,
         )

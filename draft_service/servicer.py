@@ -1,24 +1,26 @@
-"""specdec.v1.DraftService over grpc.aio: protobuf <-> dataclasses at the edge, the model off the event loop.
+"""specdec.v1.DraftService on grpcio's thread-per-RPC server: protobuf <-> dataclasses at the edge.
 
 Why it exists: it is the only place that sees protobuf types. Each RPC converts its request into the
-drafter's dataclasses, runs the model in the server's single model worker (one forward at a time, so the
-event loop keeps answering health checks and GetStats while a round runs), and converts the result back.
-Errors go through one table (``ERROR_TABLE``) via ``specdec.grpc_server.error_boundary``.
+drafter's dataclasses, runs the model under one lock (one forward at a time; health checks, GetStats and
+Release run on other threads meanwhile), and converts the result back. Errors go through one table
+(``ERROR_TABLE``) via ``specdec.grpc_server.error_boundary``.
 
-A Propose stream owns its sequence: every request must carry the stream's sequence_id, a second open
-stream on the same id is refused, and the cache is released however the stream ends (completion, client
-cancel, deadline, error, server shutdown).
+A Propose stream owns its sequence and a server thread: at most ``max_streams`` streams are open at once
+(more get RESOURCE_EXHAUSTED at once, so the threads kept for the other RPCs stay free), every request
+must carry the stream's sequence_id, a second open stream on the same id is refused, and the cache is
+released however the stream ends (completion, client cancel, deadline, error, server shutdown).
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import functools
+import inspect
 import logging
+import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Executor
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 
@@ -38,8 +40,6 @@ ERROR_TABLE: ErrorTable = (
     (SequenceNotFoundError, grpc.StatusCode.NOT_FOUND),
     (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
 )
-
-T = TypeVar("T")
 
 
 def sampling_from_pb(pb: sampling_pb2.SamplingParams) -> sampling.SamplingParams:
@@ -77,48 +77,63 @@ def proposal_to_pb(proposal: Proposal) -> draft_pb2.ProposeResponse:
 
 
 def _status_of(exc: BaseException) -> grpc.StatusCode:
-    if isinstance(exc, asyncio.CancelledError):
+    # RpcError: the request iterator saw the client cancel or the deadline pass; GeneratorExit: grpc
+    # dropped the response iterator of a call that is no longer active.
+    if isinstance(exc, (grpc.RpcError, GeneratorExit)):
         return grpc.StatusCode.CANCELLED
     return next((code for exc_type, code in ERROR_TABLE if isinstance(exc, exc_type)), grpc.StatusCode.INTERNAL)
 
 
+@contextlib.contextmanager
+def _counting(metrics: DraftMetrics, method: str) -> Iterator[None]:
+    try:
+        yield
+    except BaseException as exc:
+        metrics.count_request(method, _status_of(exc))
+        raise
+    metrics.count_request(method, grpc.StatusCode.OK)
+
+
 def _counted(method: Callable) -> Callable:
-    """Count every call by the status ERROR_TABLE gives its outcome (applied inside error_boundary)."""
+    """Count every call once, by the status ERROR_TABLE gives its outcome (applied inside error_boundary)."""
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def stream_wrapper(self: DraftServicer, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            with _counting(self._metrics, method.__name__):
+                yield from method(self, request, context)
+
+        return stream_wrapper
 
     @functools.wraps(method)
-    async def wrapper(self: DraftServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            result = await method(self, request, context)
-        except grpc.aio.AbortError:
-            self._metrics.count_request(method.__name__, context.code() or grpc.StatusCode.UNKNOWN)
-            raise
-        except BaseException as exc:
-            self._metrics.count_request(method.__name__, _status_of(exc))
-            raise
-        self._metrics.count_request(method.__name__, grpc.StatusCode.OK)
-        return result
+    def unary_wrapper(self: DraftServicer, request: Any, context: grpc.ServicerContext) -> Any:
+        with _counting(self._metrics, method.__name__):
+            return method(self, request, context)
 
-    return wrapper
+    return unary_wrapper
 
 
 class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
-    """The DraftService RPCs over a Drafter whose model steps run in ``executor`` (one worker)."""
+    """The DraftService RPCs over a Drafter; safe to call from many server threads at once."""
 
-    def __init__(self, drafter: Drafter, executor: Executor, metrics: DraftMetrics) -> None:
+    def __init__(self, drafter: Drafter, metrics: DraftMetrics, max_streams: int) -> None:
         self._drafter = drafter
-        self._executor = executor
         self._metrics = metrics
+        self._max_streams = max_streams
+        self._model_lock = threading.Lock()  # the Drafter runs one round at a time
+        self._streams_lock = threading.Lock()
+        self._open_streams = 0
         self._streaming: set[int] = set()  # sequence ids owned by an open Propose stream
 
     @error_boundary(ERROR_TABLE, log)
     @_counted
-    async def Propose(
-        self, request_iterator: AsyncIterator[draft_pb2.ProposeRequest], context: grpc.aio.ServicerContext
-    ) -> None:
+    def Propose(
+        self, request_iterator: Iterator[draft_pb2.ProposeRequest], context: grpc.ServicerContext
+    ) -> Iterator[draft_pb2.ProposeResponse]:
+        self._open()
         sequence_id: int | None = None
-        self._metrics.open_streams.inc()
         try:
-            async for request in request_iterator:
+            for request in request_iterator:
                 round_ = round_from_pb(request)
                 if sequence_id is None:
                     self._claim(round_.sequence_id)
@@ -128,52 +143,59 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
                         f"sequence_id must be the same on every request of a stream: "
                         f"this stream is {sequence_id}, got {round_.sequence_id}"
                     )
-                response, seconds = await self._in_worker(self._propose, round_)
+                with self._model_lock:
+                    start = time.perf_counter()
+                    response = proposal_to_pb(self._drafter.propose(round_))
+                    seconds = time.perf_counter() - start
                 self._metrics.observe_round(
                     seconds, round_.num_draft_tokens, len(response.q_probs) + len(response.q_index)
                 )
-                await context.write(response)
+                yield response
         except BaseException as exc:
             tag_sequence(exc, sequence_id)  # the error boundary's line names the sequence
             raise
         finally:
-            self._metrics.open_streams.dec()
-            if sequence_id is not None:
-                self._streaming.discard(sequence_id)
-                if self._drafter.release(sequence_id):
-                    SequenceLogger(log, sequence_id).debug("the Propose stream ended: cache released")
+            self._close(sequence_id)
 
     @error_boundary(ERROR_TABLE, log)
     @_counted
-    async def Release(
-        self, request: draft_pb2.ReleaseRequest, context: grpc.aio.ServicerContext
-    ) -> draft_pb2.ReleaseResponse:
+    def Release(self, request: draft_pb2.ReleaseRequest, context: grpc.ServicerContext) -> draft_pb2.ReleaseResponse:
         if request.sequence_id == 0:
             raise ValueError("sequence_id must be non-zero")
         return draft_pb2.ReleaseResponse(released=self._drafter.release(request.sequence_id))
 
     @error_boundary(ERROR_TABLE, log)
     @_counted
-    async def GetStats(
-        self, request: draft_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
-    ) -> draft_pb2.GetStatsResponse:
+    def GetStats(self, request: draft_pb2.GetStatsRequest, context: grpc.ServicerContext) -> draft_pb2.GetStatsResponse:
         stats = self._drafter.stats()
         return draft_pb2.GetStatsResponse(
             live_sequences=stats.live_sequences, max_sequences=stats.max_sequences, vocab_size=stats.vocab_size
         )
 
+    def _open(self) -> None:
+        """Admit a stream, or refuse it while ``max_streams`` are open (each holds a server thread)."""
+        with self._streams_lock:
+            if self._open_streams >= self._max_streams:
+                raise CapacityError(
+                    f"the draft service is at capacity: {self._open_streams} Propose streams are open "
+                    f"(max_sequences {self._max_streams}); retry later or add replicas"
+                )
+            self._open_streams += 1
+        self._metrics.open_streams.inc()
+
     def _claim(self, sequence_id: int) -> None:
         if sequence_id == 0:
             raise ValueError("sequence_id must be non-zero")
-        if sequence_id in self._streaming:
-            raise ValueError(f"sequence_id {sequence_id} is already used by another open Propose stream")
-        self._streaming.add(sequence_id)
+        with self._streams_lock:
+            if sequence_id in self._streaming:
+                raise ValueError(f"sequence_id {sequence_id} is already used by another open Propose stream")
+            self._streaming.add(sequence_id)
 
-    def _propose(self, round_: ProposeRound) -> tuple[draft_pb2.ProposeResponse, float]:
-        """Runs in the model worker: the round and the encoding of q (up to K*V*4 bytes)."""
-        start = time.perf_counter()
-        response = proposal_to_pb(self._drafter.propose(round_))
-        return response, time.perf_counter() - start
-
-    async def _in_worker(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    def _close(self, sequence_id: int | None) -> None:
+        with self._streams_lock:
+            self._open_streams -= 1
+            if sequence_id is not None:
+                self._streaming.discard(sequence_id)
+        self._metrics.open_streams.dec()
+        if sequence_id is not None and self._drafter.release(sequence_id):
+            SequenceLogger(log, sequence_id).debug("the Propose stream ended: cache released")

@@ -1,5 +1,8 @@
 """gRPC server plumbing every specdec server shares: health, reflection, the error boundary, serving.
 
+It serves both kinds of grpcio server: the orchestrator's ``grpc.aio`` server and the draft service's
+thread-per-stream ``grpc.server`` (see ``draft_service.server`` for why the draft uses threads).
+
 - Health (grpc.health.v1) reports SERVING for "" and each service once the server is up, and NOT_SERVING
   while it drains, so load balancers and `grpc_health_probe` see the truth.
 - Reflection answers method symbols too (``specdec.v1.GenerationService.Generate``): grpcio-reflection
@@ -18,6 +21,7 @@ import logging
 import signal
 import uuid
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -31,8 +35,10 @@ log = logging.getLogger(__name__)
 ErrorTable = Sequence[tuple[type[BaseException], grpc.StatusCode]]
 
 
-class MethodSymbolReflectionServicer(_AsyncReflectionServicer):
-    """Server reflection that also resolves fully-qualified method names to their service's file."""
+class _MethodSymbols:
+    """Mixed into a grpcio-reflection servicer: also resolve fully-qualified method names to their file."""
+
+    _pool: Any
 
     def _file_containing_symbol(self, request, fully_qualified_name):  # noqa: ANN001 - base signature
         try:
@@ -45,65 +51,118 @@ class MethodSymbolReflectionServicer(_AsyncReflectionServicer):
                 service = None
             if service is not None and method in service.methods_by_name:
                 return super()._file_containing_symbol(request, service_name)
-        return super()._file_containing_symbol(request, fully_qualified_name)
+        return super()._file_containing_symbol(request, fully_qualified_name)  # type: ignore[misc]
 
 
-def add_health_and_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> health.aio.HealthServicer:
-    """Register health and reflection for ``service_names``; returns the health servicer to flip."""
-    names = list(service_names)
-    health_servicer = health.aio.HealthServicer()
+class MethodSymbolReflectionServicer(_MethodSymbols, reflection.ReflectionServicer):
+    """Reflection for a ``grpc.server`` that also answers method symbols."""
+
+
+class AsyncMethodSymbolReflectionServicer(_MethodSymbols, _AsyncReflectionServicer):
+    """Reflection for a ``grpc.aio.server`` that also answers method symbols."""
+
+
+def add_health_and_reflection(
+    server: grpc.Server | grpc.aio.Server, service_names: Iterable[str]
+) -> health.HealthServicer | health.aio.HealthServicer:
+    """Register health and reflection for ``service_names``; returns the health servicer to flip.
+
+    The servicers match the server's kind: ``health.aio.HealthServicer`` for a ``grpc.aio.Server``, else
+    the thread-safe ``health.HealthServicer`` (whose Watch holds no thread).
+    """
+    asynchronous = isinstance(server, grpc.aio.Server)
+    health_servicer = health.aio.HealthServicer() if asynchronous else health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    all_names = [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(MethodSymbolReflectionServicer(all_names), server)
+    names = [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+    servicer = AsyncMethodSymbolReflectionServicer(names) if asynchronous else MethodSymbolReflectionServicer(names)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
     return health_servicer
 
 
+def _health_status(serving: bool) -> int:
+    return health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+
+
 async def set_serving(health_servicer: health.aio.HealthServicer, service_names: Iterable[str], serving: bool) -> None:
-    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    """SERVING or NOT_SERVING for "" and each of ``service_names`` (aio health servicer)."""
     for name in ["", *service_names]:
-        await health_servicer.set(name, status)
+        await health_servicer.set(name, _health_status(serving))
+
+
+def set_serving_blocking(health_servicer: health.HealthServicer, service_names: Iterable[str], serving: bool) -> None:
+    """``set_serving`` for the thread-safe health servicer of a ``grpc.server``."""
+    for name in ["", *service_names]:
+        health_servicer.set(name, _health_status(serving))
 
 
 def error_boundary(table: ErrorTable, logger: logging.Logger) -> Callable:
-    """Decorate an aio servicer method (unary or server-streaming) with one exception -> status map.
+    """Decorate a servicer method with one exception -> status map.
 
-    The first matching row of ``table`` wins and its message goes on the wire; grpc aborts and
-    cancellation pass through; anything else is INTERNAL, logged with its traceback and a reference id.
+    Works on all four shapes grpcio calls: aio unary and aio server-streaming (async generator) methods,
+    and the blocking server's unary and streaming (generator) methods. The first matching row of ``table``
+    wins and its message goes on the wire; grpc aborts and cancellation pass through; anything else is
+    INTERNAL, logged with its traceback and a reference id.
     """
 
-    async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
         prefix = log_prefix(exc)  # "sequence_id=<id> " when the error ended a known sequence
         for exc_type, code in table:
             if isinstance(exc, exc_type):
                 logger.info("%s%s: %s", prefix, code.name, exc)
-                await context.abort(code, str(exc))
+                return code, str(exc)
         ref = uuid.uuid4().hex[:12]
         logger.exception("%sinternal error (ref %s)", prefix, ref)
-        await context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref}); see the server log")
+        return grpc.StatusCode.INTERNAL, f"internal error (ref {ref}); see the server log"
 
     def decorate(method: Callable) -> Callable:
         if inspect.isasyncgenfunction(method):
 
             @functools.wraps(method)
-            async def stream_wrapper(self, request, context):  # noqa: ANN001
+            async def async_stream_wrapper(self, request, context):  # noqa: ANN001
                 try:
                     async for item in method(self, request, context):
                         yield item
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
                 except Exception as exc:  # noqa: BLE001 - this is the boundary
-                    await _abort(context, exc)
+                    await context.abort(*status_of(exc))
+
+            return async_stream_wrapper
+
+        if inspect.iscoroutinefunction(method):
+
+            @functools.wraps(method)
+            async def async_unary_wrapper(self, request, context):  # noqa: ANN001
+                try:
+                    return await method(self, request, context)
+                except (grpc.aio.AbortError, asyncio.CancelledError):
+                    raise
+                except Exception as exc:  # noqa: BLE001 - this is the boundary
+                    await context.abort(*status_of(exc))
+
+            return async_unary_wrapper
+
+        if inspect.isgeneratorfunction(method):
+
+            @functools.wraps(method)
+            def stream_wrapper(self, request, context):  # noqa: ANN001
+                try:
+                    yield from method(self, request, context)
+                except grpc.RpcError:  # the client cancelled or the deadline passed: nobody to tell
+                    raise
+                except Exception as exc:  # noqa: BLE001 - this is the boundary
+                    context.abort(*status_of(exc))
 
             return stream_wrapper
 
         @functools.wraps(method)
-        async def unary_wrapper(self, request, context):  # noqa: ANN001
+        def unary_wrapper(self, request, context):  # noqa: ANN001
             try:
-                return await method(self, request, context)
-            except (grpc.aio.AbortError, asyncio.CancelledError):
+                return method(self, request, context)
+            except grpc.RpcError:
                 raise
             except Exception as exc:  # noqa: BLE001 - this is the boundary
-                await _abort(context, exc)
+                context.abort(*status_of(exc))
 
         return unary_wrapper
 

@@ -5,7 +5,7 @@ client sees: wall time per generated token, measured around each `Generate` call
 generation's GenerationStats (rounds, accepted tokens, time waiting on the draft and on Triton, time in the
 orchestrator) is kept, and around each configuration the servers' own counters are read — Triton's model
 statistics (`get_inference_statistics`: time inside the model), the draft service's
-``specdec_draft_round_seconds`` histogram (time inside the draft model worker) and both servers' counters of
+``specdec_draft_round_seconds`` histogram (time of a round under the draft's model lock) and both servers' counters of
 the probability-row bytes they sent — so time on the wire can be told apart from compute, and the bytes per
 round are measured, not computed.
 """
@@ -63,7 +63,7 @@ class ServerCounters:
     triton_queue_ns: int = 0
     triton_compute_ns: int = 0  # compute_input + compute_infer + compute_output (the Python model)
     draft_rounds: float = 0.0
-    draft_round_s: float = 0.0  # time of draft rounds in the draft's model worker
+    draft_round_s: float = 0.0  # time of draft rounds under the draft's model lock
     draft_q_bytes: float = 0.0  # q rows the draft service sent
     triton_output_bytes: float = 0.0  # output tensors (probability rows) the Triton model answered
 

@@ -48,7 +48,7 @@ class Row:
     alpha_implied: float = NAN  # the α for which the theory predicts the measured tokens per round
     client_ms: float = NAN  # client wall time per round
     draft_ms: float = NAN  # orchestrator waiting on the draft service
-    draft_compute_ms: float = NAN  # inside the draft's model worker (its round histogram)
+    draft_compute_ms: float = NAN  # the draft's rounds under its model lock (its round histogram)
     target_ms: float = NAN  # orchestrator waiting on Triton
     triton_ms: float = NAN  # inside Triton (request received -> response ready)
     triton_compute_ms: float = NAN  # inside the Python model (input + infer + output)

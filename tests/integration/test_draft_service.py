@@ -1,12 +1,11 @@
-"""The draft gRPC server for real: grpc.aio on 127.0.0.1 port 0, a tiny random Llama (and once SmolLM2).
+"""The draft gRPC server for real: on 127.0.0.1 port 0, a tiny random Llama (and once SmolLM2).
 
-Each server runs its own event loop in a background thread, started and stopped by a fixture; the tests
-talk to it with blocking grpc clients, exactly as a foreign client would.
+Each server is started and stopped by a fixture or the test that needs it; the tests talk to it with
+blocking grpc clients, exactly as a foreign client would.
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
 import queue
 import re
@@ -14,9 +13,9 @@ import socket
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import pytest
@@ -37,40 +36,24 @@ PROMPT = [5, 17, 3, 42, 8]
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 SAMPLING = sampling_pb2.SamplingParams
 Stub = draft_pb2_grpc.DraftServiceStub
-T = TypeVar("T")
 
 
-class ServerThread:
-    """A draft server on its own event loop in a daemon thread."""
+class RunningServer:
+    """A started draft server and a blocking channel to it."""
 
     def __init__(self, config: DraftConfig, drafter: Drafter | None = None) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="draft-server-loop", daemon=True)
-        self._thread.start()
-        try:
-            _, self.port, self.handle = self._run(create_server(config, drafter), timeout=120)
-        except BaseException:
-            self._shutdown_loop()
-            raise
+        self.handle = create_server(config, drafter)
+        self.port = self.handle.port
         self.address = f"127.0.0.1:{self.port}"
         self.channel = grpc.insecure_channel(self.address)
         self.stub = draft_pb2_grpc.DraftServiceStub(self.channel)
-
-    def _run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     def live_sequences(self) -> int:
         return self.stub.GetStats(draft_pb2.GetStatsRequest(), timeout=5).live_sequences
 
     def stop(self) -> None:
         self.channel.close()
-        self._run(self.handle.stop(0))
-        self._shutdown_loop()
-
-    def _shutdown_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
+        self.handle.stop(0)
 
 
 class Stream:
@@ -112,7 +95,7 @@ def free_port() -> int:
 def tiny_config(folder: Path, **overrides: Any) -> DraftConfig:
     settings = dict(
         host="127.0.0.1", port=0, model=str(folder), keep_layers="", max_sequences=8, max_num_draft_tokens=8,
-        threads=1,  # the model worker's own setting; a tiny model gains nothing from more
+        threads=1,  # torch threads per round; a tiny model gains nothing from more
     )
     settings.update(overrides)
     return DraftConfig(**settings)
@@ -129,20 +112,20 @@ def metrics_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_folder: Path, metrics_port: int) -> Iterator[ServerThread]:
-    running = ServerThread(tiny_config(tiny_folder, metrics_port=metrics_port))
+def server(tiny_folder: Path, metrics_port: int) -> Iterator[RunningServer]:
+    running = RunningServer(tiny_config(tiny_folder, metrics_port=metrics_port))
     yield running
     running.stop()
 
 
 @pytest.fixture()
-def stub(server: ServerThread) -> Iterator[Stub]:
+def stub(server: RunningServer) -> Iterator[Stub]:
     assert server.live_sequences() == 0, "a previous test leaked a sequence"
     yield server.stub
     wait_until(lambda: server.live_sequences() == 0, "every test's sequences to be released")
 
 
-def test_a_stream_of_rounds_then_release_on_completion(server: ServerThread, stub: Stub) -> None:
+def test_a_stream_of_rounds_then_release_on_completion(server: RunningServer, stub: Stub) -> None:
     stream = Stream(stub)
     first = stream.round(append_token_ids=PROMPT, num_draft_tokens=4, seed=1)
     assert len(first.draft_token_ids) == 4 and first.vocab_size == TINY_VOCAB_SIZE
@@ -178,7 +161,7 @@ def test_same_request_same_proposal_over_the_wire(stub: Stub) -> None:
     assert proposals[0] == proposals[1]
 
 
-def test_client_cancel_releases_the_cache(server: ServerThread, stub: Stub) -> None:
+def test_client_cancel_releases_the_cache(server: RunningServer, stub: Stub) -> None:
     stream = Stream(stub)
     stream.round(sequence_id=21, append_token_ids=PROMPT)
     assert server.live_sequences() == 1
@@ -186,7 +169,7 @@ def test_client_cancel_releases_the_cache(server: ServerThread, stub: Stub) -> N
     wait_until(lambda: server.live_sequences() == 0, "the cancelled stream's cache to be released")
 
 
-def test_deadline_releases_the_cache(server: ServerThread, stub: Stub) -> None:
+def test_deadline_releases_the_cache(server: RunningServer, stub: Stub) -> None:
     stream = Stream(stub, timeout=1.0)
     stream.round(sequence_id=22, append_token_ids=PROMPT)
     assert server.live_sequences() == 1
@@ -197,7 +180,7 @@ def test_deadline_releases_the_cache(server: ServerThread, stub: Stub) -> None:
     stream.cancel()
 
 
-def test_release_is_idempotent_and_the_stream_then_sees_not_found(server: ServerThread, stub: Stub) -> None:
+def test_release_is_idempotent_and_the_stream_then_sees_not_found(server: RunningServer, stub: Stub) -> None:
     stream = Stream(stub)
     first = stream.round(sequence_id=31, append_token_ids=PROMPT)
     assert stub.Release(draft_pb2.ReleaseRequest(sequence_id=31), timeout=5).released is True
@@ -244,7 +227,7 @@ def test_after_not_found_a_new_stream_re_prefills(stub: Stub) -> None:
         (dict(append_token_ids=PROMPT, sampling=SAMPLING(top_k=65)), "sampling: top_k must be <= vocab size 64"),
     ],
 )
-def test_invalid_requests_and_the_server_stays_up(server: ServerThread, stub: Stub, fields: dict, pattern: str) -> None:
+def test_invalid_requests_and_the_server_stays_up(server: RunningServer, stub: Stub, fields: dict, pattern: str) -> None:
     with pytest.raises(grpc.RpcError) as error:
         Stream(stub).round(**fields)
     assert error.value.code() == INVALID, error.value.details()
@@ -278,7 +261,7 @@ def test_in_stream_validation(stub: Stub) -> None:
 
 
 def test_resource_exhausted_past_capacity(tiny_folder: Path) -> None:
-    running = ServerThread(tiny_config(tiny_folder, max_sequences=1))
+    running = RunningServer(tiny_config(tiny_folder, max_sequences=1))
     try:
         holder = Stream(running.stub)
         holder.round(sequence_id=1, append_token_ids=PROMPT)
@@ -295,8 +278,38 @@ def test_resource_exhausted_past_capacity(tiny_folder: Path) -> None:
         running.stop()
 
 
+def test_at_most_max_sequences_streams_and_the_rest_of_the_api_still_answers(tiny_folder: Path) -> None:
+    """Each open stream holds a server thread; the threads kept spare serve everything else."""
+    running = RunningServer(tiny_config(tiny_folder, max_sequences=2))
+    try:
+        holders = [Stream(running.stub) for _ in range(2)]
+        holders[0].round(sequence_id=1, append_token_ids=PROMPT)  # one stream has a cache, one has none yet
+        refused = Stream(running.stub, timeout=10)
+        with pytest.raises(grpc.RpcError) as error:
+            next(refused.responses)  # refused before it sends anything
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "2 Propose streams are open" in error.value.details()
+        health = health_pb2_grpc.HealthStub(running.channel)
+        for _ in range(3):  # more calls than spare threads, one after the other
+            request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+            assert health.Check(request, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+            assert running.live_sequences() == 1
+        reflection = reflection_pb2_grpc.ServerReflectionStub(running.channel)
+        listing = reflection_pb2.ServerReflectionRequest(list_services="")
+        assert list(reflection.ServerReflectionInfo(iter([listing]), timeout=5))
+        assert running.stub.Release(draft_pb2.ReleaseRequest(sequence_id=99), timeout=5).released is False
+        holders[1].close()
+        retry = Stream(running.stub)  # a stream ended: room again
+        assert len(retry.round(sequence_id=2, append_token_ids=PROMPT).draft_token_ids) == 4
+        for stream in (retry, holders[0]):
+            stream.close()
+        wait_until(lambda: running.live_sequences() == 0, "both streams' release")
+    finally:
+        running.stop()
+
+
 def test_idle_sequences_are_evicted_in_the_background(tiny_folder: Path) -> None:
-    running = ServerThread(tiny_config(tiny_folder, idle_ttl_s=0.3))
+    running = RunningServer(tiny_config(tiny_folder, idle_ttl_s=0.3))
     try:
         stream = Stream(running.stub)
         first = stream.round(sequence_id=8, append_token_ids=PROMPT)
@@ -308,9 +321,9 @@ def test_idle_sequences_are_evicted_in_the_background(tiny_folder: Path) -> None
         running.stop()
 
 
-def test_a_taken_port_is_refused(server: ServerThread, tiny_folder: Path) -> None:
+def test_a_taken_port_is_refused(server: RunningServer, tiny_folder: Path) -> None:
     with pytest.raises(OSError, match=f"cannot bind 127.0.0.1:{server.port}"):
-        ServerThread(tiny_config(tiny_folder, port=server.port))
+        RunningServer(tiny_config(tiny_folder, port=server.port))
 
 
 class _FailingDrafter(Drafter):
@@ -332,7 +345,7 @@ class _BlockingDrafter(Drafter):
 
 def test_unexpected_errors_are_internal_without_details_and_release(tiny_folder: Path) -> None:
     inner = build_drafter(tiny_config(tiny_folder))
-    running = ServerThread(tiny_config(tiny_folder), _FailingDrafter(inner.engine, 4))
+    running = RunningServer(tiny_config(tiny_folder), _FailingDrafter(inner.engine, 4))
     try:
         with pytest.raises(grpc.RpcError) as error:
             Stream(running.stub).round(sequence_id=5, append_token_ids=PROMPT)
@@ -345,7 +358,7 @@ def test_unexpected_errors_are_internal_without_details_and_release(tiny_folder:
 
 def test_health_and_stats_answer_while_a_round_runs(tiny_folder: Path) -> None:
     drafter = _BlockingDrafter(build_drafter(tiny_config(tiny_folder)))
-    running = ServerThread(tiny_config(tiny_folder), drafter)
+    running = RunningServer(tiny_config(tiny_folder), drafter)
     try:
         requests: queue.Queue = queue.Queue()
         responses = running.stub.Propose(iter(requests.get, None), timeout=30)
@@ -355,7 +368,7 @@ def test_health_and_stats_answer_while_a_round_runs(tiny_folder: Path) -> None:
         assert health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5).status == (
             health_pb2.HealthCheckResponse.SERVING
         )
-        running.live_sequences()  # answers while the model worker is busy
+        running.live_sequences()  # answers while a round holds the model
         drafter.proceed.set()
         assert len(next(responses).draft_token_ids) == 2
         requests.put(None)
@@ -365,14 +378,47 @@ def test_health_and_stats_answer_while_a_round_runs(tiny_folder: Path) -> None:
         running.stop()
 
 
-def test_health_serving(server: ServerThread) -> None:
+def test_stopping_the_server_ends_open_streams_and_releases_their_caches(tiny_folder: Path) -> None:
+    """``stop`` returns only after every handler has finished, even one caught in the middle of a round."""
+    drafter = _BlockingDrafter(build_drafter(tiny_config(tiny_folder)))
+    drafter.proceed.set()
+    running = RunningServer(tiny_config(tiny_folder), drafter)
+    stopped = False
+    try:
+        idle, busy = Stream(running.stub), Stream(running.stub)
+        idle.round(sequence_id=1, append_token_ids=PROMPT)
+        first = busy.round(sequence_id=2, append_token_ids=PROMPT)
+        assert drafter.stats().live_sequences == 2
+        drafter.entered.clear()
+        drafter.proceed.clear()
+        busy._requests.put(
+            draft_pb2.ProposeRequest(sequence_id=2, keep_length=first.cache_length, append_token_ids=[1])
+        )
+        assert drafter.entered.wait(10)  # the busy stream's second round is in the model
+        threading.Timer(0.5, drafter.proceed.set).start()  # it finishes after the server stopped
+        running.handle.stop(0)
+        stopped = True
+        assert drafter.stats().live_sequences == 0
+        for stream in (idle, busy):
+            with pytest.raises(grpc.RpcError) as error:
+                next(stream.responses)
+            assert error.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+            stream.cancel()
+    finally:
+        drafter.proceed.set()
+        if not stopped:
+            running.stop()
+        running.channel.close()
+
+
+def test_health_serving(server: RunningServer) -> None:
     health = health_pb2_grpc.HealthStub(server.channel)
     for service in ("", SERVICE_NAME):
         response = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
         assert response.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_reflection_lists_the_service_and_resolves_a_method_symbol(server: ServerThread) -> None:
+def test_reflection_lists_the_service_and_resolves_a_method_symbol(server: RunningServer) -> None:
     stub = reflection_pb2_grpc.ServerReflectionStub(server.channel)
     requests = [
         reflection_pb2.ServerReflectionRequest(list_services=""),
@@ -386,7 +432,7 @@ def test_reflection_lists_the_service_and_resolves_a_method_symbol(server: Serve
 
 
 def test_metrics_endpoint_serves_the_live_sequences_gauge(
-    server: ServerThread, stub: Stub, metrics_port: int
+    server: RunningServer, stub: Stub, metrics_port: int
 ) -> None:
     def scrape() -> str:
         url = f"http://127.0.0.1:{metrics_port}/metrics"
@@ -416,7 +462,7 @@ def test_smollm2_self_draft_proposes_over_grpc() -> None:
     from specdec.models import load_tokenizer
 
     prompt = load_tokenizer("smollm2")("The capital of France is")["input_ids"]
-    running = ServerThread(DraftConfig(host="127.0.0.1", port=0, max_sequences=2))
+    running = RunningServer(DraftConfig(host="127.0.0.1", port=0, max_sequences=2))
     try:
         stream = Stream(running.stub)
         sampled = stream.round(sequence_id=1, append_token_ids=prompt, num_draft_tokens=3, seed=5)
