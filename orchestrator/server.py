@@ -10,6 +10,7 @@ closes the clients (and the metrics endpoint) afterwards.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import json
 import logging
@@ -33,6 +34,7 @@ from specdec.v1 import generation_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+_RELEASE_WAIT_S = 10.0  # on stop: how long ended generations' cache releases may still take
 _UNBOUNDED = 10**7  # tokenizers report a huge sentinel when they know no limit
 
 
@@ -55,7 +57,8 @@ class OrchestratorServer:
         self.breaker = breaker
 
     async def stop(self, grace: float | None) -> None:
-        """NOT_SERVING, let in-flight generations finish for ``grace`` seconds, then close the clients."""
+        """NOT_SERVING, let in-flight generations finish for ``grace`` seconds, wait for their caches'
+        releases, then close the clients."""
         await set_serving(self.health, [SERVICE_NAME], False)
         await self._server.stop(grace)
         closers, self._closers = self._closers, []
@@ -140,6 +143,7 @@ async def create_server(
         log.info("metrics on http://%s:%d/metrics", config.host, config.metrics_port)
 
     loop = SpeculativeLoop(target_client, draft_client, settings, breaker=breaker)
+    closers.insert(0, functools.partial(loop.wait_released, _RELEASE_WAIT_S))  # before the clients close
     servicer = GenerationServicer(loop, tokenizer, limits_from(config, len(tokenizer), context_length), metrics)
     closers.append(servicer.close)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", config.max_request_bytes)])

@@ -343,7 +343,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                         finish = FinishReason.STOP if delta.stopped else round_.finish_reason
                         break
                     yield Chunk(delta.text, delta.token_ids)
-            # The loop is closed here: both caches are released and the stats are final.
+            # The loop is closed here: the stats are final and both caches' release is under way.
             tail = text.finish()
             if tail.stopped:
                 finish = FinishReason.STOP

@@ -12,6 +12,7 @@ import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import torch
@@ -206,7 +207,11 @@ def request(**overrides) -> GenerationRequest:
 
 
 async def run(loop: SpeculativeLoop, req: GenerationRequest) -> list[Round]:
-    return [r async for r in loop.generate(req)]
+    """A whole generation, then the release of its caches (which runs after it, in the background)."""
+    try:
+        return [r async for r in loop.generate(req)]
+    finally:
+        assert await loop.wait_released(5.0)
 
 
 def output(rounds: list[Round]) -> list[int]:
@@ -346,16 +351,43 @@ async def test_release_once_on_normal_end():
     assert rounds[-1].stats.finished_at is not None
 
 
+class _HeldClose:
+    """Makes a fake session's close wait until ``let_go`` is set."""
+
+    def __init__(self) -> None:
+        self.let_go = asyncio.Event()
+
+    def hold(self, session_type: type) -> Callable[[], None]:
+        original = session_type.close
+
+        async def close(session: Any) -> None:
+            await self.let_go.wait()
+            await original(session)
+
+        session_type.close = close
+        return lambda: setattr(session_type, "close", original)
+
+
 @asyncio_test
-async def test_stage_times_never_exceed_the_wall_time_when_releases_overlap():
-    # Slow releases run at once; counting each in its stage would make draft + target exceed the total.
-    target, draft = FakeTarget(delay_s=0.01, close_delay_s=0.2), FakeDraft(delay_s=0.01, close_delay_s=0.2)
-    rounds = await run(SpeculativeLoop(target, draft, new_sequence_id=ids()), request())
-    stats = rounds[-1].stats
-    assert target.calls.closed == [100] and draft.calls.closed == [100]
-    assert stats.draft_time_s > 0 and stats.target_time_s > 0
-    assert stats.total_time_s >= stats.draft_time_s + stats.target_time_s
-    assert stats.orchestrator_time_s >= 0.2  # the overlapping releases are the orchestrator's time
+async def test_the_generation_ends_without_waiting_for_the_releases():
+    target, draft = FakeTarget(delay_s=0.01), FakeDraft(delay_s=0.01)
+    loop = SpeculativeLoop(target, draft, new_sequence_id=ids())
+    held = _HeldClose()
+    restore = [held.hold(FakeTargetSession), held.hold(FakeDraftSession)]
+    try:
+        rounds = [r async for r in loop.generate(request())]  # would hang if the end awaited the closes
+        stats = rounds[-1].stats
+        assert rounds[-1].finish_reason is FinishReason.LENGTH and stats.finished_at is not None
+        assert target.calls.closed == [] and draft.calls.closed == []  # still under way
+        assert stats.draft_time_s > 0 and stats.target_time_s > 0
+        assert stats.total_time_s >= stats.draft_time_s + stats.target_time_s
+        assert not await loop.wait_released(0.05)
+        held.let_go.set()
+        assert await loop.wait_released(5.0)
+        assert target.calls.closed == [100] and draft.calls.closed == [100]
+    finally:
+        for undo in restore:
+            undo()
 
 
 @asyncio_test
@@ -365,6 +397,7 @@ async def test_release_once_on_early_consumer_close():
     async with contextlib.aclosing(loop.generate(request(max_new_tokens=40))) as rounds:
         async for _ in rounds:
             break
+    assert await loop.wait_released(5.0)
     assert target.calls.closed == [100] and draft.calls.closed == [100]
     assert len(target.calls.requests) == 1
 
@@ -381,11 +414,13 @@ async def test_release_once_on_exception():
 @asyncio_test
 async def test_release_on_cancel():
     target, draft = FakeTarget(delay_s=0.05), FakeDraft()
-    task = asyncio.create_task(run(SpeculativeLoop(target, draft, new_sequence_id=ids()), request(max_new_tokens=100)))
+    loop = SpeculativeLoop(target, draft, new_sequence_id=ids())
+    task = asyncio.create_task(run(loop, request(max_new_tokens=100)))
     await asyncio.sleep(0.12)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+    assert await loop.wait_released(5.0)
     assert target.calls.closed == [100] and draft.calls.closed == [100]
 
 

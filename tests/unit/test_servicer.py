@@ -224,6 +224,17 @@ async def test_stop_string_truncates_and_releases(tokenizer):
 
 
 @asyncio_test
+async def test_the_answer_does_not_wait_for_the_releases_but_stop_does(tokenizer):
+    target, draft = FakeTarget(model=big_target, close_delay_s=0.3), FakeDraft(model=big_draft, close_delay_s=0.3)
+    async with serving(tokenizer, target=target, draft=draft) as running:
+        response = await running.stub.Generate(req(max_new_tokens=6))
+        assert response.finish_reason == generation_pb2.FINISH_REASON_LENGTH
+        assert target.calls.opened and target.calls.closed == [] and draft.calls.closed == []  # under way
+    assert target.calls.closed == target.calls.opened and draft.calls.closed == draft.calls.opened
+    assert target.client_closed == 1
+
+
+@asyncio_test
 async def test_eos_and_context_length_finish(tokenizer):
     prompt_len = len(tokenizer.encode("Once upon a time"))
     async with serving(tokenizer, target=FakeTarget(model=eos_after(prompt_len + 5))) as running:
@@ -260,8 +271,7 @@ async def test_target_errors_map_to_statuses(tokenizer, error, code):
         assert info.value.code() == code
         if code == grpc.StatusCode.INTERNAL:
             assert "something odd" not in info.value.details() and "ref" in info.value.details()
-        assert running.target.calls.closed == running.target.calls.opened
-        assert running.draft.calls.closed == running.draft.calls.opened
+        await _until(lambda: both_released(running))  # released after the answer
 
 
 @asyncio_test
@@ -279,8 +289,7 @@ async def test_deadline_exceeded_releases(tokenizer):
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await running.stub.Generate(req(max_new_tokens=60, num_draft_tokens=0), timeout=1.0)
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        await _until(lambda: running.target.calls.closed == running.target.calls.opened != [])
-        assert running.draft.calls.closed == running.draft.calls.opened
+        await _until(lambda: both_released(running) and running.target.calls.opened != [])
 
 
 @asyncio_test
@@ -289,8 +298,12 @@ async def test_client_cancel_releases(tokenizer):
         call = running.stub.GenerateStream(req(max_new_tokens=60))
         await call.read()
         call.cancel()
-        await _until(lambda: running.target.calls.closed == running.target.calls.opened != [])
-        assert running.draft.calls.closed == running.draft.calls.opened
+        await _until(lambda: both_released(running) and running.target.calls.opened != [])
+
+
+def both_released(running: Running) -> bool:
+    """Every session opened on both fakes has been closed (the loop releases after the answer)."""
+    return all(fake.calls.closed == fake.calls.opened for fake in (running.target, running.draft))
 
 
 async def _until(condition, timeout_s: float = 5.0) -> None:
@@ -463,7 +476,7 @@ async def test_unreachable_triton_is_unavailable_with_a_clear_message_before_the
             # UNAVAILABLE, not DEADLINE_EXCEEDED: the request gave up after the connect timeout.
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             assert f"target (Triton at 127.0.0.1:{port}) is unavailable" in info.value.details()
-        assert running.draft.calls.closed == running.draft.calls.opened  # the draft stream was released
+        await _until(lambda: running.draft.calls.closed == running.draft.calls.opened)  # the draft stream's release
         labels = {"method": "Generate", "code": "UNAVAILABLE"}
         assert sample(running, "specdec_orchestrator_requests_total", labels) == 1
         assert sample(running, "specdec_orchestrator_live_generations") == 0
