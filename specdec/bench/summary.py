@@ -56,6 +56,7 @@ class Row:
     client_wire_ms: float = NAN  # client wall - orchestrator's total: the public hop
     overhead_ms: float = NAN  # client wall - draft compute - Triton compute: everything but the models
     overhead_pct: float = NAN  # overhead_ms / one in-process target step, in %
+    overhead_pct_served: float = NAN  # overhead_ms / Triton's model time per K = 0 round (same mode), in %
     triton_vs_inprocess: float = NAN  # Triton model time / the same forward in-process (target step or v(K))
     draft_vs_inprocess: float = NAN  # draft compute / K in-process draft steps
     mb_per_round: float = NAN  # probability rows sent per round by the draft (q) and Triton (p), measured
@@ -174,7 +175,11 @@ def peer_rows(records: Iterable[PeerRecord], ideal: dict[str, dict[int, float]])
 
 
 def with_ratios(rows: list[Row]) -> list[Row]:
-    """Fill speedup (vs the same system's K = 0), efficiency and vs_hf."""
+    """Fill speedup (vs the same system's K = 0), efficiency, vs_hf and overhead_pct_served.
+
+    overhead_pct_served divides by the target step as served (Triton's model time per K = 0 round), which the
+    stack measured minutes from the in-process step but interleaved with the overhead itself, so this
+    machine's drift between phases cancels out of it."""
     index = {(r.system, r.mode, r.k): r for r in rows}
     out = []
     for r in rows:
@@ -182,7 +187,9 @@ def with_ratios(rows: list[Row]) -> list[Row]:
         speedup = _ratio(base.ms_per_token, r.ms_per_token) if base else NAN
         hf = index.get((HF, r.mode, r.k))
         vs_hf = _ratio(hf.ms_per_token, r.ms_per_token) if (hf and r.system == SPECDEC) else NAN
-        out.append(replace(r, speedup=speedup, efficiency=_ratio(speedup, r.ideal_speedup), vs_hf=vs_hf))
+        served = 100.0 * _ratio(r.overhead_ms, base.triton_compute_ms) if base else NAN
+        out.append(replace(r, speedup=speedup, efficiency=_ratio(speedup, r.ideal_speedup), vs_hf=vs_hf,
+                           overhead_pct_served=served))
     order = {SPECDEC: 0, HF: 1}
     return sorted(out, key=lambda r: (order.get(r.system, 2), r.mode, r.k))
 

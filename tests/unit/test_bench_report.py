@@ -30,12 +30,12 @@ def record(mode: str, k: int, p: int, wall_ms: float, tokens: int, rounds: int, 
     )
 
 
-def run(mode: str, k: int, ms_per_token: float, rounds: int) -> ConfigRun:
+def run(mode: str, k: int, ms_per_token: float, rounds: int, triton_ms: float = 30.0) -> ConfigRun:
     tokens = 64
     recs = tuple(record(mode, k, p, ms_per_token * tokens * (1 + 0.1 * p), tokens, rounds, tokens - rounds)
                  for p in range(3))
     servers = ServerCounters(triton_requests=3 * rounds, triton_success_ns=3 * rounds * 31_000_000,
-                             triton_compute_ns=3 * rounds * 30_000_000, draft_rounds=3 * rounds if k else 0,
+                             triton_compute_ns=int(3 * rounds * triton_ms * 1e6), draft_rounds=3 * rounds if k else 0,
                              draft_round_s=3 * rounds * k * 0.006, draft_q_bytes=3 * rounds * k * 800,
                              triton_output_bytes=3 * rounds * (k + 1) * 800)
     return ConfigRun(mode, k, recs, servers)
@@ -43,7 +43,7 @@ def run(mode: str, k: int, ms_per_token: float, rounds: int) -> ConfigRun:
 
 @pytest.fixture()
 def table() -> summary.Summary:
-    runs = [run(m, 0, 34.0, 64) for m in ("greedy", "sample")]
+    runs = [run(m, 0, 34.0, 64, triton_ms=32.0) for m in ("greedy", "sample")]  # served step: drifted from 30
     runs += [run("greedy", 1, 25.0, 36), run("greedy", 2, 22.0, 28), run("sample", 1, 28.0, 40), run("sample", 2, 27.0, 34)]
     peer = [PeerRecord(m, k, p, 0, ms * 64, 64, 64 // (k + 1)) for m in ("greedy", "sample") for k, ms in ((0, 32.0), (1, 27.0), (2, 24.0))
             for p in range(3)]
@@ -78,6 +78,7 @@ def test_per_round_split_and_bytes(table: summary.Summary) -> None:
     assert row.draft_compute_ms == pytest.approx(12.0)
     assert row.overhead_ms == pytest.approx(row.client_ms - 12.0 - 30.0)
     assert row.overhead_pct == pytest.approx(100 * row.overhead_ms / 30.0)
+    assert row.overhead_pct_served == pytest.approx(100 * row.overhead_ms / 32.0)  # the same phase's K = 0 step
     assert row.triton_vs_inprocess == pytest.approx(30.0 / 42.0)  # Triton's 30 ms vs 42 ms in-process for K+1 = 3
     assert row.draft_vs_inprocess == pytest.approx(12.0 / (2 * 6.0))
     assert row.mb_per_round == pytest.approx((2 + 3) * 800 / 1e6)  # the servers' byte counters over the rounds
