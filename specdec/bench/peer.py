@@ -13,7 +13,7 @@ does. Plain `generate()` (K = 0) is HF's own target-only baseline.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -92,39 +92,23 @@ def hf_generate(
     return out[0, ids.shape[1]:].tolist(), wall_ms, calls[0]
 
 
-def run_peer(
-    target: torch.nn.Module,
-    draft: torch.nn.Module,
-    prompts: Sequence[Sequence[int]],
-    modes: Sequence[tuple[str, SamplingParams]],
-    ks: Sequence[int],
-    max_new_tokens: int,
-    repeats: int,
-    warmup: int,
-    warmup_new_tokens: int,
-    seed: int,
-    eos_token_id: int | None,
-    pad_token_id: int | None,
-    progress: Callable[[int], None] = lambda n: None,
-) -> list[PeerRecord]:
-    """Measure HF plain (K = 0) and assisted generation for every mode and K over all prompts, interleaved
-    as in `specdec.bench.stack_runs.run_stack`: short warm-ups per configuration, then each prompt under
-    every configuration in turn. ``progress`` is called with the number of generations just finished.
-    """
-    configs = [
-        (mode, k, generation_config(params, max_new_tokens, eos_token_id, pad_token_id),
-         generation_config(params, warmup_new_tokens, eos_token_id, pad_token_id))
-        for mode, params in modes for k in ks
-    ]
-    for _, k, _, warm in configs:
-        for w in range(warmup):
-            hf_generate(target, draft, prompts[w % len(prompts)], warm, k, seed - 1 - w)
-            progress(1)
-    records: list[PeerRecord] = []
-    for r in range(repeats):
-        for p, prompt in enumerate(prompts):
-            for mode, k, config, _ in configs:
-                new, wall_ms, calls = hf_generate(target, draft, prompt, config, k, seed + 1000 * r + p)
-                records.append(PeerRecord(mode, k, p, r, wall_ms, count_generated(new, eos_token_id), calls))
-                progress(1)
-    return records
+class PeerRuns:
+    """HF plain (K = 0) and assisted generation in this process (a `specdec.bench.schedule.Timed`)."""
+
+    def __init__(
+        self, target: torch.nn.Module, draft: torch.nn.Module, max_new_tokens: int, warmup_new_tokens: int,
+        seed: int, eos_token_id: int | None, pad_token_id: int | None,
+    ) -> None:
+        self._target, self._draft, self._seed = target, draft, seed
+        self._max_new_tokens, self._warmup_new_tokens = max_new_tokens, warmup_new_tokens
+        self._eos, self._pad = eos_token_id, pad_token_id
+        self.records: list[PeerRecord] = []
+
+    def warm(self, mode: str, params: SamplingParams, k: int, prompt: Sequence[int], w: int) -> None:
+        config = generation_config(params, self._warmup_new_tokens, self._eos, self._pad)
+        hf_generate(self._target, self._draft, prompt, config, k, self._seed - 1 - w)
+
+    def measure(self, mode: str, params: SamplingParams, k: int, prompt: Sequence[int], p: int, r: int) -> None:
+        config = generation_config(params, self._max_new_tokens, self._eos, self._pad)
+        new, wall_ms, calls = hf_generate(self._target, self._draft, prompt, config, k, self._seed + 1000 * r + p)
+        self.records.append(PeerRecord(mode, k, p, r, wall_ms, count_generated(new, self._eos), calls))

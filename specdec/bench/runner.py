@@ -1,10 +1,11 @@
 """`specdec bench`: run every measurement in one process, on one machine, for one model pair.
 
 Why this module exists: the benchmark's value is that ArS, SpS, the HF peer and the ideal are measured in
-the same run under the same conditions. This is the sequence: start the real stack (Triton + draft service
-+ orchestrator, as `specdec serve` does) and time it from a gRPC client; stop it so nothing else competes
-for the cores; then, in-process, measure α on the target's own generations, the cost ratios c and v(K),
-and HF generate on the same prompts; finally write the table and the figure. ``--sweep`` instead ranks
+the same run under the same conditions. This is the sequence: load the model pair in-process; start the
+real stack (Triton + draft service + orchestrator, as `specdec serve` does) and time it from a gRPC client
+interleaved with HF generate on the same prompts, generation by generation (`specdec.bench.schedule`); stop
+the stack; then, in-process, measure α on the target's own generations and the cost ratios c and v(K);
+finally write the table and the figure. ``--sweep`` instead ranks
 self-drafts; ``--quick`` does the whole benchmark on a tiny random model in seconds (the CI smoke test).
 """
 
@@ -21,14 +22,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import grpc
 import torch
 from tqdm import tqdm
 
 from specdec import models
-from specdec.bench import peer, report, stack_runs, sweep, theory, tiny
+from specdec.bench import peer, report, schedule, stack_runs, sweep, theory, tiny
 from specdec.bench.config import BenchConfig, parse_args
 from specdec.bench.summary import Summary, summarize
 from specdec.sampling import SamplingParams
+from specdec.v1 import generation_pb2_grpc
 
 log = logging.getLogger("specdec.bench")
 
@@ -64,24 +67,22 @@ def run_benchmark(config: BenchConfig, started: float) -> dict[str, Path]:
     peer_total = 0 if config.skip_peer else len(modes) * len(config.all_ks) * per_config
     out_dir = Path(config.out_dir)
     with tqdm(total=total + peer_total + 2, desc="bench", unit="gen", file=sys.stderr, dynamic_ncols=True) as bar:
-        runs = measure_stack(config, prompts, modes, bar.update, out_dir / "logs")
-        bar.set_description("theory")
         target = models.load_model(config.target_model, cache_dir=_cache_dir(config))
         draft = models.load_model(config.draft_spec, keep_layers=models.parse_layers(config.draft_layers),
                                   dtype=config.draft_dtype, cache_dir=_cache_dir(config))
+        hf = None if config.skip_peer else peer.PeerRuns(
+            target, draft, config.max_new_tokens, config.warmup_new_tokens, config.seed, tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
+        )
+        runs = measure_stack(config, prompts, modes, hf, bar.update, out_dir / "logs")
+        bar.set_description("theory")
         alphas = {mode: theory.measure_alpha(target, draft, _target_only_sequences(runs, mode, prompts), params)
                   for mode, params in modes}
         bar.update(1)
         context = _cost_context(prompts[0], runs, config.max_new_tokens)
         costs = theory.measure_costs(target, draft, context, config.ks, config.cost_trials)
         bar.update(1)
-        peer_records: list[peer.PeerRecord] = []
-        if not config.skip_peer:
-            bar.set_description("HF generate")
-            peer_records = peer.run_peer(
-                target, draft, prompts, modes, config.all_ks, config.max_new_tokens, config.repeats, config.warmup,
-                config.warmup_new_tokens, config.seed, tokenizer.eos_token_id, tokenizer.pad_token_id, bar.update,
-            )
+        peer_records = hf.records if hf is not None else []
     _warn_fallbacks(runs)
     settings = _settings(config, prompts, started)
     summary = summarize(runs, peer_records, alphas, costs, config.ks, int(target.config.vocab_size), settings)
@@ -97,10 +98,12 @@ def measure_stack(
     config: BenchConfig,
     prompts: list[list[int]],
     modes: list[tuple[str, SamplingParams]],
+    hf: peer.PeerRuns | None,
     progress: Callable[[int], None],
     log_dir: Path,
 ) -> list[stack_runs.ConfigRun]:
-    """Start the real stack on free ports, time every (mode, K) through it, stop it."""
+    """Start the real stack on free ports, time every (mode, K) through it, interleaved with ``hf`` (whose
+    records it fills) when given, then stop it."""
     from specdec.stack import LocalStack, StackConfig
 
     stack_config = StackConfig(
@@ -113,13 +116,16 @@ def measure_stack(
     if max(config.ks) > _ORCHESTRATOR_DEFAULT_MAX_K:
         env[f"{_ORCHESTRATOR_ENV}MAX_NUM_DRAFT_TOKENS"] = str(max(config.ks))
         env["SPECDEC_DRAFT_MAX_NUM_DRAFT_TOKENS"] = str(max(config.ks))
-    with LocalStack(stack_config, env=env) as running:
+    with LocalStack(stack_config, env=env) as running, grpc.insecure_channel(running.address) as channel:
         counters = stack_runs.CounterReader(running.triton_url, running.triton_metrics_url, running.draft_metrics_url)
         try:
-            return stack_runs.run_stack(
-                running.address, counters, prompts, modes, config.all_ks, config.max_new_tokens, config.repeats,
-                config.warmup, config.warmup_new_tokens, config.seed, progress,
+            ours = stack_runs.StackRuns(
+                generation_pb2_grpc.GenerationServiceStub(channel), counters, config.max_new_tokens,
+                config.warmup_new_tokens, config.seed,
             )
+            systems: list[schedule.Timed] = [ours] if hf is None else [ours, hf]
+            schedule.run_interleaved(systems, prompts, modes, config.all_ks, config.repeats, config.warmup, progress)
+            return ours.runs()
         finally:
             counters.close()
 

@@ -3,7 +3,7 @@
 Why this module exists: the numbers that matter to a user of `specdec.v1.GenerationService` are the ones a
 client sees: wall time per generated token, measured around each `Generate` call. To explain them, each
 generation's GenerationStats (rounds, accepted tokens, time waiting on the draft and on Triton, time in the
-orchestrator) is kept, and around each configuration the servers' own counters are read — Triton's model
+orchestrator) is kept, and around each measured generation the servers' own counters are read — Triton's model
 statistics (`get_inference_statistics`: time inside the model), the draft service's
 ``specdec_draft_round_seconds`` histogram (time of a round under the draft's model lock) and both servers' counters of
 the probability-row bytes they sent — so time on the wire can be told apart from compute, and the bytes per
@@ -15,10 +15,9 @@ from __future__ import annotations
 import logging
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import astuple, dataclass, replace
 
-import grpc
 
 from specdec.sampling import SamplingParams
 from specdec.v1 import generation_pb2, generation_pb2_grpc, sampling_pb2
@@ -177,42 +176,28 @@ def to_record(
     )
 
 
-def run_stack(
-    address: str,
-    counters: CounterReader,
-    prompts: Sequence[Sequence[int]],
-    modes: Sequence[tuple[str, SamplingParams]],
-    ks: Sequence[int],
-    max_new_tokens: int,
-    repeats: int,
-    warmup: int,
-    warmup_new_tokens: int,
-    seed: int,
-    progress: Callable[[int], None] = lambda n: None,
-) -> list[ConfigRun]:
-    """Measure every (mode, K) over all prompts, interleaved.
+class StackRuns:
+    """Generations through the running stack (a `specdec.bench.schedule.Timed`), with the servers'
+    counters read around each measured one and summed per configuration."""
 
-    First ``warmup`` short unmeasured generations per configuration (every code path of that K runs once);
-    then ``repeats`` passes over the prompts in which each prompt is generated under every configuration
-    in turn, so a burst of background load hits all configurations alike instead of wrecking one of them.
-    The servers' counters are read around each measured generation and summed per configuration.
-    ``progress`` is called with the number of generations just finished (warm-up included).
-    """
-    configs = [(mode, params, k) for mode, params in modes for k in ks]
-    records: dict[tuple[str, int], list[GenerationRecord]] = {(m, k): [] for m, _, k in configs}
-    servers: dict[tuple[str, int], ServerCounters] = {(m, k): ServerCounters() for m, _, k in configs}
-    with grpc.insecure_channel(address) as channel:
-        stub = generation_pb2_grpc.GenerationServiceStub(channel)
-        for mode, params, k in configs:
-            for w in range(warmup):
-                generate_once(stub, prompts[w % len(prompts)], k, params, warmup_new_tokens, seed - 1 - w)
-                progress(1)
-        for r in range(repeats):
-            for p, prompt in enumerate(prompts):
-                for mode, params, k in configs:
-                    before = counters.read()
-                    response, wall_ms = generate_once(stub, prompt, k, params, max_new_tokens, seed + 1000 * r + p)
-                    servers[(mode, k)] += counters.read() - before
-                    records[(mode, k)].append(to_record(mode, k, p, r, response, wall_ms))
-                    progress(1)
-    return [ConfigRun(m, k, tuple(records[(m, k)]), servers[(m, k)]) for m, _, k in configs]
+    def __init__(
+        self, stub: generation_pb2_grpc.GenerationServiceStub, counters: CounterReader, max_new_tokens: int,
+        warmup_new_tokens: int, seed: int,
+    ) -> None:
+        self._stub, self._counters = stub, counters
+        self._max_new_tokens, self._warmup_new_tokens, self._seed = max_new_tokens, warmup_new_tokens, seed
+        self._records: dict[tuple[str, int], list[GenerationRecord]] = {}
+        self._servers: dict[tuple[str, int], ServerCounters] = {}
+
+    def warm(self, mode: str, params: SamplingParams, k: int, prompt: Sequence[int], w: int) -> None:
+        generate_once(self._stub, prompt, k, params, self._warmup_new_tokens, self._seed - 1 - w)
+
+    def measure(self, mode: str, params: SamplingParams, k: int, prompt: Sequence[int], p: int, r: int) -> None:
+        before = self._counters.read()
+        response, wall_ms = generate_once(self._stub, prompt, k, params, self._max_new_tokens, self._seed + 1000 * r + p)
+        self._servers[(mode, k)] = self._servers.get((mode, k), ServerCounters()) + (self._counters.read() - before)
+        self._records.setdefault((mode, k), []).append(to_record(mode, k, p, r, response, wall_ms))
+
+    def runs(self) -> list[ConfigRun]:
+        """One ConfigRun per measured (mode, K), in the order they were first measured."""
+        return [ConfigRun(m, k, tuple(recs), self._servers[(m, k)]) for (m, k), recs in self._records.items()]
