@@ -5,8 +5,8 @@ the same run under the same conditions. This is the sequence: load the model pai
 real stack (Triton + draft service + orchestrator, as `specdec serve` does) and time it from a gRPC client
 interleaved with HF generate on the same prompts, generation by generation (`specdec.bench.schedule`); stop
 the stack; then, in-process, measure α on the target's own generations and the cost ratios c and v(K);
-finally write the table and the figure. ``--sweep`` instead ranks
-self-drafts; ``--quick`` does the whole benchmark on a tiny random model in seconds (the CI smoke test).
+finally write the table and the figure. ``--sweep`` instead ranks self-drafts; ``--quick`` does the whole
+benchmark on a tiny random model in seconds (the CI smoke test).
 """
 
 from __future__ import annotations
