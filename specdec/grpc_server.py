@@ -15,12 +15,13 @@ thread-per-stream ``grpc.server`` (see ``draft_service.server`` for why the draf
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
 import signal
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -114,18 +115,32 @@ def error_boundary(table: ErrorTable, logger: logging.Logger) -> Callable:
         logger.exception("%sinternal error (ref %s)", prefix, ref)
         return grpc.StatusCode.INTERNAL, f"internal error (ref {ref}); see the server log"
 
+    @contextlib.asynccontextmanager
+    async def aio_boundary(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        try:
+            yield
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - this is the boundary
+            await context.abort(*status_of(exc))
+
+    @contextlib.contextmanager
+    def blocking_boundary(context: grpc.ServicerContext) -> Iterator[None]:
+        try:
+            yield
+        except grpc.RpcError:  # the client cancelled or the deadline passed: nobody to tell
+            raise
+        except Exception as exc:  # noqa: BLE001 - this is the boundary
+            context.abort(*status_of(exc))  # raises: grpc sends the status set here
+
     def decorate(method: Callable) -> Callable:
         if inspect.isasyncgenfunction(method):
 
             @functools.wraps(method)
             async def async_stream_wrapper(self, request, context):  # noqa: ANN001
-                try:
+                async with aio_boundary(context):
                     async for item in method(self, request, context):
                         yield item
-                except (grpc.aio.AbortError, asyncio.CancelledError):
-                    raise
-                except Exception as exc:  # noqa: BLE001 - this is the boundary
-                    await context.abort(*status_of(exc))
 
             return async_stream_wrapper
 
@@ -133,12 +148,8 @@ def error_boundary(table: ErrorTable, logger: logging.Logger) -> Callable:
 
             @functools.wraps(method)
             async def async_unary_wrapper(self, request, context):  # noqa: ANN001
-                try:
+                async with aio_boundary(context):
                     return await method(self, request, context)
-                except (grpc.aio.AbortError, asyncio.CancelledError):
-                    raise
-                except Exception as exc:  # noqa: BLE001 - this is the boundary
-                    await context.abort(*status_of(exc))
 
             return async_unary_wrapper
 
@@ -146,23 +157,15 @@ def error_boundary(table: ErrorTable, logger: logging.Logger) -> Callable:
 
             @functools.wraps(method)
             def stream_wrapper(self, request, context):  # noqa: ANN001
-                try:
+                with blocking_boundary(context):
                     yield from method(self, request, context)
-                except grpc.RpcError:  # the client cancelled or the deadline passed: nobody to tell
-                    raise
-                except Exception as exc:  # noqa: BLE001 - this is the boundary
-                    context.abort(*status_of(exc))
 
             return stream_wrapper
 
         @functools.wraps(method)
         def unary_wrapper(self, request, context):  # noqa: ANN001
-            try:
+            with blocking_boundary(context):
                 return method(self, request, context)
-            except grpc.RpcError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - this is the boundary
-                context.abort(*status_of(exc))
 
         return unary_wrapper
 
