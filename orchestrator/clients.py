@@ -1,7 +1,7 @@
 """The two dependencies of the speculative loop, as interfaces: a draft and a target, each with sessions.
 
 The loop (``orchestrator.loop``) is written only against these Protocols, so unit tests drive it with
-scripted fakes and the transports (gRPC for the draft, tritonclient for Triton) stay in thin adapters.
+scripted fakes and the transports (gRPC streams to the draft service and to Triton) stay in thin adapters.
 A *session* is one generation's conversation with a service under one sequence id: it owns that
 sequence's KV cache over there and must be closed (which releases the cache) on every exit path.
 

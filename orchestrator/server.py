@@ -112,7 +112,7 @@ async def create_server(
     context_length = await asyncio.to_thread(resolve_context_length, config, tokenizer)
     if target_client is None:
         from orchestrator.target_triton import (
-            TritonTargetClient,  # tritonclient only when really used
+            TritonTargetClient,  # Triton's protobuf only when really used
         )
 
         target_client = TritonTargetClient(

@@ -1,18 +1,18 @@
-"""`TargetClient` over Triton: one shared ``tritonclient.grpc.aio`` client, one ``stream_infer`` per generation.
+"""`TargetClient` over Triton: one shared ``grpc.aio`` channel, one ``ModelStreamInfer`` stream per generation.
 
-Thin by design: it builds the tensors of the contract in ``target_service.wire`` (INPUT_IDS, KEEP_LENGTH,
-NUM_LOGITS and the sampling settings -> the warped rows PROBS + PROBS_INDEX, unpacked by ``specdec.rows``;
-sequence id = Triton correlation id, START on the first request, END on the release),
-and maps Triton's errors onto ``orchestrator.clients`` exceptions. On a stream, Triton reports an error as
-a response carrying only a message (no status code), so errors are classified by message via
-``wire.classify_error``: "no cache" or Triton's "must specify the START flag" = cache lost, "capacity:" =
-at capacity.
+Thin by design: ``orchestrator.triton_messages`` builds the requests of the contract in
+``target_service.wire`` (INPUT_IDS, KEEP_LENGTH, NUM_LOGITS and the sampling settings -> the warped rows
+PROBS + PROBS_INDEX; sequence id = Triton correlation id, START on the first request, END on the release)
+with Triton's own protobuf, and this module maps Triton's errors onto ``orchestrator.clients``
+exceptions. On a stream, Triton reports an error as a response carrying only a message (no status code),
+so errors are classified by message via ``wire.classify_error``: "no cache" or Triton's "must specify the
+START flag" = cache lost, "capacity:" = at capacity.
 
 Closing sends the release request (no tokens, NUM_LOGITS 0, END) on the stream, in order after every
 request already sent on it, even when the caller gave up mid-request (cancelled, deadline): a caller that
-gives up never cancels the stream (see `TritonTargetSession`). Only if the stream itself broke (Triton
-restarted, the connection dropped) is the release sent as a unary request; if Triton no longer knows the
-sequence ("must specify the START flag"), it is repeated with START + END, which also clears a cache the
+gives up never cancels the stream (see `TritonTargetSession`). After a request failed, or if the stream
+itself broke (Triton restarted, the connection dropped), the release is sent as a unary request; if Triton
+no longer knows the sequence ("must specify the START flag"), it is repeated with START + END, which also clears a cache the
 model may still hold (never START + END on a sequence Triton knows: a "conflict" to Triton). A release is
 never cut short by our own impatience: ``close`` waits for its answer for ``_CLOSE_TIMEOUT_S``, and a slower
 answer (Triton busy) is awaited in the background for up to ``_RELEASE_TIMEOUT_S``; cancelling it would leave
@@ -42,11 +42,9 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
 import grpc
-import numpy as np
-from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, InferInput, InferRequestedOutput, InferResult
-from tritonclient.grpc.aio import InferenceServerClient
-from tritonclient.utils import InferenceServerException
+from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, service_pb2, service_pb2_grpc
 
+from orchestrator import triton_messages
 from orchestrator.clients import (
     DeadlineExceeded,
     TargetCacheLost,
@@ -66,8 +64,8 @@ _CLOSE_TIMEOUT_S = 2.0  # how long close() waits for the release's answer before
 _RELEASE_TIMEOUT_S = 30.0  # how long a release may take at all
 _STREAM_DEADLINE_MARGIN_S = _RELEASE_TIMEOUT_S  # the stream outlives the caller's deadline by this
 DEFAULT_CONNECT_TIMEOUT_S = 3.0
-# tritonclient's own defaults (message sizes) plus a short reconnect backoff; keepalive stays off, as in
-# tritonclient: Triton's server refuses frequent pings, and a dead peer on a live host resets the connection.
+# tritonclient's own message sizes plus a short reconnect backoff; keepalive stays off, as in tritonclient:
+# Triton's server refuses frequent pings, and a dead peer on a live host resets the connection.
 _CHANNEL_ARGS = [
     ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
     ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
@@ -77,42 +75,14 @@ _CHANNEL_ARGS = [
 ]
 
 
-def _input(name: str, values: np.ndarray) -> InferInput:
-    """An INT32 or FP32 input tensor, by the array's dtype."""
-    tensor = InferInput(name, list(values.shape), "FP32" if values.dtype == np.float32 else "INT32")
-    tensor.set_data_from_numpy(values)
-    return tensor
-
-
-def _inputs(
-    keep_length: int, token_ids: Sequence[int], num_logits: int, params: SamplingParams | None
-) -> list[InferInput]:
-    inputs = [
-        _input(wire.INPUT_IDS, np.asarray(token_ids, dtype=np.int32).reshape(1, -1)),  # [1, T]
-        _input(wire.KEEP_LENGTH, np.array([[keep_length]], dtype=np.int32)),  # [1, 1]
-        _input(wire.NUM_LOGITS, np.array([[num_logits]], dtype=np.int32)),  # [1, 1]
-    ]
-    if params is not None:  # the model returns the warped rows, packed
-        inputs += [
-            _input(wire.TEMPERATURE, np.array([[params.temperature]], dtype=np.float32)),
-            _input(wire.TOP_K, np.array([[params.top_k]], dtype=np.int32)),
-            _input(wire.TOP_P, np.array([[params.top_p]], dtype=np.float32)),
-        ]
-    return inputs
-
-
-_PROBS_OUTPUTS = [wire.PROBS, wire.PROBS_INDEX]
-_RELEASE_OUTPUTS = [wire.LOGITS]  # [1, 0, V]: a release asks for nothing, and LOGITS is the cheapest to name
-
-
 def unavailable(url: str, why: str) -> TargetUnavailable:
     """The one wording of "Triton cannot serve this" that reaches the caller as UNAVAILABLE."""
     return TargetUnavailable(f"target (Triton at {url}) is unavailable: {why}")
 
 
-def _server_error(exc: InferenceServerException, url: str) -> TargetError:
-    message = exc.message() or str(exc)
-    kind = wire.classify_error(exc.status(), message)
+def _server_error(status: str | None, message: str, url: str) -> TargetError:
+    """Triton's answer to one request: ``status`` as "StatusCode.NAME" (unary) or None (a stream response)."""
+    kind = wire.classify_error(status, message)
     text = f"target: {message}"
     if kind is wire.TargetError.SEQUENCE_LOST:
         return TargetCacheLost(text)
@@ -124,11 +94,13 @@ def _server_error(exc: InferenceServerException, url: str) -> TargetError:
 
 
 def _describe(exc: BaseException | None) -> str:
-    """An exception for the log; tritonclient's InferenceServerException has an empty repr."""
+    """An exception for the log."""
     if exc is None:
         return "the stream ended"
-    if isinstance(exc, InferenceServerException):
-        return f"{exc.status() or 'stream error'}: {exc.message()}"
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    if isinstance(exc, TargetError):
+        return str(exc)
     return repr(exc)
 
 
@@ -154,7 +126,7 @@ class TritonTargetSession:
 
     def __init__(
         self,
-        client: InferenceServerClient,
+        stub: service_pb2_grpc.GRPCInferenceServiceStub,
         model: str,
         sequence_id: int,
         *,
@@ -162,15 +134,15 @@ class TritonTargetSession:
         stream_timeout: float | None = None,
         in_background: Callable[[Coroutine[Any, Any, None]], asyncio.Task] = asyncio.ensure_future,
     ) -> None:
-        self._client = client
+        self._stub = stub
         self._model = model
         self._sequence_id = sequence_id
         self._url = url
         self._in_background = in_background
         self._log = SequenceLogger(log, sequence_id)
-        self._requests: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-        self._answers: asyncio.Queue[tuple[InferResult | None, Exception | None]] = asyncio.Queue()
-        self._responses = client.stream_infer(self._request_iterator(), stream_timeout=stream_timeout)
+        self._requests: asyncio.Queue[service_pb2.ModelInferRequest | None] = asyncio.Queue()
+        self._answers: asyncio.Queue[tuple[service_pb2.ModelInferResponse | None, Exception | None]] = asyncio.Queue()
+        self._call = stub.ModelStreamInfer(self._request_iterator(), timeout=stream_timeout)
         self._sent = 0  # requests handed to the stream
         self._answered = 0  # responses read from it
         self._last_error: Exception | None = None  # of the last response, or why the stream ended
@@ -180,7 +152,7 @@ class TritonTargetSession:
         self._out_of_step = False  # a caller gave up waiting: the next answer is not for the next request
         self._closed = False
 
-    async def _request_iterator(self) -> AsyncIterator[dict[str, Any]]:
+    async def _request_iterator(self) -> AsyncIterator[service_pb2.ModelInferRequest]:
         while (request := await self._requests.get()) is not None:
             yield request
 
@@ -188,10 +160,14 @@ class TritonTargetSession:
         """Queue every (result, error) until the stream ends; the last item says why it ended."""
         ended: Exception
         try:
-            async for result, error in self._responses:
+            async for response in self._call:
                 self._answered += 1
-                self._last_error = None if error is None else _server_error(error, self._url)
-                self._answers.put_nowait((result, self._last_error))
+                if response.error_message:
+                    self._last_error = _server_error(None, response.error_message, self._url)
+                    self._answers.put_nowait((None, self._last_error))
+                else:
+                    self._last_error = None
+                    self._answers.put_nowait((response.infer_response, None))
             ended = TargetConnectionLost(f"Triton at {self._url} ended the stream")
         except grpc.aio.AioRpcError as exc:
             ended = _rpc_error(exc, self._url)
@@ -204,20 +180,8 @@ class TritonTargetSession:
             self._last_error = ended
         self._answers.put_nowait((None, ended))
 
-    def _send(
-        self, keep_length: int, token_ids: Sequence[int], num_logits: int, params: SamplingParams | None
-    ) -> None:
-        end = params is None  # every request but the release carries sampling settings
-        self._requests.put_nowait(
-            {
-                "model_name": self._model,
-                "inputs": _inputs(keep_length, token_ids, num_logits, params),
-                "outputs": [InferRequestedOutput(name) for name in (_RELEASE_OUTPUTS if end else _PROBS_OUTPUTS)],
-                "sequence_id": self._sequence_id,
-                "sequence_start": not self._started,
-                "sequence_end": end,
-            }
-        )
+    def _send(self, request: service_pb2.ModelInferRequest) -> None:
+        self._requests.put_nowait(request)
         self._started = True
         self._sent += 1
 
@@ -226,27 +190,25 @@ class TritonTargetSession:
     ) -> PackedRows:
         if self._broken or self._closed or self._out_of_step:
             raise TargetConnectionLost("the target stream is closed")
-        self._send(keep_length, append_token_ids, num_logits, params)
+        self._send(
+            triton_messages.score_request(
+                self._model, self._sequence_id, start=not self._started,
+                keep_length=keep_length, token_ids=append_token_ids, num_logits=num_logits, params=params,
+            )
+        )  # fmt: skip
         try:
             result, error = await self._answers.get()
         except BaseException:  # the caller gave up (cancelled, deadline): its answer will come unread
             self._out_of_step = True
             raise
-        if result is None:  # the stream ended
-            self._broken = True
+        if result is None:  # a failed request or the end of the stream: the session takes no more requests,
+            self._broken = True  # and close releases with a unary END (START + END if Triton forgot the sequence)
         if error is not None:
             raise error
         assert result is not None
-        values, index = result.as_numpy(wire.PROBS), result.as_numpy(wire.PROBS_INDEX)  # [1, N, M], [1, N, M | 0]
-        if values is None or index is None or values.ndim != 3 or index.ndim != 3 or values.shape[0] != 1:
-            shapes = [None if a is None else list(a.shape) for a in (values, index)]
-            raise TargetError(f"target returned PROBS, PROBS_INDEX of shapes {shapes}, expected [1, N, M] each")
-        # Packed rows say nothing of V: call them just wide enough for every token they hold (a token beyond
-        # a row's width has probability 0, which leaves the sampler exact).
-        width = values.shape[-1] if index.shape[-1] == 0 else int(index.max(initial=0)) + 1
         try:
-            return PackedRows.from_arrays(values[0], index[0], width)  # [N, width], kept packed
-        except ValueError as exc:
+            return triton_messages.read_probs(result)
+        except triton_messages.MalformedResponse as exc:
             raise TargetError(f"target returned malformed PROBS: {exc}") from None
 
     async def close(self) -> None:
@@ -256,13 +218,14 @@ class TritonTargetSession:
         self._closed = True
         if not self._started:  # Triton never heard of this sequence
             self._requests.put_nowait(None)
-            self._responses.cancel()
+            self._call.cancel()
             return
         if self._broken or self._reader.done():
-            self._responses.cancel()
+            self._call.cancel()
             release = self._in_background(self._release_unary())
         else:
-            self._send(0, [], 0, None)  # the release: in order after every request already sent on this stream
+            # The release: in order after every request already sent on this stream.
+            self._send(triton_messages.release_request(self._model, self._sequence_id))
             self._requests.put_nowait(None)  # half-close: Triton ends the stream after its last answer
             release = self._in_background(self._release_on_stream())
         try:
@@ -277,7 +240,7 @@ class TritonTargetSession:
         except asyncio.TimeoutError:
             self._log.warning("the target release got no answer within %.0f s", _RELEASE_TIMEOUT_S)
         finally:
-            self._responses.cancel()
+            self._call.cancel()
         # Triton going away takes its caches with it: worth an INFO line, not a WARNING.
         gone = isinstance(self._last_error, (TargetUnavailable, TargetConnectionLost))
         level = logging.INFO if gone else logging.WARNING
@@ -288,27 +251,20 @@ class TritonTargetSession:
             self._log.log(level, "releasing the target sequence failed: %s", _describe(self._last_error))
 
     async def _release_unary(self) -> None:
-        """The stream broke (Triton restarted, the connection dropped): release with a unary request."""
+        """The stream broke or a request on it failed: release with a unary request."""
         start = False
         while True:
             try:
-                await self._client.infer(
-                    self._model,
-                    _inputs(0, [], 0, None),
-                    outputs=[InferRequestedOutput(name) for name in _RELEASE_OUTPUTS],
-                    sequence_id=self._sequence_id,
-                    sequence_start=start,
-                    sequence_end=True,
-                    client_timeout=_RELEASE_TIMEOUT_S,
-                )
+                request = triton_messages.release_request(self._model, self._sequence_id, start=start)
+                await self._stub.ModelInfer(request, timeout=_RELEASE_TIMEOUT_S)
                 return
-            except InferenceServerException as exc:
-                lost = wire.classify_error(exc.status(), exc.message() or "") is wire.TargetError.SEQUENCE_LOST
-                if lost and not start:  # Triton forgot the sequence: START + END clears what the model holds
-                    start = True
+            except grpc.aio.AioRpcError as exc:
+                kind = wire.classify_error(str(exc.code()), exc.details() or "")
+                if kind is wire.TargetError.SEQUENCE_LOST and not start:
+                    start = True  # Triton forgot the sequence: START + END clears what the model holds
                     continue
-                gone = wire.classify_error(exc.status(), exc.message() or "") is wire.TargetError.UNAVAILABLE
-                level = logging.INFO if gone else logging.WARNING  # Triton going away took its caches along
+                # Triton going away took its caches along: worth an INFO line, not a WARNING.
+                level = logging.INFO if kind is wire.TargetError.UNAVAILABLE else logging.WARNING
                 self._log.log(level, "releasing the target sequence failed: %s", _describe(exc))
                 return
             except Exception as exc:  # noqa: BLE001 - logged; the model's TTL is the backstop
@@ -317,15 +273,14 @@ class TritonTargetSession:
 
 
 class TritonTargetClient:
-    """The target on Triton over one shared aio client (one gRPC channel)."""
+    """The target on Triton over one shared ``grpc.aio`` channel."""
 
     def __init__(
         self, url: str, model: str = wire.MODEL_NAME, *, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     ) -> None:
         self.url = url
-        self._client = InferenceServerClient(url, channel_args=_CHANNEL_ARGS)
-        # tritonclient has no public accessor for its channel; its connectivity is what open() waits on.
-        self._channel: grpc.aio.Channel = self._client._channel
+        self._channel = grpc.aio.insecure_channel(url, options=_CHANNEL_ARGS)
+        self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._model = model
         self._connect_timeout_s = connect_timeout_s
         self._releases: set[asyncio.Task] = set()  # releases still under way (strong references)
@@ -337,7 +292,7 @@ class TritonTargetClient:
         await self._wait_connected()
         stream_timeout = None if timeout is None else timeout + _STREAM_DEADLINE_MARGIN_S
         return TritonTargetSession(
-            self._client, self._model, sequence_id,
+            self._stub, self._model, sequence_id,
             url=self.url, stream_timeout=stream_timeout, in_background=self._track_release,
         )  # fmt: skip
 
@@ -363,4 +318,4 @@ class TritonTargetClient:
         """Give releases under way a moment to finish, then close the channel."""
         if self._releases:
             await asyncio.wait(set(self._releases), timeout=_CLOSE_TIMEOUT_S)
-        await self._client.close()
+        await self._channel.close()

@@ -99,12 +99,11 @@ class PackedRows:
         if index.shape != values.shape:
             raise ValueError(f"index {list(index.shape)} and values {list(values.shape)} differ in shape")
         if index.size:
-            low, high = int(index.min()), int(index.max())
+            ordered = np.sort(index, axis=1)  # a few hundred ids at most: cheaper than a V-wide mask
+            low, high = int(ordered[:, 0].min()), int(ordered[:, -1].max())
             if low < 0 or high >= width:
                 raise ValueError(f"index must hold token ids in [0, {width}), got [{low}, {high}]")
-            seen = np.zeros(index.shape[0] * width, dtype=bool)  # (row, token id) pairs, without a sort
-            seen[(index + np.arange(index.shape[0])[:, None] * width).ravel()] = True
-            if np.count_nonzero(seen) != index.size:
+            if np.any(ordered[:, 1:] == ordered[:, :-1]):
                 raise ValueError("index repeats a token id within a row")
         return cls(values, index, width)
 
