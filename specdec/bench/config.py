@@ -61,7 +61,7 @@ class BenchConfig:
     quick: bool = False
     skip_peer: bool = False
     sweep: bool = False  # run the self-draft sweep instead of the benchmark
-    cost_trials: int = 15  # timed forwards per width when measuring c and v(K)
+    cost_trials: int = 15  # --sweep: timed forwards per width when measuring c and v(K)
     cache_dir: str = ""
 
     @property
@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--quick", action="store_true", help="smoke test: tiny random models, K in {0,1,2}, a few tokens")
     add("--skip-peer", action="store_true", help="do not run Hugging Face generate")
     add("--sweep", action="store_true", help="sweep SmolLM2 self-drafts (alpha, cost, ideal) instead")
-    add("--cost-trials", type=int, default=d.cost_trials, help="timed forwards per width for c and v(K)")
+    add("--cost-trials", type=int, default=d.cost_trials, help="--sweep: timed forwards per width for c and v(K)")
     add("--cache-dir", default=d.cache_dir, help="converted-model cache ('' = ~/.cache/specdec)")
     return parser
 

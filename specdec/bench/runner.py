@@ -3,9 +3,9 @@
 Why this module exists: the benchmark's value is that ArS, SpS, the HF peer and the ideal are measured in
 the same run under the same conditions. This is the sequence: load the model pair in-process; start the
 real stack (Triton + draft service + orchestrator, as `specdec serve` does) and time it from a gRPC client
-interleaved with HF generate on the same prompts, generation by generation (`specdec.bench.schedule`); stop
-the stack; then, in-process, measure α on the target's own generations and the cost ratios c and v(K);
-finally write the table and the figure. ``--sweep`` instead ranks self-drafts; ``--quick`` does the whole
+interleaved with HF generate on the same prompts and with in-process samples of the step costs behind c and
+v(K), generation by generation (`specdec.bench.schedule`); stop the stack; then, in-process, measure α on the
+target's own generations; finally write the table and the figure. ``--sweep`` instead ranks self-drafts; ``--quick`` does the whole
 benchmark on a tiny random model in seconds (the CI smoke test).
 """
 
@@ -62,11 +62,10 @@ def run_benchmark(config: BenchConfig, started: float) -> dict[str, Path]:
     tokenizer = models.load_tokenizer(config.target_model, _cache_dir(config))
     prompts = [list(tokenizer(p)["input_ids"]) for p in config.active_prompts]
     modes = [(m, config.sampling(m)) for m in config.modes]
-    per_config = config.warmup + len(prompts) * config.repeats
-    total = len(modes) * len(config.all_ks) * per_config
-    peer_total = 0 if config.skip_peer else len(modes) * len(config.all_ks) * per_config
+    per_system = len(modes) * len(config.all_ks) * (config.warmup + len(prompts) * config.repeats)
+    systems = 3 - config.skip_peer  # the stack, the cost probe, HF
     out_dir = Path(config.out_dir)
-    with tqdm(total=total + peer_total + 2, desc="bench", unit="gen", file=sys.stderr, dynamic_ncols=True) as bar:
+    with tqdm(total=systems * per_system + 1, desc="bench", unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
         target = models.load_model(config.target_model, cache_dir=_cache_dir(config))
         draft = models.load_model(config.draft_spec, keep_layers=models.parse_layers(config.draft_layers),
                                   dtype=config.draft_dtype, cache_dir=_cache_dir(config))
@@ -74,13 +73,16 @@ def run_benchmark(config: BenchConfig, started: float) -> dict[str, Path]:
             target, draft, config.max_new_tokens, config.warmup_new_tokens, config.seed, tokenizer.eos_token_id,
             tokenizer.pad_token_id,
         )
-        runs = measure_stack(config, prompts, modes, hf, bar.update, out_dir / "logs")
-        bar.set_description("theory")
+        # c and v(K) at a representative length: a prompt plus about half a generation.
+        context = (prompts[0] * config.max_new_tokens)[: len(prompts[0]) + config.max_new_tokens // 2]
+        probe = theory.CostProbe(target, draft, context)
+        others: list[schedule.Timed] = [probe] if hf is None else [hf, probe]
+        runs = measure_stack(config, prompts, modes, others, bar.update, out_dir / "logs")
+        costs = probe.costs(config.ks)
+        probe.close()
+        bar.set_description("alpha")
         alphas = {mode: theory.measure_alpha(target, draft, _target_only_sequences(runs, mode, prompts), params)
                   for mode, params in modes}
-        bar.update(1)
-        context = _cost_context(prompts[0], runs, config.max_new_tokens)
-        costs = theory.measure_costs(target, draft, context, config.ks, config.cost_trials)
         bar.update(1)
         peer_records = hf.records if hf is not None else []
     _warn_fallbacks(runs)
@@ -98,12 +100,12 @@ def measure_stack(
     config: BenchConfig,
     prompts: list[list[int]],
     modes: list[tuple[str, SamplingParams]],
-    hf: peer.PeerRuns | None,
+    others: Sequence[schedule.Timed],
     progress: Callable[[int], None],
     log_dir: Path,
 ) -> list[stack_runs.ConfigRun]:
-    """Start the real stack on free ports, time every (mode, K) through it, interleaved with ``hf`` (whose
-    records it fills) when given, then stop it."""
+    """Start the real stack on free ports, time every (mode, K) through it, interleaved with the ``others``
+    (which keep their own records), then stop it."""
     from specdec.stack import LocalStack, StackConfig
 
     stack_config = StackConfig(
@@ -123,8 +125,9 @@ def measure_stack(
                 generation_pb2_grpc.GenerationServiceStub(channel), counters, config.max_new_tokens,
                 config.warmup_new_tokens, config.seed,
             )
-            systems: list[schedule.Timed] = [ours] if hf is None else [ours, hf]
-            schedule.run_interleaved(systems, prompts, modes, config.all_ks, config.repeats, config.warmup, progress)
+            schedule.run_interleaved(
+                [ours, *others], prompts, modes, config.all_ks, config.repeats, config.warmup, progress
+            )
             return ours.runs()
         finally:
             counters.close()
@@ -156,15 +159,6 @@ def _target_only_sequences(runs: list[stack_runs.ConfigRun], mode: str, prompts:
     the target itself visits, over which α is averaged."""
     return [(prompts[r.prompt_index] + list(r.output_ids), len(prompts[r.prompt_index]))
             for run in runs if run.mode == mode and run.k == 0 for r in run.records]
-
-
-def _cost_context(prompt: list[int], runs: list[stack_runs.ConfigRun], max_new_tokens: int) -> list[int]:
-    """A representative context for c and v(K): the first prompt plus half its target-only generation."""
-    for run in runs:
-        if run.k == 0 and run.records:
-            rec = next(r for r in run.records if r.prompt_index == 0)
-            return prompt + list(rec.output_ids[: max_new_tokens // 2])
-    return list(prompt)
 
 
 def _settings(config: BenchConfig, prompts: list[list[int]], started: float) -> dict[str, str]:

@@ -18,7 +18,6 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import astuple, dataclass, replace
 
-
 from specdec.sampling import SamplingParams
 from specdec.v1 import generation_pb2, generation_pb2_grpc, sampling_pb2
 from target_service import wire

@@ -149,25 +149,66 @@ def step_times(
     return [{w: statistics.median(s) for w, s in per_width.items()} for per_width in samples]
 
 
-def measure_costs(
-    target: torch.nn.Module,
-    draft: torch.nn.Module,
-    context: Sequence[int],
-    ks: Iterable[int],
-    trials: int = 15,
-) -> Costs:
-    """c and v(K) at the given context (use a prompt plus about half a generation)."""
-    ks = sorted(k for k in set(ks) if k > 0)
-    target_ms, draft_ms = step_times([(target, [1, *(k + 1 for k in ks)]), (draft, [1])], context, trials)
-    costs = Costs(
-        context_length=len(context),
-        target_step_ms=target_ms[1],
-        draft_step_ms=draft_ms[1],
-        verify_ms={k: target_ms[k + 1] for k in ks},
-    )
+class CostProbe:
+    """c and v(K) sampled between the benchmark's timed generations (a `specdec.bench.schedule.Timed`).
+
+    The machine's speed drifts by 20-30 % over minutes, and the stack and the in-process models do not
+    slow down alike. Measured in a phase of their own after the stack, the costs behind the ideal came
+    from other minutes than the speedup they are compared with. Here, after each measured generation of
+    (mode, K), the target appends 1 token and K + 1 tokens and the draft 1 token to a cached context, once
+    each: the costs are medians over the same minutes as the generations. (α needs no timing: it is
+    measured afterwards, on the target's own generations.)
+    """
+
+    def __init__(self, target: torch.nn.Module, draft: torch.nn.Module, context: Sequence[int]) -> None:
+        self._context = list(context)
+        self._target = CausalLMEngine(target, SequenceStore(max_sequences=1, idle_ttl_s=24 * 3600))
+        self._draft = CausalLMEngine(draft, SequenceStore(max_sequences=1, idle_ttl_s=24 * 3600))
+        self._samples: dict[tuple[str, int], list[float]] = {}  # (model, width) -> ms
+        self._started = False
+
+    def _time(self, which: str, width: int) -> float:
+        if not self._started:
+            for engine in (self._target, self._draft):
+                engine.extend(1, 0, self._context, 1, start=True)
+            self._started = True
+        filler = [self._context[i % len(self._context)] for i in range(width)]  # timing ignores which tokens
+        return _time_extend(self._target if which == "target" else self._draft, len(self._context), filler)
+
+    def _probe(self, k: int) -> list[tuple[str, int, float]]:
+        widths = [("target", 1), ("draft", 1)] + ([("target", k + 1)] if k > 0 else [])
+        return [(which, width, self._time(which, width)) for which, width in widths]
+
+    def warm(self, mode: str, params: SamplingParams, k: int, prompt: Sequence[int], w: int) -> None:
+        self._probe(k)  # first calls at a width allocate: not kept
+
+    def measure(self, mode: str, params: SamplingParams, k: int, prompt: Sequence[int], p: int, r: int) -> None:
+        for which, width, ms in self._probe(k):
+            self._samples.setdefault((which, width), []).append(ms)
+
+    def costs(self, ks: Iterable[int]) -> Costs:
+        """The medians so far (every K in ``ks`` must have been measured)."""
+        median = {key: statistics.median(values) for key, values in self._samples.items()}
+        missing = [k for k in sorted(set(ks)) if k > 0 and ("target", k + 1) not in median]
+        if ("target", 1) not in median or missing:
+            raise ValueError(f"no cost samples for K = {missing or [0]}: measure every K first")
+        costs = Costs(
+            context_length=len(self._context),
+            target_step_ms=median[("target", 1)],
+            draft_step_ms=median[("draft", 1)],
+            verify_ms={k: median[("target", k + 1)] for k in sorted(set(ks)) if k > 0},
+        )
+        _log_costs(costs)
+        return costs
+
+    def close(self) -> None:
+        for engine in (self._target, self._draft):
+            engine.store.release(1)
+
+
+def _log_costs(costs: Costs) -> None:
     log.info(
         "costs at context %d: target %.1f ms/step, draft %.1f ms/step (c=%.3f), v(K)=%s",
         costs.context_length, costs.target_step_ms, costs.draft_step_ms, costs.draft_cost_ratio,
-        {k: round(costs.verify_cost_ratio(k), 2) for k in ks},
+        {k: round(costs.verify_cost_ratio(k), 2) for k in costs.verify_ms},
     )
-    return costs

@@ -116,7 +116,7 @@ def test_quick_flag_shrinks_the_budget() -> None:
         bench_config.parse_args(["--ks", "0,1"])
 
 
-def test_alpha_of_a_model_with_itself_is_one_and_costs_are_positive() -> None:
+def test_alpha_of_a_model_with_itself_is_one_and_the_cost_probe_times_every_k() -> None:
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=2, num_key_value_heads=1)).eval()
@@ -125,9 +125,17 @@ def test_alpha_of_a_model_with_itself_is_one_and_costs_are_positive() -> None:
     for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, top_p=0.9)):
         alpha = theory.measure_alpha(model, model, [(ids, 3)], params)
         assert alpha.positions == 10 and alpha.mean == pytest.approx(1.0, abs=1e-5)
-    costs = theory.measure_costs(model, model, ids, [1, 2], trials=2)
+    probe = theory.CostProbe(model, model, ids)
+    greedy = SamplingParams(temperature=0.0)
+    for k in (0, 1, 2):
+        probe.warm("greedy", greedy, k, ids, 0)
+        probe.measure("greedy", greedy, k, ids, 0, 0)
+    with pytest.raises(ValueError, match=r"no cost samples for K = \[3\]"):
+        probe.costs([1, 2, 3])
+    costs = probe.costs([1, 2])
+    probe.close()
     assert costs.target_step_ms > 0 and costs.draft_step_ms > 0 and set(costs.verify_ms) == {1, 2}
-    assert costs.verify_cost_ratio(0) == 1.0
+    assert costs.context_length == len(ids) and costs.verify_cost_ratio(0) == 1.0
 
 
 def test_count_generated_stops_at_eos() -> None:
