@@ -18,6 +18,7 @@ from collections.abc import Sequence  # noqa: E402
 
 from draft_service.config import DraftConfig, load_config  # noqa: E402
 from draft_service.server import create_server  # noqa: E402
+from specdec.gc_freeze import freeze_startup_objects  # noqa: E402
 
 log = logging.getLogger("draft_service")
 
@@ -28,6 +29,7 @@ def serve(config: DraftConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     handle = create_server(config)
+    freeze_startup_objects(log)
     log.info("draft service ready on %s:%d (health SERVING)", config.host, handle.port)
     stop.wait()
     log.info("stopping: draining for up to %.1f s", config.grace_s)

@@ -30,6 +30,7 @@ from specdec import models
 from specdec.bench import peer, report, schedule, stack_runs, sweep, theory, tiny
 from specdec.bench.config import BenchConfig, parse_args
 from specdec.bench.summary import Summary, summarize
+from specdec.gc_freeze import freeze_startup_objects
 from specdec.sampling import SamplingParams
 from specdec.v1 import generation_pb2_grpc
 
@@ -73,6 +74,7 @@ def run_benchmark(config: BenchConfig, started: float) -> dict[str, Path]:
             target, draft, config.max_new_tokens, config.warmup_new_tokens, config.seed, tokenizer.eos_token_id,
             tokenizer.pad_token_id,
         )
+        freeze_startup_objects(log)  # no full collection of the models' objects inside a timed generation
         # c and v(K) at a representative length: a prompt plus about half a generation.
         context = (prompts[0] * config.max_new_tokens)[: len(prompts[0]) + config.max_new_tokens // 2]
         probe = theory.CostProbe(target, draft, context)

@@ -1,4 +1,5 @@
-"""How tests see live sequences: the draft service's GetStats RPC and Triton's Prometheus metric."""
+"""How tests see inside the running services: live sequences (the draft service's GetStats RPC and Triton's
+Prometheus metric) and what a process logged about its startup."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import grpc
 
 from specdec.v1 import draft_pb2, draft_pb2_grpc
 
+_FROZEN = re.compile(r"startup done: (\d+) objects moved out of the garbage collector's reach")
 _TRITON_LIVE = re.compile(r"^specdec_target_live_sequences(?:\{[^}]*\})?\s+([0-9.eE+-]+)$", re.MULTILINE)
 
 
@@ -36,3 +38,11 @@ def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 15.0
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for: {what}")
         time.sleep(0.1)
+
+
+def frozen_objects(log_text: str) -> int:
+    """How many objects a process froze after its startup (``specdec.gc_freeze``); fails if it did not."""
+    found = _FROZEN.findall(log_text)
+    if len(found) != 1:
+        raise AssertionError(f"expected one gc-freeze line in the log, found {len(found)}")
+    return int(found[0])

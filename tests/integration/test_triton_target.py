@@ -30,6 +30,7 @@ from specdec.rows import PackedRows
 from specdec.sampling import SamplingParams, warp
 from target_service import wire
 from target_service.launcher import TritonServer, TritonServerConfig
+from tests.integration.live import frozen_objects
 
 pytestmark = pytest.mark.integration
 
@@ -140,6 +141,12 @@ def live_sequences(triton: TritonServer) -> float:
     values = re.findall(rf"^{wire.METRIC_LIVE_SEQUENCES}\{{[^}}]*\}} (\S+)$", text, re.MULTILINE)
     assert values, f"{wire.METRIC_LIVE_SEQUENCES} not exported on {triton.metrics_url}"
     return sum(float(v) for v in values)
+
+
+def test_the_model_process_freezes_what_startup_left(triton):
+    """The stub process holds torch and the model (specdec.gc_freeze): frozen once, after loading."""
+    assert triton.log_path is not None
+    assert frozen_objects(triton.log_path.read_text(errors="replace")) > 100_000
 
 
 def test_start_matches_an_in_process_forward(client, forward):
