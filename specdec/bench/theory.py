@@ -165,13 +165,10 @@ class CostProbe:
         self._target = CausalLMEngine(target, SequenceStore(max_sequences=1, idle_ttl_s=24 * 3600))
         self._draft = CausalLMEngine(draft, SequenceStore(max_sequences=1, idle_ttl_s=24 * 3600))
         self._samples: dict[tuple[str, int], list[float]] = {}  # (model, width) -> ms
-        self._started = False
+        for engine in (self._target, self._draft):
+            engine.extend(1, 0, self._context, 1, start=True)
 
     def _time(self, which: str, width: int) -> float:
-        if not self._started:
-            for engine in (self._target, self._draft):
-                engine.extend(1, 0, self._context, 1, start=True)
-            self._started = True
         filler = [self._context[i % len(self._context)] for i in range(width)]  # timing ignores which tokens
         return _time_extend(self._target if which == "target" else self._draft, len(self._context), filler)
 
