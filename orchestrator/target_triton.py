@@ -12,11 +12,12 @@ Closing sends the release request (no tokens, NUM_LOGITS 0, END) on the stream, 
 request already sent on it, even when the caller gave up mid-request (cancelled, deadline): a caller that
 gives up never cancels the stream (see `TritonTargetSession`). After a request failed, or if the stream
 itself broke (Triton restarted, the connection dropped), the release is sent as a unary request; if Triton
-no longer knows the sequence ("must specify the START flag"), it is repeated with START + END, which also clears a cache the
-model may still hold (never START + END on a sequence Triton knows: a "conflict" to Triton). A release is
-never cut short by our own impatience: ``close`` waits for its answer for ``_CLOSE_TIMEOUT_S``, and a slower
-answer (Triton busy) is awaited in the background for up to ``_RELEASE_TIMEOUT_S``; cancelling it would leave
-the cache to the model's idle TTL. A release that fails is logged as a warning.
+no longer knows the sequence ("must specify the START flag"), it is repeated with START + END, which also
+clears a cache the model may still hold (never START + END on a sequence Triton knows: a "conflict" to
+Triton). A release is never cut short by our own impatience: ``close`` waits for its answer for
+``_CLOSE_TIMEOUT_S``, and a slower answer (Triton busy) is awaited in the background for up to
+``_RELEASE_TIMEOUT_S``; cancelling it would leave the cache to the model's idle TTL. A release that fails
+is logged as a warning.
 
 Reachability, so that a Triton that is down fails requests fast and a Triton that is back serves them at
 once, with nothing restarted here:

@@ -3,10 +3,10 @@
 Why this module exists: the benchmark's value is that ArS, SpS, the HF peer and the ideal are measured in
 the same run under the same conditions. This is the sequence: load the model pair in-process; start the
 real stack (Triton + draft service + orchestrator, as `specdec serve` does) and time it from a gRPC client
-interleaved with HF generate on the same prompts and with in-process samples of the step costs behind c and
-v(K), generation by generation (`specdec.bench.schedule`); stop the stack; then, in-process, measure α on the
-target's own generations; finally write the table and the figure. ``--sweep`` instead ranks self-drafts; ``--quick`` does the whole
-benchmark on a tiny random model in seconds (the CI smoke test).
+interleaved with HF generate on the same prompts and with in-process samples of the step costs behind c
+and v(K), generation by generation (`specdec.bench.schedule`); stop the stack; then, in-process, measure α
+on the target's own generations; finally write the table and the figure. ``--sweep`` instead ranks
+self-drafts; ``--quick`` does the whole benchmark on a tiny random model in seconds (the CI smoke test).
 """
 
 from __future__ import annotations

@@ -195,17 +195,13 @@ class CostProbe:
             draft_step_ms=median[("draft", 1)],
             verify_ms={k: median[("target", k + 1)] for k in sorted(set(ks)) if k > 0},
         )
-        _log_costs(costs)
+        log.info(
+            "costs at context %d: target %.1f ms/step, draft %.1f ms/step (c=%.3f), v(K)=%s",
+            costs.context_length, costs.target_step_ms, costs.draft_step_ms, costs.draft_cost_ratio,
+            {k: round(costs.verify_cost_ratio(k), 2) for k in costs.verify_ms},
+        )
         return costs
 
     def close(self) -> None:
         for engine in (self._target, self._draft):
             engine.store.release(1)
-
-
-def _log_costs(costs: Costs) -> None:
-    log.info(
-        "costs at context %d: target %.1f ms/step, draft %.1f ms/step (c=%.3f), v(K)=%s",
-        costs.context_length, costs.target_step_ms, costs.draft_step_ms, costs.draft_cost_ratio,
-        {k: round(costs.verify_cost_ratio(k), 2) for k in costs.verify_ms},
-    )
