@@ -168,8 +168,7 @@ class LocalStack:
         env = {**child_env(), **self.env}
         py = sys.executable
         host = cfg.host
-        ports = {name: free_port(host) for name in ("grpc", "http", "metrics", "draft", "draft_metrics", "orch_metrics")}
-        orchestrator_port = cfg.port or free_port(host)
+        ports = {name: free_port(host) for name in ("grpc", "http", "metrics", "draft", "draft_metrics")}
         common = ["--cache-dir", cfg.cache_dir, "--threads", str(cfg.threads)]
 
         log.info("starting Triton (target %s) ...", cfg.target_model)
@@ -195,6 +194,10 @@ class LocalStack:
         log.info("Triton ready at %s (%.1f s)", self.triton_url, time.monotonic() - t0)
 
         log.info("starting the orchestrator ...")
+        # Its free ports are picked only now: a port picked before the ~20 s of waiting above can meanwhile
+        # become the source port of an outgoing connection (the readiness polls), and the bind then fails.
+        ports["orch_metrics"] = free_port(host)
+        orchestrator_port = cfg.port or free_port(host)
         orchestrator = self._spawn("orchestrator", log_dir, env, [
             py, "-m", "orchestrator", "--host", host, "--port", str(orchestrator_port),
             "--draft-address", self.draft_address, "--triton-url", self.triton_url,
