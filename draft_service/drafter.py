@@ -3,7 +3,7 @@
 Why it exists: this is the whole job of the draft service, written against plain dataclasses so it can be
 unit-tested on a tiny model without a server, and so the servicer above it stays a thin translation layer.
 
-One round (design.md §1), for a sequence with a KV cache of length L:
+One round (docs/architecture.md, "One round"), for a sequence with a KV cache of length L:
 
 1. crop the cache to ``keep_length`` (<= L; 0 starts or restarts the sequence), feed ``append_token_ids``
    and take the logits of the last position;
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from specdec.engine import CausalLMEngine
+from specdec.proposal import Proposal
 from specdec.sampling import SamplingParams, sample, warp
 
 log = logging.getLogger(__name__)
@@ -40,16 +41,6 @@ class ProposeRound:
     num_draft_tokens: int
     sampling: SamplingParams
     seed: int
-
-
-@dataclass(frozen=True)
-class Proposal:
-    """What one round proposes."""
-
-    draft_token_ids: tuple[int, ...]  # [K]
-    q_probs: torch.Tensor | None  # [K, V] float32 on the model's device: the rows sampled from; None when greedy
-    vocab_size: int
-    cache_length: int  # keep_length + len(append_token_ids) + K - 1
 
 
 @dataclass(frozen=True)
@@ -110,7 +101,7 @@ class Drafter:
         try:
             request.sampling.validate_for_vocab(vocab_size)
         except ValueError as exc:
-            raise ValueError(f"sampling: {exc}") from None
+            raise ValueError(f"sampling.{exc}") from None
 
     @torch.inference_mode()
     def propose(self, request: ProposeRound) -> Proposal:
@@ -133,4 +124,4 @@ class Drafter:
                 logits = self.engine.extend(seq, length, [token], 1, start=False)  # [1, V]
                 length += 1
         q_probs = None if params.greedy else torch.cat(rows)  # [K, V] float32, packed for the wire on the device
-        return Proposal(draft_token_ids=tuple(tokens), q_probs=q_probs, vocab_size=self.vocab_size, cache_length=length)
+        return Proposal(token_ids=tuple(tokens), q=q_probs, cache_length=length)

@@ -8,9 +8,8 @@ a free port) with health (SERVING) and method-aware reflection, the idle-TTL evi
 Why grpcio's blocking server and not grpc.aio (which the orchestrator uses): a draft round is one model
 call between two messages, and the round trip is on the critical path of every speculative round. With
 aio the request hops from grpc's poller to the event loop, to a model thread and back; here the thread
-that reads the request runs the model and writes the reply. Measured through one Propose stream with the
-orchestrator's 150 ms idle gap between rounds (SmolLM2 self-draft, K = 4), the hop (client round time minus
-the server's) went from 1.6-2.2 ms to 1.5-1.6 ms. The cost is a thread per open stream, so the pool has
+that reads the request runs the model and writes the reply, a shorter hop (bench/README.md, "Design
+measurements"). The cost is a thread per open stream, so the pool has
 ``max_sequences`` threads for streams plus ``SPARE_THREADS`` that the servicer keeps free for health
 checks, GetStats, Release and reflection.
 """

@@ -3,7 +3,7 @@
 Why it exists: it is the only place that sees protobuf types. Each RPC converts its request into the
 drafter's dataclasses, runs the model under one lock (one forward at a time; health checks, GetStats and
 Release run on other threads meanwhile), and converts the result back. Errors go through one table
-(``ERROR_TABLE``) via ``specdec.grpc_server.error_boundary``.
+(``ERROR_TABLE``) via ``specdec.grpc_server.error_boundary``, which also counts every RPC.
 
 A Propose stream owns its sequence and a server thread: at most ``max_streams`` streams are open at once
 (more get RESOURCE_EXHAUSTED at once, so the threads kept for the other RPCs stay free), every request
@@ -13,25 +13,22 @@ released however the stream ends (completion, client cancel, deadline, error, se
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import inspect
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import grpc
 
-from draft_service.drafter import Drafter, Proposal, ProposeRound
+from draft_service.drafter import Drafter, ProposeRound
 from draft_service.metrics import DraftMetrics
-from specdec import sampling
 from specdec.engine import CapacityError, SequenceNotFoundError
 from specdec.grpc_server import ErrorTable, error_boundary
 from specdec.logs import SequenceLogger, tag_sequence
+from specdec.proposal import Proposal
+from specdec.proto import sampling_from_pb
 from specdec.rows import encode_rows
-from specdec.v1 import draft_pb2, draft_pb2_grpc, sampling_pb2
+from specdec.v1 import draft_pb2, draft_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -40,18 +37,6 @@ ERROR_TABLE: ErrorTable = (
     (SequenceNotFoundError, grpc.StatusCode.NOT_FOUND),
     (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
 )
-
-
-def sampling_from_pb(pb: sampling_pb2.SamplingParams) -> sampling.SamplingParams:
-    """Unset temperature/top_p mean 1.0, top_k 0 means off; the seed field is not used by the draft."""
-    try:
-        return sampling.SamplingParams(
-            temperature=pb.temperature if pb.HasField("temperature") else 1.0,
-            top_k=pb.top_k,
-            top_p=pb.top_p if pb.HasField("top_p") else 1.0,
-        )
-    except ValueError as exc:
-        raise ValueError(f"sampling: {exc}") from None
 
 
 def round_from_pb(pb: draft_pb2.ProposeRequest) -> ProposeRound:
@@ -65,52 +50,15 @@ def round_from_pb(pb: draft_pb2.ProposeRequest) -> ProposeRound:
     )
 
 
-def proposal_to_pb(proposal: Proposal) -> draft_pb2.ProposeResponse:
-    q_probs, q_index = (b"", b"") if proposal.q_probs is None else encode_rows(proposal.q_probs)
+def proposal_to_pb(proposal: Proposal, vocab_size: int) -> draft_pb2.ProposeResponse:
+    q_probs, q_index = (b"", b"") if proposal.q is None else encode_rows(proposal.q)
     return draft_pb2.ProposeResponse(
-        draft_token_ids=proposal.draft_token_ids,
+        draft_token_ids=proposal.token_ids,
         q_probs=q_probs,
         q_index=q_index,
-        vocab_size=proposal.vocab_size,
+        vocab_size=vocab_size,
         cache_length=proposal.cache_length,
     )
-
-
-def _status_of(exc: BaseException) -> grpc.StatusCode:
-    # RpcError: the request iterator saw the client cancel or the deadline pass; GeneratorExit: grpc
-    # dropped the response iterator of a call that is no longer active.
-    if isinstance(exc, (grpc.RpcError, GeneratorExit)):
-        return grpc.StatusCode.CANCELLED
-    return next((code for exc_type, code in ERROR_TABLE if isinstance(exc, exc_type)), grpc.StatusCode.INTERNAL)
-
-
-@contextlib.contextmanager
-def _counting(metrics: DraftMetrics, method: str) -> Iterator[None]:
-    try:
-        yield
-    except BaseException as exc:
-        metrics.count_request(method, _status_of(exc))
-        raise
-    metrics.count_request(method, grpc.StatusCode.OK)
-
-
-def _counted(method: Callable) -> Callable:
-    """Count every call once, by the status ERROR_TABLE gives its outcome (applied inside error_boundary)."""
-    if inspect.isgeneratorfunction(method):
-
-        @functools.wraps(method)
-        def stream_wrapper(self: DraftServicer, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            with _counting(self._metrics, method.__name__):
-                yield from method(self, request, context)
-
-        return stream_wrapper
-
-    @functools.wraps(method)
-    def unary_wrapper(self: DraftServicer, request: Any, context: grpc.ServicerContext) -> Any:
-        with _counting(self._metrics, method.__name__):
-            return method(self, request, context)
-
-    return unary_wrapper
 
 
 class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
@@ -125,8 +73,11 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         self._open_streams = 0
         self._streaming: set[int] = set()  # sequence ids owned by an open Propose stream
 
+    def observe_rpc(self, method: str, code: grpc.StatusCode) -> None:
+        """Every RPC's final status (called by the error boundary)."""
+        self._metrics.count_request(method, code)
+
     @error_boundary(ERROR_TABLE, log)
-    @_counted
     def Propose(
         self, request_iterator: Iterator[draft_pb2.ProposeRequest], context: grpc.ServicerContext
     ) -> Iterator[draft_pb2.ProposeResponse]:
@@ -145,7 +96,7 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
                     )
                 with self._model_lock:
                     start = time.perf_counter()
-                    response = proposal_to_pb(self._drafter.propose(round_))
+                    response = proposal_to_pb(self._drafter.propose(round_), self._drafter.vocab_size)
                     seconds = time.perf_counter() - start
                 self._metrics.observe_round(
                     seconds, round_.num_draft_tokens, len(response.q_probs) + len(response.q_index)
@@ -158,14 +109,12 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
             self._close(sequence_id)
 
     @error_boundary(ERROR_TABLE, log)
-    @_counted
     def Release(self, request: draft_pb2.ReleaseRequest, context: grpc.ServicerContext) -> draft_pb2.ReleaseResponse:
         if request.sequence_id == 0:
             raise ValueError("sequence_id must be non-zero")
         return draft_pb2.ReleaseResponse(released=self._drafter.release(request.sequence_id))
 
     @error_boundary(ERROR_TABLE, log)
-    @_counted
     def GetStats(self, request: draft_pb2.GetStatsRequest, context: grpc.ServicerContext) -> draft_pb2.GetStatsResponse:
         stats = self._drafter.stats()
         return draft_pb2.GetStatsResponse(

@@ -12,11 +12,11 @@ servicer maps them onto gRPC statuses.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+from specdec.proposal import Proposal
 from specdec.rows import PackedRows
 from specdec.sampling import SamplingParams
 
@@ -63,15 +63,6 @@ class TargetCapacityExhausted(TargetError):
 
 class DeadlineExceeded(ClientError):
     """The caller's deadline passed before the generation finished."""
-
-
-@dataclass(frozen=True)
-class Proposal:
-    """One draft round's answer."""
-
-    token_ids: list[int]  # [K] the proposed tokens
-    q: torch.Tensor | PackedRows | None  # [K, V]: the warped draft rows they were sampled from; None = greedy (one-hot)
-    cache_length: int  # the draft's cache after the round: keep + len(append) + K - 1
 
 
 class DraftSession(Protocol):

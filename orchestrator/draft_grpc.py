@@ -18,11 +18,13 @@ from collections.abc import Sequence
 
 import grpc
 
-from orchestrator.clients import DeadlineExceeded, DraftCacheLost, DraftError, Proposal
+from orchestrator.clients import DeadlineExceeded, DraftCacheLost, DraftError
 from specdec.logs import SequenceLogger
+from specdec.proposal import Proposal
+from specdec.proto import sampling_to_pb
 from specdec.rows import decode_packed
 from specdec.sampling import SamplingParams
-from specdec.v1 import draft_pb2, draft_pb2_grpc, sampling_pb2
+from specdec.v1 import draft_pb2, draft_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +69,7 @@ class GrpcDraftSession:
             keep_length=keep_length,
             append_token_ids=append_token_ids,
             num_draft_tokens=num_draft_tokens,
-            sampling=sampling_pb2.SamplingParams(
-                temperature=params.temperature, top_k=params.top_k, top_p=params.top_p
-            ),
+            sampling=sampling_to_pb(params),
             seed=seed,
         )
         try:
@@ -109,7 +109,7 @@ def _to_proposal(response: draft_pb2.ProposeResponse) -> Proposal:
             q = decode_packed(response.q_probs, response.q_index, len(tokens), vocab)  # [K, V], kept packed
         except ValueError as exc:
             raise DraftError(f"draft returned malformed q rows: {exc}") from None
-    return Proposal(token_ids=tokens, q=q, cache_length=response.cache_length)
+    return Proposal(token_ids=tuple(tokens), q=q, cache_length=response.cache_length)
 
 
 class GrpcDraftClient:

@@ -1,11 +1,11 @@
-"""The speculative loop (design.md §1): draft K tokens, score them on the target, rejection-sample, repeat.
+"""The speculative loop (docs/architecture.md, "One round"): draft K tokens, score them on the target, rejection-sample, repeat.
 
 This is the heart of the orchestrator, so it is written only against ``orchestrator.clients`` (no grpc,
 protobuf or tritonclient here) and unit-tested with scripted fakes. One generation is an async generator
 of `Round` results; whatever ends it (done, a stop string found by the caller, the caller closing the
 generator early, the deadline, an error) both sessions are closed, which releases both caches. The closes
 run in a task the loop keeps (``SpeculativeLoop.wait_released``), so the caller's answer does not wait for
-the two acknowledgements (~3.5 ms, a full round trip to each service): the release messages go out at once,
+the two acknowledgements (a full round trip to each service): the release messages go out at once,
 and each service handles them before anything later on the same stream or model instance.
 
 Bookkeeping per round, with ``n`` drafts accepted out of ``k`` and ``L`` = tokens before the round:
@@ -26,12 +26,10 @@ under new ids say so in the message).
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
@@ -44,14 +42,15 @@ from orchestrator.clients import (
     DraftError,
     DraftSession,
     DraftTimeout,
-    Proposal,
     TargetCacheLost,
     TargetClient,
     TargetError,
     TargetSession,
     TargetUnavailable,
 )
+from orchestrator.generation import FinishReason, GenerationRequest, GenerationStats, LoopSettings, Round
 from specdec.logs import SequenceLogger
+from specdec.proposal import Proposal
 from specdec.rows import PackedRows
 from specdec.sampling import RejectionResult, SamplingParams, rejection_sample_on_support
 
@@ -68,101 +67,6 @@ def random_sequence_id() -> int:
         value = secrets.randbits(63)
         if value:
             return value
-
-
-class FinishReason(enum.Enum):
-    """Why a generation ended."""
-
-    LENGTH = "length"  # max_new_tokens generated
-    EOS = "eos"  # the target emitted the end-of-sequence token (not part of the output)
-    STOP = "stop"  # a stop string appeared (decided by the text layer, not by the loop)
-    CONTEXT_LENGTH = "context_length"  # prompt + output filled the model's context
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """A validated generation request, in tokens."""
-
-    prompt_token_ids: tuple[int, ...]  # non-empty
-    params: SamplingParams
-    seed: int  # seeds the one torch.Generator that drives every random choice of the generation
-    max_new_tokens: int  # >= 1
-    num_draft_tokens: int  # K >= 0; 0 = target-only
-    eos_token_id: int | None = None
-    context_length: int | None = None  # prompt + output at most; None = unbounded
-    deadline: float | None = None  # time.monotonic() by which the generation must be done; None = none
-
-    def __post_init__(self) -> None:
-        if not self.prompt_token_ids:
-            raise ValueError("prompt_token_ids: the prompt must have at least one token")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
-        if self.num_draft_tokens < 0:
-            raise ValueError(f"num_draft_tokens: must be >= 0, got {self.num_draft_tokens}")
-        if self.context_length is not None and len(self.prompt_token_ids) >= self.context_length:
-            raise ValueError(
-                f"prompt: {len(self.prompt_token_ids)} tokens leave no room in the context length {self.context_length}"
-            )
-
-
-@dataclass
-class GenerationStats:
-    """Per-generation statistics, accumulated in place while the loop runs (times in seconds)."""
-
-    num_draft_tokens: int = 0
-    prompt_tokens: int = 0
-    rounds: int = 0
-    drafted_tokens: int = 0
-    accepted_tokens: int = 0
-    accepted_per_position: list[int] = field(default_factory=list)  # [K] rounds accepting draft position i
-    emitted_tokens: int = 0  # accepted + one per round, before truncation at eos / the length limit
-    draft_fallback_rounds: int = 0  # rounds that wanted drafts but ran target-only
-    draft_fallback_reason: str = ""  # why the first of them did: "error" | "timeout" | "breaker_open" | "no_draft"
-    target_reprefills: int = 0
-    sequence_id: int = 0  # the generation's (first) sequence id, as in the logs
-    draft_time_s: float = 0.0
-    target_time_s: float = 0.0
-    started_at: float = field(default_factory=time.monotonic)
-    finished_at: float | None = None  # when the last round ended (the caches' release runs after it)
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
-
-    @property
-    def total_time_s(self) -> float:
-        end = self.finished_at if self.finished_at is not None else time.monotonic()
-        return end - self.started_at
-
-    @property
-    def orchestrator_time_s(self) -> float:
-        return max(0.0, self.total_time_s - self.draft_time_s - self.target_time_s)
-
-
-@dataclass(frozen=True)
-class Round:
-    """What one round adds to the output."""
-
-    token_ids: list[int]  # emitted tokens, without the eos token and anything past the length limit
-    num_draft_tokens: int  # k used this round (0 = target-only)
-    accepted: int  # drafts accepted this round
-    finish_reason: FinishReason | None  # set on the last round only
-    stats: GenerationStats  # the generation's live statistics
-    draft_fallback: bool = False  # the round wanted drafts but ran target-only
-    seconds: float = 0.0  # wall time of the round
-    draft_s: float = 0.0  # of which waiting on the draft
-    target_s: float = 0.0  # of which waiting on the target
-
-
-@dataclass(frozen=True)
-class LoopSettings:
-    """How the loop reacts to slow or failing dependencies."""
-
-    draft_round_timeout_s: float = 0.0  # a slower draft round falls back to target-only; 0 = no limit
-    max_target_reprefills: int = 2  # lost target caches re-sent per generation before failing UNAVAILABLE
-    max_draft_reprefills: int = 1  # lost draft caches re-sent per generation before falling back
-    breaker_failures: int = 3  # consecutive draft failures that open the circuit breaker; 0 = never
-    breaker_cooldown_s: float = 10.0  # how long an open breaker skips the draft before one trial round
 
 
 class SpeculativeLoop:
@@ -245,7 +149,7 @@ class _Generation:
                 proposal = await self._propose(k) if k > 0 else None
                 if k > 0 and proposal is None:
                     stats.draft_fallback_rounds += 1
-                drafts = proposal.token_ids if proposal is not None else []
+                drafts = list(proposal.token_ids) if proposal is not None else []
                 p = await self._score(drafts)  # [len(drafts) + 1, V]
                 result = self._rejection_sample(drafts, proposal.q if proposal is not None else None, p)
 

@@ -25,9 +25,10 @@ from prometheus_client import CollectorRegistry, start_http_server
 from orchestrator.breaker import CircuitBreaker
 from orchestrator.clients import DraftClient, TargetClient
 from orchestrator.config import OrchestratorConfig
+from orchestrator.convert import limits_from
 from orchestrator.loop import LoopSettings, SpeculativeLoop
 from orchestrator.metrics import OrchestratorMetrics
-from orchestrator.servicer import SERVICE_NAME, GenerationServicer, Tokenizer, limits_from
+from orchestrator.servicer import SERVICE_NAME, GenerationServicer, Tokenizer
 from specdec.grpc_server import add_health_and_reflection, set_serving
 from specdec.models import load_tokenizer, resolve_model_dir
 from specdec.v1 import generation_pb2_grpc
@@ -111,9 +112,7 @@ async def create_server(
         tokenizer = await asyncio.to_thread(load_tokenizer, config.tokenizer, cache_dir)
     context_length = await asyncio.to_thread(resolve_context_length, config, tokenizer)
     if target_client is None:
-        from orchestrator.target_triton import (
-            TritonTargetClient,  # Triton's protobuf only when really used
-        )
+        from orchestrator.target_triton import TritonTargetClient  # Triton's protobuf only when really used
 
         target_client = TritonTargetClient(
             config.triton_url, config.triton_model, connect_timeout_s=config.target_connect_timeout_s

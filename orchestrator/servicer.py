@@ -1,18 +1,12 @@
 """``specdec.v1.GenerationService``: the thin edge between protobuf and the speculative loop.
 
-Requests are validated into a dataclass here (every refusal is a ValueError naming the field, which the
-error boundary turns into INVALID_ARGUMENT), the prompt is tokenized with the target's tokenizer, the loop
-runs, and its rounds become text through ``orchestrator.text``. Nothing below this file sees protobuf.
-Generate and GenerateStream share one path (`GenerationServicer.chunks`), so the streamed chunks always
-concatenate to the unary text.
-
-Limits on a request, each refused with INVALID_ARGUMENT naming the field (see `request_from_pb`): exactly
-one of prompt / prompt_token_ids; the prompt's characters or token ids; token ids inside the vocabulary;
-sampling (finite temperature >= 0, top_k <= vocabulary, top_p in (0, 1]); K <= the maximum; max_new_tokens
->= 1, <= the server's limit and below the context length (a prompt that leaves less room than
-max_new_tokens ends with FINISH_REASON_CONTEXT_LENGTH instead); the number and length of stop strings.
-A message larger than the server's ``max_request_bytes`` (1 MiB by default; every valid request is far
-smaller) never reaches this file: gRPC itself answers RESOURCE_EXHAUSTED "Received message larger than max".
+Each request is validated into a dataclass (`orchestrator.convert`: every refusal is a ValueError naming
+the field, which the error boundary turns into INVALID_ARGUMENT), the prompt is tokenized with the target's
+tokenizer, the loop runs, and its rounds become text through ``orchestrator.text``. Nothing below this file
+sees protobuf. Generate and GenerateStream share one path (`GenerationServicer.chunks`), so the streamed
+chunks always concatenate to the unary text. A message larger than the server's ``max_request_bytes``
+(1 MiB by default; every valid request is far smaller) never reaches this file: gRPC itself answers
+RESOURCE_EXHAUSTED "Received message larger than max".
 
 Every generation ends with one log line ``sequence_id=<id> finished outcome=...`` and feeds the metrics.
 """
@@ -22,15 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import functools
-import inspect
 import logging
-import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import grpc
 
@@ -41,13 +32,13 @@ from orchestrator.clients import (
     TargetCapacityExhausted,
     TargetUnavailable,
 )
-from orchestrator.config import OrchestratorConfig
-from orchestrator.loop import FinishReason, GenerationRequest, GenerationStats, SpeculativeLoop
+from orchestrator.convert import FINISH_TO_PB, Limits, ValidatedRequest, request_from_pb, stats_to_pb
+from orchestrator.generation import FinishReason, GenerationRequest, GenerationStats
+from orchestrator.loop import SpeculativeLoop
 from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.text import Decoder, TextDelta, TextStream
 from specdec.grpc_server import ErrorTable, error_boundary
 from specdec.logs import SequenceLogger, tag_sequence
-from specdec.sampling import SamplingParams
 from specdec.v1 import generation_pb2, generation_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -64,13 +55,6 @@ ERRORS: ErrorTable = (
     (DraftError, grpc.StatusCode.UNAVAILABLE),
 )
 
-_FINISH_TO_PB = {
-    FinishReason.LENGTH: generation_pb2.FINISH_REASON_LENGTH,
-    FinishReason.EOS: generation_pb2.FINISH_REASON_EOS,
-    FinishReason.STOP: generation_pb2.FINISH_REASON_STOP,
-    FinishReason.CONTEXT_LENGTH: generation_pb2.FINISH_REASON_CONTEXT_LENGTH,
-}
-
 
 class Tokenizer(Decoder, Protocol):
     """What we need of the target's Hugging Face tokenizer."""
@@ -83,34 +67,6 @@ class Tokenizer(Decoder, Protocol):
 
 
 @dataclass(frozen=True)
-class Limits:
-    """What a request may ask for, and the defaults of what it leaves unset."""
-
-    vocab_size: int
-    context_length: int | None  # None = unknown/unbounded
-    default_num_draft_tokens: int
-    max_num_draft_tokens: int
-    default_max_new_tokens: int
-    max_new_tokens_limit: int
-    max_prompt_chars: int
-    max_stop_strings: int
-    max_stop_chars: int
-
-
-@dataclass(frozen=True)
-class ValidatedRequest:
-    """A GenerateRequest that passed validation (before tokenization)."""
-
-    prompt: str  # "" when prompt_token_ids is given
-    prompt_token_ids: tuple[int, ...]  # () when prompt is given
-    params: SamplingParams
-    seed: int
-    max_new_tokens: int
-    num_draft_tokens: int
-    stop: tuple[str, ...]
-
-
-@dataclass(frozen=True)
 class Chunk:
     """One piece of output: a round's text and tokens; the last one carries finish reason and stats."""
 
@@ -118,89 +74,6 @@ class Chunk:
     token_ids: list[int]
     finish_reason: FinishReason | None = None
     stats: GenerationStats | None = None
-
-
-def request_from_pb(request: generation_pb2.GenerateRequest, limits: Limits) -> ValidatedRequest:
-    """Validate a GenerateRequest; ValueError with the offending field's name on any refusal."""
-    has_text, has_ids = bool(request.prompt), len(request.prompt_token_ids) > 0
-    if has_text == has_ids:
-        which = "both were given" if has_text else "neither was given"
-        raise ValueError(f"prompt: exactly one of prompt and prompt_token_ids must be non-empty ({which})")
-    if len(request.prompt) > limits.max_prompt_chars:
-        raise ValueError(f"prompt: {len(request.prompt)} characters exceed the limit of {limits.max_prompt_chars}")
-    ids = tuple(request.prompt_token_ids)
-    if len(ids) > limits.max_prompt_chars:
-        raise ValueError(f"prompt_token_ids: {len(ids)} tokens exceed the limit of {limits.max_prompt_chars}")
-    for i, token in enumerate(ids):
-        if not 0 <= token < limits.vocab_size:
-            raise ValueError(
-                f"prompt_token_ids[{i}]: token id {token} is outside the vocabulary [0, {limits.vocab_size})"
-            )
-    params = _sampling_from_pb(request, limits.vocab_size)
-
-    num_draft_tokens = (
-        request.num_draft_tokens if request.HasField("num_draft_tokens") else limits.default_num_draft_tokens
-    )
-    if num_draft_tokens > limits.max_num_draft_tokens:
-        raise ValueError(f"num_draft_tokens: must be <= {limits.max_num_draft_tokens}, got {num_draft_tokens}")
-    max_new_tokens = request.max_new_tokens if request.HasField("max_new_tokens") else limits.default_max_new_tokens
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens: must be >= 1 (leave it unset for the default), got {max_new_tokens}")
-    if max_new_tokens > limits.max_new_tokens_limit:
-        raise ValueError(f"max_new_tokens: must be <= {limits.max_new_tokens_limit}, got {max_new_tokens}")
-    context = limits.context_length
-    if context is not None and max_new_tokens >= context:
-        if request.HasField("max_new_tokens"):
-            raise ValueError(
-                f"max_new_tokens: {max_new_tokens} does not fit in the context length of {context} tokens "
-                f"(prompt + output); must be <= {context - 1}"
-            )
-        max_new_tokens = context - 1  # the server's default, fitted to a small context
-
-    stop = tuple(request.stop)
-    if len(stop) > limits.max_stop_strings:
-        raise ValueError(f"stop: at most {limits.max_stop_strings} stop strings, got {len(stop)}")
-    for i, text in enumerate(stop):
-        if not text:
-            raise ValueError(f"stop[{i}]: must not be empty")
-        if len(text) > limits.max_stop_chars:
-            raise ValueError(f"stop[{i}]: {len(text)} characters exceed the limit of {limits.max_stop_chars}")
-
-    seed = request.sampling.seed if request.sampling.HasField("seed") else secrets.randbits(64)
-    return ValidatedRequest(request.prompt, ids, params, seed, max_new_tokens, num_draft_tokens, stop)
-
-
-def _sampling_from_pb(request: generation_pb2.GenerateRequest, vocab_size: int) -> SamplingParams:
-    sampling = request.sampling
-    try:
-        params = SamplingParams(
-            temperature=float(sampling.temperature) if sampling.HasField("temperature") else 1.0,
-            top_k=int(sampling.top_k),
-            top_p=float(sampling.top_p) if sampling.HasField("top_p") else 1.0,
-        )
-        params.validate_for_vocab(vocab_size)
-    except ValueError as exc:
-        raise ValueError(f"sampling.{exc}") from None  # SamplingParams' messages start with the field name
-    return params
-
-
-def stats_to_pb(stats: GenerationStats) -> generation_pb2.GenerationStats:
-    return generation_pb2.GenerationStats(
-        rounds=stats.rounds,
-        drafted_tokens=stats.drafted_tokens,
-        accepted_tokens=stats.accepted_tokens,
-        acceptance_rate=stats.acceptance_rate,
-        accepted_per_position=stats.accepted_per_position,
-        draft_time_ms=stats.draft_time_s * 1e3,
-        target_time_ms=stats.target_time_s * 1e3,
-        orchestrator_time_ms=stats.orchestrator_time_s * 1e3,
-        prompt_tokens=stats.prompt_tokens,
-        emitted_tokens=stats.emitted_tokens,
-        num_draft_tokens=stats.num_draft_tokens,
-        draft_fallback_rounds=stats.draft_fallback_rounds,
-        target_reprefills=stats.target_reprefills,
-        total_time_ms=stats.total_time_s * 1e3,
-    )
 
 
 class PromptEncoder:
@@ -220,49 +93,6 @@ class PromptEncoder:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _counted(method: Callable) -> Callable:
-    """Count each RPC by its final status in ``self._metrics`` (applied outside the error boundary)."""
-    name = method.__name__
-
-    def status(context: grpc.aio.ServicerContext, exc: BaseException | None) -> grpc.StatusCode:
-        if exc is None:
-            return grpc.StatusCode.OK
-        if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):  # the caller left, or gRPC's deadline
-            remaining = context.time_remaining()
-            expired = remaining is not None and remaining <= 0
-            return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
-        return context.code() or grpc.StatusCode.UNKNOWN  # set by the boundary's abort
-
-    if inspect.isasyncgenfunction(method):
-
-        @functools.wraps(method)
-        async def stream_wrapper(self: GenerationServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
-            error: BaseException | None = None
-            try:
-                async for item in method(self, request, context):
-                    yield item
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                self._metrics.observe_request(name, status(context, error))
-
-        return stream_wrapper
-
-    @functools.wraps(method)
-    async def unary_wrapper(self: GenerationServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        error: BaseException | None = None
-        try:
-            return await method(self, request, context)
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            self._metrics.observe_request(name, status(context, error))
-
-    return unary_wrapper
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
@@ -285,7 +115,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         """Stop the tokenizer thread (after the server stopped)."""
         self._encoder.close()
 
-    @_counted
+    def observe_rpc(self, method: str, code: grpc.StatusCode) -> None:
+        """Every RPC's final status (called by the error boundary)."""
+        self._metrics.observe_request(method, code)
+
     @error_boundary(ERRORS, log)
     async def Generate(  # noqa: N802 - gRPC method name
         self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -300,11 +133,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         return generation_pb2.GenerateResponse(
             text="".join(texts),
             token_ids=token_ids,
-            finish_reason=_FINISH_TO_PB[last.finish_reason] if last.finish_reason else 0,
+            finish_reason=FINISH_TO_PB[last.finish_reason] if last.finish_reason else 0,
             stats=stats_to_pb(last.stats) if last.stats else None,
         )
 
-    @_counted
     @error_boundary(ERRORS, log)
     async def GenerateStream(  # noqa: N802 - gRPC method name
         self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -314,7 +146,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 yield generation_pb2.GenerateStreamResponse(
                     text=chunk.text,
                     token_ids=chunk.token_ids,
-                    finish_reason=_FINISH_TO_PB[chunk.finish_reason] if chunk.finish_reason else 0,
+                    finish_reason=FINISH_TO_PB[chunk.finish_reason] if chunk.finish_reason else 0,
                     stats=stats_to_pb(chunk.stats) if chunk.stats else None,
                 )
 
@@ -404,19 +236,3 @@ def _outcome_of(exc: BaseException) -> str:
     if isinstance(exc, TargetCapacityExhausted):
         return "target_capacity"
     return "error"
-
-
-def limits_from(config: OrchestratorConfig, vocab_size: int, context_length: int | None) -> Limits:
-    """The request limits a server with ``config`` enforces."""
-    return Limits(
-        vocab_size=vocab_size,
-        context_length=context_length,
-        default_num_draft_tokens=config.default_num_draft_tokens,
-        max_num_draft_tokens=config.max_num_draft_tokens,
-        default_max_new_tokens=config.default_max_new_tokens,
-        max_new_tokens_limit=config.max_new_tokens_limit,
-        max_prompt_chars=config.max_prompt_chars,
-        max_stop_strings=config.max_stop_strings,
-        max_stop_chars=config.max_stop_chars,
-    )
-

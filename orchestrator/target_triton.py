@@ -1,11 +1,11 @@
 """`TargetClient` over Triton: one shared ``grpc.aio`` channel, one ``ModelStreamInfer`` stream per generation.
 
 Thin by design: ``orchestrator.triton_messages`` builds the requests of the contract in
-``target_service.wire`` (INPUT_IDS, KEEP_LENGTH, NUM_LOGITS and the sampling settings -> the warped rows
+``specdec.target_contract`` (INPUT_IDS, KEEP_LENGTH, NUM_LOGITS and the sampling settings -> the warped rows
 PROBS + PROBS_INDEX; sequence id = Triton correlation id, START on the first request, END on the release)
 with Triton's own protobuf, and this module maps Triton's errors onto ``orchestrator.clients``
 exceptions. On a stream, Triton reports an error as a response carrying only a message (no status code),
-so errors are classified by message via ``wire.classify_error``: "no cache" or Triton's "must specify the
+so errors are classified by message via ``contract.classify_error``: "no cache" or Triton's "must specify the
 START flag" = cache lost, "capacity:" = at capacity.
 
 Closing sends the release request (no tokens, NUM_LOGITS 0, END) on the stream, in order after every
@@ -54,10 +54,10 @@ from orchestrator.clients import (
     TargetError,
     TargetUnavailable,
 )
+from specdec import target_contract as contract
 from specdec.logs import SequenceLogger
 from specdec.rows import PackedRows
 from specdec.sampling import SamplingParams
-from target_service import wire
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +83,13 @@ def unavailable(url: str, why: str) -> TargetUnavailable:
 
 def _server_error(status: str | None, message: str, url: str) -> TargetError:
     """Triton's answer to one request: ``status`` as "StatusCode.NAME" (unary) or None (a stream response)."""
-    kind = wire.classify_error(status, message)
+    kind = contract.classify_error(status, message)
     text = f"target: {message}"
-    if kind is wire.TargetError.SEQUENCE_LOST:
+    if kind is contract.ErrorKind.SEQUENCE_LOST:
         return TargetCacheLost(text)
-    if kind is wire.TargetError.CAPACITY:
+    if kind is contract.ErrorKind.CAPACITY:
         return TargetCapacityExhausted(text)
-    if kind is wire.TargetError.UNAVAILABLE:
+    if kind is contract.ErrorKind.UNAVAILABLE:
         return unavailable(url, message)
     return TargetError(text)
 
@@ -260,12 +260,12 @@ class TritonTargetSession:
                 await self._stub.ModelInfer(request, timeout=_RELEASE_TIMEOUT_S)
                 return
             except grpc.aio.AioRpcError as exc:
-                kind = wire.classify_error(str(exc.code()), exc.details() or "")
-                if kind is wire.TargetError.SEQUENCE_LOST and not start:
+                kind = contract.classify_error(str(exc.code()), exc.details() or "")
+                if kind is contract.ErrorKind.SEQUENCE_LOST and not start:
                     start = True  # Triton forgot the sequence: START + END clears what the model holds
                     continue
                 # Triton going away took its caches along: worth an INFO line, not a WARNING.
-                level = logging.INFO if kind is wire.TargetError.UNAVAILABLE else logging.WARNING
+                level = logging.INFO if kind is contract.ErrorKind.UNAVAILABLE else logging.WARNING
                 self._log.log(level, "releasing the target sequence failed: %s", _describe(exc))
                 return
             except Exception as exc:  # noqa: BLE001 - logged; the model's TTL is the backstop
@@ -277,7 +277,7 @@ class TritonTargetClient:
     """The target on Triton over one shared ``grpc.aio`` channel."""
 
     def __init__(
-        self, url: str, model: str = wire.MODEL_NAME, *, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+        self, url: str, model: str = contract.MODEL_NAME, *, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     ) -> None:
         self.url = url
         self._channel = grpc.aio.insecure_channel(url, options=_CHANNEL_ARGS)

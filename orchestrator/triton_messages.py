@@ -2,11 +2,8 @@
 
 Why this module exists: the orchestrator talks to Triton with the generated ``GRPCInferenceService`` stub
 and these messages, not through tritonclient's ``InferInput`` / ``InferResult`` objects and its stream
-wrapper. Against the real Triton on this 2-core machine, dropping the wrapper took the Triton hop (client
-round time − Triton's own time, K = 4, sampling) from 1.94 to 1.74 ms, out of an overhead budget of 5 % of
-a target step; a bare write/read loop measures 1.39 ms, the rest being the reader task and request queue
-that keep a caller who gives up from cancelling the stream (``orchestrator.target_triton``).
-The tensors and their meaning are ``target_service.wire``'s; this module only encodes and decodes them.
+wrapper, which cost a measurable share of every round (bench/README.md, "Design measurements").
+The tensors and their meaning are ``specdec.target_contract``'s; this module only encodes and decodes them.
 """
 
 from __future__ import annotations
@@ -17,17 +14,17 @@ from collections.abc import Sequence
 import numpy as np
 from tritonclient.grpc import service_pb2
 
+from specdec import target_contract as contract
 from specdec.rows import PackedRows
 from specdec.sampling import SamplingParams
-from target_service import wire
 
 _DATATYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int32): "INT32"}
 _DTYPES = {name: dtype for dtype, name in _DATATYPES.items()}
 _SCORE_OUTPUTS = [
-    service_pb2.ModelInferRequest.InferRequestedOutputTensor(name=n) for n in (wire.PROBS, wire.PROBS_INDEX)
+    service_pb2.ModelInferRequest.InferRequestedOutputTensor(name=n) for n in (contract.PROBS, contract.PROBS_INDEX)
 ]
 # A release asks for nothing; LOGITS ([1, 0, V]) is the cheapest output to name.
-_RELEASE_OUTPUTS = [service_pb2.ModelInferRequest.InferRequestedOutputTensor(name=wire.LOGITS)]
+_RELEASE_OUTPUTS = [service_pb2.ModelInferRequest.InferRequestedOutputTensor(name=contract.LOGITS)]
 
 
 class MalformedResponse(ValueError):
@@ -77,12 +74,10 @@ def score_request(
     """Roll the cache back to ``keep_length``, append ``token_ids``, answer the last ``num_logits`` rows of
     p warped by ``params``, packed (PROBS + PROBS_INDEX)."""
     tensors = [
-        (wire.INPUT_IDS, np.asarray(token_ids, dtype=np.int32).reshape(1, -1)),  # [1, T]
-        (wire.KEEP_LENGTH, _scalar(keep_length, np.int32)),
-        (wire.NUM_LOGITS, _scalar(num_logits, np.int32)),
-        (wire.TEMPERATURE, _scalar(params.temperature, np.float32)),
-        (wire.TOP_K, _scalar(params.top_k, np.int32)),
-        (wire.TOP_P, _scalar(params.top_p, np.float32)),
+        (contract.INPUT_IDS, np.asarray(token_ids, dtype=np.int32).reshape(1, -1)),  # [1, T]
+        (contract.KEEP_LENGTH, _scalar(keep_length, np.int32)),
+        (contract.NUM_LOGITS, _scalar(num_logits, np.int32)),
+        *contract.sampling_tensors(params),
     ]
     return _request(model, sequence_id, start, False, tensors, _SCORE_OUTPUTS)
 
@@ -90,9 +85,9 @@ def score_request(
 def release_request(model: str, sequence_id: int, *, start: bool = False) -> service_pb2.ModelInferRequest:
     """END with no tokens: drop the sequence's cache. ``start`` also for a sequence Triton no longer knows."""
     tensors = [
-        (wire.INPUT_IDS, np.zeros((1, 0), dtype=np.int32)),
-        (wire.KEEP_LENGTH, _scalar(0, np.int32)),
-        (wire.NUM_LOGITS, _scalar(0, np.int32)),
+        (contract.INPUT_IDS, np.zeros((1, 0), dtype=np.int32)),
+        (contract.KEEP_LENGTH, _scalar(0, np.int32)),
+        (contract.NUM_LOGITS, _scalar(0, np.int32)),
     ]
     return _request(model, sequence_id, start, True, tensors, _RELEASE_OUTPUTS)
 
@@ -115,11 +110,11 @@ def _output(response: service_pb2.ModelInferResponse, name: str, position: int) 
 def read_probs(response: service_pb2.ModelInferResponse) -> PackedRows:
     """The rows of a score answer: PROBS [1, N, M] + PROBS_INDEX [1, N, M | 0], kept packed."""
     positions = {tensor.name: i for i, tensor in enumerate(response.outputs)}
-    missing = [name for name in (wire.PROBS, wire.PROBS_INDEX) if name not in positions]
+    missing = [name for name in (contract.PROBS, contract.PROBS_INDEX) if name not in positions]
     if missing:
         raise MalformedResponse(f"no {' or '.join(missing)} among the outputs {sorted(positions)}")
-    values = _output(response, wire.PROBS, positions[wire.PROBS])
-    index = _output(response, wire.PROBS_INDEX, positions[wire.PROBS_INDEX])
+    values = _output(response, contract.PROBS, positions[contract.PROBS])
+    index = _output(response, contract.PROBS_INDEX, positions[contract.PROBS_INDEX])
     if values.dtype != np.float32 or index.dtype != np.int32:
         raise MalformedResponse(f"PROBS, PROBS_INDEX are {values.dtype}, {index.dtype}; expected float32, int32")
     # Packed rows say nothing of V: call them just wide enough for every token they hold (a token beyond

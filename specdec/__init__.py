@@ -1,6 +1,7 @@
-"""specdec: speculative sampling (Chen et al. 2023) as a production gRPC service.
+"""specdec: speculative sampling (Chen et al. 2023) as a production gRPC service — the shared ground floor.
 
-Shared pieces live here: the pure sampling math (`specdec.sampling`), the model loading used by both the
-draft and the target (`specdec.models`), the per-sequence KV-cache engine (`specdec.engine`), gRPC
-server plumbing (`specdec.grpc_server`), the generated protobuf code (`specdec.v1`) and the CLI.
+What every service stands on: the pure sampling math (`sampling`, `sampling_params`), probability rows on
+the wire (`rows`), the contracts (`target_contract`, `proto`, `proposal`, the generated `v1`), the
+per-sequence KV-cache engine and model loading (`engine`, `models`, `tiny`), server plumbing
+(`grpc_server`, `config`, `procs`, `logs`). Nothing here imports a service (docs/architecture.md).
 """

@@ -4,6 +4,8 @@ Each service keeps a frozen dataclass of its settings; its fields and defaults a
 argparse flags built here, so ``--draft-address`` falls back to ``SPECDEC_DRAFT_ADDRESS`` and then to the
 default. Each service has its own prefix (``SPECDEC_DRAFT_``, ``SPECDEC_ORCHESTRATOR_``, ``SPECDEC_TARGET_``)
 so one environment can configure several services on a host. Precedence: flag > environment > default.
+A field whose type is itself such a dataclass (the target's model parameters inside its server config)
+contributes its fields as flags of their own, without a prefix.
 """
 
 from __future__ import annotations
@@ -41,12 +43,15 @@ def build_parser(
     parser: argparse.ArgumentParser | None = None,
     env_prefix: str = "SPECDEC_",
 ) -> argparse.ArgumentParser:
-    """Add one flag per field of ``cls`` to ``parser`` (a new one if None)."""
+    """Add one flag per field of ``cls`` (and of its nested dataclass fields) to ``parser`` (a new one if None)."""
     parser = parser or argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").strip().splitlines()[0])
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
-        flag = "--" + field.name.replace("_", "-")
         kind = hints[field.name]
+        if dataclasses.is_dataclass(kind):
+            build_parser(kind, parser=parser, env_prefix=env_prefix)
+            continue
+        flag = "--" + field.name.replace("_", "-")
         default = field.default
         var = env_name(flag, env_prefix)
         env = os.environ.get(var)
@@ -62,7 +67,12 @@ def build_parser(
 
 
 def from_namespace(cls: type[T], namespace: argparse.Namespace) -> T:
-    values: dict[str, Any] = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)}
+    """The dataclass ``cls`` from parsed flags (nested dataclass fields built from their own flags)."""
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        kind = hints[field.name]
+        values[field.name] = from_namespace(kind, namespace) if dataclasses.is_dataclass(kind) else getattr(namespace, field.name)
     return cls(**values)
 
 

@@ -2,11 +2,10 @@
 
 Why it exists: once a service has started, its process holds ~300,000 objects that the garbage collector
 tracks (torch, transformers, the tokenizer, the model's modules), and all of them live as long as the
-process. A full (generation-2) collection walks every one: 190-270 ms in the orchestrator on the 2-core dev
-box, landing on whatever round is running. A benchmark run showed it as a single 190 ms stall in one
-configuration's Triton wait (logged by a ``gc.callbacks`` probe in the orchestrator: three full collections
-during startup, one while serving). ``gc.freeze()`` moves everything alive after startup into the permanent
-generation, which collections skip; objects created while serving are collected as before.
+process. A full (generation-2) collection walks every one, a stall of a few hundred milliseconds on
+whatever round is running (bench/README.md, "Design measurements"). ``gc.freeze()`` moves everything alive
+after startup into the permanent generation, which collections skip; objects created while serving are
+collected as before.
 
 Called once per process by whoever owns it, when startup is done: ``python -m orchestrator``,
 ``python -m draft_service``, the Triton model's ``initialize`` (its stub process) and the benchmark, whose

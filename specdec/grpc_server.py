@@ -10,6 +10,7 @@ thread-per-stream ``grpc.server`` (see ``draft_service.server`` for why the draf
   method's service.
 - ``error_boundary`` turns exceptions into one precise status per exception type, from a table each server
   owns; anything unexpected becomes INTERNAL with the traceback in the log and only a reference on the wire.
+  It also reports every call's final status to the servicer (``observe_rpc``): the one RPC-counting path.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import logging
 import signal
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -96,13 +97,27 @@ def set_serving_blocking(health_servicer: health.HealthServicer, service_names: 
         health_servicer.set(name, _health_status(serving))
 
 
+class ObservesRpcs(Protocol):
+    """A servicer whose RPCs `error_boundary` reports, each once, with the status the caller got."""
+
+    def observe_rpc(self, method: str, code: grpc.StatusCode) -> None: ...
+
+
+def _gone(context: grpc.ServicerContext | grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The status of a call whose caller left: DEADLINE_EXCEEDED if its deadline passed, else CANCELLED."""
+    remaining = context.time_remaining()
+    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+
+
 def error_boundary(table: ErrorTable, logger: logging.Logger) -> Callable:
-    """Decorate a servicer method with one exception -> status map.
+    """Decorate a servicer method with one exception -> status map, and count the call.
 
     Works on all four shapes grpcio calls: aio unary and aio server-streaming (async generator) methods,
     and the blocking server's unary and streaming (generator) methods. The first matching row of ``table``
     wins and its message goes on the wire; grpc aborts and cancellation pass through; anything else is
-    INTERNAL, logged with its traceback and a reference id.
+    INTERNAL, logged with its traceback and a reference id. Every call ends with one
+    ``self.observe_rpc(method_name, status)`` when the servicer has that method (`ObservesRpcs`): the one
+    place RPCs are counted, whatever server kind or outcome.
     """
 
     def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
@@ -115,30 +130,49 @@ def error_boundary(table: ErrorTable, logger: logging.Logger) -> Callable:
         logger.exception("%sinternal error (ref %s)", prefix, ref)
         return grpc.StatusCode.INTERNAL, f"internal error (ref {ref}); see the server log"
 
+    def observe(servicer: object, method: str, code: grpc.StatusCode) -> None:
+        observe_rpc = getattr(servicer, "observe_rpc", None)
+        if observe_rpc is not None:
+            observe_rpc(method, code)
+
     @contextlib.asynccontextmanager
-    async def aio_boundary(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    async def aio_boundary(servicer: object, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        code = grpc.StatusCode.OK
         try:
             yield
-        except (grpc.aio.AbortError, asyncio.CancelledError):
+        except grpc.aio.AbortError:  # the method aborted the call itself
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        except (asyncio.CancelledError, GeneratorExit):  # the caller left, or gRPC's deadline
+            code = _gone(context)
             raise
         except Exception as exc:  # noqa: BLE001 - this is the boundary
-            await context.abort(*status_of(exc))
+            code, message = status_of(exc)
+            await context.abort(code, message)
+        finally:
+            observe(servicer, method, code)
 
     @contextlib.contextmanager
-    def blocking_boundary(context: grpc.ServicerContext) -> Iterator[None]:
+    def blocking_boundary(servicer: object, method: str, context: grpc.ServicerContext) -> Iterator[None]:
+        code = grpc.StatusCode.OK
         try:
             yield
-        except grpc.RpcError:  # the client cancelled or the deadline passed: nobody to tell
+        except (grpc.RpcError, GeneratorExit):  # the client cancelled or the deadline passed: nobody to tell
+            code = _gone(context)
             raise
         except Exception as exc:  # noqa: BLE001 - this is the boundary
-            context.abort(*status_of(exc))  # raises: grpc sends the status set here
+            code, message = status_of(exc)
+            context.abort(code, message)  # raises: grpc sends the status set here
+        finally:
+            observe(servicer, method, code)
 
     def decorate(method: Callable) -> Callable:
+        name = method.__name__
         if inspect.isasyncgenfunction(method):
 
             @functools.wraps(method)
             async def async_stream_wrapper(self, request, context):  # noqa: ANN001
-                async with aio_boundary(context):
+                async with aio_boundary(self, name, context):
                     async for item in method(self, request, context):
                         yield item
 
@@ -148,7 +182,7 @@ def error_boundary(table: ErrorTable, logger: logging.Logger) -> Callable:
 
             @functools.wraps(method)
             async def async_unary_wrapper(self, request, context):  # noqa: ANN001
-                async with aio_boundary(context):
+                async with aio_boundary(self, name, context):
                     return await method(self, request, context)
 
             return async_unary_wrapper
@@ -157,14 +191,14 @@ def error_boundary(table: ErrorTable, logger: logging.Logger) -> Callable:
 
             @functools.wraps(method)
             def stream_wrapper(self, request, context):  # noqa: ANN001
-                with blocking_boundary(context):
+                with blocking_boundary(self, name, context):
                     yield from method(self, request, context)
 
             return stream_wrapper
 
         @functools.wraps(method)
         def unary_wrapper(self, request, context):  # noqa: ANN001
-            with blocking_boundary(context):
+            with blocking_boundary(self, name, context):
                 return method(self, request, context)
 
         return unary_wrapper

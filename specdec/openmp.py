@@ -4,14 +4,12 @@ Why it exists: torch's CPU wheels use GNU OpenMP (libgomp). After every parallel
 busy-wait for ``GOMP_SPINCOUNT`` iterations (300,000 by default) before sleeping, so the next region
 starts without a wake-up. In our stack the draft and the target take turns: when one finishes a round,
 its OpenMP threads keep spinning on cores that the other model, the orchestrator and the gRPC threads
-need right then. Measured on the 2-core dev box, SmolLM2 target with its K=4 self-draft, 2 threads each,
-our full stack: with the default a round took 242-264 ms, of which 111-127 ms waiting on Triton and a
-1.9-2.5 ms draft hop; with 20,000 it took 210-212 ms, 95-97 ms and 1.3 ms. 2,000 is too short (forwards
-slow down: threads fall asleep between the layers' parallel regions); 20,000 keeps a forward's regions
-back to back and lets go of the core within tens of microseconds after it.
+need right then. 20,000 keeps a forward's parallel regions back to back and lets go of the core within
+tens of microseconds after it; 2,000 is too short (threads fall asleep between the layers' regions). The
+measurements behind the choice are in bench/README.md, "Design measurements".
 
 libgomp reads the variable once, when it loads (with torch), so it must be in the environment a model
-process starts with: `specdec.stack` and the Triton launcher put it in their children's environment, and
+process starts with: `cli.stack` and the Triton launcher put it in their children's environment, and
 ``python -m draft_service`` sets it for itself before importing torch. A value already set wins. GPU
 models barely use OpenMP; the setting is harmless there.
 """

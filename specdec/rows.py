@@ -1,6 +1,6 @@
 """Probability rows on the wire: each row's support as packed bytes, never `repeated float`, never all of V.
 
-A warped row (design.md §1) is V probabilities (49,152 for SmolLM2), but under greedy, top-k or top-p
+A warped row (docs/architecture.md, "One round") is V probabilities (49,152 for SmolLM2), but under greedy, top-k or top-p
 only a few of them are non-zero: one under greedy, a nucleus of tens to hundreds under top-p. So a set of
 rows [R, V] travels as its support: ``values`` [R, M] float32 and ``index`` [R, M] int32 token ids, M
 being the largest support of any row (a row with a smaller support is padded with zero-probability

@@ -41,7 +41,6 @@ the final (recovered or bonus) draw, which is made by inverse CDF: the smallest 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -49,6 +48,7 @@ import numpy as np
 import torch
 
 from specdec.rows import PackedRows, on_common_support
+from specdec.sampling_params import SamplingParams
 
 __all__ = [
     "SamplingParams",
@@ -59,55 +59,6 @@ __all__ = [
     "rejection_sample_batch",
     "rejection_sample_on_support",
 ]
-
-
-def _is_real_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How logits become a sampling distribution; applied identically to p (target) and q (draft).
-
-    temperature: 0 means greedy (argmax); otherwise logits are divided by it.
-    top_k: keep the k most likely tokens; 0 disables.
-    top_p: nucleus sampling threshold in (0, 1]; 1 disables.
-    """
-
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    def __post_init__(self) -> None:
-        t = self.temperature
-        if not _is_real_number(t):
-            raise ValueError(f"temperature must be a number, got {t!r}")
-        if math.isnan(t) or math.isinf(t):
-            raise ValueError(f"temperature must be finite, got {t!r}")
-        if t < 0:
-            raise ValueError(f"temperature must be >= 0, got {t!r}")
-        k = self.top_k
-        if not isinstance(k, int) or isinstance(k, bool):
-            raise ValueError(f"top_k must be an integer, got {k!r}")
-        if k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {k!r}")
-        tp = self.top_p
-        if not _is_real_number(tp):
-            raise ValueError(f"top_p must be a number, got {tp!r}")
-        if math.isnan(tp) or not 0 < tp <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {tp!r}")
-
-    @property
-    def greedy(self) -> bool:
-        """True when temperature is 0: decoding is argmax and sampling is deterministic."""
-        return self.temperature == 0
-
-    def validate_for_vocab(self, vocab_size: int) -> None:
-        """Raise ValueError if these parameters cannot apply to a vocabulary of `vocab_size` tokens."""
-        if vocab_size < 1:
-            raise ValueError(f"vocab size must be >= 1, got {vocab_size}")
-        if self.top_k > vocab_size:
-            raise ValueError(f"top_k must be <= vocab size {vocab_size}, got {self.top_k}")
 
 
 def _mask_top_k(scaled: torch.Tensor, k: int) -> torch.Tensor:
@@ -125,10 +76,10 @@ def _mask_top_p(scaled: torch.Tensor, top_p: float) -> torch.Tensor:
     Token j (in descending-probability order, ties broken by lower index) is kept iff the mass of the
     tokens before it is < top_p, so the most likely token is always kept. Cumulative sums in float64.
 
-    A full sort of a 49k-wide row costs ~8 ms on a CPU, so the order is only established among the top
-    ``m`` candidates (torch.topk), growing ``m`` until the kept set ends strictly above the smallest
-    candidate: then every token tied with the last kept one is a candidate and the result equals the
-    full sort's exactly."""
+    A full sort of a 49k-wide row is slow on a CPU (bench/README.md, "Design measurements"), so the order
+    is only established among the top ``m`` candidates (torch.topk), growing ``m`` until the kept set ends
+    strictly above the smallest candidate: then every token tied with the last kept one is a candidate and
+    the result equals the full sort's exactly."""
     shape = scaled.shape
     probs = torch.softmax(scaled, dim=-1).reshape(-1, shape[-1])  # [R, V]
     vocab_size = probs.shape[-1]
@@ -159,14 +110,13 @@ def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     semantics). top-k keeps the k largest logits (exactly k, ties resolved by torch.topk's indices).
     top-p keeps the smallest set of most likely tokens whose cumulative probability is >= top_p
     (always at least one token), computed on the temperature- and top-k-warped distribution; the kept
-    tokens are then renormalised. Vectorised; no Python loop over V.
-
-    Raises ValueError if top_k exceeds the vocabulary size V.
+    tokens are then renormalised. Vectorised; no Python loop over V. ``params`` were validated against
+    the vocabulary where the request entered (`SamplingParams.validate_for_vocab`); a top_k of V or more
+    keeps every token.
     """
     if logits.dim() < 1 or logits.shape[-1] < 1:
         raise ValueError(f"logits must have shape [..., V] with V >= 1, got {tuple(logits.shape)}")
     vocab_size = logits.shape[-1]
-    params.validate_for_vocab(vocab_size)
     x = logits.to(torch.float32)  # [..., V]
     if params.greedy:
         top = torch.argmax(x, dim=-1)  # [...]

@@ -26,7 +26,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -34,67 +33,21 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from specdec import target_contract as contract
 from specdec.filelock import file_lock
 from specdec.openmp import short_spin
-from target_service import wire
+from specdec.procs import free_port, kill_group, wait_triton_ready
+from target_service.config import TritonServerConfig
 
 log = logging.getLogger(__name__)
 triton_log = logging.getLogger("target_service.tritonserver")
 
-MODEL_TEMPLATE = Path(__file__).parent / "model_repository" / wire.MODEL_NAME
+MODEL_TEMPLATE = Path(__file__).parent / "model_repository" / contract.MODEL_NAME
 # Lines Triton logs as errors on every CPU-only start; harmless, logged at DEBUG.
 _HARMLESS = ("CudaDriverHelper has not been initialized",)
-_DTYPES = ("float32", "bfloat16", "float16")
-_INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU")
-
-
-@dataclass(frozen=True)
-class TritonServerConfig:
-    """Everything the launcher needs; port 0 = pick a free port."""
-
-    host: str = "127.0.0.1"  # address for gRPC, HTTP and metrics
-    grpc_port: int = 0
-    http_port: int = 0
-    metrics_port: int = 0
-    model: str = "smollm2"  # model spec (see specdec.models)
-    keep_layers: str = ""  # "" = all layers
-    dtype: str = "float32"
-    threads: int = 0  # torch threads in the model; 0 = torch's default
-    max_sequences: int = 64  # live KV caches per instance
-    idle_ttl_s: float = 300.0  # idle caches are evicted after this
-    cache_dir: str = ""  # converted models and the Triton copy; "" = $SPECDEC_CACHE_DIR or ~/.cache/specdec
-    instance_kind: str = "KIND_CPU"
-    instance_count: int = 1
-    max_batch_size: int = 8  # requests (of different sequences) per execute()
-    ready_timeout_s: float = 180.0  # a first start converts SmolLM2 (~20 s)
-    # On SIGTERM Triton waits up to this long for in-flight requests and the model's unload (~2-3 s
-    # here); it also counts every sequence not yet ENDed as in flight, so an open sequence holds the
-    # shutdown for the whole time: keep it short.
-    exit_timeout_s: int = 5
-    stop_grace_s: float = 10.0  # after SIGTERM, SIGKILL (Triton and its stubs) after this
-    log_file: str = ""  # Triton's stdout+stderr; "" = a file in the temporary folder (gone after stop())
-    log_verbose: int = 0  # Triton's --log-verbose
-
-    def __post_init__(self) -> None:
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
-        if self.instance_kind not in _INSTANCE_KINDS:
-            raise ValueError(f"instance_kind must be one of {_INSTANCE_KINDS}, got {self.instance_kind!r}")
-        for name in ("grpc_port", "http_port", "metrics_port"):
-            if not 0 <= getattr(self, name) < 65536:
-                raise ValueError(f"{name} must be in [0, 65536), got {getattr(self, name)}")
-        if self.max_sequences < 1 or self.instance_count < 1 or self.max_batch_size < 1:
-            raise ValueError("max_sequences, instance_count and max_batch_size must be >= 1")
-        if self.idle_ttl_s <= 0 or self.threads < 0 or self.exit_timeout_s < 0:
-            raise ValueError("idle_ttl_s must be > 0, threads and exit_timeout_s >= 0")
-
-    @property
-    def cache_root(self) -> Path:
-        return Path(self.cache_dir or os.environ.get("SPECDEC_CACHE_DIR") or Path.home() / ".cache" / "specdec")
 
 
 def triton_idle_us(idle_ttl_s: float) -> int:
@@ -104,21 +57,13 @@ def triton_idle_us(idle_ttl_s: float) -> int:
 
 def render_config(text: str, config: TritonServerConfig) -> str:
     """Fill config.pbtxt with ``config``'s values; every field must be found exactly once."""
-    params = {
-        "model": config.model,
-        "keep_layers": config.keep_layers,
-        "dtype": config.dtype,
-        "threads": str(config.threads),
-        "max_sequences": str(config.max_sequences),
-        "idle_ttl_s": format(config.idle_ttl_s, "g"),
-        "cache_dir": config.cache_dir,
-    }
+    params = config.params.parameters()
     subs: list[tuple[str, str]] = [
         (r"(max_batch_size:\s*)\d+", rf"\g<1>{config.max_batch_size}"),
         (r"(preferred_batch_size:\s*\[\s*)\d+", rf"\g<1>{config.max_batch_size}"),
         # Triton must never queue a sequence the model could still take: candidates above capacity.
-        (r"(max_candidate_sequences:\s*)\d+", rf"\g<1>{2 * config.max_sequences}"),
-        (r"(max_sequence_idle_microseconds:\s*)\d+", rf"\g<1>{triton_idle_us(config.idle_ttl_s)}"),
+        (r"(max_candidate_sequences:\s*)\d+", rf"\g<1>{2 * config.params.max_sequences}"),
+        (r"(max_sequence_idle_microseconds:\s*)\d+", rf"\g<1>{triton_idle_us(config.params.idle_ttl_s)}"),
         (
             r"(instance_group\s*\[\s*\{\s*kind:\s*)KIND_\w+(\s*count:\s*)\d+",
             rf"\g<1>{config.instance_kind}\g<2>{config.instance_count}",
@@ -136,7 +81,7 @@ def render_config(text: str, config: TritonServerConfig) -> str:
 
 def render_model_repository(dest: Path, config: TritonServerConfig) -> Path:
     """Copy the model template into ``dest/<model>`` with a rendered config; returns ``dest``."""
-    model_dir = dest / wire.MODEL_NAME
+    model_dir = dest / contract.MODEL_NAME
     shutil.copytree(MODEL_TEMPLATE, model_dir, ignore=shutil.ignore_patterns("__pycache__"))
     config_path = model_dir / "config.pbtxt"
     config_path.write_text(render_config(config_path.read_text(), config))
@@ -193,19 +138,13 @@ def triton_env(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 class TritonServer:
     """One ``tritonserver`` process serving ``specdec_target``; ``with TritonServer(config) as s: ...``."""
 
     def __init__(self, config: TritonServerConfig) -> None:
         self.config = config
-        self.model_name = wire.MODEL_NAME
-        self.grpc_port = config.grpc_port or free_port(config.host)
+        self.model_name = contract.MODEL_NAME
+        self.grpc_port = config.grpc_port or free_port(config.host)  # 0 = a free port
         self.http_port = config.http_port or free_port(config.host)
         self.metrics_port = config.metrics_port or free_port(config.host)
         self.log_path: Path | None = None
@@ -288,22 +227,13 @@ class TritonServer:
         return self
 
     def _wait_ready(self, started: float) -> None:
-        import tritonclient.grpc as grpcclient
+        def alive() -> None:
+            code = self._proc.poll() if self._proc else None
+            if code is not None:
+                raise RuntimeError(f"tritonserver exited with {code} before it was ready\n{self.log_tail()}")
 
-        deadline = started + self.config.ready_timeout_s
-        with grpcclient.InferenceServerClient(self.grpc_url) as client:
-            while True:
-                code = self._proc.poll() if self._proc else None
-                if code is not None:
-                    raise RuntimeError(f"tritonserver exited with {code} before it was ready\n{self.log_tail()}")
-                with contextlib.suppress(Exception):
-                    if client.is_server_ready() and client.is_model_ready(self.model_name):
-                        return
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"Triton not ready after {self.config.ready_timeout_s:.0f} s\n{self.log_tail()}"
-                    )
-                time.sleep(0.1)
+        timeout_s = self.config.ready_timeout_s - (time.monotonic() - started)
+        wait_triton_ready(self.grpc_url, self.model_name, timeout_s, alive, self.log_tail)
 
     def _pump_log(self, proc: subprocess.Popen[bytes], path: Path) -> None:
         """Copy Triton's output to the log file and to the ``target_service.tritonserver`` logger."""
@@ -351,7 +281,7 @@ class TritonServer:
                 proc.kill()
                 proc.wait()
         if proc is not None:
-            _kill_group_members(proc.pid)  # a stub outlives a killed Triton (it ignores SIGTERM)
+            kill_group(proc.pid)  # a stub outlives a killed Triton (it ignores SIGTERM)
             for leftover in Path("/dev/shm").glob(f"{self._shm_prefix}*"):
                 with contextlib.suppress(OSError):
                     leftover.unlink()
@@ -369,14 +299,3 @@ class TritonServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
-
-
-def _kill_group_members(pgid: int) -> None:
-    """SIGKILL the processes still in process group ``pgid`` (Triton ran as its own session leader)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields_after_name = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields_after_name[2]) == pgid:  # field 5 of /proc/<pid>/stat: pgrp
-                pid = int(stat.parent.name)
-                log.warning("killing process %d left behind by Triton", pid)
-                os.kill(pid, signal.SIGKILL)

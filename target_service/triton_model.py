@@ -3,9 +3,9 @@
 ``model_repository/specdec_target/1/model.py`` is three lines that hand Triton's calls to ``TargetModel``;
 everything else lives here so unit tests can drive it with a tiny model and a fake ``pb_utils``:
 
-* ``TargetParams`` - the model-config ``parameters`` (model spec, dtype, capacity, TTL, ...), parsed once.
-* ``run_step`` - one request, numpy in, output arrays or a ``StepError`` out: the wire contract of
-  ``target_service.wire`` applied to a ``specdec.engine.CausalLMEngine``. It never raises.
+* ``read_request`` - one request's tensors decoded (and validated) at the edge into a ``StepRequest``.
+* ``run_step`` - one request, output arrays or a ``StepError`` out: the contract of
+  ``specdec.target_contract`` applied to a ``specdec.engine.CausalLMEngine``. It never raises.
 * ``TargetModel`` - the Triton adapter: reads tensors and the correlation id off each request, answers
   every request of an ``execute`` batch independently (one bad request never fails its neighbours), maps
   ``StepError`` codes to ``pb_utils.TritonError`` codes and keeps the custom metrics current.
@@ -17,55 +17,22 @@ import enum
 import json
 import logging
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from specdec import target_contract as contract
 from specdec.engine import CapacityError, CausalLMEngine, SequenceNotFoundError, SequenceStore
 from specdec.models import load_model, parse_layers
 from specdec.rows import pack_rows
 from specdec.sampling import SamplingParams, warp
-from target_service import wire
+from target_service.config import TargetModelParams
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TargetParams:
-    """The ``parameters`` of the model's config.pbtxt; defaults here match the checked-in file."""
-
-    model: str = "smollm2"  # model spec: "smollm2" or a local HF model folder
-    keep_layers: str = ""  # layer selection such as "0-13,17-29"; "" = all layers
-    dtype: str = "float32"  # float32 | bfloat16 | float16
-    threads: int = 0  # torch intra-op threads; 0 = leave torch's default
-    max_sequences: int = 64  # live KV caches per model instance before CapacityError
-    idle_ttl_s: float = 300.0  # a cache unused this long is evicted
-    cache_dir: str = ""  # where the converted SmolLM2 lives; "" = specdec's default
-
-    @classmethod
-    def from_model_config(cls, model_config: Mapping[str, Any]) -> TargetParams:
-        """Read ``{"parameters": {"model": {"string_value": "..."}, ...}}``; unknown keys are refused."""
-        raw = {k: v.get("string_value", "") for k, v in (model_config.get("parameters") or {}).items()}
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(raw) - set(known))
-        if unknown:
-            raise ValueError(f"unknown model parameters {unknown}; known: {sorted(known)}")
-        values: dict[str, Any] = {}
-        for name, text in raw.items():
-            kind = type(getattr(cls, name))
-            try:
-                values[name] = kind(text)
-            except ValueError:
-                raise ValueError(f"model parameter {name!r} must be a {kind.__name__}, got {text!r}") from None
-        params = cls(**values)
-        parse_layers(params.keep_layers)  # fail at load time, not at the first request
-        if params.threads < 0:
-            raise ValueError(f"threads must be >= 0, got {params.threads}")
-        return params
 
 
 class ErrorCode(enum.Enum):
@@ -85,73 +52,90 @@ class StepError:
 
 @dataclass(frozen=True)
 class StepRequest:
-    """One Triton request as numpy arrays, batch dim included (Triton hands each request over alone)."""
+    """One Triton request, decoded from its tensors at the edge (`read_request`)."""
 
     sequence_id: int  # the Triton correlation id (uint64)
-    input_ids: np.ndarray  # [1, T] int32: tokens to append
-    keep_length: np.ndarray  # [1, 1] int32: cache length to keep before appending
-    num_logits: np.ndarray  # [1, 1] int32: how many last positions to return logits for
+    token_ids: tuple[int, ...]  # tokens to append
+    keep_length: int  # cache length to keep before appending
+    num_logits: int  # how many last positions to return rows for
     start: bool  # CONTROL_SEQUENCE_START
     end: bool  # CONTROL_SEQUENCE_END
-    sampling: np.ndarray | None = None  # [3] float64 (temperature, top_k, top_p) if TEMPERATURE was sent
+    params: SamplingParams | None = None  # with TEMPERATURE: answer PROBS warped by these, else LOGITS
 
 
-def _scalar(name: str, array: np.ndarray) -> int:
+Outputs = dict[str, np.ndarray]
+Read = Callable[[str], "np.ndarray | None"]
+
+
+def _one_value(name: str, array: np.ndarray) -> int:
     if array.size != 1:
         raise ValueError(f"{name} must hold one value per request, got shape {list(array.shape)}")
     return int(array.reshape(-1)[0])
 
 
-Outputs = dict[str, np.ndarray]
+def read_request(sequence_id: int, read: Read) -> StepRequest:
+    """A request's input tensors (``read(name)``: the array, or None if absent) -> StepRequest.
 
+    ValueError, naming the tensor, for a malformed request."""
+    arrays = {}
+    for name in (contract.INPUT_IDS, contract.KEEP_LENGTH, contract.NUM_LOGITS):
+        array = read(name)
+        if array is None:
+            raise ValueError(f"missing input {name}")
+        arrays[name] = array
+    ids = arrays[contract.INPUT_IDS]
+    if ids.ndim != 2 or ids.shape[0] != 1:
+        raise ValueError(f"{contract.INPUT_IDS} must have shape [1, T], got {list(ids.shape)}")
 
-def _sampling_params(values: np.ndarray) -> SamplingParams:
-    temperature, top_k, top_p = (float(v) for v in values)
-    if top_k != int(top_k):
-        raise ValueError(f"TOP_K must be an integer, got {top_k}")
-    return SamplingParams(temperature=temperature, top_k=int(top_k), top_p=top_p)  # ValueError if out of range
+    def flag(name: str) -> bool:
+        array = read(name)
+        return array is not None and bool(array.reshape(-1)[0])
+
+    return StepRequest(
+        sequence_id=sequence_id,
+        token_ids=tuple(ids[0].tolist()),
+        keep_length=_one_value(contract.KEEP_LENGTH, arrays[contract.KEEP_LENGTH]),
+        num_logits=_one_value(contract.NUM_LOGITS, arrays[contract.NUM_LOGITS]),
+        start=flag(contract.START),
+        end=flag(contract.END),
+        params=contract.sampling_from_tensors(read),
+    )
 
 
 def _outputs(logits: torch.Tensor, params: SamplingParams | None) -> Outputs:
     """logits [N, V] -> LOGITS, or PROBS and PROBS_INDEX (warped, packed) when sampling settings came."""
     if params is None:
-        return {wire.LOGITS: logits.cpu().numpy()[None]}  # [1, N, V]
+        return {contract.LOGITS: logits.cpu().numpy()[None]}  # [1, N, V]
     if logits.shape[0] == 0:
         values, index = logits.cpu().numpy(), None
     else:
         values, index = pack_rows(warp(logits, params))  # [N, M] each, or [N, V] and None when dense
     if index is None:
         index = np.zeros((values.shape[0], 0), dtype=np.int32)
-    return {wire.PROBS: values[None], wire.PROBS_INDEX: index[None]}  # [1, N, M], [1, N, M | 0]
+    return {contract.PROBS: values[None], contract.PROBS_INDEX: index[None]}  # [1, N, M], [1, N, M | 0]
 
 
 def run_step(engine: CausalLMEngine, request: StepRequest) -> Outputs | StepError:
-    """Apply one request to the engine: its output arrays (``wire``), or the error to send back.
+    """Apply one request to the engine: its output arrays (`specdec.target_contract`), or the error to send back.
 
     A *release request* (no tokens, NUM_LOGITS 0, END) drops the cache and returns [1, 0, V]; here it is
-    idempotent (Triton itself wants START too for a sequence it no longer knows, see ``wire``). END on a
+    idempotent (Triton itself wants START too for a sequence it no longer knows, see the contract). END on a
     normal request returns the logits and then drops the cache; END always drops it, even when the step
     itself fails.
     """
     sid = request.sequence_id
     try:
         try:
-            ids = request.input_ids
-            if ids.ndim != 2 or ids.shape[0] != 1:
-                raise ValueError(f"{wire.INPUT_IDS} must have shape [1, T], got {list(ids.shape)}")
-            keep_length = _scalar(wire.KEEP_LENGTH, request.keep_length)
-            num_logits = _scalar(wire.NUM_LOGITS, request.num_logits)
-            params = None if request.sampling is None else _sampling_params(request.sampling)
+            keep_length, num_logits, params, tokens = request.keep_length, request.num_logits, request.params, request.token_ids
             if params is not None:
                 params.validate_for_vocab(engine.vocab_size)
             if keep_length < 0:
                 raise ValueError(f"keep_length must be >= 0, got {keep_length}")
-            tokens = ids[0].tolist()
             if not tokens and num_logits == 0:
                 if not request.end:
                     raise ValueError(
                         f"a request without tokens is a release request and must set END "
-                        f"(sequence {sid}, {wire.NUM_LOGITS} 0)"
+                        f"(sequence {sid}, {contract.NUM_LOGITS} 0)"
                     )
                 return _outputs(torch.zeros(0, engine.vocab_size), params)  # released below
             logits = engine.extend(sid, keep_length, tokens, num_logits, start=request.start)  # [N, V]
@@ -160,14 +144,14 @@ def run_step(engine: CausalLMEngine, request: StepRequest) -> Outputs | StepErro
             if request.end:
                 engine.store.release(sid)
     except ValueError as exc:
-        return StepError(ErrorCode.INVALID_ARG, f"{wire.INVALID_PREFIX} {exc}")
+        return StepError(ErrorCode.INVALID_ARG, f"{contract.INVALID_PREFIX} {exc}")
     except SequenceNotFoundError as exc:
-        return StepError(ErrorCode.NOT_FOUND, f"{wire.NOT_FOUND_PREFIX} {exc}; resend the prefix with START")
+        return StepError(ErrorCode.NOT_FOUND, f"{contract.NOT_FOUND_PREFIX} {exc}; resend the prefix with START")
     except CapacityError as exc:
-        return StepError(ErrorCode.UNAVAILABLE, f"{wire.CAPACITY_PREFIX} {exc}")
+        return StepError(ErrorCode.UNAVAILABLE, f"{contract.CAPACITY_PREFIX} {exc}")
     except Exception:
         log.exception("sequence_id=%d step failed", sid)
-        message = f"{wire.INTERNAL_PREFIX} step failed in sequence {sid} (see the Triton log)"
+        message = f"{contract.INTERNAL_PREFIX} step failed in sequence {sid} (see the Triton log)"
         return StepError(ErrorCode.INTERNAL, message)
 
 
@@ -197,7 +181,7 @@ class TargetModel:
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         model_config = json.loads(args["model_config"])
-        params = TargetParams.from_model_config(model_config)
+        params = TargetModelParams.from_model_config(model_config)
         device = device_for(args)
         if params.threads > 0:
             torch.set_num_threads(params.threads)
@@ -218,23 +202,23 @@ class TargetModel:
                 time.perf_counter() - started, torch.get_num_threads(), params.max_sequences, params.idle_ttl_s,
             )  # fmt: skip
         self._labels = {
-            "model": args.get("model_name", wire.MODEL_NAME),
+            "model": args.get("model_name", contract.MODEL_NAME),
             "instance": args.get("model_instance_name", "0"),
         }
         pb = self._pb
         self._gauge_family = pb.MetricFamily(
-            name=wire.METRIC_LIVE_SEQUENCES,
+            name=contract.METRIC_LIVE_SEQUENCES,
             description="Live per-sequence KV caches in this model instance",
             kind=pb.MetricFamily.GAUGE,
         )
         self._gauge = self._gauge_family.Metric(labels=self._labels)
         self._counter_family = pb.MetricFamily(
-            name=wire.METRIC_REQUESTS,
+            name=contract.METRIC_REQUESTS,
             description="Requests answered by this model instance, by result code",
             kind=pb.MetricFamily.COUNTER,
         )
         self._bytes_family = pb.MetricFamily(
-            name=wire.METRIC_OUTPUT_BYTES,
+            name=contract.METRIC_OUTPUT_BYTES,
             description="Bytes of output tensors (logits or packed probability rows) answered by this instance",
             kind=pb.MetricFamily.COUNTER,
         )
@@ -263,41 +247,17 @@ class TargetModel:
         self._gauge_family = self._counter_family = self._bytes_family = None
 
     def _step(self, request: Any) -> Outputs | StepError:
+        def read(name: str) -> np.ndarray | None:
+            tensor = self._pb.get_input_tensor_by_name(request, name)
+            return None if tensor is None else tensor.as_numpy()
+
         try:
-            get = self._pb.get_input_tensor_by_name
-
-            def flag(name: str) -> bool:
-                tensor = get(request, name)
-                return tensor is not None and bool(tensor.as_numpy().reshape(-1)[0])
-
-            arrays = {}
-            for name in (wire.INPUT_IDS, wire.KEEP_LENGTH, wire.NUM_LOGITS):
-                tensor = get(request, name)
-                if tensor is None:
-                    return StepError(ErrorCode.INVALID_ARG, f"{wire.INVALID_PREFIX} missing input {name}")
-                arrays[name] = tensor.as_numpy()
-            sampling = None
-            if get(request, wire.TEMPERATURE) is not None:
-                sampling = np.empty(3, dtype=np.float64)
-                for i, (name, default) in enumerate(((wire.TEMPERATURE, 0.0), (wire.TOP_K, 0), (wire.TOP_P, 1.0))):
-                    tensor = get(request, name)
-                    values = np.asarray([default]) if tensor is None else tensor.as_numpy().reshape(-1)
-                    if values.size != 1:
-                        message = f"{wire.INVALID_PREFIX} {name} must hold one value, got shape {list(values.shape)}"
-                        return StepError(ErrorCode.INVALID_ARG, message)
-                    sampling[i] = values[0]
-            step = StepRequest(
-                sequence_id=int(request.correlation_id()),
-                input_ids=arrays[wire.INPUT_IDS],
-                keep_length=arrays[wire.KEEP_LENGTH],
-                num_logits=arrays[wire.NUM_LOGITS],
-                start=flag(wire.START),
-                end=flag(wire.END),
-                sampling=sampling,
-            )
+            step = read_request(int(request.correlation_id()), read)
+        except ValueError as exc:
+            return StepError(ErrorCode.INVALID_ARG, f"{contract.INVALID_PREFIX} {exc}")
         except Exception:
             log.exception("reading a request failed")
-            message = f"{wire.INTERNAL_PREFIX} reading the request failed (see the Triton log)"
+            message = f"{contract.INTERNAL_PREFIX} reading the request failed (see the Triton log)"
             return StepError(ErrorCode.INTERNAL, message)
         return run_step(self.engine, step)
 

@@ -1,4 +1,4 @@
-"""Fixtures shared by every tier of tests."""
+"""Fixtures shared by every tier of tests (the fakes they use are in tests/fakes.py)."""
 
 from __future__ import annotations
 
@@ -15,3 +15,10 @@ def single_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from specdec.models import load_tokenizer
+
+    return load_tokenizer("smollm2")

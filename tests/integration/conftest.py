@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from specdec.stack import LocalStack, StackConfig
+from cli.stack import LocalStack, StackConfig
 
 # These tests check speculation itself (greedy equality, statistics): no per-round draft time limit, so a
 # machine busy with other work never turns their rounds target-only (fallbacks are tests/integration/test_load.py's).

@@ -1,5 +1,5 @@
-"""`specdec bench --quick` end to end: the real stack processes (Triton, draft service, orchestrator) on a tiny
-random model, the HF peer, the theory and the report, run as a user runs it (bench/run.py, a subprocess).
+"""`python -m bench --quick` end to end: the real stack processes (Triton, draft service, orchestrator) on a tiny
+random model, the HF peer, the theory and the report, run as a user runs it (python -m bench, a subprocess).
 
 No timing asserts: this is the smoke test that keeps the benchmark from rotting. It fails if the run fails,
 or if the table misses a row, a ratio is not a number, or the efficiency was not computed.
@@ -28,7 +28,7 @@ QUICK_NEW_TOKENS = 8
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("bench-out")
     done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--out-dir", str(out)],
+        [sys.executable, "-m", "bench", "--quick", "--out-dir", str(out)],
         check=False, cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, f"bench --quick failed ({done.returncode}):\n{done.stderr[-4000:]}"
@@ -104,7 +104,7 @@ def test_markdown_table_is_well_formed(quick_run: tuple[Path, str]) -> None:
 
 def test_quick_sweep_ranks_every_draft(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--sweep", "--out-dir", str(tmp_path)],
+        [sys.executable, "-m", "bench", "--quick", "--sweep", "--out-dir", str(tmp_path)],
         check=False, cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, f"bench --quick --sweep failed ({done.returncode}):\n{done.stderr[-4000:]}"

@@ -27,8 +27,8 @@ from draft_service.config import DraftConfig
 from draft_service.drafter import Drafter, Proposal, ProposeRound
 from draft_service.server import SERVICE_NAME, build_drafter, create_server
 from specdec.rows import decode_packed
+from specdec.tiny import TINY_VOCAB_SIZE, save_tiny_llama
 from specdec.v1 import draft_pb2, draft_pb2_grpc, sampling_pb2
-from tests.tiny_model import TINY_VOCAB_SIZE, save_tiny_llama
 
 pytestmark = pytest.mark.integration
 
@@ -220,11 +220,11 @@ def test_after_not_found_a_new_stream_re_prefills(stub: Stub) -> None:
         (dict(append_token_ids=PROMPT, num_draft_tokens=0), r"num_draft_tokens must be in \[1, 8\]"),
         (dict(append_token_ids=PROMPT, num_draft_tokens=9), r"num_draft_tokens must be in \[1, 8\]"),
         (dict(append_token_ids=[1] * 255, num_draft_tokens=4), "context length 256"),
-        (dict(append_token_ids=PROMPT, sampling=SAMPLING(temperature=-1.0)), "sampling: temperature"),
-        (dict(append_token_ids=PROMPT, sampling=SAMPLING(temperature=math.nan)), "sampling: temperature"),
-        (dict(append_token_ids=PROMPT, sampling=SAMPLING(top_p=0.0)), "sampling: top_p"),
-        (dict(append_token_ids=PROMPT, sampling=SAMPLING(top_p=1.5)), "sampling: top_p"),
-        (dict(append_token_ids=PROMPT, sampling=SAMPLING(top_k=65)), "sampling: top_k must be <= vocab size 64"),
+        (dict(append_token_ids=PROMPT, sampling=SAMPLING(temperature=-1.0)), "sampling.temperature"),
+        (dict(append_token_ids=PROMPT, sampling=SAMPLING(temperature=math.nan)), "sampling.temperature"),
+        (dict(append_token_ids=PROMPT, sampling=SAMPLING(top_p=0.0)), "sampling.top_p"),
+        (dict(append_token_ids=PROMPT, sampling=SAMPLING(top_p=1.5)), "sampling.top_p"),
+        (dict(append_token_ids=PROMPT, sampling=SAMPLING(top_k=65)), "sampling.top_k must be <= vocab size 64"),
     ],
 )
 def test_invalid_requests_and_the_server_stays_up(server: RunningServer, stub: Stub, fields: dict, pattern: str) -> None:

@@ -33,8 +33,8 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from specdec.bench.tiny import TINY_DRAFT_LAYERS, make_tiny_model
-from specdec.stack import LocalStack, StackConfig
+from cli.stack import LocalStack, StackConfig
+from specdec.tiny import TINY_DRAFT_LAYERS, save_tiny_llama_with_tokenizer
 from specdec.v1 import generation_pb2, generation_pb2_grpc, sampling_pb2
 from tests.integration.live import draft_live_sequences, triton_live_sequences, wait_until
 
@@ -43,7 +43,7 @@ pytestmark = pytest.mark.integration
 CONCURRENCY = 32
 REQUEST_TIMEOUT_S = 120.0  # each call's deadline: generous, for a machine shared with other work
 RUN_TIMEOUT_S = 300.0  # a whole load run
-VOCAB = 272  # specdec.bench.tiny
+VOCAB = 272  # bench.tiny
 CONTEXT = 1024  # the tiny model's max_position_embeddings
 BREAKER_COOLDOWN_S = 2.0
 CONNECT_TIMEOUT_S = 3.0
@@ -251,7 +251,7 @@ def unexpected(results: list[Result]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tiny_stack(tmp_path_factory: pytest.TempPathFactory):
-    folder = make_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model")
+    folder = save_tiny_llama_with_tokenizer(tmp_path_factory.mktemp("tiny-model") / "model")
     config = StackConfig(
         port=0, target_model=str(folder), draft_model=str(folder), draft_layers=TINY_DRAFT_LAYERS, threads=1,
         log_dir=str(tmp_path_factory.mktemp("load-stack-logs")), startup_timeout_s=180,

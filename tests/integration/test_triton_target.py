@@ -25,11 +25,12 @@ import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
 from orchestrator.target_triton import TritonTargetClient
+from specdec import target_contract as contract
 from specdec.models import load_model
 from specdec.rows import PackedRows
 from specdec.sampling import SamplingParams, warp
-from target_service import wire
-from target_service.launcher import TritonServer, TritonServerConfig
+from target_service.config import TargetModelParams, TritonServerConfig
+from target_service.launcher import TritonServer
 from tests.integration.live import frozen_objects
 
 pytestmark = pytest.mark.integration
@@ -46,7 +47,8 @@ THREADS = 1
 @pytest.fixture(scope="module")
 def triton() -> Iterator[TritonServer]:
     config = TritonServerConfig(
-        model="smollm2", max_sequences=MAX_SEQUENCES, threads=THREADS, ready_timeout_s=240.0
+        grpc_port=0, http_port=0, metrics_port=0, ready_timeout_s=240.0,
+        params=TargetModelParams(model="smollm2", max_sequences=MAX_SEQUENCES, threads=THREADS),
     )
     with TritonServer(config) as server:
         yield server
@@ -93,9 +95,9 @@ def new_sid() -> int:
 
 def inputs(ids: list[int], keep: int, n: int) -> list[grpcclient.InferInput]:
     arrays = {
-        wire.INPUT_IDS: np.array(ids, dtype=np.int32).reshape(1, len(ids)),  # [1, T]
-        wire.KEEP_LENGTH: np.array([[keep]], dtype=np.int32),  # [1, 1]
-        wire.NUM_LOGITS: np.array([[n]], dtype=np.int32),  # [1, 1]
+        contract.INPUT_IDS: np.array(ids, dtype=np.int32).reshape(1, len(ids)),  # [1, T]
+        contract.KEEP_LENGTH: np.array([[keep]], dtype=np.int32),  # [1, 1]
+        contract.NUM_LOGITS: np.array([[n]], dtype=np.int32),  # [1, 1]
     }
     out = []
     for name, array in arrays.items():
@@ -117,9 +119,9 @@ def infer(
 ) -> np.ndarray:
     """One target step; returns LOGITS [1, n, V]."""
     result = client.infer(
-        wire.MODEL_NAME, inputs(ids, keep, n), sequence_id=sid, sequence_start=start, sequence_end=end
+        contract.MODEL_NAME, inputs(ids, keep, n), sequence_id=sid, sequence_start=start, sequence_end=end
     )
-    logits = result.as_numpy(wire.LOGITS)
+    logits = result.as_numpy(contract.LOGITS)
     assert logits.dtype == np.float32
     return logits
 
@@ -138,8 +140,8 @@ def refused(call, *args, **kwargs) -> InferenceServerException:
 
 def live_sequences(triton: TritonServer) -> float:
     text = urllib.request.urlopen(triton.metrics_url, timeout=10).read().decode()
-    values = re.findall(rf"^{wire.METRIC_LIVE_SEQUENCES}\{{[^}}]*\}} (\S+)$", text, re.MULTILINE)
-    assert values, f"{wire.METRIC_LIVE_SEQUENCES} not exported on {triton.metrics_url}"
+    values = re.findall(rf"^{contract.METRIC_LIVE_SEQUENCES}\{{[^}}]*\}} (\S+)$", text, re.MULTILINE)
+    assert values, f"{contract.METRIC_LIVE_SEQUENCES} not exported on {triton.metrics_url}"
     return sum(float(v) for v in values)
 
 
@@ -188,15 +190,15 @@ def test_a_lost_sequence_is_recognisable(client):
     # Triton never saw this sequence (or restarted, or ENDed it): its sequence batcher refuses it.
     error = refused(infer, client, new_sid(), [1, 2], 3, 1)
     assert error.status() == "StatusCode.INVALID_ARGUMENT"
-    assert wire.TRITON_NO_START in error.message()
-    assert wire.classify_error(error.status(), error.message()) is wire.TargetError.SEQUENCE_LOST
+    assert contract.TRITON_NO_START in error.message()
+    assert contract.classify_error(error.status(), error.message()) is contract.ErrorKind.SEQUENCE_LOST
     # Triton knows the sequence but the model holds no cache for it (here: its START was refused).
     sid = new_sid()
     refused(infer, client, sid, [10**6], 0, 1, start=True)
     error = refused(infer, client, sid, [1, 2], 0, 1)
     assert error.status() == "StatusCode.NOT_FOUND"
     assert "sequence" in error.message() and "no cache" in error.message()
-    assert wire.classify_error(error.status(), error.message()) is wire.TargetError.SEQUENCE_LOST
+    assert contract.classify_error(error.status(), error.message()) is contract.ErrorKind.SEQUENCE_LOST
     release(client, sid)
 
 
@@ -207,8 +209,8 @@ def test_bad_input_is_invalid_argument_and_the_server_stays_up(client, forward):
         error = refused(infer, client, sid, ids, keep, 1)
         assert error.status() == "StatusCode.INVALID_ARGUMENT", error
         assert needle in error.message()
-        assert wire.classify_error(error.status(), error.message()) is wire.TargetError.INVALID_ARGUMENT
-    assert client.is_server_live() and client.is_model_ready(wire.MODEL_NAME)
+        assert contract.classify_error(error.status(), error.message()) is contract.ErrorKind.INVALID_ARGUMENT
+    assert client.is_server_live() and client.is_model_ready(contract.MODEL_NAME)
     logits = infer(client, sid, DRAFTS[:1], len(PROMPT), 1)  # the cache survived the refused requests
     np.testing.assert_allclose(logits[0], forward(PROMPT + DRAFTS[:1])[-1:], atol=ATOL)
     release(client, sid)
@@ -220,8 +222,8 @@ def test_capacity_is_unavailable_with_a_capacity_message(client, triton):
         infer(client, sid, [1], 0, 1, start=True)
     error = refused(infer, client, sids[-1], [1], 0, 1, start=True)
     assert error.status() == "StatusCode.UNAVAILABLE"
-    assert error.message().startswith(wire.CAPACITY_PREFIX)
-    assert wire.classify_error(error.status(), error.message()) is wire.TargetError.CAPACITY
+    assert error.message().startswith(contract.CAPACITY_PREFIX)
+    assert contract.classify_error(error.status(), error.message()) is contract.ErrorKind.CAPACITY
     for sid in sids:
         release(client, sid)
     assert live_sequences(triton) == 0
@@ -250,7 +252,7 @@ def test_stream_infer_over_grpc_aio(triton, forward):
 
     def request(ids: list[int], keep: int, n: int, start: bool = False, end: bool = False) -> dict:
         return {
-            "model_name": wire.MODEL_NAME,
+            "model_name": contract.MODEL_NAME,
             "inputs": inputs(ids, keep, n),
             "sequence_id": sid,
             "sequence_start": start,
@@ -283,14 +285,14 @@ def test_stream_infer_over_grpc_aio(triton, forward):
 
     (r0, e0), (r1, e1), (r2, e2), (r3, e3), (r4, e4) = asyncio.run(session())
     assert e0 is None and e1 is None and e3 is None and e4 is None
-    np.testing.assert_allclose(r0.as_numpy(wire.LOGITS)[0], forward(PROMPT)[-2:], atol=ATOL)
-    np.testing.assert_allclose(r1.as_numpy(wire.LOGITS)[0], forward(PROMPT + DRAFTS)[-1:], atol=ATOL)
+    np.testing.assert_allclose(r0.as_numpy(contract.LOGITS)[0], forward(PROMPT)[-2:], atol=ATOL)
+    np.testing.assert_allclose(r1.as_numpy(contract.LOGITS)[0], forward(PROMPT + DRAFTS)[-1:], atol=ATOL)
     assert r2 is None and e2 is not None
     assert e2.status() is None  # a stream response carries only the message
-    assert e2.message().startswith(wire.INVALID_PREFIX) and "exceeds the cached length" in e2.message()
-    assert wire.classify_error(e2.status(), e2.message()) is wire.TargetError.INVALID_ARGUMENT
-    np.testing.assert_allclose(r3.as_numpy(wire.LOGITS)[0], forward(PROMPT + DRAFTS[:2] + [42])[-1:], atol=ATOL)
-    assert r4.as_numpy(wire.LOGITS).shape == (1, 0, 49152)
+    assert e2.message().startswith(contract.INVALID_PREFIX) and "exceeds the cached length" in e2.message()
+    assert contract.classify_error(e2.status(), e2.message()) is contract.ErrorKind.INVALID_ARGUMENT
+    np.testing.assert_allclose(r3.as_numpy(contract.LOGITS)[0], forward(PROMPT + DRAFTS[:2] + [42])[-1:], atol=ATOL)
+    assert r4.as_numpy(contract.LOGITS).shape == (1, 0, 49152)
 
 
 @pytest.mark.parametrize(
@@ -300,7 +302,7 @@ def test_stream_infer_over_grpc_aio(triton, forward):
 )
 def test_the_orchestrators_adapter_gets_the_warped_rows_packed(triton, client, params):
     # Through the orchestrator's real adapter: PROBS must be warp(LOGITS) of the same step, bit for bit,
-    # while only each row's support crosses the wire.
+    # while only each row's support crosses the contract.
     plain = new_sid()
     logits = infer(client, plain, PROMPT + DRAFTS, 0, len(DRAFTS) + 1, start=True, end=True)  # [1, K+1, V]
     expected = warp(torch.from_numpy(np.array(logits[0])), params)  # [K+1, V]
@@ -324,7 +326,9 @@ def test_the_orchestrators_adapter_gets_the_warped_rows_packed(triton, client, p
 
 
 def test_a_model_that_cannot_load_fails_the_start_loudly(tmp_path):
-    server = TritonServer(TritonServerConfig(model=str(tmp_path / "no-model"), threads=THREADS))
+    server = TritonServer(TritonServerConfig(
+        grpc_port=0, http_port=0, metrics_port=0, params=TargetModelParams(model=str(tmp_path / "no-model"), threads=THREADS),
+    ))
     with pytest.raises(RuntimeError, match="has no config.json") as info:
         server.start()
     assert "tail of the Triton log" in str(info.value)

@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from specdec.bench import config as bench_config
-from specdec.bench import report, summary, theory
-from specdec.bench.peer import PeerRecord, count_generated
-from specdec.bench.stack_runs import ConfigRun, GenerationRecord, ServerCounters
+from bench import config as bench_config
+from bench import report, summary, theory
+from bench.peer import PeerRecord, count_generated
+from bench.stack_runs import ConfigRun, GenerationRecord, ServerCounters
 from specdec.sampling import SamplingParams
 from specdec.speedup import expected_tokens_per_round, ideal_speedup
 

@@ -16,7 +16,7 @@ import pytest
 from orchestrator.breaker import BreakerState, CircuitBreaker
 from orchestrator.clients import DeadlineExceeded, DraftError
 from orchestrator.loop import SpeculativeLoop
-from tests.unit.test_loop import FakeDraft, FakeTarget, asyncio_test, greedy_reference, output, request, run
+from tests.fakes import FakeDraft, FakeTarget, asyncio_test, greedy_reference, output, request, run
 
 
 class Clock:

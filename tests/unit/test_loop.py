@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-import torch
 
 from orchestrator.clients import (
     DeadlineExceeded,
@@ -26,209 +23,25 @@ from orchestrator.clients import (
     TargetError,
     TargetUnavailable,
 )
-from orchestrator.loop import FinishReason, GenerationRequest, LoopSettings, Round, SpeculativeLoop
-from specdec.sampling import SamplingParams, sample, warp
-
-V = 16
-
-
-def asyncio_test(test: Callable) -> Callable:
-    """Run an async test function in a fresh event loop (no pytest asyncio plugin needed)."""
-
-    @functools.wraps(test)
-    def wrapper(*args, **kwargs):
-        return asyncio.run(test(*args, **kwargs))
-
-    return wrapper
-
-GREEDY = SamplingParams(temperature=0.0)
-PROMPT = (3, 1, 4, 1, 5)
-
-
-def target_logits(prefix: Sequence[int]) -> torch.Tensor:
-    """A deterministic 'model': logits [V] of the next token given the whole prefix."""
-    g = torch.Generator().manual_seed(hash(tuple(prefix)) & 0x7FFF_FFFF)
-    return torch.randn(V, generator=g) * 3
-
-
-def noisy_draft_logits(prefix: Sequence[int]) -> torch.Tensor:
-    """A draft that mostly agrees with the target."""
-    g = torch.Generator().manual_seed((hash(tuple(prefix)) * 31 + 7) & 0x7FFF_FFFF)
-    return target_logits(prefix) + torch.randn(V, generator=g) * 1.5
-
-
-def argmax_target(prefix: Sequence[int]) -> int:
-    return int(torch.argmax(target_logits(prefix)))
-
-
-# --- fakes ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Calls:
-    """What a fake client saw, shared by all its sessions."""
-
-    opened: list[int] = field(default_factory=list)  # sequence ids
-    requests: list[tuple] = field(default_factory=list)  # (sequence_id, keep, append, n)
-    closed: list[int] = field(default_factory=list)  # sequence ids
-
-
-class FakeTargetSession:
-    def __init__(self, client: FakeTarget, sequence_id: int) -> None:
-        self.client, self.sequence_id, self.cache = client, sequence_id, []
-
-    async def score(
-        self, keep_length: int, append_token_ids: Sequence[int], num_logits: int, params: SamplingParams
-    ) -> torch.Tensor:
-        client = self.client
-        index = len(client.calls.requests)
-        client.calls.requests.append((self.sequence_id, keep_length, list(append_token_ids), num_logits))
-        if client.delay_s:
-            await asyncio.sleep(client.delay_s)
-        if index in client.fail_at:
-            raise client.fail_at[index]
-        assert self.sequence_id not in client.calls.closed, "score after close"
-        assert keep_length <= len(self.cache), f"keep {keep_length} > cache {len(self.cache)}"
-        assert (keep_length == 0) == (not self.cache or keep_length == 0)
-        self.cache = self.cache[:keep_length] + list(append_token_ids)
-        n = len(self.cache)
-        logits = torch.stack([client.model(self.cache[: j + 1]) for j in range(n - num_logits, n)])  # [num_logits, V]
-        return warp(logits, params)  # as the Triton model does
-
-    async def close(self) -> None:
-        await asyncio.sleep(self.client.close_delay_s)
-        self.client.calls.closed.append(self.sequence_id)
-
-
-class FakeTarget:
-    def __init__(
-        self,
-        model: Callable[[Sequence[int]], torch.Tensor] = target_logits,
-        fail_at: dict[int, Exception] | None = None,
-        delay_s: float = 0.0,
-        close_delay_s: float = 0.0,
-    ) -> None:
-        self.model, self.fail_at, self.delay_s, self.close_delay_s = model, fail_at or {}, delay_s, close_delay_s
-        self.calls = Calls()
-        self.client_closed = 0
-
-    async def open(self, sequence_id: int, *, timeout: float | None = None) -> FakeTargetSession:
-        self.calls.opened.append(sequence_id)
-        return FakeTargetSession(self, sequence_id)
-
-    async def close(self) -> None:
-        self.client_closed += 1
-
-
-class FakeDraftSession:
-    def __init__(self, client: FakeDraft, sequence_id: int) -> None:
-        self.client, self.sequence_id, self.cache = client, sequence_id, []
-
-    async def propose(
-        self,
-        keep_length: int,
-        append_token_ids: Sequence[int],
-        num_draft_tokens: int,
-        params: SamplingParams,
-        seed: int,
-    ) -> Proposal:
-        client = self.client
-        index = len(client.calls.requests)
-        client.calls.requests.append((self.sequence_id, keep_length, list(append_token_ids), num_draft_tokens))
-        if client.delay_s:
-            await asyncio.sleep(client.delay_s)
-        if index in client.fail_at:
-            raise client.fail_at[index]
-        assert keep_length <= len(self.cache), f"keep {keep_length} > cache {len(self.cache)}"
-        assert append_token_ids, "append must not be empty"
-        self.cache = self.cache[:keep_length] + list(append_token_ids)
-        generator = torch.Generator().manual_seed(seed)
-        drafts: list[int] = []
-        rows = []
-        for i in range(num_draft_tokens):
-            if client.policy is not None:
-                drafts.append(client.policy(self.cache + drafts, i))
-                continue
-            q = warp(client.model(self.cache + drafts), params)  # [V]
-            rows.append(q)
-            drafts.append(int(sample(q.unsqueeze(0), generator)[0]))
-        self.cache += drafts[:-1]  # the last draft is sampled, never fed
-        q_rows = None if params.greedy or not rows else torch.stack(rows)[:, : client.q_width]
-        return Proposal(token_ids=drafts, q=q_rows, cache_length=len(self.cache))
-
-    async def close(self) -> None:
-        await asyncio.sleep(self.client.close_delay_s)
-        self.client.calls.closed.append(self.sequence_id)
-
-
-class FakeDraft:
-    """A draft from a model (noisy target) or from a policy(prefix, position) -> token (greedy, q = None)."""
-
-    def __init__(
-        self,
-        model: Callable[[Sequence[int]], torch.Tensor] = noisy_draft_logits,
-        policy: Callable[[list[int], int], int] | None = None,
-        fail_at: dict[int, Exception] | None = None,
-        delay_s: float = 0.0,
-        q_width: int | None = None,
-        close_delay_s: float = 0.0,
-    ) -> None:
-        self.model, self.policy, self.fail_at = model, policy, fail_at or {}
-        self.delay_s, self.q_width, self.close_delay_s = delay_s, q_width, close_delay_s
-        self.calls = Calls()
-
-    async def open(self, sequence_id: int, *, timeout: float | None = None) -> FakeDraftSession:
-        self.calls.opened.append(sequence_id)
-        return FakeDraftSession(self, sequence_id)
-
-    async def close(self) -> None:
-        pass
-
-
-def agree_first(n: int) -> Callable[[list[int], int], int]:
-    """A greedy draft policy: the target's argmax at positions < n of a round, a wrong token after."""
-
-    def policy(prefix: list[int], i: int) -> int:
-        best = argmax_target(prefix)
-        return best if i < n else (best + 1) % V
-
-    return policy
-
-
-def ids() -> Callable[[], int]:
-    counter = iter(range(100, 10**6))
-    return lambda: next(counter)
-
-
-def request(**overrides) -> GenerationRequest:
-    values = dict(prompt_token_ids=PROMPT, params=GREEDY, seed=1234, max_new_tokens=12, num_draft_tokens=4)
-    values.update(overrides)
-    return GenerationRequest(**values)
-
-
-async def run(loop: SpeculativeLoop, req: GenerationRequest) -> list[Round]:
-    """A whole generation, then the release of its caches (which runs after it, in the background)."""
-    try:
-        return [r async for r in loop.generate(req)]
-    finally:
-        assert await loop.wait_released(5.0)
-
-
-def output(rounds: list[Round]) -> list[int]:
-    return [t for r in rounds for t in r.token_ids]
-
-
-def greedy_reference(n: int, prompt: Sequence[int] = PROMPT, eos: int | None = None) -> list[int]:
-    tokens = list(prompt)
-    out: list[int] = []
-    while len(out) < n:
-        t = argmax_target(tokens)
-        if t == eos:
-            break
-        tokens.append(t)
-        out.append(t)
-    return out
-
+from orchestrator.loop import FinishReason, LoopSettings, SpeculativeLoop
+from specdec.sampling import SamplingParams
+from tests.fakes import (
+    PROMPT,
+    FakeDraft,
+    FakeDraftSession,
+    FakeTarget,
+    FakeTargetSession,
+    V,
+    agree_first,
+    asyncio_test,
+    greedy_reference,
+    ids,
+    noisy_draft_logits,
+    output,
+    request,
+    run,
+    target_logits,
+)
 
 # --- bookkeeping ------------------------------------------------------------------------------------------
 
@@ -571,12 +384,3 @@ async def test_missing_q_rows_when_sampling_falls_back():
     params = SamplingParams(temperature=0.7)
     rounds = await run(SpeculativeLoop(FakeTarget(), draft), request(params=params, max_new_tokens=5))
     assert len(output(rounds)) == 5 and rounds[-1].stats.drafted_tokens == 0
-
-
-def test_request_validation():
-    with pytest.raises(ValueError, match="prompt_token_ids"):
-        request(prompt_token_ids=())
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        request(max_new_tokens=0)
-    with pytest.raises(ValueError, match="context length"):
-        request(context_length=P)

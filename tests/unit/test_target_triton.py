@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator
 
 import grpc
@@ -23,9 +22,10 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from orchestrator import target_triton
 from orchestrator.clients import TargetConnectionLost, TargetError, TargetUnavailable
 from orchestrator.target_triton import TritonTargetClient
+from specdec import target_contract as contract
+from specdec.procs import free_port
 from specdec.sampling import SamplingParams
-from target_service import wire
-from tests.unit.test_loop import asyncio_test
+from tests.fakes import asyncio_test
 
 V = 8
 GREEDY = SamplingParams(temperature=0.0)
@@ -60,19 +60,19 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
         end = params["sequence_end"].bool_param
         self.flags.append((how, params["sequence_start"].bool_param, end))
         names = [t.name for t in request.inputs]
-        num_logits = int(np.frombuffer(request.raw_input_contents[names.index(wire.NUM_LOGITS)], np.int32)[0])
+        num_logits = int(np.frombuffer(request.raw_input_contents[names.index(contract.NUM_LOGITS)], np.int32)[0])
         if end and num_logits == 0:
             await asyncio.sleep(self.release_delay_s)
             self.released.append(params["sequence_id"].int64_param)
         else:
             await asyncio.sleep(self.delay_s)
         if num_logits == 0:
-            arrays = {wire.LOGITS: np.zeros((1, 0, V), dtype=np.float32)}
+            arrays = {contract.LOGITS: np.zeros((1, 0, V), dtype=np.float32)}
         else:
-            assert wire.TEMPERATURE in names, "a scoring request carries the sampling settings"
+            assert contract.TEMPERATURE in names, "a scoring request carries the sampling settings"
             arrays = {
-                wire.PROBS: np.ones((1, num_logits, 1), dtype=np.float32),
-                wire.PROBS_INDEX: np.full((1, num_logits, 1), V - 1, dtype=np.int32),
+                contract.PROBS: np.ones((1, num_logits, 1), dtype=np.float32),
+                contract.PROBS_INDEX: np.full((1, num_logits, 1), V - 1, dtype=np.int32),
             }
         wanted = [o.name for o in request.outputs]
         assert set(wanted) == set(arrays), f"requested {wanted}, the model answers {sorted(arrays)}"
@@ -85,12 +85,6 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.ModelInferResponse(
             model_name=request.model_name, outputs=outputs, raw_output_contents=[a.tobytes() for a in arrays.values()]
         )
-
-
-def unused_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextlib.asynccontextmanager
@@ -107,7 +101,7 @@ async def fake_triton(port: int, servicer: FakeTriton) -> AsyncIterator[FakeTrit
 
 @asyncio_test
 async def test_unreachable_triton_is_unavailable_within_the_connect_timeout_then_works_again():
-    port = unused_port()
+    port = free_port()
     # Above the channel's 1 s reconnect backoff cap, as the default (3 s) is: then a Triton that is back is
     # always found within the connect timeout.
     client = TritonTargetClient(f"127.0.0.1:{port}", connect_timeout_s=1.5)
@@ -128,7 +122,7 @@ async def test_unreachable_triton_is_unavailable_within_the_connect_timeout_then
 
 @asyncio_test
 async def test_the_callers_deadline_reaches_the_stream():
-    port = unused_port()
+    port = free_port()
     async with fake_triton(port, FakeTriton()) as fake:
         client = TritonTargetClient(f"127.0.0.1:{port}")
         try:
@@ -149,7 +143,7 @@ async def test_the_callers_deadline_reaches_the_stream():
 
 @asyncio_test
 async def test_a_stream_that_breaks_under_a_sequence_is_a_lost_connection():
-    port = unused_port()
+    port = free_port()
     async with fake_triton(port, FakeTriton(break_after=1)):
         client = TritonTargetClient(f"127.0.0.1:{port}")
         try:
@@ -176,7 +170,7 @@ async def test_a_stream_that_breaks_under_a_sequence_is_a_lost_connection():
     ],
 )
 def test_triton_messages_on_a_stream_are_classified(message, kind):
-    assert wire.classify_error(None, message) is wire.TargetError[kind]
+    assert contract.classify_error(None, message) is contract.ErrorKind[kind]
 
 
 def test_unavailable_is_a_target_error():
@@ -185,7 +179,7 @@ def test_unavailable_is_a_target_error():
 
 @asyncio_test
 async def test_the_release_is_end_on_the_stream():
-    port = unused_port()
+    port = free_port()
     async with fake_triton(port, FakeTriton()) as fake:
         client = TritonTargetClient(f"127.0.0.1:{port}")
         try:
@@ -202,7 +196,7 @@ async def test_the_release_is_end_on_the_stream():
 
 @asyncio_test
 async def test_a_broken_stream_is_released_by_a_unary_end():
-    port = unused_port()
+    port = free_port()
     async with fake_triton(port, FakeTriton(break_after=1)) as fake:
         client = TritonTargetClient(f"127.0.0.1:{port}")
         try:
@@ -219,7 +213,7 @@ async def test_a_broken_stream_is_released_by_a_unary_end():
 @asyncio_test
 async def test_a_slow_release_is_finished_in_the_background_not_cancelled(monkeypatch):
     monkeypatch.setattr(target_triton, "_CLOSE_TIMEOUT_S", 0.05)
-    port = unused_port()
+    port = free_port()
     async with fake_triton(port, FakeTriton(release_delay_s=0.5)) as fake:
         client = TritonTargetClient(f"127.0.0.1:{port}")
         try:
@@ -240,7 +234,7 @@ async def test_a_slow_release_is_finished_in_the_background_not_cancelled(monkey
 async def test_a_caller_that_gives_up_mid_request_does_not_break_the_stream():
     """The release must follow the pending request on the same stream: were the stream cancelled, a START
     not yet flushed could reach Triton after a release sent on another call, and its cache would leak."""
-    port = unused_port()
+    port = free_port()
     async with fake_triton(port, FakeTriton(delay_s=0.3)) as fake:
         client = TritonTargetClient(f"127.0.0.1:{port}")
         try:

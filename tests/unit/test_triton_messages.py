@@ -11,8 +11,8 @@ import pytest
 from tritonclient.grpc import service_pb2
 
 from orchestrator.triton_messages import MalformedResponse, read_probs, release_request, score_request
+from specdec import target_contract as contract
 from specdec.sampling import SamplingParams
-from target_service import wire
 
 Tensor = service_pb2.ModelInferResponse.InferOutputTensor
 
@@ -36,12 +36,12 @@ def test_a_score_request_carries_the_tokens_the_settings_and_start_on_the_first_
     later = score_request("m", 2**40, start=False, keep_length=3, token_ids=[8], num_logits=1, params=params)
     assert first.model_name == "m" and flags_of(first) == (2**40, True, False) and flags_of(later)[1:] == (False, False)
     x = inputs_of(first)
-    assert x[wire.INPUT_IDS].tolist() == [[5, 6, 7]] and x[wire.INPUT_IDS].dtype == np.int32
-    assert x[wire.KEEP_LENGTH].tolist() == [[0]] and inputs_of(later)[wire.KEEP_LENGTH].tolist() == [[3]]
-    assert x[wire.NUM_LOGITS].tolist() == [[1]]
-    assert x[wire.TEMPERATURE].dtype == np.float32 and x[wire.TEMPERATURE][0, 0] == np.float32(0.8)
-    assert x[wire.TOP_K].tolist() == [[40]] and x[wire.TOP_P][0, 0] == np.float32(0.95)
-    assert [o.name for o in first.outputs] == [wire.PROBS, wire.PROBS_INDEX]
+    assert x[contract.INPUT_IDS].tolist() == [[5, 6, 7]] and x[contract.INPUT_IDS].dtype == np.int32
+    assert x[contract.KEEP_LENGTH].tolist() == [[0]] and inputs_of(later)[contract.KEEP_LENGTH].tolist() == [[3]]
+    assert x[contract.NUM_LOGITS].tolist() == [[1]]
+    assert x[contract.TEMPERATURE].dtype == np.float32 and x[contract.TEMPERATURE][0, 0] == np.float32(0.8)
+    assert x[contract.TOP_K].tolist() == [[40]] and x[contract.TOP_P][0, 0] == np.float32(0.95)
+    assert [o.name for o in first.outputs] == [contract.PROBS, contract.PROBS_INDEX]
 
 
 @pytest.mark.parametrize("start", [False, True])
@@ -49,8 +49,8 @@ def test_a_release_is_end_with_no_tokens_and_no_rows(start):
     request = release_request("m", 9, start=start)
     assert flags_of(request) == (9, start, True)
     x = inputs_of(request)
-    assert x[wire.INPUT_IDS].shape == (1, 0) and x[wire.NUM_LOGITS].tolist() == [[0]]
-    assert wire.TEMPERATURE not in x and [o.name for o in request.outputs] == [wire.LOGITS]
+    assert x[contract.INPUT_IDS].shape == (1, 0) and x[contract.NUM_LOGITS].tolist() == [[0]]
+    assert contract.TEMPERATURE not in x and [o.name for o in request.outputs] == [contract.LOGITS]
 
 
 def answer(*tensors: tuple[str, np.ndarray], raw: list[bytes] | None = None) -> service_pb2.ModelInferResponse:
@@ -64,7 +64,7 @@ def answer(*tensors: tuple[str, np.ndarray], raw: list[bytes] | None = None) -> 
 def test_packed_rows_are_read_as_sent_and_as_wide_as_their_highest_token():
     values = np.array([[[0.75, 0.25], [1.0, 0.0]]], dtype=np.float32)  # [1, 2, 2]; row 1 padded
     index = np.array([[[7, 3], [2, 0]]], dtype=np.int32)
-    rows = read_probs(answer((wire.PROBS_INDEX, index), (wire.PROBS, values)))  # any order of outputs
+    rows = read_probs(answer((contract.PROBS_INDEX, index), (contract.PROBS, values)))  # any order of outputs
     assert rows.width == 8
     dense = rows.dense()
     assert dense[0, 7] == 0.75 and dense[0, 3] == 0.25 and dense[1, 2] == 1.0 and float(dense.sum()) == 2.0
@@ -72,7 +72,7 @@ def test_packed_rows_are_read_as_sent_and_as_wide_as_their_highest_token():
 
 def test_dense_rows_come_without_index_columns():
     values = np.full((1, 3, 5), 0.2, dtype=np.float32)
-    rows = read_probs(answer((wire.PROBS, values), (wire.PROBS_INDEX, np.zeros((1, 3, 0), dtype=np.int32))))
+    rows = read_probs(answer((contract.PROBS, values), (contract.PROBS_INDEX, np.zeros((1, 3, 0), dtype=np.int32))))
     assert rows.width == 5 and rows.dense().shape == (3, 5)
 
 
@@ -83,25 +83,25 @@ GOOD_INDEX = np.zeros((1, 1, 1), dtype=np.int32)
 @pytest.mark.parametrize(
     "response, reason",
     [
-        (answer((wire.PROBS, GOOD_VALUES)), "no PROBS_INDEX among the outputs"),
-        (answer((wire.LOGITS, GOOD_VALUES)), "no PROBS or PROBS_INDEX"),
-        (answer((wire.PROBS, GOOD_VALUES.astype(np.float64)), (wire.PROBS_INDEX, GOOD_INDEX)), "PROBS is FP64"),
-        (answer((wire.PROBS, GOOD_VALUES[0]), (wire.PROBS_INDEX, GOOD_INDEX)), r"expected FP32 or INT32 \[1, N, M\]"),
+        (answer((contract.PROBS, GOOD_VALUES)), "no PROBS_INDEX among the outputs"),
+        (answer((contract.LOGITS, GOOD_VALUES)), "no PROBS or PROBS_INDEX"),
+        (answer((contract.PROBS, GOOD_VALUES.astype(np.float64)), (contract.PROBS_INDEX, GOOD_INDEX)), "PROBS is FP64"),
+        (answer((contract.PROBS, GOOD_VALUES[0]), (contract.PROBS_INDEX, GOOD_INDEX)), r"expected FP32 or INT32 \[1, N, M\]"),
         (
-            answer((wire.PROBS, GOOD_VALUES), (wire.PROBS_INDEX, GOOD_INDEX), raw=[b"\0" * 3, b"\0" * 4]),
+            answer((contract.PROBS, GOOD_VALUES), (contract.PROBS_INDEX, GOOD_INDEX), raw=[b"\0" * 3, b"\0" * 4]),
             "holds 3 bytes",
         ),
         (
-            answer((wire.PROBS, GOOD_VALUES), (wire.PROBS_INDEX, GOOD_INDEX), raw=[b"\0" * 4]),
+            answer((contract.PROBS, GOOD_VALUES), (contract.PROBS_INDEX, GOOD_INDEX), raw=[b"\0" * 4]),
             "PROBS_INDEX has no contents",
         ),
-        (answer((wire.PROBS, GOOD_INDEX), (wire.PROBS_INDEX, GOOD_INDEX)), "expected float32, int32"),
+        (answer((contract.PROBS, GOOD_INDEX), (contract.PROBS_INDEX, GOOD_INDEX)), "expected float32, int32"),
         (
-            answer((wire.PROBS, np.ones((1, 1, 2), np.float32)), (wire.PROBS_INDEX, np.full((1, 1, 2), 4, np.int32))),
+            answer((contract.PROBS, np.ones((1, 1, 2), np.float32)), (contract.PROBS_INDEX, np.full((1, 1, 2), 4, np.int32))),
             "repeats a token id",
         ),
         (
-            answer((wire.PROBS, GOOD_VALUES), (wire.PROBS_INDEX, np.full((1, 1, 1), -1, np.int32))),
+            answer((contract.PROBS, GOOD_VALUES), (contract.PROBS_INDEX, np.full((1, 1, 1), -1, np.int32))),
             "must hold token ids",
         ),
     ],

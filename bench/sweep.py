@@ -17,16 +17,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench.report import fmt, markdown_table
+from bench.theory import Costs, best_k, generate, ideal_speedups, measure_alpha, step_times
 from specdec import models
-from specdec.bench.report import fmt, markdown_table
-from specdec.bench.theory import (
-    Costs,
-    best_k,
-    generate,
-    ideal_speedups,
-    measure_alpha,
-    step_times,
-)
 from specdec.sampling import SamplingParams
 
 log = logging.getLogger(__name__)

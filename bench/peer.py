@@ -93,7 +93,7 @@ def hf_generate(
 
 
 class PeerRuns:
-    """HF plain (K = 0) and assisted generation in this process (a `specdec.bench.schedule.Timed`)."""
+    """HF plain (K = 0) and assisted generation in this process (a `bench.schedule.Timed`)."""
 
     def __init__(
         self, target: torch.nn.Module, draft: torch.nn.Module, max_new_tokens: int, warmup_new_tokens: int,

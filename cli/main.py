@@ -26,7 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="specdec", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from specdec.stack import StackConfig
+    from cli.stack import StackConfig
 
     serve = sub.add_parser("serve", help="run Triton + draft + orchestrator locally until Ctrl-C")
     config_flags.build_parser(StackConfig, parser=serve, env_prefix="SPECDEC_SERVE_")
@@ -44,25 +44,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     generate.add_argument("--stream", action="store_true", help="print tokens as each round produces them")
     generate.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
 
-    bench = sub.add_parser("bench", help="benchmark ArS vs SpS vs HF assisted generation (see bench/)")
-    bench.add_argument("args", nargs=argparse.REMAINDER)
-
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
         fields = {f.name for f in dataclasses.fields(StackConfig)}
         return serve_command(StackConfig(**{k: v for k, v in vars(args).items() if k in fields}))
     if args.command == "generate":
-        from specdec.client import generate_command
+        from cli.generate import generate_command
 
         return generate_command(args)
-    from specdec.bench import main as bench_main
-
-    return bench_main(args.args)
+    raise AssertionError(f"unhandled command {args.command!r}")
 
 
 def serve_command(config: "StackConfig") -> int:  # noqa: F821 - imported lazily (torch is slow to import)
-    from specdec.stack import LocalStack
+    from cli.stack import LocalStack
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

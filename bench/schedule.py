@@ -4,7 +4,7 @@ Why it exists: this machine's speed drifts by 20-30 % over minutes. Timing our s
 separate phases let that drift into their ratio (one run had HF's target-only 25 % faster than ours, with
 Triton's model time at 1.1-1.2 times the in-process step). So every system runs in one loop, generation by
 generation: the same prompt, mode and K through the stack, then through HF, then the in-process step costs
-behind the ideal (`specdec.bench.theory.CostProbe`), then the next configuration.
+behind the ideal (`bench.theory.CostProbe`), then the next configuration.
 Cycling through the configurations inside each prompt also makes a burst of background load hit all of them
 alike instead of wrecking one. While one system generates, the other sits idle (the stack's services wait
 on their sockets; the in-process models wait for the next call).

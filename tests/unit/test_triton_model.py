@@ -1,9 +1,10 @@
 """The Triton target model's logic without Triton: a tiny random Llama, a fake ``pb_utils``.
 
-Covers the wire contract of ``target_service.wire`` as ``run_step`` and ``TargetModel`` implement it:
+Covers the contract of ``specdec.target_contract`` as ``read_request``, ``run_step`` and ``TargetModel``
+implement it:
 cached logits equal a full forward (start, append, rollback), release and END drop the cache, and each
 failure maps to its code (INVALID_ARG, NOT_FOUND "no cache:", UNAVAILABLE "capacity:", INTERNAL without
-a traceback on the wire). Also checks that the checked-in config.pbtxt agrees with ``TargetParams`` and
+a traceback on the wire). Also checks that the checked-in config.pbtxt agrees with ``TargetModelParams`` and
 that the launcher renders it.
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import types
 from typing import Any
 
@@ -20,11 +20,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from specdec import target_contract as contract
 from specdec.engine import CausalLMEngine, SequenceStore
-from target_service import launcher, wire
 from specdec.rows import PackedRows
 from specdec.sampling import SamplingParams, warp
-from target_service.triton_model import ErrorCode, StepError, StepRequest, TargetModel, TargetParams, run_step
+from target_service.triton_model import ErrorCode, StepError, StepRequest, TargetModel, read_request, run_step
 
 V = 64
 
@@ -66,28 +66,21 @@ def request(
     sid: int, ids: list[int], keep: int, n: int, *, start: bool = False, end: bool = False,
     sampling: tuple[float, float, float] | None = None,
 ) -> StepRequest:
-    return StepRequest(
-        sequence_id=sid,
-        input_ids=np.array(ids, dtype=np.int32).reshape(1, len(ids)),  # [1, T]
-        keep_length=np.array([[keep]], dtype=np.int32),  # [1, 1]
-        num_logits=np.array([[n]], dtype=np.int32),  # [1, 1]
-        start=start,
-        end=end,
-        sampling=None if sampling is None else np.array(sampling, dtype=np.float64),
-    )
+    params = None if sampling is None else SamplingParams(sampling[0], int(sampling[1]), sampling[2])
+    return StepRequest(sid, tuple(ids), keep, n, start, end, params)
 
 
 def ok(result: dict[str, np.ndarray] | StepError) -> np.ndarray:
     """The LOGITS of a request sent without sampling settings."""
-    assert isinstance(result, dict) and set(result) == {wire.LOGITS}, result
-    assert result[wire.LOGITS].dtype == np.float32
-    return result[wire.LOGITS]
+    assert isinstance(result, dict) and set(result) == {contract.LOGITS}, result
+    assert result[contract.LOGITS].dtype == np.float32
+    return result[contract.LOGITS]
 
 
 def probs(result: dict[str, np.ndarray] | StepError, vocab_size: int = V) -> torch.Tensor:
     """PROBS and PROBS_INDEX of a request sent with sampling settings, unpacked to dense [N, V] rows."""
-    assert isinstance(result, dict) and set(result) == {wire.PROBS, wire.PROBS_INDEX}, result
-    values, index = result[wire.PROBS], result[wire.PROBS_INDEX]
+    assert isinstance(result, dict) and set(result) == {contract.PROBS, contract.PROBS_INDEX}, result
+    values, index = result[contract.PROBS], result[contract.PROBS_INDEX]
     assert values.dtype == np.float32 and index.dtype == np.int32 and values.shape[:2] == index.shape[:2]
     return PackedRows.from_arrays(values[0], index[0], vocab_size).dense()
 
@@ -119,11 +112,11 @@ def test_sampling_settings_return_the_warped_rows_packed(engine, model, sampling
     temperature, top_k, top_p = sampling
     expected = warp(torch.from_numpy(logits[0]), SamplingParams(temperature, int(top_k), top_p))  # [3, V]
     assert torch.equal(probs(result), expected)
-    index = result[wire.PROBS_INDEX]
+    index = result[contract.PROBS_INDEX]
     if packed:  # only the support travels
         assert index.shape[-1] == int(torch.count_nonzero(expected, dim=-1).max()) < V / 2
     else:  # plain temperature: every token is possible, the rows travel dense
-        assert index.shape == (1, 3, 0) and result[wire.PROBS].shape == (1, 3, V)
+        assert index.shape == (1, 3, 0) and result[contract.PROBS].shape == (1, 3, V)
     assert torch.equal(probs(run_step(engine, request(2, [9], len(PROMPT), 1, sampling=sampling))), warp(
         torch.from_numpy(ok(run_step(engine, request(1, [9], len(PROMPT), 1)))[0]),
         SamplingParams(temperature, int(top_k), top_p),
@@ -133,12 +126,23 @@ def test_sampling_settings_return_the_warped_rows_packed(engine, model, sampling
 @pytest.mark.parametrize(
     ("sampling", "field"),
     [((-1.0, 0, 1.0), "temperature"), ((float("nan"), 0, 1.0), "temperature"), ((1.0, -2, 1.0), "top_k"),
-     ((1.0, V + 1, 1.0), "top_k"), ((1.0, 1.5, 1.0), "TOP_K"), ((1.0, 0, 0.0), "top_p"), ((1.0, 0, 1.5), "top_p")],
+     ((1.0, 1.5, 1.0), "TOP_K"), ((1.0, 0, 0.0), "top_p"), ((1.0, 0, 1.5), "top_p")],
 )
-def test_bad_sampling_settings_are_invalid_and_keep_the_cache(engine, sampling, field):
+def test_bad_sampling_settings_are_refused_where_the_request_is_read(sampling, field):
+    temperature, top_k, top_p = sampling
+    arrays = {
+        contract.INPUT_IDS: np.array([[9]], np.int32), contract.KEEP_LENGTH: np.array([[5]], np.int32),
+        contract.NUM_LOGITS: np.array([[1]], np.int32), contract.TEMPERATURE: np.array([[temperature]], np.float32),
+        contract.TOP_K: np.array([[top_k]], np.float64), contract.TOP_P: np.array([[top_p]], np.float32),
+    }
+    with pytest.raises(ValueError, match=field):
+        read_request(1, arrays.get)
+
+
+def test_top_k_above_the_vocabulary_is_invalid_and_keeps_the_cache(engine):
     ok(run_step(engine, request(1, PROMPT, 0, 1, start=True)))
-    message = err(run_step(engine, request(1, [9], len(PROMPT), 1, sampling=sampling)), ErrorCode.INVALID_ARG)
-    assert message.startswith(wire.INVALID_PREFIX) and field in message
+    message = err(run_step(engine, request(1, [9], len(PROMPT), 1, sampling=(1.0, V + 1, 1.0))), ErrorCode.INVALID_ARG)
+    assert message.startswith(contract.INVALID_PREFIX) and "top_k" in message
     ok(run_step(engine, request(1, [9], len(PROMPT), 1)))  # the cache was not touched
 
 
@@ -212,9 +216,9 @@ def test_end_drops_the_cache_even_when_the_step_fails(engine):
 
 def test_unknown_sequence_is_not_found_with_a_recognisable_message(engine):
     message = err(run_step(engine, request(12345, [1, 2], 0, 1)), ErrorCode.NOT_FOUND)
-    assert message.startswith(wire.NOT_FOUND_PREFIX)
+    assert message.startswith(contract.NOT_FOUND_PREFIX)
     assert "sequence" in message and "no cache" in message and "12345" in message
-    assert wire.classify_error(None, message) is wire.TargetError.SEQUENCE_LOST
+    assert contract.classify_error(None, message) is contract.ErrorKind.SEQUENCE_LOST
 
 
 def test_idle_sequences_are_evicted_after_the_ttl(engine, clock):
@@ -228,7 +232,7 @@ def test_capacity_is_unavailable_with_a_capacity_prefix(engine):
     ok(run_step(engine, request(2, [1], 0, 1, start=True)))
     message = err(run_step(engine, request(3, [1], 0, 1, start=True)), ErrorCode.UNAVAILABLE)
     assert message.startswith("capacity:")
-    assert wire.classify_error("StatusCode.UNAVAILABLE", message) is wire.TargetError.CAPACITY
+    assert contract.classify_error("StatusCode.UNAVAILABLE", message) is contract.ErrorKind.CAPACITY
     ok(run_step(engine, request(1, [], 0, 0, end=True)))
     ok(run_step(engine, request(3, [1], 0, 1, start=True)))  # room again
 
@@ -263,9 +267,10 @@ def test_invalid_arguments(engine, model, ids, keep, n, start, needle):
         (np.array([[1, 2]], np.int32), np.array([[0]], np.int32), np.zeros((1, 0), np.int32)),
     ],
 )
-def test_malformed_shapes_are_invalid(engine, ids, keep, n):
-    step = StepRequest(sequence_id=1, input_ids=ids, keep_length=keep, num_logits=n, start=True, end=False)
-    err(run_step(engine, step), ErrorCode.INVALID_ARG)
+def test_malformed_shapes_are_invalid(ids, keep, n):
+    arrays = {contract.INPUT_IDS: ids, contract.KEEP_LENGTH: keep, contract.NUM_LOGITS: n}
+    with pytest.raises(ValueError, match="shape"):
+        read_request(1, arrays.get)
 
 
 def test_sequence_id_zero_is_invalid(engine):
@@ -375,11 +380,11 @@ def triton_request(
     return FakeRequest(
         sid,
         {
-            wire.INPUT_IDS: np.array(ids, np.int32).reshape(1, len(ids)),
-            wire.KEEP_LENGTH: np.array([[keep]], np.int32),
-            wire.NUM_LOGITS: np.array([[n]], np.int32),
-            wire.START: np.array([[start]], np.int32),
-            wire.END: np.array([[end]], np.int32),
+            contract.INPUT_IDS: np.array(ids, np.int32).reshape(1, len(ids)),
+            contract.KEEP_LENGTH: np.array([[keep]], np.int32),
+            contract.NUM_LOGITS: np.array([[n]], np.int32),
+            contract.START: np.array([[start]], np.int32),
+            contract.END: np.array([[end]], np.int32),
             **sampling,
         },
     )
@@ -405,28 +410,28 @@ def test_one_bad_request_does_not_fail_its_batch(triton_model, model):
         triton_request(2, [V + 5], 0, 1, start=1),  # out of vocabulary
         triton_request(3, [1], 4, 1),  # unknown sequence
         triton_request(4, PROMPT[:3], 0, 1, start=1),
-        FakeRequest(5, {wire.INPUT_IDS: np.zeros((1, 1), np.int32)}),  # missing inputs
+        FakeRequest(5, {contract.INPUT_IDS: np.zeros((1, 1), np.int32)}),  # missing inputs
     ]
     responses = triton_model.execute(batch)
     assert len(responses) == len(batch)
     assert responses[0].error is None
     (tensor,) = responses[0].output_tensors
-    assert tensor.name() == wire.LOGITS and tensor.as_numpy().shape == (1, 2, V)
+    assert tensor.name() == contract.LOGITS and tensor.as_numpy().shape == (1, 2, V)
     np.testing.assert_allclose(tensor.as_numpy()[0], full_forward(model, PROMPT)[-2:], atol=1e-5)
     assert responses[1].error.code() == "INVALID_ARG"
     assert responses[2].error.code() == "NOT_FOUND" and "no cache" in responses[2].error.message()
     assert responses[3].error is None
     assert responses[4].error.code() == "INVALID_ARG"
-    assert metric(wire.METRIC_LIVE_SEQUENCES) == 2.0
-    assert metric(wire.METRIC_REQUESTS, code="OK") == 2.0
-    assert metric(wire.METRIC_REQUESTS, code="INVALID_ARG") == 2.0
-    assert metric(wire.METRIC_REQUESTS, code="NOT_FOUND") == 1.0
+    assert metric(contract.METRIC_LIVE_SEQUENCES) == 2.0
+    assert metric(contract.METRIC_REQUESTS, code="OK") == 2.0
+    assert metric(contract.METRIC_REQUESTS, code="INVALID_ARG") == 2.0
+    assert metric(contract.METRIC_REQUESTS, code="NOT_FOUND") == 1.0
 
 
 def test_sampling_inputs_select_the_probs_outputs(triton_model, model):
-    greedy = {wire.TEMPERATURE: np.array([[0.0]], np.float32)}  # TOP_K and TOP_P left out: off
-    nucleus = {wire.TEMPERATURE: np.array([[0.8]], np.float32), wire.TOP_P: np.array([[0.9]], np.float32)}
-    two_values = {wire.TEMPERATURE: np.array([[0.8]], np.float32), wire.TOP_K: np.array([[1, 2]], np.int32)}
+    greedy = {contract.TEMPERATURE: np.array([[0.0]], np.float32)}  # TOP_K and TOP_P left out: off
+    nucleus = {contract.TEMPERATURE: np.array([[0.8]], np.float32), contract.TOP_P: np.array([[0.9]], np.float32)}
+    two_values = {contract.TEMPERATURE: np.array([[0.8]], np.float32), contract.TOP_K: np.array([[1, 2]], np.int32)}
     responses = triton_model.execute([
         triton_request(1, PROMPT, 0, 2, start=1, **greedy),
         triton_request(2, PROMPT, 0, 2, start=1, **nucleus),
@@ -436,12 +441,12 @@ def test_sampling_inputs_select_the_probs_outputs(triton_model, model):
     for response, params in zip(responses[:2], (SamplingParams(0.0), SamplingParams(0.8, top_p=0.9))):
         assert response.error is None
         outputs = {t.name(): t.as_numpy() for t in response.output_tensors}
-        assert set(outputs) == {wire.PROBS, wire.PROBS_INDEX}
-        rows = PackedRows.from_arrays(outputs[wire.PROBS][0], outputs[wire.PROBS_INDEX][0], V).dense()
+        assert set(outputs) == {contract.PROBS, contract.PROBS_INDEX}
+        rows = PackedRows.from_arrays(outputs[contract.PROBS][0], outputs[contract.PROBS_INDEX][0], V).dense()
         torch.testing.assert_close(rows, warp(expected, params), atol=1e-5, rtol=1e-4)
     assert responses[0].output_tensors[0].as_numpy().shape == (1, 2, 1)  # greedy: one entry per row
     sent = sum(t.as_numpy().nbytes for r in responses[:2] for t in r.output_tensors)
-    assert metric(wire.METRIC_OUTPUT_BYTES) == sent
+    assert metric(contract.METRIC_OUTPUT_BYTES) == sent
     assert responses[2].error.code() == "INVALID_ARG" and "TOP_K must hold one value" in responses[2].error.message()
 
 
@@ -454,91 +459,16 @@ def test_capacity_maps_to_unavailable(triton_model):
 
 def test_release_request_updates_the_live_gauge(triton_model):
     triton_model.execute([triton_request(1, PROMPT, 0, 1, start=1), triton_request(2, PROMPT, 0, 1, start=1)])
-    assert metric(wire.METRIC_LIVE_SEQUENCES) == 2.0
+    assert metric(contract.METRIC_LIVE_SEQUENCES) == 2.0
     (released,) = triton_model.execute([triton_request(1, [], 0, 0, end=1)])
     assert released.error is None and released.output_tensors[0].as_numpy().shape == (1, 0, V)
-    assert metric(wire.METRIC_LIVE_SEQUENCES) == 1.0
+    assert metric(contract.METRIC_LIVE_SEQUENCES) == 1.0
     triton_model.execute([triton_request(2, [3], len(PROMPT), 1, end=1)])
-    assert metric(wire.METRIC_LIVE_SEQUENCES) == 0.0
+    assert metric(contract.METRIC_LIVE_SEQUENCES) == 0.0
 
 
 def test_execute_evicts_idle_sequences(triton_model, clock):
     triton_model.execute([triton_request(1, PROMPT, 0, 1, start=1)])
     clock.now += 61.0
     triton_model.execute([triton_request(2, PROMPT, 0, 1, start=1)])
-    assert metric(wire.METRIC_LIVE_SEQUENCES) == 1.0
-
-
-# --- the model configuration --------------------------------------------------------------------------
-
-
-def checked_in_parameters() -> dict[str, str]:
-    text = (launcher.MODEL_TEMPLATE / "config.pbtxt").read_text()
-    return dict(re.findall(r'key:\s*"(\w+)"\s*value:\s*\{\s*string_value:\s*"([^"]*)"', text))
-
-
-def test_the_checked_in_config_matches_the_parameter_defaults():
-    params = checked_in_parameters()
-    config = {"parameters": {k: {"string_value": v} for k, v in params.items()}}
-    assert set(params) == set(TargetParams.__dataclass_fields__)
-    assert TargetParams.from_model_config(config) == TargetParams()
-    text = (launcher.MODEL_TEMPLATE / "config.pbtxt").read_text()
-    assert launcher.render_config(text, launcher.TritonServerConfig()) == text  # the launcher's defaults agree
-
-
-def test_parameters_are_parsed_and_checked():
-    def config(**values: str) -> dict[str, Any]:
-        return {"parameters": {k: {"string_value": v} for k, v in values.items()}}
-
-    params = TargetParams.from_model_config(config(max_sequences="3", idle_ttl_s="1.5", keep_layers="0-1"))
-    assert (params.max_sequences, params.idle_ttl_s, params.keep_layers) == (3, 1.5, "0-1")
-    with pytest.raises(ValueError, match="unknown"):
-        TargetParams.from_model_config(config(modle="x"))
-    with pytest.raises(ValueError, match="max_sequences"):
-        TargetParams.from_model_config(config(max_sequences="many"))
-    with pytest.raises(ValueError):
-        TargetParams.from_model_config(config(keep_layers="3-1"))
-
-
-def test_the_launcher_renders_every_field():
-    text = (launcher.MODEL_TEMPLATE / "config.pbtxt").read_text()
-    cfg = launcher.TritonServerConfig(
-        model='/models/my "odd" dir',
-        keep_layers="0-13,17-29",
-        dtype="bfloat16",
-        threads=3,
-        max_sequences=5,
-        idle_ttl_s=20.0,
-        cache_dir="/cache",
-        instance_kind="KIND_GPU",
-        instance_count=2,
-        max_batch_size=4,
-    )
-    rendered = launcher.render_config(text, cfg)
-    params = dict(re.findall(r'key:\s*"(\w+)"\s*value:\s*\{\s*string_value:\s*"((?:[^"\\]|\\.)*)"', rendered))
-    assert params == {
-        "model": '/models/my \\"odd\\" dir',
-        "keep_layers": "0-13,17-29",
-        "dtype": "bfloat16",
-        "threads": "3",
-        "max_sequences": "5",
-        "idle_ttl_s": "20",
-        "cache_dir": "/cache",
-    }
-    assert "kind: KIND_GPU" in rendered and re.search(r"count:\s*2\b", rendered)
-    assert re.search(r"max_batch_size:\s*4\b", rendered)
-    assert re.search(r"preferred_batch_size:\s*\[\s*4\s*\]", rendered)
-    assert re.search(r"max_candidate_sequences:\s*10\b", rendered)
-    assert re.search(rf"max_sequence_idle_microseconds:\s*{launcher.triton_idle_us(20.0)}\b", rendered)
-    assert launcher.triton_idle_us(20.0) > 20_000_000
-
-
-def _without_comments(text: str) -> str:
-    return " ".join(re.sub(r"#[^\n]*", "", text).split())
-
-
-def test_the_gpu_config_differs_only_in_instance_kind_and_dtype():
-    cpu = (launcher.MODEL_TEMPLATE / "config.pbtxt").read_text()
-    gpu = (launcher.MODEL_TEMPLATE.parents[2] / "deploy" / "triton" / "config.pbtxt").read_text()
-    expected = launcher.render_config(cpu, launcher.TritonServerConfig(instance_kind="KIND_GPU", dtype="bfloat16"))
-    assert _without_comments(gpu) == _without_comments(expected)
+    assert metric(contract.METRIC_LIVE_SEQUENCES) == 1.0

@@ -13,9 +13,9 @@ import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
-from specdec.bench.peer import PeerRecord
-from specdec.bench.stack_runs import ConfigRun
-from specdec.bench.theory import Alpha, Costs, ideal_speedups
+from bench.peer import PeerRecord
+from bench.stack_runs import ConfigRun
+from bench.theory import Alpha, Costs, ideal_speedups
 from specdec.speedup import expected_tokens_per_round
 
 SPECDEC = "specdec"  # our stack, measured by a gRPC client

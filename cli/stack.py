@@ -16,7 +16,6 @@ import dataclasses
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,11 +23,10 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from specdec import models
+from specdec import target_contract as contract
 from specdec.openmp import short_spin
+from specdec.procs import Process, children_named, free_port, wait_grpc_healthy, wait_triton_ready
 
 log = logging.getLogger(__name__)
 
@@ -42,86 +40,13 @@ class StackConfig:
     target_model: str = models.SMOLLM2
     target_dtype: str = "float32"
     draft_model: str = models.SMOLLM2
-    draft_layers: str = "0-13,17-29"  # skip layers 14-16: alpha ~0.65 (see bench/README.md)
+    draft_layers: str = models.SMOLLM2_SELF_DRAFT_LAYERS
     draft_dtype: str = "float32"
     num_draft_tokens: int = 4
     threads: int = 0  # torch threads per model process; 0 = torch's default
     cache_dir: str = ""
     startup_timeout_s: float = 300.0
     log_dir: str = ""  # where each process's log goes; "" = a temporary folder
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-class Process:
-    """A child process with its output in a log file, stopped with SIGTERM then SIGKILL."""
-
-    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str]) -> None:
-        self.name = name
-        self.argv = argv
-        self.env = env
-        self.log_path = log_path
-        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-        log.debug("starting %s: %s", name, " ".join(argv))
-        self.popen = subprocess.Popen(  # noqa: S603 - our own entry points
-            argv, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-
-    def check_alive(self) -> None:
-        code = self.popen.poll()
-        if code is not None:
-            raise RuntimeError(f"{self.name} exited with code {code}; its log ends with:\n{self.tail()}")
-
-    def tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def kill(self, timeout_s: float = 30.0) -> None:
-        """SIGKILL the process and its process group, and reap it."""
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, signal.SIGKILL)
-        self.popen.wait(timeout_s)
-
-    def stop(self, grace_s: float = 15.0) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in %.0f s; killing it", self.name, grace_s)
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait()
-        self._log.close()
-
-
-def wait_grpc_healthy(address: str, process: Process, timeout_s: float) -> None:
-    """Poll grpc.health.v1 until SERVING, failing fast if the process dies."""
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            process.check_alive()
-            try:
-                status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{process.name} not healthy after {timeout_s:.0f} s; log:\n{process.tail()}")
-            time.sleep(0.2)
 
 
 class LocalStack:
@@ -190,7 +115,7 @@ class LocalStack:
         self.draft_metrics_url = f"http://{host}:{ports['draft_metrics']}/metrics"
         wait_grpc_healthy(self.draft_address, draft, cfg.startup_timeout_s)
         log.info("draft service ready at %s (%.1f s)", self.draft_address, time.monotonic() - t0)
-        wait_triton_ready(self.triton_url, triton, cfg.startup_timeout_s)
+        wait_triton_ready(self.triton_url, contract.MODEL_NAME, cfg.startup_timeout_s, triton.check_alive, triton.tail)
         log.info("Triton ready at %s (%.1f s)", self.triton_url, time.monotonic() - t0)
 
         log.info("starting the orchestrator ...")
@@ -226,7 +151,7 @@ class LocalStack:
         """
         process = self.process(name)
         if name == "triton":
-            for pid in _children_named(process.pid, "tritonserver"):
+            for pid in children_named(process.pid, "tritonserver"):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             try:
@@ -247,7 +172,7 @@ class LocalStack:
         self.processes[index] = new
         timeout_s = self.config.startup_timeout_s
         if name == "triton":
-            wait_triton_ready(self.triton_url, new, timeout_s)
+            wait_triton_ready(self.triton_url, contract.MODEL_NAME, timeout_s, new.check_alive, new.tail)
         else:
             wait_grpc_healthy(self.address if name == "orchestrator" else self.draft_address, new, timeout_s)
         log.info("%s restarted in %.1f s", name, time.monotonic() - started)
@@ -265,40 +190,9 @@ class LocalStack:
             self._tmp = None
 
 
-def _children_named(parent: int, name: str) -> list[int]:
-    """Pids of the direct children of ``parent`` whose command name is ``name`` (Linux /proc)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            text = stat.read_text()
-            comm = text[text.index("(") + 1 : text.rindex(")")]
-            ppid = int(text.rsplit(")", 1)[1].split()[1])  # fields after the name: state, ppid, ...
-            if ppid == parent and comm == name:
-                found.append(int(stat.parent.name))
-    return found
-
-
 def child_env() -> dict[str, str]:
     env = dict(os.environ)
     short_spin(env)  # OpenMP threads that let go of the cores between rounds (specdec.openmp)
     env["HF_HUB_OFFLINE"] = "1"
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
-
-
-def wait_triton_ready(url: str, process: Process, timeout_s: float, model: str = "specdec_target") -> None:
-    import tritonclient.grpc as triton_grpc
-
-    deadline = time.monotonic() + timeout_s
-    client = triton_grpc.InferenceServerClient(url)
-    try:
-        while True:
-            process.check_alive()
-            with contextlib.suppress(Exception):
-                if client.is_server_ready() and client.is_model_ready(model):
-                    return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"Triton not ready after {timeout_s:.0f} s; log:\n{process.tail()}")
-            time.sleep(0.3)
-    finally:
-        client.close()

@@ -15,7 +15,7 @@ import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from specdec.bench.summary import HF, SPECDEC, Row, Summary
+from bench.summary import HF, SPECDEC, Row, Summary
 
 _MODE_COLORS = {"greedy": "tab:blue", "sample": "tab:orange"}
 _SYSTEM_LABEL = {SPECDEC: "specdec (gRPC stack)", HF: "HF generate (in-process)"}

@@ -13,12 +13,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from specdec.models import SMOLLM2, parse_dtype, parse_layers
+from specdec.models import SMOLLM2, SMOLLM2_SELF_DRAFT_LAYERS, parse_dtype, parse_layers
 from specdec.sampling import SamplingParams
 
-# The best SmolLM2 self-draft found by `specdec bench --sweep` on this machine (bench/out/sweep.md): drop
+# The best SmolLM2 self-draft found by `python -m bench --sweep` on this machine (bench/out/sweep.md): drop
 # layers 14-16, weights in bfloat16 (half the bytes to read per step; the target stays float32).
-DEFAULT_DRAFT_LAYERS = "0-13,17-29"
+DEFAULT_DRAFT_LAYERS = SMOLLM2_SELF_DRAFT_LAYERS
 DEFAULT_DRAFT_DTYPE = "bfloat16"
 
 DEFAULT_PROMPTS: tuple[str, ...] = (
@@ -118,7 +118,7 @@ def _dtypes(text: str) -> tuple[str, ...]:
 def build_parser() -> argparse.ArgumentParser:
     d = BenchConfig()
     parser = argparse.ArgumentParser(
-        prog="specdec bench",
+        prog="python -m bench",
         description="ArS vs SpS through the full stack vs Hugging Face assisted generation, with the ideal.",
     )
     add = parser.add_argument

@@ -1,6 +1,9 @@
-"""The wire contract of the Triton target model: the names clients use and the errors they get back.
+"""The target model's contract on Triton: tensor names, the sampling settings as tensors, and its errors.
 
-Free of torch and Triton imports, so the orchestrator's tritonclient adapter can import it cheaply.
+Why it exists: three parts speak it (the Triton model in ``target_service``, the orchestrator's Triton
+adapter and the benchmark's counters), so it lives in the ground floor, once. Both directions of the
+sampling settings are here (`sampling_tensors` for the client, `sampling_from_tensors` for the model), so
+the settings take exactly one tensor form between the two. Free of torch, Triton and grpc imports.
 
 Model ``specdec_target`` (KServe v2 over gRPC). ``max_batch_size`` > 0, so every tensor carries a leading
 batch dim of 1:
@@ -73,6 +76,11 @@ the sequence, re-send the whole prefix with START.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
+
+import numpy as np
+
+from specdec.sampling_params import SamplingParams
 
 MODEL_NAME = "specdec_target"
 
@@ -108,7 +116,7 @@ METRIC_REQUESTS = "specdec_target_requests_total"  # counter; labels model, inst
 METRIC_OUTPUT_BYTES = "specdec_target_output_bytes_total"  # counter of output tensor bytes; labels model, instance
 
 
-class TargetError(enum.Enum):
+class ErrorKind(enum.Enum):
     """What a failed target request means to the caller."""
 
     SEQUENCE_LOST = "SEQUENCE_LOST"  # re-send the whole prefix with START
@@ -118,24 +126,54 @@ class TargetError(enum.Enum):
     INTERNAL = "INTERNAL"  # anything else
 
 
-def classify_error(status: str | None, message: str) -> TargetError:
+def classify_error(status: str | None, message: str) -> ErrorKind:
     """Classify a tritonclient ``InferenceServerException`` by ``.status()`` and ``.message()``.
 
     Works for unary calls (status like "StatusCode.NOT_FOUND") and stream responses (status None).
     """
     if message.startswith(NOT_FOUND_PREFIX) or TRITON_NO_START in message:
-        return TargetError.SEQUENCE_LOST
+        return ErrorKind.SEQUENCE_LOST
     if message.startswith(CAPACITY_PREFIX):
-        return TargetError.CAPACITY
+        return ErrorKind.CAPACITY
     if message.startswith(INVALID_PREFIX):
-        return TargetError.INVALID_ARGUMENT
+        return ErrorKind.INVALID_ARGUMENT
     if message.startswith(INTERNAL_PREFIX):
-        return TargetError.INTERNAL
+        return ErrorKind.INTERNAL
     if any(text in message for text in TRITON_NOT_SERVING):
-        return TargetError.UNAVAILABLE
+        return ErrorKind.UNAVAILABLE
     status = status or ""
     if status.endswith("INVALID_ARGUMENT"):
-        return TargetError.INVALID_ARGUMENT
+        return ErrorKind.INVALID_ARGUMENT
     if status.endswith("UNAVAILABLE"):
-        return TargetError.UNAVAILABLE
-    return TargetError.INTERNAL
+        return ErrorKind.UNAVAILABLE
+    return ErrorKind.INTERNAL
+
+
+def sampling_tensors(params: SamplingParams) -> list[tuple[str, np.ndarray]]:
+    """The sampling settings as the request's TEMPERATURE, TOP_K and TOP_P tensors ([1, 1] each)."""
+    return [
+        (TEMPERATURE, np.array([[params.temperature]], dtype=np.float32)),
+        (TOP_K, np.array([[params.top_k]], dtype=np.int32)),
+        (TOP_P, np.array([[params.top_p]], dtype=np.float32)),
+    ]
+
+
+def sampling_from_tensors(read: Callable[[str], np.ndarray | None]) -> SamplingParams | None:
+    """The settings a request carries (``read(name)`` gives an input tensor or None), or None without
+    TEMPERATURE (the client asked for LOGITS). An absent TOP_K / TOP_P means off. ValueError, naming the
+    tensor, for anything that is not one value in range."""
+    values: dict[str, float] = {}
+    for name, default in ((TEMPERATURE, None), (TOP_K, 0), (TOP_P, 1.0)):
+        tensor = read(name)
+        if tensor is None:
+            if default is None:
+                return None
+            values[name] = default
+            continue
+        if tensor.size != 1:
+            raise ValueError(f"{name} must hold one value, got shape {list(tensor.shape)}")
+        values[name] = tensor.reshape(-1)[0].item()
+    top_k = values[TOP_K]
+    if top_k != int(top_k):
+        raise ValueError(f"{TOP_K} must be an integer, got {top_k}")
+    return SamplingParams(temperature=float(values[TEMPERATURE]), top_k=int(top_k), top_p=float(values[TOP_P]))

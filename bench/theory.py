@@ -150,7 +150,7 @@ def step_times(
 
 
 class CostProbe:
-    """c and v(K) sampled between the benchmark's timed generations (a `specdec.bench.schedule.Timed`).
+    """c and v(K) sampled between the benchmark's timed generations (a `bench.schedule.Timed`).
 
     The machine's speed drifts by 20-30 % over minutes, and the stack and the in-process models do not
     slow down alike. Measured in a phase of their own after the stack, the costs behind the ideal came

@@ -1,10 +1,10 @@
-"""`specdec bench`: run every measurement in one process, on one machine, for one model pair.
+"""`python -m bench`: run every measurement in one process, on one machine, for one model pair.
 
 Why this module exists: the benchmark's value is that ArS, SpS, the HF peer and the ideal are measured in
 the same run under the same conditions. This is the sequence: load the model pair in-process; start the
 real stack (Triton + draft service + orchestrator, as `specdec serve` does) and time it from a gRPC client
 interleaved with HF generate on the same prompts and with in-process samples of the step costs behind c
-and v(K), generation by generation (`specdec.bench.schedule`); stop the stack; then, in-process, measure α
+and v(K), generation by generation (`bench.schedule`); stop the stack; then, in-process, measure α
 on the target's own generations; finally write the table and the figure. ``--sweep`` instead ranks
 self-drafts; ``--quick`` does the whole benchmark on a tiny random model in seconds (the CI smoke test).
 """
@@ -26,12 +26,13 @@ import grpc
 import torch
 from tqdm import tqdm
 
+from bench import peer, report, schedule, stack_runs, sweep, theory
+from bench.config import BenchConfig, parse_args
+from bench.summary import Summary, summarize
 from specdec import models
-from specdec.bench import peer, report, schedule, stack_runs, sweep, theory, tiny
-from specdec.bench.config import BenchConfig, parse_args
-from specdec.bench.summary import Summary, summarize
 from specdec.gc_freeze import freeze_startup_objects
 from specdec.sampling import SamplingParams
+from specdec.tiny import TINY_DRAFT_LAYERS, save_tiny_llama_with_tokenizer
 from specdec.v1 import generation_pb2_grpc
 
 log = logging.getLogger("specdec.bench")
@@ -41,7 +42,7 @@ _ORCHESTRATOR_ENV = "SPECDEC_ORCHESTRATOR_"  # its flags' environment fallbacks 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `specdec bench` and bench/run.py; prints the output paths on stdout."""
+    """Entry point of `python -m bench`; prints the output paths on stdout."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = parse_args(argv)
@@ -50,8 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         if config.quick:
             folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="specdec-bench-tiny-")))
-            model = str(tiny.make_tiny_model(folder / "tiny"))
-            config = replace(config, target_model=model, draft_model=model, draft_layers=tiny.TINY_DRAFT_LAYERS)
+            model = str(save_tiny_llama_with_tokenizer(folder / "tiny"))
+            config = replace(config, target_model=model, draft_model=model, draft_layers=TINY_DRAFT_LAYERS)
         paths = run_sweep(config) if config.sweep else run_benchmark(config, started)
     for name, path in paths.items():
         sys.stdout.write(f"{name}: {path}\n")
@@ -108,7 +109,7 @@ def measure_stack(
 ) -> list[stack_runs.ConfigRun]:
     """Start the real stack on free ports, time every (mode, K) through it, interleaved with the ``others``
     (which keep their own records), then stop it."""
-    from specdec.stack import LocalStack, StackConfig
+    from cli.stack import LocalStack, StackConfig
 
     stack_config = StackConfig(
         port=0, target_model=config.target_model, draft_model=config.draft_spec, draft_layers=config.draft_layers,
@@ -140,7 +141,7 @@ def run_sweep(config: BenchConfig) -> dict[str, Path]:
     prompts = [list(tokenizer(p)["input_ids"]) for p in config.active_prompts]
     selections = None
     if config.quick:
-        selections = [("first 2", "0-1"), ("skip 1", tiny.TINY_DRAFT_LAYERS)]
+        selections = [("first 2", "0-1"), ("skip 1", TINY_DRAFT_LAYERS)]
     count = len(selections) if selections else len(sweep.default_selections(30))
     steps = sweep.sweep_steps(count * len(config.sweep_dtypes))
     with tqdm(total=steps, desc="sweep", file=sys.stderr, dynamic_ncols=True) as bar:

@@ -18,16 +18,16 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import astuple, dataclass, replace
 
+from specdec import target_contract as contract
 from specdec.sampling import SamplingParams
 from specdec.v1 import generation_pb2, generation_pb2_grpc, sampling_pb2
-from target_service import wire
 
 log = logging.getLogger(__name__)
 
 TRITON_MODEL = "specdec_target"
 DRAFT_ROUND_METRIC = "specdec_draft_round_seconds"
 DRAFT_Q_BYTES_METRIC = "specdec_draft_q_bytes"
-TRITON_BYTES_METRIC = wire.METRIC_OUTPUT_BYTES
+TRITON_BYTES_METRIC = contract.METRIC_OUTPUT_BYTES
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,7 @@ def to_record(
 
 
 class StackRuns:
-    """Generations through the running stack (a `specdec.bench.schedule.Timed`), with the servers'
+    """Generations through the running stack (a `bench.schedule.Timed`), with the servers'
     counters read around each measured one and summed per configuration."""
 
     def __init__(

@@ -1,0 +1,151 @@
+"""Child processes, free ports and readiness: the one helper the Triton launcher, the local stack and the
+tests use to start our servers and to know when they serve.
+
+Why it exists: every server is started from our own entry points as a child process on 127.0.0.1 and
+free ports, waited for until it answers, and stopped however the caller exits. `Process` owns one child
+(its log file, SIGTERM then SIGKILL to its process group), `wait_ready` polls a readiness check while
+failing fast if the child died, and the /proc helpers find the processes a child left behind (Linux).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (the OS's choice for a bind to port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class Process:
+    """A child process in a session of its own, its output in a log file; stopped with SIGTERM, then SIGKILL."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str]) -> None:
+        self.name = name
+        self.argv = argv
+        self.env = env
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        log.debug("starting %s: %s", name, " ".join(argv))
+        self.popen = subprocess.Popen(  # noqa: S603 - our own entry points
+            argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def check_alive(self) -> None:
+        code = self.popen.poll()
+        if code is not None:
+            raise RuntimeError(f"{self.name} exited with code {code}; its log ends with:\n{self.tail()}")
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def kill(self, timeout_s: float = 30.0) -> None:
+        """SIGKILL the process and its process group, and reap it."""
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait(timeout_s)
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.0f s; killing it", self.name, grace_s)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+        self._log.close()
+
+
+def wait_ready(
+    ready: Callable[[], bool],
+    what: str,
+    timeout_s: float,
+    alive: Callable[[], None] = lambda: None,
+    tail: Callable[[], str] = lambda: "",
+    interval_s: float = 0.2,
+) -> None:
+    """Poll ``ready()`` (exceptions count as not ready) until it is true; ``alive()`` raises if the process
+    died. TimeoutError after ``timeout_s``, with ``tail()`` (the process's last log lines)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive()
+        with contextlib.suppress(Exception):
+            if ready():
+                return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s\n{tail()}")
+        time.sleep(interval_s)
+
+
+def wait_grpc_healthy(address: str, process: Process, timeout_s: float) -> None:
+    """Until the server at ``address`` answers grpc.health.v1 SERVING for "" (failing fast if it died)."""
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+
+        def serving() -> bool:
+            status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0).status
+            return status == health_pb2.HealthCheckResponse.SERVING
+
+        wait_ready(serving, process.name, timeout_s, process.check_alive, process.tail)
+
+
+def wait_triton_ready(url: str, model: str, timeout_s: float, alive: Callable[[], None] = lambda: None,
+                      tail: Callable[[], str] = lambda: "") -> None:
+    """Until Triton at ``url`` is ready and serves ``model``."""
+    import tritonclient.grpc as triton_grpc  # only where Triton is used
+
+    with triton_grpc.InferenceServerClient(url) as client:
+        wait_ready(lambda: client.is_server_ready() and client.is_model_ready(model), f"Triton ({model})",
+                   timeout_s, alive, tail, interval_s=0.1)
+
+
+def _proc_stats() -> list[tuple[int, str, int, int]]:
+    """(pid, command name, parent pid, process group) of every process (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            text = stat.read_text()
+            comm = text[text.index("(") + 1 : text.rindex(")")]
+            after = text.rsplit(")", 1)[1].split()  # fields after the name: state, ppid, pgrp, ...
+            found.append((int(stat.parent.name), comm, int(after[1]), int(after[2])))
+    return found
+
+
+def children_named(parent: int, name: str) -> list[int]:
+    """Pids of the direct children of ``parent`` whose command name is ``name``."""
+    return [pid for pid, comm, ppid, _ in _proc_stats() if ppid == parent and comm == name]
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL the processes still in process group ``pgid`` (a child that ran as a session leader)."""
+    for pid, _, _, group in _proc_stats():
+        if group == pgid:
+            log.warning("killing process %d left behind in process group %d", pid, pgid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

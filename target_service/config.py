@@ -1,0 +1,105 @@
+"""The target's settings, declared once: the model's parameters and the Triton server's flags.
+
+Why it exists: the same settings used to live in four places (config.pbtxt, the model's parameter parser,
+the launcher and the CLI). Now `TargetModelParams` declares what the model reads from its config.pbtxt
+``parameters`` (the launcher renders them, the model parses them back, a test holds the checked-in file to
+these defaults), and `TritonServerConfig` holds them next to the server's own settings. Flags and their
+``SPECDEC_TARGET_*`` environment fallbacks come from these fields (``python -m target_service --help``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from specdec.config import parse_config
+from specdec.models import parse_dtype, parse_layers
+
+INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU")
+
+
+@dataclass(frozen=True)
+class TargetModelParams:
+    """The model's config.pbtxt ``parameters``: which model, and how much it may hold."""
+
+    model: str = field(default="smollm2", metadata={"help": "model spec: 'smollm2' or a local Hugging Face folder"})
+    keep_layers: str = field(default="", metadata={"help": "layer selection such as '0-13,17-29' ('' = all)"})
+    dtype: str = field(default="float32", metadata={"help": "weights dtype: float32 | bfloat16 | float16"})
+    threads: int = field(default=0, metadata={"help": "torch intra-op threads in the model (0 = torch's default)"})
+    max_sequences: int = field(default=64, metadata={"help": "live sequences (KV caches) per model instance"})
+    idle_ttl_s: float = field(default=300.0, metadata={"help": "seconds before an idle sequence's cache is evicted"})
+    cache_dir: str = field(
+        default="", metadata={"help": "converted models and the Triton copy ('' = $SPECDEC_CACHE_DIR or ~/.cache/specdec)"}
+    )
+
+    def __post_init__(self) -> None:
+        parse_dtype(self.dtype)
+        parse_layers(self.keep_layers)  # fail at load time, not at the first request
+        if self.threads < 0 or self.max_sequences < 1 or self.idle_ttl_s <= 0:
+            raise ValueError("need threads >= 0, max_sequences >= 1 and idle_ttl_s > 0")
+
+    @classmethod
+    def from_model_config(cls, model_config: Mapping[str, Any]) -> TargetModelParams:
+        """Read ``{"parameters": {"model": {"string_value": "..."}, ...}}``; unknown keys are refused."""
+        raw = {k: v.get("string_value", "") for k, v in (model_config.get("parameters") or {}).items()}
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise ValueError(f"unknown model parameters {unknown}; known: {sorted(known)}")
+        values: dict[str, Any] = {}
+        for name, text in raw.items():
+            kind = type(known[name].default)
+            try:
+                values[name] = kind(text)
+            except ValueError:
+                raise ValueError(f"model parameter {name!r} must be a {kind.__name__}, got {text!r}") from None
+        return cls(**values)
+
+    def parameters(self) -> dict[str, str]:
+        """The config.pbtxt ``parameters`` as strings (what `from_model_config` reads back)."""
+        return {f.name: format(v, "g") if isinstance(v := getattr(self, f.name), float) else str(v)
+                for f in dataclasses.fields(self)}
+
+
+@dataclass(frozen=True)
+class TritonServerConfig:
+    """specdec target: NVIDIA Triton (from the nvidia-pytriton wheel) serving the specdec_target model."""
+
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind gRPC, HTTP and metrics to"})
+    grpc_port: int = field(default=8001, metadata={"help": "KServe v2 gRPC port (0 = a free port)"})
+    http_port: int = field(default=8000, metadata={"help": "KServe v2 HTTP port (0 = a free port)"})
+    metrics_port: int = field(default=8002, metadata={"help": "Prometheus metrics port (0 = a free port)"})
+    params: TargetModelParams = field(default_factory=TargetModelParams)
+    instance_kind: str = field(default="KIND_CPU", metadata={"help": "KIND_CPU | KIND_GPU"})
+    instance_count: int = field(default=1, metadata={"help": "model instances (stub processes)"})
+    max_batch_size: int = field(default=8, metadata={"help": "requests of different sequences per execute()"})
+    ready_timeout_s: float = field(default=180.0, metadata={"help": "seconds to wait until Triton and the model are ready"})
+    exit_timeout_s: int = field(
+        default=5,
+        metadata={"help": "Triton's --exit-timeout-secs: it counts every open sequence as in flight, so keep it short"},
+    )
+    stop_grace_s: float = field(default=10.0, metadata={"help": "after SIGTERM, SIGKILL Triton and its stubs after this"})
+    log_file: str = field(default="", metadata={"help": "write Triton's log here ('' = a temporary file)"})
+    log_verbose: int = field(default=0, metadata={"help": "Triton's --log-verbose (> 0 also logs Triton's own lines)"})
+
+    def __post_init__(self) -> None:
+        if self.instance_kind not in INSTANCE_KINDS:
+            raise ValueError(f"instance_kind must be one of {INSTANCE_KINDS}, got {self.instance_kind!r}")
+        for name in ("grpc_port", "http_port", "metrics_port"):
+            if not 0 <= getattr(self, name) < 65536:
+                raise ValueError(f"{name} must be in [0, 65536), got {getattr(self, name)}")
+        if self.instance_count < 1 or self.max_batch_size < 1 or self.exit_timeout_s < 0:
+            raise ValueError("instance_count and max_batch_size must be >= 1, exit_timeout_s >= 0")
+
+    @property
+    def cache_root(self) -> Path:
+        return Path(self.params.cache_dir or os.environ.get("SPECDEC_CACHE_DIR") or Path.home() / ".cache" / "specdec")
+
+
+def parse_target_config(argv: Sequence[str] | None = None) -> TritonServerConfig:
+    """Flags > SPECDEC_TARGET_* environment > defaults."""
+    return parse_config(TritonServerConfig, argv, prog="python -m target_service", env_prefix="SPECDEC_TARGET_")

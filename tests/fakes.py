@@ -1,0 +1,321 @@
+"""Scripted fakes of the orchestrator's dependencies, shared by every test of the loop and the servers.
+
+The fake clients keep real caches (token lists) and compute logits from the cache *contents*, so any slip
+in the loop's keep-length bookkeeping changes the output and the greedy-equivalence tests catch it. They
+count calls and record every (sequence id, keep, append, n) they see, and can fail or stall on cue.
+`serving` runs a real orchestrator server over them on 127.0.0.1 (port 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import math
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from orchestrator.config import OrchestratorConfig
+from orchestrator.generation import GenerationRequest, Round
+from orchestrator.loop import SpeculativeLoop
+from orchestrator.server import OrchestratorServer, create_server
+from specdec.proposal import Proposal
+from specdec.sampling import SamplingParams, sample, warp
+from specdec.v1 import generation_pb2, generation_pb2_grpc, sampling_pb2
+
+V = 16
+
+
+def asyncio_test(test: Callable) -> Callable:
+    """Run an async test function in a fresh event loop (no pytest asyncio plugin needed)."""
+
+    @functools.wraps(test)
+    def wrapper(*args, **kwargs):
+        return asyncio.run(test(*args, **kwargs))
+
+    return wrapper
+
+GREEDY = SamplingParams(temperature=0.0)
+PROMPT = (3, 1, 4, 1, 5)
+
+
+def target_logits(prefix: Sequence[int]) -> torch.Tensor:
+    """A deterministic 'model': logits [V] of the next token given the whole prefix."""
+    g = torch.Generator().manual_seed(hash(tuple(prefix)) & 0x7FFF_FFFF)
+    return torch.randn(V, generator=g) * 3
+
+
+def noisy_draft_logits(prefix: Sequence[int]) -> torch.Tensor:
+    """A draft that mostly agrees with the target."""
+    g = torch.Generator().manual_seed((hash(tuple(prefix)) * 31 + 7) & 0x7FFF_FFFF)
+    return target_logits(prefix) + torch.randn(V, generator=g) * 1.5
+
+
+def argmax_target(prefix: Sequence[int]) -> int:
+    return int(torch.argmax(target_logits(prefix)))
+
+
+# --- fakes ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Calls:
+    """What a fake client saw, shared by all its sessions."""
+
+    opened: list[int] = field(default_factory=list)  # sequence ids
+    requests: list[tuple] = field(default_factory=list)  # (sequence_id, keep, append, n)
+    closed: list[int] = field(default_factory=list)  # sequence ids
+
+
+class FakeTargetSession:
+    def __init__(self, client: FakeTarget, sequence_id: int) -> None:
+        self.client, self.sequence_id, self.cache = client, sequence_id, []
+
+    async def score(
+        self, keep_length: int, append_token_ids: Sequence[int], num_logits: int, params: SamplingParams
+    ) -> torch.Tensor:
+        client = self.client
+        index = len(client.calls.requests)
+        client.calls.requests.append((self.sequence_id, keep_length, list(append_token_ids), num_logits))
+        if client.delay_s:
+            await asyncio.sleep(client.delay_s)
+        if index in client.fail_at:
+            raise client.fail_at[index]
+        assert self.sequence_id not in client.calls.closed, "score after close"
+        assert keep_length <= len(self.cache), f"keep {keep_length} > cache {len(self.cache)}"
+        assert (keep_length == 0) == (not self.cache or keep_length == 0)
+        self.cache = self.cache[:keep_length] + list(append_token_ids)
+        n = len(self.cache)
+        logits = torch.stack([client.model(self.cache[: j + 1]) for j in range(n - num_logits, n)])  # [num_logits, V]
+        return warp(logits, params)  # as the Triton model does
+
+    async def close(self) -> None:
+        await asyncio.sleep(self.client.close_delay_s)
+        self.client.calls.closed.append(self.sequence_id)
+
+
+class FakeTarget:
+    def __init__(
+        self,
+        model: Callable[[Sequence[int]], torch.Tensor] = target_logits,
+        fail_at: dict[int, Exception] | None = None,
+        delay_s: float = 0.0,
+        close_delay_s: float = 0.0,
+    ) -> None:
+        self.model, self.fail_at, self.delay_s, self.close_delay_s = model, fail_at or {}, delay_s, close_delay_s
+        self.calls = Calls()
+        self.client_closed = 0
+
+    async def open(self, sequence_id: int, *, timeout: float | None = None) -> FakeTargetSession:
+        self.calls.opened.append(sequence_id)
+        return FakeTargetSession(self, sequence_id)
+
+    async def close(self) -> None:
+        self.client_closed += 1
+
+
+class FakeDraftSession:
+    def __init__(self, client: FakeDraft, sequence_id: int) -> None:
+        self.client, self.sequence_id, self.cache = client, sequence_id, []
+
+    async def propose(
+        self,
+        keep_length: int,
+        append_token_ids: Sequence[int],
+        num_draft_tokens: int,
+        params: SamplingParams,
+        seed: int,
+    ) -> Proposal:
+        client = self.client
+        index = len(client.calls.requests)
+        client.calls.requests.append((self.sequence_id, keep_length, list(append_token_ids), num_draft_tokens))
+        if client.delay_s:
+            await asyncio.sleep(client.delay_s)
+        if index in client.fail_at:
+            raise client.fail_at[index]
+        assert keep_length <= len(self.cache), f"keep {keep_length} > cache {len(self.cache)}"
+        assert append_token_ids, "append must not be empty"
+        self.cache = self.cache[:keep_length] + list(append_token_ids)
+        generator = torch.Generator().manual_seed(seed)
+        drafts: list[int] = []
+        rows = []
+        for i in range(num_draft_tokens):
+            if client.policy is not None:
+                drafts.append(client.policy(self.cache + drafts, i))
+                continue
+            q = warp(client.model(self.cache + drafts), params)  # [V]
+            rows.append(q)
+            drafts.append(int(sample(q.unsqueeze(0), generator)[0]))
+        self.cache += drafts[:-1]  # the last draft is sampled, never fed
+        q_rows = None if params.greedy or not rows else torch.stack(rows)[:, : client.q_width]
+        return Proposal(token_ids=tuple(drafts), q=q_rows, cache_length=len(self.cache))
+
+    async def close(self) -> None:
+        await asyncio.sleep(self.client.close_delay_s)
+        self.client.calls.closed.append(self.sequence_id)
+
+
+class FakeDraft:
+    """A draft from a model (noisy target) or from a policy(prefix, position) -> token (greedy, q = None)."""
+
+    def __init__(
+        self,
+        model: Callable[[Sequence[int]], torch.Tensor] = noisy_draft_logits,
+        policy: Callable[[list[int], int], int] | None = None,
+        fail_at: dict[int, Exception] | None = None,
+        delay_s: float = 0.0,
+        q_width: int | None = None,
+        close_delay_s: float = 0.0,
+    ) -> None:
+        self.model, self.policy, self.fail_at = model, policy, fail_at or {}
+        self.delay_s, self.q_width, self.close_delay_s = delay_s, q_width, close_delay_s
+        self.calls = Calls()
+
+    async def open(self, sequence_id: int, *, timeout: float | None = None) -> FakeDraftSession:
+        self.calls.opened.append(sequence_id)
+        return FakeDraftSession(self, sequence_id)
+
+    async def close(self) -> None:
+        pass
+
+
+def agree_first(n: int) -> Callable[[list[int], int], int]:
+    """A greedy draft policy: the target's argmax at positions < n of a round, a wrong token after."""
+
+    def policy(prefix: list[int], i: int) -> int:
+        best = argmax_target(prefix)
+        return best if i < n else (best + 1) % V
+
+    return policy
+
+
+def ids() -> Callable[[], int]:
+    counter = iter(range(100, 10**6))
+    return lambda: next(counter)
+
+
+def request(**overrides) -> GenerationRequest:
+    values = dict(prompt_token_ids=PROMPT, params=GREEDY, seed=1234, max_new_tokens=12, num_draft_tokens=4)
+    values.update(overrides)
+    return GenerationRequest(**values)
+
+
+async def run(loop: SpeculativeLoop, req: GenerationRequest) -> list[Round]:
+    """A whole generation, then the release of its caches (which runs after it, in the background)."""
+    try:
+        return [r async for r in loop.generate(req)]
+    finally:
+        assert await loop.wait_released(5.0)
+
+
+def output(rounds: list[Round]) -> list[int]:
+    return [t for r in rounds for t in r.token_ids]
+
+
+def greedy_reference(n: int, prompt: Sequence[int] = PROMPT, eos: int | None = None) -> list[int]:
+    tokens = list(prompt)
+    out: list[int] = []
+    while len(out) < n:
+        t = argmax_target(tokens)
+        if t == eos:
+            break
+        tokens.append(t)
+        out.append(t)
+    return out
+
+
+# --- an orchestrator server over the fakes, with the real tokenizer ---------------------------------------
+
+VOCAB = 49152
+EOS = 2
+CONTEXT = 64
+
+
+def big_target(prefix: Sequence[int]) -> torch.Tensor:
+    g = torch.Generator().manual_seed(hash(tuple(prefix)) & 0x7FFF_FFFF)
+    logits = torch.randn(VOCAB, generator=g) * 4
+    logits[EOS] = -math.inf
+    return logits
+
+
+def big_draft(prefix: Sequence[int]) -> torch.Tensor:
+    g = torch.Generator().manual_seed((hash(tuple(prefix)) * 31 + 7) & 0x7FFF_FFFF)
+    return big_target(prefix) + torch.randn(VOCAB, generator=g)
+
+
+def eos_after(n: int):
+    def model(prefix: Sequence[int]) -> torch.Tensor:
+        logits = big_target(prefix)
+        if len(prefix) >= n:
+            logits[EOS] = 100.0
+        return logits
+
+    return model
+
+
+@dataclass
+class Running:
+    stub: generation_pb2_grpc.GenerationServiceStub
+    channel: grpc.aio.Channel
+    target: FakeTarget
+    draft: FakeDraft
+    server: OrchestratorServer
+
+
+def metric_value(running: Running, name: str, labels: dict[str, str] | None = None) -> float:
+    """A metric's current value in the server's registry (0 when the series does not exist yet)."""
+    value = running.server.metrics.registry.get_sample_value(name, labels or {})
+    return 0.0 if value is None else value
+
+
+@contextlib.asynccontextmanager
+async def serving(tokenizer, target=None, draft=None, **config_fields) -> AsyncIterator[Running]:
+    target = target or FakeTarget(model=big_target)
+    draft = draft or FakeDraft(model=big_draft)
+    config = OrchestratorConfig(port=0, context_length=CONTEXT, **config_fields)
+    server, port = await create_server(config, draft_client=draft, target_client=target, tokenizer=tokenizer)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 8 << 20)])
+    try:
+        yield Running(generation_pb2_grpc.GenerationServiceStub(channel), channel, target, draft, server)
+    finally:
+        await channel.close()
+        await server.stop(None)
+    if isinstance(target, FakeTarget):
+        assert target.client_closed == 1  # the server's stop closes the clients
+
+
+def req(**fields) -> generation_pb2.GenerateRequest:
+    sampling = fields.pop("sampling", {})
+    fields.setdefault("prompt", "Once upon a time")
+    return generation_pb2.GenerateRequest(sampling=sampling_pb2.SamplingParams(**sampling), **fields)
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    """Poll ``condition`` on the event loop until it holds (AssertionError after ``timeout_s``)."""
+    for _ in range(int(timeout_s / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"condition not reached within {timeout_s} s")
+
+
+# --- seeded random rows ---------------------------------------------------------------------------------
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def gens(n: int, base: int = 0) -> list[torch.Generator]:
+    return [gen(base + i) for i in range(n)]
+
+
+def random_logits(*shape: int, seed: int = 0, scale: float = 2.0) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen(seed)) * scale
+
+
+def random_probs(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.softmax(random_logits(*shape, seed=seed), dim=-1)

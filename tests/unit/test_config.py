@@ -1,0 +1,62 @@
+"""specdec.config (flags with environment fallbacks) and specdec.openmp (the model processes' environment)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from specdec.config import env_name, parse_config
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """A test config."""
+
+    port: int = 50051
+    address: str = "127.0.0.1:1"
+    ratio: float = 0.5
+    verbose: bool = False
+
+
+def test_flags_override_env_which_overrides_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse_config(_Config, []) == _Config()
+    monkeypatch.setenv("SPECDEC_PORT", "7")
+    monkeypatch.setenv("SPECDEC_VERBOSE", "true")
+    assert parse_config(_Config, []) == _Config(port=7, verbose=True)
+    assert parse_config(_Config, ["--port", "9", "--no-verbose", "--ratio", "0.25"]) == _Config(port=9, ratio=0.25)
+    assert env_name("--draft-address") == "SPECDEC_DRAFT_ADDRESS"
+    monkeypatch.setenv("SPECDEC_OTHER_PORT", "11")
+    assert parse_config(_Config, [], env_prefix="SPECDEC_OTHER_") == _Config(port=11)
+
+
+def test_model_processes_start_with_a_short_openmp_spin_unless_one_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cli.stack import child_env
+    from target_service.launcher import triton_env
+
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    assert child_env()["GOMP_SPINCOUNT"] == triton_env()["GOMP_SPINCOUNT"] == "20000"
+    monkeypatch.setenv("GOMP_SPINCOUNT", "300000")  # an operator's own value wins
+    assert child_env()["GOMP_SPINCOUNT"] == triton_env()["GOMP_SPINCOUNT"] == "300000"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Inner:
+    """Nested settings."""
+
+    dtype: str = "float32"
+    threads: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Outer:
+    """A config holding another one."""
+
+    port: int = 1
+    inner: _Inner = dataclasses.field(default_factory=_Inner)
+
+
+def test_a_nested_dataclass_field_contributes_its_own_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse_config(_Outer, []) == _Outer()
+    monkeypatch.setenv("SPECDEC_THREADS", "3")
+    assert parse_config(_Outer, ["--dtype", "bfloat16", "--port", "2"]) == _Outer(2, _Inner("bfloat16", 3))
