@@ -58,7 +58,6 @@ class DraftMetrics:
     def observe_round(self, seconds: float, num_tokens: int, q_bytes: int) -> None:
         self.proposals.inc()
         self.draft_tokens.inc(num_tokens)
-        self.draft_tokens.inc(num_tokens)
         self.q_bytes.inc(q_bytes)
         self.round_seconds.observe(seconds)
 

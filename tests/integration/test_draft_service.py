@@ -439,12 +439,16 @@ def test_metrics_endpoint_serves_the_live_sequences_gauge(
         with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - loopback
             return response.read().decode()
 
+    def tokens(text: str) -> float:
+        return float(re.search(r"^specdec_draft_tokens_total (\S+)$", text, re.MULTILINE)[1])
+
     assert server.handle.metrics_port == metrics_port
+    before = tokens(scrape())
     stream = Stream(stub)
     stream.round(sequence_id=71, append_token_ids=PROMPT, num_draft_tokens=3)
     text = scrape()
     assert re.search(r"^specdec_draft_live_sequences 1\.0$", text, re.MULTILINE), text
-    assert re.search(r"^specdec_draft_tokens_total [1-9]", text, re.MULTILINE)
+    assert tokens(text) - before == 3  # each proposed token counted once
     assert re.search(r"^specdec_draft_round_seconds_count [1-9]", text, re.MULTILINE)
     stream.close()
     with pytest.raises(grpc.RpcError):
