@@ -113,7 +113,7 @@ def measure_stack(
 
     stack_config = StackConfig(
         port=0, target_model=config.target_model, draft_model=config.draft_spec, draft_layers=config.draft_layers,
-        draft_dtype=config.draft_dtype, num_draft_tokens=min(config.ks), threads=config.threads,
+        draft_dtype=config.draft_dtype, num_draft_tokens=str(min(config.ks)), drafters="model", threads=config.threads,
         cache_dir=config.cache_dir, log_dir=str(log_dir),
     )
     # No fallback to target-only on a slow draft round: that would mix ArS rounds into the SpS numbers.

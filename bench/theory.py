@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specdec.engine import CausalLMEngine, SequenceStore
+from specdec.engine import CausalLMEngine
+from specdec.kv_cache import KVCache
 from specdec.sampling import SamplingParams, sample, warp
 from specdec.speedup import acceptance_rate_alpha, ideal_speedup
 
@@ -100,23 +101,23 @@ def generate(
     eos_token_id: int | None = None,
 ) -> list[int]:
     """Target-only sampling with our own sampler (warp + sample) and engine: prompt + generated ids."""
-    engine = CausalLMEngine(model, SequenceStore(max_sequences=1, idle_ttl_s=3600))
+    engine = CausalLMEngine(model)
+    cache = engine.new_cache()
     generator = torch.Generator().manual_seed(seed)
     ids = list(prompt_ids)
-    logits = engine.extend(1, 0, ids, 1, start=True)  # [1, V]
+    logits = engine.extend(cache, 0, ids, 1)  # [1, V]
     for _ in range(max_new_tokens):
         token = int(sample(warp(logits, params), generator)[0])
         ids.append(token)
         if token == eos_token_id:
             break
-        logits = engine.extend(1, len(ids) - 1, [token], 1, start=False)
-    engine.store.release(1)
+        logits = engine.extend(cache, len(ids) - 1, [token], 1)
     return ids
 
 
-def _time_extend(engine: CausalLMEngine, keep: int, tokens: list[int]) -> float:
+def _time_extend(engine: CausalLMEngine, cache: KVCache, keep: int, tokens: list[int]) -> float:
     start = time.perf_counter()
-    engine.extend(1, keep, tokens, len(tokens), start=False)
+    engine.extend(cache, keep, tokens, len(tokens))
     return (time.perf_counter() - start) * 1e3
 
 
@@ -132,20 +133,19 @@ def step_times(
     context = list(context)
     plans = []
     for model, widths in jobs:
-        engine = CausalLMEngine(model, SequenceStore(max_sequences=1, idle_ttl_s=3600))
-        engine.extend(1, 0, context, 1, start=True)
-        plans.append((engine, sorted(set(widths))))
-    filler = [context[i % len(context)] for i in range(max(max(w) for _, w in plans))]
-    for engine, widths in plans:  # warm-up: first calls allocate
+        engine = CausalLMEngine(model)
+        cache = engine.new_cache()
+        engine.extend(cache, 0, context, 1)
+        plans.append((engine, cache, sorted(set(widths))))
+    filler = [context[i % len(context)] for i in range(max(max(w) for *_, w in plans))]
+    for engine, cache, widths in plans:  # warm-up: first calls allocate
         for w in widths:
-            _time_extend(engine, len(context), filler[:w])
-    samples: list[dict[int, list[float]]] = [{w: [] for w in widths} for _, widths in plans]
+            _time_extend(engine, cache, len(context), filler[:w])
+    samples: list[dict[int, list[float]]] = [{w: [] for w in widths} for *_, widths in plans]
     for _ in range(trials):
-        for (engine, widths), per_width in zip(plans, samples):
+        for (engine, cache, widths), per_width in zip(plans, samples):
             for w in widths:
-                per_width[w].append(_time_extend(engine, len(context), filler[:w]))
-    for engine, _ in plans:
-        engine.store.release(1)
+                per_width[w].append(_time_extend(engine, cache, len(context), filler[:w]))
     return [{w: statistics.median(s) for w, s in per_width.items()} for per_width in samples]
 
 
@@ -162,15 +162,15 @@ class CostProbe:
 
     def __init__(self, target: torch.nn.Module, draft: torch.nn.Module, context: Sequence[int]) -> None:
         self._context = list(context)
-        self._target = CausalLMEngine(target, SequenceStore(max_sequences=1, idle_ttl_s=24 * 3600))
-        self._draft = CausalLMEngine(draft, SequenceStore(max_sequences=1, idle_ttl_s=24 * 3600))
+        self._engines = {name: CausalLMEngine(model) for name, model in (("target", target), ("draft", draft))}
+        self._caches = {name: engine.new_cache() for name, engine in self._engines.items()}
         self._samples: dict[tuple[str, int], list[float]] = {}  # (model, width) -> ms
-        for engine in (self._target, self._draft):
-            engine.extend(1, 0, self._context, 1, start=True)
+        for name, engine in self._engines.items():
+            engine.extend(self._caches[name], 0, self._context, 1)
 
     def _time(self, which: str, width: int) -> float:
         filler = [self._context[i % len(self._context)] for i in range(width)]  # timing ignores which tokens
-        return _time_extend(self._target if which == "target" else self._draft, len(self._context), filler)
+        return _time_extend(self._engines[which], self._caches[which], len(self._context), filler)
 
     def _probe(self, k: int) -> list[tuple[str, int, float]]:
         widths = [("target", 1), ("draft", 1)] + ([("target", k + 1)] if k > 0 else [])
@@ -203,5 +203,4 @@ class CostProbe:
         return costs
 
     def close(self) -> None:
-        for engine in (self._target, self._draft):
-            engine.store.release(1)
+        self._caches.clear()

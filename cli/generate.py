@@ -16,7 +16,7 @@ def build_request(args: argparse.Namespace) -> generation_pb2.GenerateRequest:
         value = getattr(args, name)
         if value is not None:
             setattr(sampling, name, value)
-    request = generation_pb2.GenerateRequest(prompt=args.prompt, sampling=sampling, stop=args.stop)
+    request = generation_pb2.GenerateRequest(prompt=args.prompt, sampling=sampling, stop=args.stop, drafter=args.drafter)
     if args.max_new_tokens is not None:
         request.max_new_tokens = args.max_new_tokens
     if args.num_draft_tokens is not None:
@@ -24,12 +24,21 @@ def build_request(args: argparse.Namespace) -> generation_pb2.GenerateRequest:
     return request
 
 
+def format_k(stats: generation_pb2.GenerationStats) -> str:
+    """``K=4``, or under auto the Ks the rounds ran with: ``K=auto (rounds by K: 0:20 3:4; 18 off, 2 probes)``."""
+    if not stats.auto_num_draft_tokens:
+        return f"K={stats.num_draft_tokens}"
+    by_k = " ".join(f"{k}:{n}" for k, n in enumerate(stats.rounds_by_k) if n)
+    return f"K=auto (rounds by K: {by_k}; {stats.speculation_off_rounds} off, {stats.probe_rounds} probes)"
+
+
 def format_stats(stats: generation_pb2.GenerationStats, finish_reason: int) -> str:
     tokens = stats.emitted_tokens
     per_token = stats.total_time_ms / tokens if tokens else 0.0
+    drafter = f", drafter {stats.drafter}" if stats.drafter else ""
     return (
         f"finish: {generation_pb2.FinishReason.Name(finish_reason)} | tokens: {tokens} in {stats.rounds} rounds "
-        f"(K={stats.num_draft_tokens}) | accepted {stats.accepted_tokens}/{stats.drafted_tokens} "
+        f"({format_k(stats)}{drafter}) | accepted {stats.accepted_tokens}/{stats.drafted_tokens} "
         f"= {stats.acceptance_rate:.2f}, per position {list(stats.accepted_per_position)} | "
         f"{stats.total_time_ms:.0f} ms = {per_token:.1f} ms/token (draft {stats.draft_time_ms:.0f}, "
         f"target {stats.target_time_ms:.0f}, orchestrator {stats.orchestrator_time_ms:.0f}) | "

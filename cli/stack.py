@@ -21,8 +21,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping
+from dataclasses import field
 from pathlib import Path
 
+from draft_service.drafters import needs_model, parse_drafters
 from specdec import models
 from specdec import target_contract as contract
 from specdec.openmp import short_spin
@@ -30,23 +32,34 @@ from specdec.procs import Process, children_named, free_port, wait_grpc_healthy,
 
 log = logging.getLogger(__name__)
 
+# What `specdec serve` offers: model-free drafters first (the best default on a CPU, where a model draft
+# costs more than it saves: bench/README.md), the SmolLM2 self-draft for requests that ask for it.
+DEFAULT_DRAFTERS = "suffix,ngram,model,hybrid"
+
 
 @dataclasses.dataclass(frozen=True)
 class StackConfig:
     """What the local stack runs; every field has a flag in `specdec serve`."""
 
-    host: str = "127.0.0.1"
-    port: int = 50051  # the orchestrator's (public) port; 0 = a free port
-    target_model: str = models.SMOLLM2
-    target_dtype: str = "float32"
-    draft_model: str = models.SMOLLM2
-    draft_layers: str = models.SMOLLM2_SELF_DRAFT_LAYERS
-    draft_dtype: str = "float32"
-    num_draft_tokens: int = 4
-    threads: int = 0  # torch threads per model process; 0 = torch's default
-    cache_dir: str = ""
-    startup_timeout_s: float = 300.0
-    log_dir: str = ""  # where each process's log goes; "" = a temporary folder
+    host: str = field(default="127.0.0.1", metadata={"help": "address every service binds"})
+    port: int = field(default=50051, metadata={"help": "the orchestrator's (public) port; 0 = a free port"})
+    target_model: str = field(default=models.SMOLLM2, metadata={"help": "the target: 'smollm2' or a local HF folder"})
+    target_dtype: str = field(default="float32", metadata={"help": "the target's weights dtype"})
+    drafters: str = field(
+        default=DEFAULT_DRAFTERS,
+        metadata={"help": "drafters the draft service offers, its default first (model, ngram, suffix, hybrid); "
+                  "the draft model is loaded only if model or hybrid is among them"},
+    )
+    draft_model: str = field(default=models.SMOLLM2, metadata={"help": "the draft model (for model and hybrid)"})
+    draft_layers: str = field(default=models.SMOLLM2_SELF_DRAFT_LAYERS, metadata={"help": "layers the draft model keeps"})
+    draft_dtype: str = field(default="float32", metadata={"help": "the draft model's weights dtype"})
+    num_draft_tokens: str = field(
+        default="auto", metadata={"help": "K when a request leaves it unset: 'auto' (chosen per round) or a number"}
+    )
+    threads: int = field(default=0, metadata={"help": "torch threads per model process; 0 = torch's default"})
+    cache_dir: str = field(default="", metadata={"help": "converted models; '' = $SPECDEC_CACHE_DIR or ~/.cache/specdec"})
+    startup_timeout_s: float = field(default=300.0, metadata={"help": "how long each service may take to start"})
+    log_dir: str = field(default="", metadata={"help": "where each process's log goes; '' = a temporary folder"})
 
 
 class LocalStack:
@@ -87,7 +100,7 @@ class LocalStack:
             self._tmp = tempfile.TemporaryDirectory(prefix="specdec-stack-")
             log_dir = Path(self._tmp.name)
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
-        for spec in {cfg.target_model, cfg.draft_model}:
+        for spec in {cfg.target_model} | ({cfg.draft_model} if needs_model(parse_drafters(cfg.drafters)) else set()):
             log.info("preparing model %s (the first run converts the packaged SmolLM2, ~20 s)", spec)
             models.resolve_model_dir(spec, cache_dir)
         env = {**child_env(), **self.env}
@@ -103,10 +116,11 @@ class LocalStack:
             "--http-port", str(ports["http"]), "--metrics-port", str(ports["metrics"]),
             "--model", cfg.target_model, "--dtype", cfg.target_dtype, *common,
         ])
-        log.info("starting the draft service (%s, layers %s) ...", cfg.draft_model, cfg.draft_layers or "all")
+        log.info("starting the draft service (drafters %s; model %s, layers %s) ...", cfg.drafters, cfg.draft_model,
+                 cfg.draft_layers or "all")
         draft = self._spawn("draft", log_dir, env, [
             py, "-m", "draft_service", "--host", host, "--port", str(ports["draft"]),
-            "--metrics-port", str(ports["draft_metrics"]), "--model", cfg.draft_model,
+            "--metrics-port", str(ports["draft_metrics"]), "--drafters", cfg.drafters, "--model", cfg.draft_model,
             "--keep-layers", cfg.draft_layers, "--dtype", cfg.draft_dtype, *common,
         ])
         self.draft_address = f"{host}:{ports['draft']}"
@@ -127,7 +141,7 @@ class LocalStack:
             py, "-m", "orchestrator", "--host", host, "--port", str(orchestrator_port),
             "--draft-address", self.draft_address, "--triton-url", self.triton_url,
             "--tokenizer", cfg.target_model, "--cache-dir", cfg.cache_dir,
-            "--default-num-draft-tokens", str(cfg.num_draft_tokens),
+            "--default-num-draft-tokens", cfg.num_draft_tokens,
             "--metrics-port", str(ports["orch_metrics"]),
         ])
         self.address = f"{host}:{orchestrator_port}"

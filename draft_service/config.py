@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from draft_service.drafters import LOOKUPS, needs_model, parse_drafters
 from specdec.config import parse_config
 from specdec.models import SMOLLM2_SELF_DRAFT_LAYERS
 
@@ -20,6 +21,11 @@ class DraftConfig:
 
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind"})
     port: int = field(default=50052, metadata={"help": "port to bind; 0 picks a free port"})
+    drafters: str = field(
+        default="model,ngram,suffix,hybrid",
+        metadata={"help": "drafters to offer, the default first: model, ngram (prompt lookup), suffix, hybrid "
+                  "(suffix/ngram when it matches, else the model); without model or hybrid no model is loaded"},
+    )
     model: str = field(default="smollm2", metadata={"help": "model folder, or 'smollm2' (the packaged SmolLM2-135M)"})
     keep_layers: str = field(
         default=SMOLLM2_SELF_DRAFT_LAYERS,
@@ -29,10 +35,21 @@ class DraftConfig:
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16"})
     threads: int = field(default=0, metadata={"help": "torch intra-op threads; 0 keeps torch's default"})
     max_sequences: int = field(
-        default=64, metadata={"help": "most sequences with a KV cache, and most open Propose streams, at once"}
+        default=64, metadata={"help": "most sequences with state, and most open Propose streams, at once"}
     )
-    idle_ttl_s: float = field(default=300.0, metadata={"help": "evict a sequence's cache after this many idle seconds"})
+    idle_ttl_s: float = field(default=300.0, metadata={"help": "evict a sequence's state after this many idle seconds"})
     max_num_draft_tokens: int = field(default=16, metadata={"help": "largest K a request may ask for"})
+    hybrid_lookup: str = field(default="suffix", metadata={"help": "the model-free drafter hybrid asks first: ngram | suffix"})
+    ngram_min: int = field(default=2, metadata={"help": "ngram: the shortest suffix of the context to look up"})
+    ngram_max: int = field(default=4, metadata={"help": "ngram: the longest suffix of the context to look up"})
+    suffix_depth: int = field(default=8, metadata={"help": "suffix: the longest suffix indexed"})
+    suffix_min_score: float = field(
+        default=0.3, metadata={"help": "suffix: stop proposing when the continuation's running frequency share drops below"}
+    )
+    suffix_cache_entries: int = field(
+        default=200_000, metadata={"help": "suffix: suffixes kept from recent outputs at most (0 = no shared cache)"}
+    )
+    suffix_cache_ttl_s: float = field(default=3600.0, metadata={"help": "suffix: unused cache entries age out after this"})
     cache_dir: str = field(
         default="", metadata={"help": "where converted models live; '' = $SPECDEC_CACHE_DIR or ~/.cache/specdec"}
     )
@@ -40,6 +57,7 @@ class DraftConfig:
     metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics port; 0 turns it off"})
 
     def __post_init__(self) -> None:
+        parse_drafters(self.drafters)
         checks = [
             (0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port}"),
             (0 <= self.metrics_port <= 65535, f"metrics_port must be in [0, 65535], got {self.metrics_port}"),
@@ -48,10 +66,23 @@ class DraftConfig:
             (self.idle_ttl_s > 0, f"idle_ttl_s must be > 0, got {self.idle_ttl_s}"),
             (self.max_num_draft_tokens >= 1, f"max_num_draft_tokens must be >= 1, got {self.max_num_draft_tokens}"),
             (self.grace_s >= 0, f"grace_s must be >= 0, got {self.grace_s}"),
+            (self.hybrid_lookup in LOOKUPS, f"hybrid_lookup must be one of {list(LOOKUPS)}, got {self.hybrid_lookup!r}"),
+            (1 <= self.ngram_min <= self.ngram_max, "need 1 <= ngram_min <= ngram_max"),
+            (self.suffix_depth >= 1, f"suffix_depth must be >= 1, got {self.suffix_depth}"),
+            (0 <= self.suffix_min_score <= 1, f"suffix_min_score must be in [0, 1], got {self.suffix_min_score}"),
+            (self.suffix_cache_entries >= 0 and self.suffix_cache_ttl_s > 0, "need suffix_cache_entries >= 0, ttl > 0"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    @property
+    def drafter_names(self) -> tuple[str, ...]:
+        return parse_drafters(self.drafters)
+
+    @property
+    def loads_model(self) -> bool:
+        return needs_model(self.drafter_names)
 
 
 def load_config(argv: Sequence[str] | None = None) -> DraftConfig:

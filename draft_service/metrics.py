@@ -1,18 +1,23 @@
 """Prometheus metrics of one draft server, in a registry of its own (no global state).
 
-Why it exists: operators need to see how many caches are live (capacity planning), how much drafting is
-done, how long a round takes (``specdec_draft_round_seconds``: the step latency), and what clients get
-(``specdec_draft_requests_total`` by method and status code, errors also in ``specdec_draft_errors_total``); a per-server CollectorRegistry keeps several
-servers in one process (tests) from colliding.
+Why it exists: operators need to see how many sequences are live (capacity planning), how much drafting
+each drafter does, how long a round takes (``specdec_draft_round_seconds``), how well the model's steps
+batch (``specdec_draft_forward_sequences_total`` / ``specdec_draft_forwards_total``), how big the suffix
+cache is, and what clients get (``specdec_draft_requests_total`` by method and status code, errors also in
+``specdec_draft_errors_total``); a per-server CollectorRegistry keeps several servers in one process (tests)
+from colliding.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from draft_service.core import DraftStats
 
 log = logging.getLogger(__name__)
 
@@ -22,44 +27,49 @@ _ROUND_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 
 class DraftMetrics:
     """The draft server's metrics; ``serve`` exposes them over HTTP until ``stop``."""
 
-    def __init__(self, live_sequences: Callable[[], int], max_sequences: int) -> None:
-        self.registry = CollectorRegistry()
-        self.live_sequences = Gauge(
-            "specdec_draft_live_sequences", "Sequences holding a KV cache now.", registry=self.registry
+    def __init__(self, stats: Callable[[], DraftStats], max_sequences: int) -> None:
+        self.registry = r = CollectorRegistry()
+        gauge = functools.partial(Gauge, registry=r)
+        counter = functools.partial(Counter, registry=r)
+        gauge("specdec_draft_live_sequences", "Sequences holding state (context, KV cache) now.").set_function(
+            lambda: stats().live_sequences
         )
-        self.live_sequences.set_function(live_sequences)
-        self.max_sequences = Gauge(
-            "specdec_draft_max_sequences", "Capacity: most sequences held at once.", registry=self.registry
+        gauge("specdec_draft_max_sequences", "Capacity: most sequences held at once.").set(max_sequences)
+        gauge("specdec_draft_suffix_cache_entries", "Suffixes in the suffix drafter's cache of recent outputs.").set_function(
+            lambda: stats().suffix_cache_entries
         )
-        self.max_sequences.set(max_sequences)
-        self.open_streams = Gauge("specdec_draft_open_streams", "Open Propose streams.", registry=self.registry)
-        self.proposals = Counter("specdec_draft_proposals", "Draft rounds completed.", registry=self.registry)
-        self.draft_tokens = Counter("specdec_draft_tokens", "Draft tokens proposed.", registry=self.registry)
-        self.q_bytes = Counter(
-            "specdec_draft_q_bytes", "Bytes of q rows sent (packed supports or dense rows).", registry=self.registry
+        gauge("specdec_draft_suffix_cache_bytes", "Estimated bytes of that cache.").set_function(
+            lambda: stats().suffix_cache_bytes
         )
-        self.errors = Counter(
-            "specdec_draft_errors", "Requests that failed, by gRPC status code.", ["code"], registry=self.registry
-        )
-        self.requests = Counter(
+        self.open_streams = gauge("specdec_draft_open_streams", "Open Propose streams.")
+        self.proposals = counter("specdec_draft_proposals", "Draft rounds completed, by drafter.", ["drafter"])
+        self.draft_tokens = counter("specdec_draft_tokens", "Draft tokens proposed, by drafter.", ["drafter"])
+        self.q_bytes = counter("specdec_draft_q_bytes", "Bytes of q rows sent (packed supports or dense rows).")
+        self.errors = counter("specdec_draft_errors", "Requests that failed, by gRPC status code.", ["code"])
+        self.requests = counter(
             "specdec_draft_requests",
             "RPCs answered (a Propose stream counts once, when it ends), by method and gRPC status code.",
             ["method", "code"],
-            registry=self.registry,
+        )
+        self.forwards = counter("specdec_draft_forwards", "Forward passes of the draft model (every stream's steps batched).")
+        self.forward_sequences = counter(
+            "specdec_draft_forward_sequences", "Sequences in those forward passes (divide by the forwards for the mean batch)."
         )
         self.round_seconds = Histogram(
-            "specdec_draft_round_seconds",
-            "Time of one draft round under the model lock (K+1 forwards' worth of work), excluding queueing.",
-            buckets=_ROUND_BUCKETS,
-            registry=self.registry,
+            "specdec_draft_round_seconds", "Time of one draft round in the service, from request to proposal.",
+            buckets=_ROUND_BUCKETS, registry=r,
         )
         self._http = None
 
-    def observe_round(self, seconds: float, num_tokens: int, q_bytes: int) -> None:
-        self.proposals.inc()
-        self.draft_tokens.inc(num_tokens)
+    def observe_round(self, seconds: float, drafter: str, num_tokens: int, q_bytes: int) -> None:
+        self.proposals.labels(drafter=drafter).inc()
+        self.draft_tokens.labels(drafter=drafter).inc(num_tokens)
         self.q_bytes.inc(q_bytes)
         self.round_seconds.observe(seconds)
+
+    def observe_forward(self, sequences: int) -> None:
+        self.forwards.inc()
+        self.forward_sequences.inc(sequences)
 
     def count_error(self, code: grpc.StatusCode) -> None:
         self.errors.labels(code=code.name).inc()

@@ -1,16 +1,16 @@
-"""Bootstrap of the draft gRPC server: load the model, bind, start; serving and stopping are the caller's.
+"""Bootstrap of the draft gRPC server: assemble the drafters, bind, start; serving and stopping are the caller's.
 
 Why it exists: tests and ``python -m draft_service`` need the same server, built the same way, but only the
 latter blocks on signals. ``create_server`` returns a started server bound to ``host:port`` (port 0 picks
 a free port) with health (SERVING) and method-aware reflection, the idle-TTL evictor and, when
 ``metrics_port`` > 0, the Prometheus endpoint. ``DraftServer.stop`` undoes all of it.
 
-Why grpcio's blocking server and not grpc.aio (which the orchestrator uses): a draft round is one model
-call between two messages, and the round trip is on the critical path of every speculative round. With
-aio the request hops from grpc's poller to the event loop, to a model thread and back; here the thread
-that reads the request runs the model and writes the reply, a shorter hop (bench/README.md, "Design
-measurements"). The cost is a thread per open stream, so the pool has
-``max_sequences`` threads for streams plus ``SPARE_THREADS`` that the servicer keeps free for health
+Why grpcio's blocking server and not grpc.aio (which the orchestrator uses): a draft round sits between
+two messages on the critical path of every speculative round. With aio the request hops from grpc's poller
+to the event loop, to a worker and back; here the thread that reads the request runs the round (a
+model-free drafter in place; a model drafter's forwards on the shared step loop) and writes the reply, a
+shorter hop (bench/README.md, "Design measurements"). The cost is a thread per open stream, so the pool
+has ``max_sequences`` threads for streams plus ``SPARE_THREADS`` that the servicer keeps free for health
 checks, GetStats, Release and reflection.
 """
 
@@ -18,49 +18,26 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 import torch
 from grpc_health.v1 import health
 
+from draft_service.build import build_core
 from draft_service.config import DraftConfig
-from draft_service.drafter import Drafter
+from draft_service.core import DraftCore
+from draft_service.drafters.steps import StepLoop
 from draft_service.metrics import DraftMetrics
 from draft_service.servicer import DraftServicer
-from specdec.engine import CausalLMEngine, SequenceStore
 from specdec.grpc_server import add_health_and_reflection, set_serving_blocking
-from specdec.models import load_model, parse_layers
 from specdec.v1 import draft_pb2, draft_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME: str = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name  # specdec.v1.DraftService
 SPARE_THREADS = 4  # server threads beyond one per stream: health, GetStats, Release, reflection
-
-
-def build_drafter(config: DraftConfig) -> Drafter:
-    """Load the draft model named by ``config`` (blocking: ~0.2 s, or ~20 s on the first SmolLM2 use)."""
-    keep = parse_layers(config.keep_layers)
-    layers = config.keep_layers or "all"
-    log.info("loading draft model %r (layers %s, %s, %s)", config.model, layers, config.device, config.dtype)
-    start = time.perf_counter()
-    model = load_model(
-        config.model,
-        device=config.device,
-        dtype=config.dtype,
-        keep_layers=keep,
-        cache_dir=Path(config.cache_dir) if config.cache_dir else None,
-    )
-    log.info(
-        "draft model loaded in %.1f s: %d layers, vocab %d",
-        time.perf_counter() - start, model.config.num_hidden_layers, model.config.vocab_size,
-    )
-    store = SequenceStore(config.max_sequences, config.idle_ttl_s)
-    return Drafter(CausalLMEngine(model, store), config.max_num_draft_tokens)
 
 
 @dataclass
@@ -70,10 +47,11 @@ class DraftServer:
     server: grpc.Server
     port: int
     health: health.HealthServicer
-    drafter: Drafter
+    core: DraftCore
     metrics: DraftMetrics
     metrics_port: int | None  # None when metrics are off
     threads: ThreadPoolExecutor
+    steps: StepLoop | None  # the model drafter's step loop; None when no model is loaded
     _stop_evicting: threading.Event = field(default_factory=threading.Event, repr=False)
     _evictor: threading.Thread | None = field(default=None, repr=False)
 
@@ -81,12 +59,14 @@ class DraftServer:
         """Drain and stop; when this returns every handler has finished and released its cache.
 
         Reports NOT_SERVING, stops the server (open streams get ``grace`` seconds, then are cancelled),
-        waits for the handler threads (grpc's shutdown event does not), then stops the evictor and the
-        metrics endpoint.
+        waits for the handler threads (grpc's shutdown event does not), then stops the model's step loop,
+        the evictor and the metrics endpoint.
         """
         set_serving_blocking(self.health, [SERVICE_NAME], False)
         self.server.stop(grace).wait()
         self.threads.shutdown(wait=True, cancel_futures=True)
+        if self.steps is not None:
+            self.steps.stop()
         self._stop_evicting.set()
         if self._evictor is not None:
             self._evictor.join()
@@ -95,39 +75,43 @@ class DraftServer:
 
     def start_evicting(self, interval_s: float) -> None:
         self._evictor = threading.Thread(
-            target=_evict_periodically, args=(self.drafter, interval_s, self._stop_evicting),
+            target=_evict_periodically, args=(self.core, interval_s, self._stop_evicting),
             name="draft-evictor", daemon=True,
         )
         self._evictor.start()
 
 
-def create_server(config: DraftConfig, drafter: Drafter | None = None) -> DraftServer:
+def create_server(
+    config: DraftConfig, model: torch.nn.Module | None = None, core: tuple[DraftCore, StepLoop | None] | None = None
+) -> DraftServer:
     """Build, bind and start the draft server; stop it with ``DraftServer.stop(grace)``.
 
-    ``drafter`` replaces loading the model named by ``config`` (tests). Loading blocks: ~0.2 s, or ~20 s
-    on the first SmolLM2 use.
+    ``model`` replaces loading the model named by ``config``, ``core`` the whole assembly (tests). Loading
+    blocks: ~0.2 s, or ~20 s on the first SmolLM2 use; a server offering only model-free drafters loads none.
     """
-    if drafter is None:
-        drafter = build_drafter(config)
+    metrics: DraftMetrics | None = None
+    if core is None:
+        core = build_core(config, model, on_forward=lambda n: metrics.observe_forward(n) if metrics else None)
+    draft_core, steps = core
     threads = ThreadPoolExecutor(
         max_workers=config.max_sequences + SPARE_THREADS, thread_name_prefix="draft-rpc",
         initializer=_init_server_thread, initargs=(config.threads,),
     )
-    metrics = DraftMetrics(lambda: drafter.stats().live_sequences, drafter.stats().max_sequences)
+    metrics = DraftMetrics(draft_core.stats, config.max_sequences)
     # SO_REUSEPORT off: a second server on a taken port must fail, not silently share it.
     server = grpc.server(threads, options=[("grpc.so_reuseport", 0)])
-    draft_pb2_grpc.add_DraftServiceServicer_to_server(DraftServicer(drafter, metrics, config.max_sequences), server)
+    draft_pb2_grpc.add_DraftServiceServicer_to_server(DraftServicer(draft_core, metrics, config.max_sequences), server)
     health_servicer = add_health_and_reflection(server, [SERVICE_NAME])
     host = f"[{config.host}]" if ":" in config.host else config.host
     try:
         port = server.add_insecure_port(f"{host}:{config.port}")
     except RuntimeError as exc:
-        threads.shutdown(wait=False)
+        _abandon(threads, steps)
         raise OSError(f"cannot bind {host}:{config.port}: {exc}") from exc
     if port == 0:
-        threads.shutdown(wait=False)
+        _abandon(threads, steps)
         raise OSError(f"cannot bind {host}:{config.port}")
-    handle = DraftServer(server, port, health_servicer, drafter, metrics, None, threads)
+    handle = DraftServer(server, port, health_servicer, draft_core, metrics, None, threads, steps)
     try:
         server.start()
         if config.metrics_port > 0:
@@ -147,9 +131,15 @@ def _init_server_thread(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def _evict_periodically(drafter: Drafter, interval_s: float, stop: threading.Event) -> None:
+def _abandon(threads: ThreadPoolExecutor, steps: StepLoop | None) -> None:
+    threads.shutdown(wait=False)
+    if steps is not None:
+        steps.stop()
+
+
+def _evict_periodically(core: DraftCore, interval_s: float, stop: threading.Event) -> None:
     while not stop.wait(interval_s):
         try:
-            drafter.evict_idle()
+            core.evict_idle()
         except Exception:  # noqa: BLE001 - keep evicting whatever happened once
             log.exception("idle eviction failed")

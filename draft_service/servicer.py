@@ -1,8 +1,8 @@
 """specdec.v1.DraftService on grpcio's thread-per-RPC server: protobuf <-> dataclasses at the edge.
 
 Why it exists: it is the only place that sees protobuf types. Each RPC converts its request into the
-drafter's dataclasses, runs the model under one lock (one forward at a time; health checks, GetStats and
-Release run on other threads meanwhile), and converts the result back. Errors go through one table
+core's dataclasses (`draft_service.core`), runs the round on the stream's own thread (a model drafter's
+forwards join the step loop shared by every stream), and converts the result back. Errors go through one table
 (``ERROR_TABLE``) via ``specdec.grpc_server.error_boundary``, which also counts every RPC.
 
 A Propose stream owns its sequence and a server thread: at most ``max_streams`` streams are open at once
@@ -20,14 +20,14 @@ from collections.abc import Iterator
 
 import grpc
 
-from draft_service.drafter import Drafter, ProposeRound
+from draft_service.core import DraftCore, ProposeRound
 from draft_service.metrics import DraftMetrics
-from specdec.engine import CapacityError, SequenceNotFoundError
 from specdec.grpc_server import ErrorTable, error_boundary
 from specdec.logs import SequenceLogger, tag_sequence
 from specdec.proposal import Proposal
 from specdec.proto import sampling_from_pb
 from specdec.rows import encode_rows
+from specdec.sequences import CapacityError, SequenceNotFoundError
 from specdec.v1 import draft_pb2, draft_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ def round_from_pb(pb: draft_pb2.ProposeRequest) -> ProposeRound:
         num_draft_tokens=pb.num_draft_tokens,
         sampling=sampling_from_pb(pb.sampling),
         seed=pb.seed,
+        drafter=pb.drafter,
     )
 
 
@@ -64,11 +65,10 @@ def proposal_to_pb(proposal: Proposal, vocab_size: int) -> draft_pb2.ProposeResp
 class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
     """The DraftService RPCs over a Drafter; safe to call from many server threads at once."""
 
-    def __init__(self, drafter: Drafter, metrics: DraftMetrics, max_streams: int) -> None:
-        self._drafter = drafter
+    def __init__(self, core: DraftCore, metrics: DraftMetrics, max_streams: int) -> None:
+        self._core = core
         self._metrics = metrics
         self._max_streams = max_streams
-        self._model_lock = threading.Lock()  # the Drafter runs one round at a time
         self._streams_lock = threading.Lock()
         self._open_streams = 0
         self._streaming: set[int] = set()  # sequence ids owned by an open Propose stream
@@ -94,12 +94,12 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
                         f"sequence_id must be the same on every request of a stream: "
                         f"this stream is {sequence_id}, got {round_.sequence_id}"
                     )
-                with self._model_lock:
-                    start = time.perf_counter()
-                    response = proposal_to_pb(self._drafter.propose(round_), self._drafter.vocab_size)
-                    seconds = time.perf_counter() - start
+                start = time.perf_counter()
+                proposal = self._core.propose(round_)
+                response = proposal_to_pb(proposal, self._core.vocab_size)
                 self._metrics.observe_round(
-                    seconds, round_.num_draft_tokens, len(response.q_probs) + len(response.q_index)
+                    time.perf_counter() - start, round_.drafter or self._core.default, len(proposal.token_ids),
+                    len(response.q_probs) + len(response.q_index),
                 )
                 yield response
         except BaseException as exc:
@@ -112,13 +112,15 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
     def Release(self, request: draft_pb2.ReleaseRequest, context: grpc.ServicerContext) -> draft_pb2.ReleaseResponse:
         if request.sequence_id == 0:
             raise ValueError("sequence_id must be non-zero")
-        return draft_pb2.ReleaseResponse(released=self._drafter.release(request.sequence_id))
+        return draft_pb2.ReleaseResponse(released=self._core.release(request.sequence_id))
 
     @error_boundary(ERROR_TABLE, log)
     def GetStats(self, request: draft_pb2.GetStatsRequest, context: grpc.ServicerContext) -> draft_pb2.GetStatsResponse:
-        stats = self._drafter.stats()
+        stats = self._core.stats()
         return draft_pb2.GetStatsResponse(
-            live_sequences=stats.live_sequences, max_sequences=stats.max_sequences, vocab_size=stats.vocab_size
+            live_sequences=stats.live_sequences, max_sequences=stats.max_sequences, vocab_size=stats.vocab_size,
+            drafters=stats.drafters, suffix_cache_entries=stats.suffix_cache_entries,
+            suffix_cache_bytes=stats.suffix_cache_bytes,
         )
 
     def _open(self) -> None:
@@ -146,5 +148,5 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
             if sequence_id is not None:
                 self._streaming.discard(sequence_id)
         self._metrics.open_streams.dec()
-        if sequence_id is not None and self._drafter.release(sequence_id):
+        if sequence_id is not None and self._core.release(sequence_id):
             SequenceLogger(log, sequence_id).debug("the Propose stream ended: cache released")

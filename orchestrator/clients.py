@@ -75,10 +75,13 @@ class DraftSession(Protocol):
         num_draft_tokens: int,
         params: SamplingParams,
         seed: int,
+        drafter: str = "",
     ) -> Proposal:
-        """Crop the cache to keep_length, feed append_token_ids, sample num_draft_tokens (K >= 1) from q.
+        """Crop the context to keep_length, append append_token_ids, propose up to num_draft_tokens (K >= 1)
+        tokens with ``drafter`` ("" = the service's default). ``cache_length`` of the answer is the new
+        context's length (keep_length + len(append_token_ids)).
 
-        Raises DraftCacheLost if the cache is gone, DraftError on any other failure."""
+        Raises DraftCacheLost if the context is gone, DraftError on any other failure."""
         ...
 
     async def close(self) -> None:
@@ -91,6 +94,10 @@ class DraftClient(Protocol):
 
     async def open(self, sequence_id: int, *, timeout: float | None = None) -> DraftSession:
         """Start a session for sequence_id; ``timeout`` (seconds) bounds the whole session."""
+        ...
+
+    async def drafters(self) -> tuple[str, ...]:
+        """The drafters the draft service offers, its default first. Raises DraftError if unreachable."""
         ...
 
     async def close(self) -> None:

@@ -26,8 +26,18 @@ class OrchestratorConfig:
     cache_dir: str = field(
         default="", metadata={"help": "converted-model cache ('' = $SPECDEC_CACHE_DIR or ~/.cache/specdec)"}
     )
-    default_num_draft_tokens: int = field(default=4, metadata={"help": "K when the request leaves it unset"})
-    max_num_draft_tokens: int = field(default=8, metadata={"help": "largest K a request may ask for"})
+    default_num_draft_tokens: str = field(
+        default="auto",
+        metadata={"help": "K when the request leaves it unset: 'auto' (chosen per round from measured acceptance "
+                  "and costs, 0 when drafting does not pay) or a fixed number"},
+    )
+    max_num_draft_tokens: int = field(default=8, metadata={"help": "largest K a request may ask for, and auto may choose"})
+    k_probe_rounds: int = field(
+        default=16, metadata={"help": "auto K: rounds with speculation off before one round tries drafting again"}
+    )
+    k_probe_rounds_max: int = field(
+        default=256, metadata={"help": "auto K: the longest wait between such probes (each that does not pay doubles it)"}
+    )
     default_max_new_tokens: int = field(
         default=64, metadata={"help": "max_new_tokens when the request leaves it unset"}
     )
@@ -63,8 +73,11 @@ class OrchestratorConfig:
     metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics HTTP port (0 = disabled)"})
 
     def __post_init__(self) -> None:
-        if not 0 <= self.default_num_draft_tokens <= self.max_num_draft_tokens:
-            raise ValueError("need 0 <= default_num_draft_tokens <= max_num_draft_tokens")
+        default = self.default_k
+        if self.max_num_draft_tokens < 0 or (default is not None and not 0 <= default <= self.max_num_draft_tokens):
+            raise ValueError("default_num_draft_tokens must be 'auto' or in [0, max_num_draft_tokens]")
+        if not 1 <= self.k_probe_rounds <= self.k_probe_rounds_max:
+            raise ValueError("need 1 <= k_probe_rounds <= k_probe_rounds_max")
         if not 1 <= self.default_max_new_tokens <= self.max_new_tokens_limit:
             raise ValueError("need 1 <= default_max_new_tokens <= max_new_tokens_limit")
         if self.context_length < 0 or self.draft_round_timeout_s < 0 or self.max_target_reprefills < 0:
@@ -73,6 +86,18 @@ class OrchestratorConfig:
             raise ValueError("draft_breaker_failures and draft_breaker_cooldown_s must be >= 0")
         if self.target_connect_timeout_s <= 0 or self.max_request_bytes < 1024:
             raise ValueError("target_connect_timeout_s must be > 0 and max_request_bytes >= 1024")
+
+
+    @property
+    def default_k(self) -> int | None:
+        """The default K: None for auto."""
+        text = self.default_num_draft_tokens.strip().lower()
+        if text == "auto":
+            return None
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"default_num_draft_tokens must be 'auto' or an integer, got {text!r}") from None
 
 
 def parse_orchestrator_config(argv: Sequence[str] | None = None) -> OrchestratorConfig:

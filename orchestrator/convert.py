@@ -35,7 +35,7 @@ class Limits:
 
     vocab_size: int
     context_length: int | None  # None = unknown/unbounded
-    default_num_draft_tokens: int
+    default_num_draft_tokens: int | None  # None = auto
     max_num_draft_tokens: int
     default_max_new_tokens: int
     max_new_tokens_limit: int
@@ -53,8 +53,9 @@ class ValidatedRequest:
     params: SamplingParams
     seed: int
     max_new_tokens: int
-    num_draft_tokens: int
+    num_draft_tokens: int | None  # None = auto
     stop: tuple[str, ...]
+    drafter: str = ""
 
 
 def request_from_pb(request: generation_pb2.GenerateRequest, limits: Limits) -> ValidatedRequest:
@@ -82,7 +83,7 @@ def request_from_pb(request: generation_pb2.GenerateRequest, limits: Limits) -> 
     num_draft_tokens = (
         request.num_draft_tokens if request.HasField("num_draft_tokens") else limits.default_num_draft_tokens
     )
-    if num_draft_tokens > limits.max_num_draft_tokens:
+    if num_draft_tokens is not None and num_draft_tokens > limits.max_num_draft_tokens:
         raise ValueError(f"num_draft_tokens: must be <= {limits.max_num_draft_tokens}, got {num_draft_tokens}")
     max_new_tokens = request.max_new_tokens if request.HasField("max_new_tokens") else limits.default_max_new_tokens
     if max_new_tokens < 1:
@@ -107,8 +108,10 @@ def request_from_pb(request: generation_pb2.GenerateRequest, limits: Limits) -> 
         if len(text) > limits.max_stop_chars:
             raise ValueError(f"stop[{i}]: {len(text)} characters exceed the limit of {limits.max_stop_chars}")
 
+    if len(request.drafter) > 64:
+        raise ValueError(f"drafter: {len(request.drafter)} characters, longer than any drafter's name")
     seed = request.sampling.seed if request.sampling.HasField("seed") else secrets.randbits(64)
-    return ValidatedRequest(request.prompt, ids, params, seed, max_new_tokens, num_draft_tokens, stop)
+    return ValidatedRequest(request.prompt, ids, params, seed, max_new_tokens, num_draft_tokens, stop, request.drafter)
 
 
 def stats_to_pb(stats: GenerationStats) -> generation_pb2.GenerationStats:
@@ -127,6 +130,11 @@ def stats_to_pb(stats: GenerationStats) -> generation_pb2.GenerationStats:
         draft_fallback_rounds=stats.draft_fallback_rounds,
         target_reprefills=stats.target_reprefills,
         total_time_ms=stats.total_time_s * 1e3,
+        auto_num_draft_tokens=stats.auto_num_draft_tokens,
+        rounds_by_k=stats.rounds_by_k,
+        speculation_off_rounds=stats.speculation_off_rounds,
+        probe_rounds=stats.probe_rounds,
+        drafter=stats.drafter,
     )
 
 
@@ -135,7 +143,7 @@ def limits_from(config: OrchestratorConfig, vocab_size: int, context_length: int
     return Limits(
         vocab_size=vocab_size,
         context_length=context_length,
-        default_num_draft_tokens=config.default_num_draft_tokens,
+        default_num_draft_tokens=config.default_k,
         max_num_draft_tokens=config.max_num_draft_tokens,
         default_max_new_tokens=config.default_max_new_tokens,
         max_new_tokens_limit=config.max_new_tokens_limit,

@@ -63,6 +63,7 @@ class GrpcDraftSession:
         num_draft_tokens: int,
         params: SamplingParams,
         seed: int,
+        drafter: str = "",
     ) -> Proposal:
         request = draft_pb2.ProposeRequest(
             sequence_id=self._sequence_id,
@@ -71,6 +72,7 @@ class GrpcDraftSession:
             num_draft_tokens=num_draft_tokens,
             sampling=sampling_to_pb(params),
             seed=seed,
+            drafter=drafter,
         )
         try:
             await self._call.write(request)
@@ -121,6 +123,13 @@ class GrpcDraftClient:
 
     async def open(self, sequence_id: int, *, timeout: float | None = None) -> GrpcDraftSession:
         return GrpcDraftSession(self._stub.Propose(timeout=timeout), sequence_id)
+
+    async def drafters(self) -> tuple[str, ...]:
+        try:
+            stats = await self._stub.GetStats(draft_pb2.GetStatsRequest(), timeout=_CLOSE_TIMEOUT_S * 5)
+        except grpc.aio.AioRpcError as exc:
+            raise _to_error(exc) from None
+        return tuple(stats.drafters)
 
     async def close(self) -> None:
         await self._channel.close()

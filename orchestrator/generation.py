@@ -31,7 +31,8 @@ class GenerationRequest:
     params: SamplingParams
     seed: int  # seeds the one torch.Generator that drives every random choice of the generation
     max_new_tokens: int  # >= 1
-    num_draft_tokens: int  # K >= 0; 0 = target-only
+    num_draft_tokens: int | None  # a fixed K >= 0 (0 = target-only), or None: chosen per round (auto)
+    drafter: str = ""  # the draft service's drafter to use; "" = its default
     eos_token_id: int | None = None
     context_length: int | None = None  # prompt + output at most; None = unbounded
     deadline: float | None = None  # time.monotonic() by which the generation must be done; None = none
@@ -41,12 +42,17 @@ class GenerationRequest:
 class GenerationStats:
     """Per-generation statistics, accumulated in place while the loop runs (times in seconds)."""
 
-    num_draft_tokens: int = 0
+    num_draft_tokens: int = 0  # the fixed K, or under auto the largest K the policy may choose
+    auto_num_draft_tokens: bool = False  # K was chosen per round
+    drafter: str = ""  # the drafter asked for ("" = the draft service's default)
     prompt_tokens: int = 0
     rounds: int = 0
+    rounds_by_k: list[int] = field(default_factory=list)  # element k counts the rounds run with K = k asked
+    speculation_off_rounds: int = 0  # rounds the policy ran target-only because drafting did not pay
+    probe_rounds: int = 0  # rounds the policy drafted while speculation was off, to see whether it pays again
     drafted_tokens: int = 0
     accepted_tokens: int = 0
-    accepted_per_position: list[int] = field(default_factory=list)  # [K] rounds accepting draft position i
+    accepted_per_position: list[int] = field(default_factory=list)  # rounds accepting draft position i+1
     emitted_tokens: int = 0  # accepted + one per round, before truncation at eos / the length limit
     draft_fallback_rounds: int = 0  # rounds that wanted drafts but ran target-only
     draft_fallback_reason: str = ""  # why the first of them did: "error" | "timeout" | "breaker_open" | "no_draft"
@@ -76,11 +82,14 @@ class Round:
     """What one round adds to the output."""
 
     token_ids: list[int]  # emitted tokens, without the eos token and anything past the length limit
-    num_draft_tokens: int  # k used this round (0 = target-only)
+    num_draft_tokens: int  # K asked of the draft this round (0 = target-only)
     accepted: int  # drafts accepted this round
     finish_reason: FinishReason | None  # set on the last round only
     stats: GenerationStats  # the generation's live statistics
     draft_fallback: bool = False  # the round wanted drafts but ran target-only
+    proposed: int = 0  # drafts the draft proposed (<= K; a lookup drafter may propose fewer)
+    speculation_off: bool = False  # the policy chose K = 0 because drafting did not pay
+    probe: bool = False  # the policy drafted to see whether drafting pays again
     seconds: float = 0.0  # wall time of the round
     draft_s: float = 0.0  # of which waiting on the draft
     target_s: float = 0.0  # of which waiting on the target

@@ -8,10 +8,15 @@ run in a task the loop keeps (``SpeculativeLoop.wait_released``), so the caller'
 the two acknowledgements (a full round trip to each service): the release messages go out at once,
 and each service handles them before anything later on the same stream or model instance.
 
-Bookkeeping per round, with ``n`` drafts accepted out of ``k`` and ``L`` = tokens before the round:
-the target fed all ``k`` drafts, so its valid cache is ``L + n`` (the emitted last token is not fed yet);
-the draft fed only its first ``k - 1`` drafts, so its valid cache is ``L + min(n, k - 1)``. The next round
-crops each cache to its valid length and appends the tokens it has not seen.
+K per round: fixed by the request, or chosen before each round by the generation's `KPolicy` from past
+rounds only (``orchestrator.k_policy``; K = 0 when drafting does not pay). The draft may propose fewer
+than K tokens (a lookup drafter whose match runs out; none at all makes a target-only round).
+
+Bookkeeping per round, with ``n`` of the proposed drafts accepted and ``L`` = tokens before the round: the
+target fed every draft, so its valid cache is ``L + n`` (the emitted last token is not fed yet); the
+draft's context is ``L`` (drafts are never part of it; a model drafter reuses the ones it fed itself). The
+next round crops each cache to its valid length and appends the tokens it has not seen, so a draft that
+sat out rounds (speculation off) catches up by appending what it missed.
 
 Failures: a failing draft (unreachable, too slow, its cache lost twice) turns the rest of the generation
 into target-only rounds (K = 0 through the same path: still exactly the target's distribution), and counts
@@ -49,10 +54,11 @@ from orchestrator.clients import (
     TargetUnavailable,
 )
 from orchestrator.generation import FinishReason, GenerationRequest, GenerationStats, LoopSettings, Round
+from orchestrator.k_policy import GREEDY, SAMPLE, Choice, KPolicy, PolicySettings, RoundOutcome, SharedEstimates
 from specdec.logs import SequenceLogger
 from specdec.proposal import Proposal
 from specdec.rows import PackedRows
-from specdec.sampling import RejectionResult, SamplingParams, rejection_sample_on_support
+from specdec.sampling import RejectionResult, rejection_sample_on_support
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +78,8 @@ def random_sequence_id() -> int:
 class SpeculativeLoop:
     """Runs generations against a target and (optionally) a draft; holds no per-generation state.
 
-    The one piece of state shared by generations is the draft's circuit breaker (``breaker``; built from
-    the settings unless given)."""
+    What generations share: the draft's circuit breaker (``breaker``; built from the settings unless
+    given) and the K policy's process-wide estimates (``estimates``: acceptance, costs)."""
 
     def __init__(
         self,
@@ -83,10 +89,12 @@ class SpeculativeLoop:
         *,
         new_sequence_id: Callable[[], int] = random_sequence_id,
         breaker: CircuitBreaker | None = None,
+        policy: PolicySettings | None = None,
     ) -> None:
         self.target = target
         self.draft = draft
         self.settings = settings or LoopSettings()
+        self.estimates = SharedEstimates(policy or PolicySettings())  # what auto K learns, process-wide
         self.new_sequence_id = new_sequence_id
         self.breaker = breaker or CircuitBreaker(self.settings.breaker_failures, self.settings.breaker_cooldown_s)
         self._releases: set[asyncio.Task] = set()  # ended generations' cache releases under way
@@ -119,11 +127,15 @@ class _Generation:
         self.request = request
         self.tokens: list[int] = list(request.prompt_token_ids)  # prompt + emitted
         self.generator = torch.Generator().manual_seed(request.seed)
-        k = request.num_draft_tokens
+        auto = request.num_draft_tokens is None
+        k = loop.estimates.settings.max_k if auto else request.num_draft_tokens
+        self.policy = KPolicy(loop.estimates, request.drafter, GREEDY if request.params.greedy else SAMPLE)
         self.stats = stats or GenerationStats()
-        self.stats.num_draft_tokens = k
+        self.stats.num_draft_tokens, self.stats.auto_num_draft_tokens = k, auto
+        self.stats.drafter = request.drafter
         self.stats.prompt_tokens = len(self.tokens)
         self.stats.accepted_per_position = [0] * k
+        self.stats.rounds_by_k = [0] * (k + 1)
         sequence_id = loop.new_sequence_id()
         self.stats.sequence_id = sequence_id
         self.log = SequenceLogger(log, sequence_id)
@@ -140,29 +152,24 @@ class _Generation:
         request, stats = self.request, self.stats
         limit, limit_reason = self._limit()
         emitted = 0
-        self.log.debug("started: prompt_tokens=%d limit=%d k=%d", len(self.tokens), limit, request.num_draft_tokens)
+        self.log.debug("started: prompt_tokens=%d limit=%d k=%s", len(self.tokens), limit,
+                       "auto" if request.num_draft_tokens is None else request.num_draft_tokens)
         try:
             while True:
                 self._remaining()  # raises once the deadline has passed
                 round_started, draft_before, target_before = time.monotonic(), stats.draft_time_s, stats.target_time_s
-                k = min(request.num_draft_tokens, limit - emitted - 1)  # never draft past the limit
+                choice = self._choose(limit - emitted - 1)  # never draft past the limit
+                k = choice.k
                 proposal = await self._propose(k) if k > 0 else None
-                if k > 0 and proposal is None:
-                    stats.draft_fallback_rounds += 1
                 drafts = list(proposal.token_ids) if proposal is not None else []
                 p = await self._score(drafts)  # [len(drafts) + 1, V]
                 result = self._rejection_sample(drafts, proposal.q if proposal is not None else None, p)
 
                 before = len(self.tokens)
                 self.target_valid = before + result.accepted
-                if drafts:
-                    self.draft_valid = before + min(result.accepted, len(drafts) - 1)
-                stats.rounds += 1
-                stats.drafted_tokens += len(drafts)
-                stats.accepted_tokens += result.accepted
-                stats.emitted_tokens += len(result.tokens)
-                for i in range(result.accepted):
-                    stats.accepted_per_position[i] += 1
+                if proposal is not None:
+                    self.draft_valid = before  # the draft's context: drafts are never part of it
+                self._count(choice, proposal, drafts, result.accepted, len(result.tokens))
 
                 new = result.tokens[: limit - emitted]
                 finish = None
@@ -173,18 +180,43 @@ class _Generation:
                     finish = limit_reason
                 self.tokens.extend(new)
                 emitted += len(new)
-                yield Round(
-                    new, len(drafts), result.accepted, finish, stats,
-                    draft_fallback=k > 0 and proposal is None,
-                    seconds=time.monotonic() - round_started,
-                    draft_s=stats.draft_time_s - draft_before,
-                    target_s=stats.target_time_s - target_before,
+                round_ = Round(
+                    new, k, result.accepted, finish, stats,
+                    draft_fallback=k > 0 and proposal is None, proposed=len(drafts),
+                    speculation_off=choice.off, probe=choice.probe, seconds=time.monotonic() - round_started,
+                    draft_s=stats.draft_time_s - draft_before, target_s=stats.target_time_s - target_before,
                 )  # fmt: skip
+                if not round_.draft_fallback:
+                    self.policy.observe(RoundOutcome(
+                        k, len(drafts), result.accepted, round_.draft_s, round_.target_s,
+                        max(0.0, round_.seconds - round_.draft_s - round_.target_s),
+                    ))  # fmt: skip
+                yield round_
                 if finish is not None:
                     return
         finally:
             stats.finished_at = time.monotonic()
             self.loop._release_later(self._release())
+
+    def _choose(self, room: int) -> Choice:
+        """This round's K: the request's, or the policy's; never more than ``room`` tokens."""
+        if self.request.num_draft_tokens is not None:
+            return Choice(max(0, min(self.request.num_draft_tokens, room)))
+        return self.policy.choose(room)
+
+    def _count(self, choice: Choice, proposal: Proposal | None, drafts: list[int], accepted: int, emitted: int) -> None:
+        stats = self.stats
+        stats.rounds += 1
+        stats.rounds_by_k[choice.k] += 1
+        stats.drafted_tokens += len(drafts)
+        stats.accepted_tokens += accepted
+        stats.emitted_tokens += emitted
+        for i in range(accepted):
+            stats.accepted_per_position[i] += 1
+        if choice.k > 0 and proposal is None:
+            stats.draft_fallback_rounds += 1
+        stats.speculation_off_rounds += choice.off
+        stats.probe_rounds += choice.probe
 
     def _limit(self) -> tuple[int, FinishReason]:
         limit, reason = self.request.max_new_tokens, FinishReason.LENGTH
@@ -257,7 +289,7 @@ class _Generation:
             keep, append = self.draft_valid, self.tokens[self.draft_valid :]
             try:
                 proposal = await self._call_draft(
-                    self.draft_session.propose(keep, append, k, self.request.params, seed)
+                    self.draft_session.propose(keep, append, k, self.request.params, seed, self.request.drafter)
                 )
             except DraftCacheLost:
                 if self.draft_reprefills >= self.loop.settings.max_draft_reprefills:
@@ -267,7 +299,7 @@ class _Generation:
                 self.draft_sequence_id = self.loop.new_sequence_id()  # never race the old stream's release
                 self.log.info("draft cache lost; re-sending the prefix as draft_sequence_id=%d", self.draft_sequence_id)
                 continue
-            _check_proposal(proposal, keep, len(append), k, self.request.params)
+            _check_proposal(proposal, keep, len(append), k)
             return proposal
 
     async def _call_draft(self, call: Awaitable[T]) -> T:
@@ -355,15 +387,13 @@ class _Generation:
         await asyncio.gather(*closes)  # both at once
 
 
-def _check_proposal(proposal: Proposal, keep: int, appended: int, k: int, params: SamplingParams) -> None:
-    """DraftError unless the proposal is the k tokens (and q rows) the round asked for."""
+def _check_proposal(proposal: Proposal, keep: int, appended: int, k: int) -> None:
+    """DraftError unless the proposal is at most the k tokens (and their q rows) the round asked for. No q
+    rows means a deterministic proposal (q one-hot at each token): exact under any sampling settings."""
     tokens: Sequence[int] = proposal.token_ids
-    if len(tokens) != k or any(t < 0 for t in tokens):
-        raise DraftError(f"draft returned {len(tokens)} tokens {list(tokens)[:16]}, expected {k} token ids")
-    if proposal.q is None and not params.greedy:
-        raise DraftError("draft returned no q rows for non-greedy sampling (q is one-hot only when greedy)")
-    if proposal.q is not None and (proposal.q.dim() != 2 or proposal.q.shape[0] != k):
-        raise DraftError(f"draft returned q of shape {tuple(proposal.q.shape)}, expected [{k}, V]")
-    expected = keep + appended + k - 1
-    if proposal.cache_length != expected:
-        raise DraftError(f"draft cache length is {proposal.cache_length}, expected {expected}")
+    if len(tokens) > k or any(t < 0 for t in tokens):
+        raise DraftError(f"draft returned {len(tokens)} tokens {list(tokens)[:16]}, expected at most {k} token ids")
+    if proposal.q is not None and (proposal.q.dim() != 2 or proposal.q.shape[0] != len(tokens)):
+        raise DraftError(f"draft returned q of shape {tuple(proposal.q.shape)}, expected [{len(tokens)}, V]")
+    if proposal.cache_length != keep + appended:
+        raise DraftError(f"draft cache length is {proposal.cache_length}, expected {keep + appended}")

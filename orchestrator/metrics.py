@@ -25,6 +25,9 @@ Names (Counters get ``_total`` from prometheus_client):
 - ``specdec_orchestrator_draft_breaker_state``: the draft circuit breaker, 0 closed, 1 half-open, 2 open
 - ``specdec_orchestrator_draft_breaker_transitions_total{state}``: breaker transitions, by new state
 - ``specdec_orchestrator_target_reprefills_total``: target caches re-sent (evicted, Triton restarted)
+- ``specdec_orchestrator_chosen_k``: the K each round ran with (histogram; under auto, the K chosen)
+- ``specdec_orchestrator_speculation_off_rounds_total``: rounds auto ran target-only because drafting did
+  not pay; ``specdec_orchestrator_probe_rounds_total``: rounds auto drafted to see whether it pays again
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ _SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 _GENERATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _RATE_BUCKETS = tuple(i / 10 for i in range(11))  # 0.0, 0.1, ..., 1.0
 _ACCEPTED_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 12, 16)
+_K_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16)
 
 
 class OrchestratorMetrics:
@@ -88,6 +92,15 @@ class OrchestratorMetrics:
             p + "draft_breaker_transitions", "Draft circuit breaker transitions, by new state", ["state"], registry=r
         )
         self.target_reprefills = Counter(p + "target_reprefills", "Target caches re-sent", registry=r)
+        self.chosen_k = Histogram(
+            p + "chosen_k", "K each round ran with (under auto: the K chosen)", buckets=_K_BUCKETS, registry=r
+        )
+        self.speculation_off_rounds = Counter(
+            p + "speculation_off_rounds", "Rounds auto K ran target-only because drafting did not pay", registry=r
+        )
+        self.probe_rounds = Counter(
+            p + "probe_rounds", "Rounds auto K drafted while off, to see whether drafting pays again", registry=r
+        )
 
     def observe_request(self, method: str, code: grpc.StatusCode) -> None:
         self.requests.labels(method=method, code=code.name).inc()
@@ -108,7 +121,10 @@ class OrchestratorMetrics:
         }
         for stage, seconds in stages.items():
             self.round_seconds.labels(stage=stage).observe(seconds)
-        if round_.num_draft_tokens:
+        self.chosen_k.observe(round_.num_draft_tokens)
+        self.speculation_off_rounds.inc(round_.speculation_off)
+        self.probe_rounds.inc(round_.probe)
+        if round_.num_draft_tokens and not round_.draft_fallback:
             self.rounds.labels(mode="speculative").inc()
             self.accepted_per_round.observe(round_.accepted)
             for position in range(1, round_.accepted + 1):

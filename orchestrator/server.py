@@ -23,10 +23,13 @@ from grpc_health.v1 import health
 from prometheus_client import CollectorRegistry, start_http_server
 
 from orchestrator.breaker import CircuitBreaker
+from orchestrator.catalog import DrafterCatalog
 from orchestrator.clients import DraftClient, TargetClient
 from orchestrator.config import OrchestratorConfig
 from orchestrator.convert import limits_from
-from orchestrator.loop import LoopSettings, SpeculativeLoop
+from orchestrator.generation import LoopSettings
+from orchestrator.k_policy import PolicySettings
+from orchestrator.loop import SpeculativeLoop
 from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.servicer import SERVICE_NAME, GenerationServicer, Tokenizer
 from specdec.grpc_server import add_health_and_reflection, set_serving
@@ -141,9 +144,17 @@ async def create_server(
         closers.append(httpd.shutdown)
         log.info("metrics on http://%s:%d/metrics", config.host, config.metrics_port)
 
-    loop = SpeculativeLoop(target_client, draft_client, settings, breaker=breaker)
+    policy = PolicySettings(
+        max_k=config.max_num_draft_tokens, probe_rounds=config.k_probe_rounds, probe_rounds_max=config.k_probe_rounds_max
+    )
+    loop = SpeculativeLoop(target_client, draft_client, settings, breaker=breaker, policy=policy)
     closers.insert(0, functools.partial(loop.wait_released, _RELEASE_WAIT_S))  # before the clients close
-    servicer = GenerationServicer(loop, tokenizer, limits_from(config, len(tokenizer), context_length), metrics)
+    catalog = DrafterCatalog(draft_client)
+    await catalog.refresh()  # one try now; the rest in the background
+    catalog.start()
+    closers.insert(0, catalog.close)
+    limits = limits_from(config, len(tokenizer), context_length)
+    servicer = GenerationServicer(loop, tokenizer, limits, metrics, catalog)
     closers.append(servicer.close)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", config.max_request_bytes)])
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(servicer, server)

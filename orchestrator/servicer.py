@@ -25,6 +25,7 @@ from typing import Protocol
 
 import grpc
 
+from orchestrator.catalog import DrafterCatalog
 from orchestrator.clients import (
     DeadlineExceeded,
     DraftError,
@@ -104,8 +105,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         tokenizer: Tokenizer,
         limits: Limits,
         metrics: OrchestratorMetrics | None = None,
+        catalog: DrafterCatalog | None = None,
     ) -> None:
         self._loop = loop
+        self._catalog = catalog or DrafterCatalog(loop.draft)
         self._tokenizer = tokenizer  # decoding, on the event loop thread only
         self._encoder = PromptEncoder(tokenizer)
         self._limits = limits
@@ -157,6 +160,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         stats = GenerationStats()  # the clock starts before tokenization
         deadline = None if time_remaining is None else time.monotonic() + time_remaining
         validated = request_from_pb(request, self._limits)
+        self._catalog.check(validated.drafter)
         generation = await self._to_generation_request(validated, deadline)
         text = TextStream(self._tokenizer, validated.stop)
         last, finish = TextDelta("", [], False), FinishReason.LENGTH
@@ -193,10 +197,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             metrics.live_generations.dec()
             metrics.observe_generation(outcome, stats)
             seq_log.info(
-                "finished outcome=%s prompt_tokens=%d emitted=%d rounds=%d k=%d accepted=%d/%d fallback_rounds=%d "
-                "fallback_reason=%s target_reprefills=%d ms=%.1f%s",
-                outcome, stats.prompt_tokens, stats.emitted_tokens, stats.rounds, stats.num_draft_tokens,
-                stats.accepted_tokens, stats.drafted_tokens, stats.draft_fallback_rounds,
+                "finished outcome=%s prompt_tokens=%d emitted=%d rounds=%d k=%s rounds_by_k=%s off_rounds=%d "
+                "accepted=%d/%d fallback_rounds=%d fallback_reason=%s target_reprefills=%d ms=%.1f%s",
+                outcome, stats.prompt_tokens, stats.emitted_tokens, stats.rounds,
+                f"auto<={stats.num_draft_tokens}" if stats.auto_num_draft_tokens else stats.num_draft_tokens,
+                stats.rounds_by_k, stats.speculation_off_rounds, stats.accepted_tokens, stats.drafted_tokens,
+                stats.draft_fallback_rounds,
                 stats.draft_fallback_reason or "-", stats.target_reprefills, stats.total_time_s * 1e3, error,
             )  # fmt: skip
 
@@ -219,6 +225,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             seed=request.seed,
             max_new_tokens=request.max_new_tokens,
             num_draft_tokens=request.num_draft_tokens,
+            drafter=request.drafter,
             eos_token_id=self._tokenizer.eos_token_id,
             context_length=context_length,
             deadline=deadline,

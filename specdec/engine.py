@@ -1,163 +1,197 @@
-"""A causal LM with one rollback-able KV cache per sequence id: the engine under both model servers.
+"""A causal LM that runs the new tokens of many sequences in one forward pass, each against its own KV cache.
 
-The draft service and the Triton target model do the same thing each round: roll a sequence's cache back
-to ``keep_length`` tokens (a crop, never a recompute), feed the tokens appended since, and hand back the
-logits of the last few positions. This module is that, plus the bookkeeping a long-running server needs:
-an idle TTL, a capacity, and distinct errors for "no such sequence" (the caller re-sends the prefix) and
-"full" (the caller backs off). It knows nothing of gRPC or Triton; the servers map its errors to statuses.
+Why it exists: the Triton target and the draft service's model drafter do the same thing each step, for
+every sequence that is ready: roll the sequence's cache back to ``keep_length`` tokens (a crop, never a
+recompute), feed the tokens appended since, and hand back the logits of the last few positions. Doing it
+for all ready sequences in **one** forward is where a server's capacity comes from: the weights are read
+once per step instead of once per sequence (docs/architecture.md, "Batching").
+
+How: the step's tokens are packed into one row ``[1, T]`` with each token's own position (``position_ids``),
+so every linear layer runs once over all of them. Attention is the only per-sequence part: the model's
+attention calls `ragged_attention` (registered with transformers' ``AttentionInterface`` under
+``specdec_ragged``), which writes each sequence's new keys and values into its `KVCache` in place and
+attends its queries to a view of that cache, with a causal mask over the new tokens. A step's cost grows
+with its new tokens (and the attention over each sequence's own history), never with copies of caches.
+Without a step plan (plain ``model(...)`` or ``generate``) the same model falls back to SDPA unchanged.
+
+Supported: decoder-only models whose attention modules go through transformers' attention interface and
+carry a ``layer_idx`` (Llama, Mistral without a sliding window, Qwen2, ... ; SmolLM2 is a Llama).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from specdec.kv_cache import KVCache, KVLayout
 
 log = logging.getLogger(__name__)
 
+ATTENTION = "specdec_ragged"
+_PLAN = "specdec_step_plan"
 
-class SequenceNotFoundError(LookupError):
-    """The sequence holds no cache here (never started, released, evicted, or the server restarted)."""
 
+@dataclass(frozen=True)
+class StepItem:
+    """One sequence's part of a step: crop ``cache`` to ``keep_length``, feed ``token_ids``, return the
+    logits of the last ``num_logits`` of them."""
 
-class CapacityError(RuntimeError):
-    """Starting another sequence would exceed the configured capacity."""
+    cache: KVCache
+    keep_length: int
+    token_ids: Sequence[int]
+    num_logits: int
 
 
 @dataclass
-class _Sequence:
-    cache: DynamicCache
-    last_used: float
-    length: int = 0
-    busy: bool = field(default=False)
+class _Segment:
+    cache: KVCache
+    start: int  # cached positions before this step (= keep_length)
+    count: int  # new tokens
+    offset: int  # where its tokens sit in the packed row
+    mask: torch.Tensor | None  # [count, start + count] bool: new token i sees positions <= start + i
+
+    @property
+    def end(self) -> int:
+        return self.start + self.count
 
 
-class SequenceStore:
-    """Per-sequence KV caches with an idle TTL and a capacity. Thread-safe."""
+class _StepPlan:
+    """What `ragged_attention` needs to know about the step in flight."""
 
-    def __init__(
-        self, max_sequences: int, idle_ttl_s: float, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        if max_sequences < 1:
-            raise ValueError(f"max_sequences must be >= 1, got {max_sequences}")
-        if idle_ttl_s <= 0:
-            raise ValueError(f"idle_ttl_s must be > 0, got {idle_ttl_s}")
-        self.max_sequences = max_sequences
-        self.idle_ttl_s = idle_ttl_s
-        self._clock = clock
-        self._sequences: dict[int, _Sequence] = {}
-        self._lock = threading.Lock()
+    def __init__(self, segments: list[_Segment]) -> None:
+        self.segments = segments
 
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._sequences)
+    def attend(
+        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None
+    ) -> torch.Tensor:
+        """query [1, H, T, D], key/value [1, Hkv, T, D] for the packed new tokens -> output [1, T, H, D]."""
+        _, heads, _, head_dim = query.shape
+        out = query.new_empty(1, query.shape[2], heads, head_dim)  # [1, T, H, D]
+        for s in self.segments:
+            kv = s.cache.buffer[layer]  # [2, Hkv, capacity, D]
+            new = slice(s.offset, s.offset + s.count)
+            kv[0, :, s.start : s.end] = key[0, :, new]
+            kv[1, :, s.start : s.end] = value[0, :, new]
+            attended = F.scaled_dot_product_attention(  # [1, H, count, D]
+                query[:, :, new],
+                kv[0, :, : s.end].unsqueeze(0),
+                kv[1, :, : s.end].unsqueeze(0),
+                attn_mask=s.mask,
+                scale=scaling,
+                enable_gqa=True,
+            )
+            out[:, new] = attended.transpose(1, 2)
+        return out
 
-    def __contains__(self, sequence_id: int) -> bool:
-        with self._lock:
-            return sequence_id in self._sequences
 
-    def checkout(self, sequence_id: int, *, start: bool) -> _Sequence:
-        """Take a sequence for one step; ``start`` creates it (or resets it) instead of requiring it."""
-        now = self._clock()
-        with self._lock:
-            self._evict_idle_locked(now)
-            entry = self._sequences.get(sequence_id)
-            if entry is not None and entry.busy:
-                raise ValueError(f"sequence {sequence_id} is already running a step")
-            if start:
-                if entry is None and len(self._sequences) >= self.max_sequences:
-                    raise CapacityError(
-                        f"{len(self._sequences)} sequences are live, the capacity is {self.max_sequences}"
-                    )
-                entry = _Sequence(cache=DynamicCache(), last_used=now)
-                self._sequences[sequence_id] = entry
-            elif entry is None:
-                raise SequenceNotFoundError(f"sequence {sequence_id} has no cache here (released, evicted or restarted)")
-            entry.busy = True
-            entry.last_used = now
-            return entry
+def ragged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention interface: a step of `CausalLMEngine` (its plan rides in the kwargs), or SDPA."""
+    plan: _StepPlan | None = kwargs.pop(_PLAN, None)
+    if plan is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return plan.attend(module.layer_idx, query, key, value, scaling), None
 
-    def checkin(self, entry: _Sequence) -> None:
-        with self._lock:
-            entry.busy = False
-            entry.last_used = self._clock()
 
-    def release(self, sequence_id: int) -> bool:
-        """Drop a sequence's cache; False if it held none."""
-        with self._lock:
-            return self._sequences.pop(sequence_id, None) is not None
-
-    def evict_idle(self) -> list[int]:
-        """Drop caches idle for longer than the TTL; returns their ids."""
-        with self._lock:
-            return self._evict_idle_locked(self._clock())
-
-    def _evict_idle_locked(self, now: float) -> list[int]:
-        expired = [
-            sid for sid, e in self._sequences.items() if not e.busy and now - e.last_used > self.idle_ttl_s
-        ]
-        for sid in expired:
-            del self._sequences[sid]
-            log.info("sequence_id=%d evicted: idle for more than %.0f s", sid, self.idle_ttl_s)
-        return expired
+AttentionInterface.register(ATTENTION, ragged_attention)
 
 
 class CausalLMEngine:
-    """Runs ``extend`` steps of one causal LM over the caches of a SequenceStore."""
+    """Runs steps of one causal LM over per-sequence `KVCache`s. Not thread-safe: one step at a time."""
 
-    def __init__(self, model: torch.nn.Module, store: SequenceStore) -> None:
+    def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
-        self.store = store
-        self.device = next(model.parameters()).device
+        self.layout = KVLayout.of(model)
+        self.device = self.layout.device
         self.vocab_size: int = int(model.config.vocab_size)
-        self.max_length: int = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+        self.max_length: int = self.layout.max_length
+        layers = [m for m in model.modules() if hasattr(m, "layer_idx") and "Attention" in type(m).__name__]
+        if sorted(m.layer_idx for m in layers) != list(range(self.layout.layers)):
+            raise ValueError(f"{type(model).__name__}: its attention layers are not numbered 0..{self.layout.layers - 1}")
+        if getattr(model.config, "sliding_window", None) and getattr(model.config, "use_sliding_window", True):
+            log.warning("%s declares a sliding window; specdec attends to the whole context", type(model).__name__)
+        model.config._attn_implementation = ATTENTION
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.layout)
 
     @torch.inference_mode()
-    def extend(
-        self, sequence_id: int, keep_length: int, token_ids: Sequence[int], num_logits: int, *, start: bool
-    ) -> torch.Tensor:
-        """Crop the cache to ``keep_length``, feed ``token_ids``, return logits [num_logits, V] float32.
+    def step(self, items: Sequence[StepItem]) -> list[torch.Tensor | ValueError]:
+        """One forward for every item; per item, its logits [num_logits, V] float32 or the ValueError that
+        refused it (keep_length beyond its cache, the context length, a cache given twice). A failed forward
+        raises for all; every cache then still holds its first ``keep_length`` tokens intact."""
+        results: list[torch.Tensor | ValueError] = [ValueError("not run")] * len(items)
+        segments, ids, positions, keep_rows, owners = [], [], [], [], []
+        seen: set[int] = set()
+        offset = 0
+        for index, item in enumerate(items):
+            try:
+                self._check(item, seen)
+            except ValueError as exc:
+                results[index] = exc
+                continue
+            count = len(item.token_ids)
+            start = item.keep_length
+            item.cache.reserve(start + count)
+            mask = None
+            if count > 1:
+                rows = torch.arange(count, device=self.device).unsqueeze(1)
+                mask = torch.arange(start + count, device=self.device).unsqueeze(0) <= start + rows
+            segments.append(_Segment(item.cache, start, count, offset, mask))
+            ids.extend(item.token_ids)
+            positions.extend(range(start, start + count))
+            keep_rows.extend(range(offset + count - item.num_logits, offset + count))
+            owners.append((index, len(keep_rows) - item.num_logits, item.num_logits))
+            offset += count
+        if not segments:
+            return results
+        for segment in segments:
+            segment.cache.length = min(segment.cache.length, segment.start)  # a failed forward leaves this
+        out = self.model(
+            input_ids=torch.tensor([ids], dtype=torch.long, device=self.device),  # [1, T]
+            position_ids=torch.tensor([positions], dtype=torch.long, device=self.device),  # [1, T]
+            use_cache=False,
+            logits_to_keep=torch.tensor(keep_rows, dtype=torch.long, device=self.device),  # [R]
+            **{_PLAN: _StepPlan(segments)},
+        )
+        logits = out.logits[0].float()  # [R, V]
+        for segment in segments:
+            segment.cache.length = segment.end
+        for index, first, count in owners:
+            results[index] = logits[first : first + count]
+        return results
 
-        ``start`` begins a fresh sequence (``keep_length`` must be 0). Raises ValueError for bad
-        arguments, SequenceNotFoundError and CapacityError as documented on SequenceStore.
-        """
-        if sequence_id == 0:
-            raise ValueError("sequence_id must be non-zero")
-        if not token_ids:
+    def extend(self, cache: KVCache, keep_length: int, token_ids: Sequence[int], num_logits: int) -> torch.Tensor:
+        """A step of one sequence: its logits [num_logits, V] float32 (ValueError as `step` refuses)."""
+        (result,) = self.step([StepItem(cache, keep_length, token_ids, num_logits)])
+        if isinstance(result, ValueError):
+            raise result
+        return result
+
+    def _check(self, item: StepItem, seen: set[int]) -> None:
+        cache, count = item.cache, len(item.token_ids)
+        if id(cache) in seen:
+            raise ValueError("a sequence appears twice in one step")
+        if count < 1:
             raise ValueError("at least one token must be appended")
-        if not 1 <= num_logits <= len(token_ids):
-            raise ValueError(f"num_logits must be in [1, {len(token_ids)}] (tokens appended), got {num_logits}")
-        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"token ids out of the vocabulary [0, {self.vocab_size}): {bad[:5]}")
-        if keep_length < 0:
-            raise ValueError(f"keep_length must be >= 0, got {keep_length}")
-        if start and keep_length != 0:
-            raise ValueError(f"a sequence starts with keep_length 0, got {keep_length}")
-        entry = self.store.checkout(sequence_id, start=start)
-        try:
-            if keep_length > entry.length:
-                raise ValueError(f"keep_length {keep_length} exceeds the cached length {entry.length}")
-            if keep_length + len(token_ids) > self.max_length:
-                raise ValueError(
-                    f"{keep_length + len(token_ids)} tokens exceed the context length {self.max_length}"
-                )
-            if keep_length < entry.length:
-                entry.cache.crop(keep_length - entry.length)
-            entry.length = keep_length  # stays consistent if the forward below fails
-            ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)  # [1, T]
-            out = self.model(input_ids=ids, cache=entry.cache, use_cache=True, logits_to_keep=num_logits)
-            entry.length = keep_length + len(token_ids)
-            return out.logits[0, -num_logits:].float()  # [num_logits, V]
-        except BaseException:
-            # A failed forward may leave the cache half-appended: drop it so nothing stale is reused.
-            if entry.cache.get_seq_length() != entry.length:
-                self.store.release(sequence_id)
-            raise
-        finally:
-            self.store.checkin(entry)
+        if not 1 <= item.num_logits <= count:
+            raise ValueError(f"num_logits must be in [1, {count}] (tokens appended), got {item.num_logits}")
+        if not 0 <= item.keep_length <= cache.length:
+            raise ValueError(f"keep_length {item.keep_length} exceeds the cached length {cache.length}")
+        if item.keep_length + count > self.max_length:
+            raise ValueError(f"{item.keep_length + count} tokens exceed the context length {self.max_length}")
+        seen.add(id(cache))

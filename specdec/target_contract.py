@@ -114,6 +114,9 @@ TRITON_NOT_SERVING = (
 METRIC_LIVE_SEQUENCES = "specdec_target_live_sequences"  # gauge; labels model, instance
 METRIC_REQUESTS = "specdec_target_requests_total"  # counter; labels model, instance, code
 METRIC_OUTPUT_BYTES = "specdec_target_output_bytes_total"  # counter of output tensor bytes; labels model, instance
+METRIC_KV_BYTES = "specdec_target_kv_bytes"  # gauge: KV cache bytes held; labels model, instance
+METRIC_FORWARDS = "specdec_target_forwards_total"  # counter: forward passes; labels model, instance
+METRIC_FORWARD_SEQUENCES = "specdec_target_forward_sequences_total"  # counter: sequences in those forwards
 
 
 class ErrorKind(enum.Enum):

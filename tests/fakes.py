@@ -128,6 +128,7 @@ class FakeDraftSession:
         num_draft_tokens: int,
         params: SamplingParams,
         seed: int,
+        drafter: str = "",
     ) -> Proposal:
         client = self.client
         index = len(client.calls.requests)
@@ -143,15 +144,17 @@ class FakeDraftSession:
         drafts: list[int] = []
         rows = []
         for i in range(num_draft_tokens):
-            if client.policy is not None:
-                drafts.append(client.policy(self.cache + drafts, i))
+            if client.policy is not None:  # a deterministic drafter; None ends its proposal early
+                token = client.policy(self.cache + drafts, i)
+                if token is None:
+                    break
+                drafts.append(token)
                 continue
             q = warp(client.model(self.cache + drafts), params)  # [V]
             rows.append(q)
             drafts.append(int(sample(q.unsqueeze(0), generator)[0]))
-        self.cache += drafts[:-1]  # the last draft is sampled, never fed
         q_rows = None if params.greedy or not rows else torch.stack(rows)[:, : client.q_width]
-        return Proposal(token_ids=tuple(drafts), q=q_rows, cache_length=len(self.cache))
+        return Proposal(token_ids=tuple(drafts), q=q_rows, cache_length=len(self.cache))  # the context
 
     async def close(self) -> None:
         await asyncio.sleep(self.client.close_delay_s)
@@ -159,12 +162,13 @@ class FakeDraftSession:
 
 
 class FakeDraft:
-    """A draft from a model (noisy target) or from a policy(prefix, position) -> token (greedy, q = None)."""
+    """A draft from a model (noisy target) or a policy(prefix, position) -> token | None (deterministic, q = None;
+    None proposes fewer tokens)."""
 
     def __init__(
         self,
         model: Callable[[Sequence[int]], torch.Tensor] = noisy_draft_logits,
-        policy: Callable[[list[int], int], int] | None = None,
+        policy: Callable[[list[int], int], int | None] | None = None,
         fail_at: dict[int, Exception] | None = None,
         delay_s: float = 0.0,
         q_width: int | None = None,
@@ -173,10 +177,14 @@ class FakeDraft:
         self.model, self.policy, self.fail_at = model, policy, fail_at or {}
         self.delay_s, self.q_width, self.close_delay_s = delay_s, q_width, close_delay_s
         self.calls = Calls()
+        self.offered: tuple[str, ...] = ("model", "ngram")
 
     async def open(self, sequence_id: int, *, timeout: float | None = None) -> FakeDraftSession:
         self.calls.opened.append(sequence_id)
         return FakeDraftSession(self, sequence_id)
+
+    async def drafters(self) -> tuple[str, ...]:
+        return self.offered
 
     async def close(self) -> None:
         pass
@@ -275,6 +283,7 @@ def metric_value(running: Running, name: str, labels: dict[str, str] | None = No
 async def serving(tokenizer, target=None, draft=None, **config_fields) -> AsyncIterator[Running]:
     target = target or FakeTarget(model=big_target)
     draft = draft or FakeDraft(model=big_draft)
+    config_fields.setdefault("default_num_draft_tokens", "4")  # a fixed K unless a test asks for auto
     config = OrchestratorConfig(port=0, context_length=CONTEXT, **config_fields)
     server, port = await create_server(config, draft_client=draft, target_client=target, tokenizer=tokenizer)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 8 << 20)])
@@ -319,3 +328,15 @@ def random_logits(*shape: int, seed: int = 0, scale: float = 2.0) -> torch.Tenso
 
 def random_probs(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.softmax(random_logits(*shape, seed=seed), dim=-1)
+
+
+def tiny_llama(vocab_size: int = 64, max_positions: int = 128, seed: int = 0) -> torch.nn.Module:
+    """An in-memory random Llama (2 layers, hidden 32), for tests of the engine and the target model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=max_positions,
+    )
+    return LlamaForCausalLM(config).eval()

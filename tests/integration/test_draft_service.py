@@ -23,9 +23,13 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from draft_service.build import build_core
 from draft_service.config import DraftConfig
-from draft_service.drafter import Drafter, Proposal, ProposeRound
-from draft_service.server import SERVICE_NAME, build_drafter, create_server
+from draft_service.core import DraftCore
+from draft_service.drafters.base import Drafter, DraftRequest, DraftSequence
+from draft_service.drafters.steps import StepLoop
+from draft_service.server import SERVICE_NAME, create_server
+from specdec.proposal import Proposal
 from specdec.rows import decode_packed
 from specdec.tiny import TINY_VOCAB_SIZE, save_tiny_llama
 from specdec.v1 import draft_pb2, draft_pb2_grpc, sampling_pb2
@@ -41,8 +45,8 @@ Stub = draft_pb2_grpc.DraftServiceStub
 class RunningServer:
     """A started draft server and a blocking channel to it."""
 
-    def __init__(self, config: DraftConfig, drafter: Drafter | None = None) -> None:
-        self.handle = create_server(config, drafter)
+    def __init__(self, config: DraftConfig, core: tuple[DraftCore, StepLoop | None] | None = None) -> None:
+        self.handle = create_server(config, core=core)
         self.port = self.handle.port
         self.address = f"127.0.0.1:{self.port}"
         self.channel = grpc.insecure_channel(self.address)
@@ -129,22 +133,23 @@ def test_a_stream_of_rounds_then_release_on_completion(server: RunningServer, st
     stream = Stream(stub)
     first = stream.round(append_token_ids=PROMPT, num_draft_tokens=4, seed=1)
     assert len(first.draft_token_ids) == 4 and first.vocab_size == TINY_VOCAB_SIZE
-    assert first.cache_length == len(PROMPT) + 3
+    assert first.cache_length == len(PROMPT)  # the context; drafts are never part of it
     q = decode_packed(first.q_probs, first.q_index, 4, first.vocab_size).dense()
     torch.testing.assert_close(q.sum(-1), torch.ones(4), atol=1e-5, rtol=0)
     assert all(q[i, t] > 0 for i, t in enumerate(first.draft_token_ids))
     assert server.live_sequences() == 1
-    # The target accepted 2 drafts and produced token 9: keep prompt + 2, append 9.
+    # The target accepted 2 drafts and produced token 9: keep the context, append those three.
     sampling = sampling_pb2.SamplingParams(temperature=0.5, top_k=10, top_p=0.9)
     second = stream.round(
-        keep_length=len(PROMPT) + 2, append_token_ids=[9], num_draft_tokens=3, sampling=sampling, seed=2
+        keep_length=first.cache_length, append_token_ids=[*first.draft_token_ids[:2], 9], num_draft_tokens=3,
+        sampling=sampling, seed=2,
     )
     q2 = decode_packed(second.q_probs, second.q_index, 3, TINY_VOCAB_SIZE).dense()
     assert ((q2 > 0).sum(-1) <= 10).all()
     assert 0 < len(second.q_index) <= 3 * 10 * 4  # top-k 10: only the support travels
-    assert second.cache_length == len(PROMPT) + 2 + 1 + 2
+    assert second.cache_length == len(PROMPT) + 3
     greedy = stream.round(
-        keep_length=second.cache_length, append_token_ids=[second.draft_token_ids[-1]], num_draft_tokens=2,
+        keep_length=second.cache_length, append_token_ids=[*second.draft_token_ids], num_draft_tokens=2,
         sampling=sampling_pb2.SamplingParams(temperature=0.0),
     )
     assert greedy.q_probs == b"" and len(greedy.draft_token_ids) == 2
@@ -207,7 +212,7 @@ def test_after_not_found_a_new_stream_re_prefills(stub: Stub) -> None:
         stream.round(sequence_id=42, keep_length=len(PROMPT), append_token_ids=[1])
     # The status ended that stream; the orchestrator opens a new one and re-sends the prefix.
     retry = Stream(stub)
-    assert retry.round(sequence_id=42, append_token_ids=[*PROMPT, 1]).cache_length == len(PROMPT) + 1 + 3
+    assert retry.round(sequence_id=42, append_token_ids=[*PROMPT, 1]).cache_length == len(PROMPT) + 1
     retry.close()
 
 
@@ -225,6 +230,7 @@ def test_after_not_found_a_new_stream_re_prefills(stub: Stub) -> None:
         (dict(append_token_ids=PROMPT, sampling=SAMPLING(top_p=0.0)), "sampling.top_p"),
         (dict(append_token_ids=PROMPT, sampling=SAMPLING(top_p=1.5)), "sampling.top_p"),
         (dict(append_token_ids=PROMPT, sampling=SAMPLING(top_k=65)), "sampling.top_k must be <= vocab size 64"),
+        (dict(append_token_ids=PROMPT, drafter="magic"), "drafter must be one of"),
     ],
 )
 def test_invalid_requests_and_the_server_stays_up(server: RunningServer, stub: Stub, fields: dict, pattern: str) -> None:
@@ -271,6 +277,7 @@ def test_resource_exhausted_past_capacity(tiny_folder: Path) -> None:
         assert "capacity" in error.value.details()
         stats = running.stub.GetStats(draft_pb2.GetStatsRequest(), timeout=5)
         assert (stats.live_sequences, stats.max_sequences, stats.vocab_size) == (1, 1, TINY_VOCAB_SIZE)
+        assert list(stats.drafters) == ["model", "ngram", "suffix", "hybrid"]
         holder.close()
         wait_until(lambda: running.live_sequences() == 0, "the holder's release")
         Stream(running.stub).round(sequence_id=2, append_token_ids=PROMPT)  # room again
@@ -326,26 +333,39 @@ def test_a_taken_port_is_refused(server: RunningServer, tiny_folder: Path) -> No
         RunningServer(tiny_config(tiny_folder, port=server.port))
 
 
-class _FailingDrafter(Drafter):
-    def propose(self, request: ProposeRound) -> Proposal:
-        self.engine.extend(request.sequence_id, 0, request.append_token_ids, 1, start=True)  # holds a cache
-        raise RuntimeError("secret internal detail")
+class _Wrapped:
+    """The model drafter, wrapped to fail or to block on cue."""
 
+    name = "model"
 
-class _BlockingDrafter(Drafter):
-    def __init__(self, inner: Drafter) -> None:
-        super().__init__(inner.engine, inner.max_num_draft_tokens)
+    def __init__(self, inner: Drafter, fail: bool = False) -> None:
+        self.inner, self.fail = inner, fail
         self.entered, self.proceed = threading.Event(), threading.Event()
 
-    def propose(self, request: ProposeRound) -> Proposal:
+    def propose(self, request: DraftRequest) -> Proposal:
         self.entered.set()
         assert self.proceed.wait(30)
-        return super().propose(request)
+        proposal = self.inner.propose(request)  # the sequence now holds a KV cache
+        if self.fail:
+            raise RuntimeError("secret internal detail")
+        return proposal
+
+    def finish(self, sequence: DraftSequence) -> None:
+        self.inner.finish(sequence)
+
+
+def wrapped_core(folder: Path, fail: bool = False) -> tuple[tuple[DraftCore, StepLoop | None], _Wrapped]:
+    core, loop = build_core(tiny_config(folder, drafters="model"))
+    wrapper = _Wrapped(core.drafters["model"], fail)
+    core.drafters["model"] = wrapper
+    core.components = (wrapper,)
+    return (core, loop), wrapper
 
 
 def test_unexpected_errors_are_internal_without_details_and_release(tiny_folder: Path) -> None:
-    inner = build_drafter(tiny_config(tiny_folder))
-    running = RunningServer(tiny_config(tiny_folder), _FailingDrafter(inner.engine, 4))
+    core, wrapper = wrapped_core(tiny_folder, fail=True)
+    wrapper.proceed.set()
+    running = RunningServer(tiny_config(tiny_folder), core)
     try:
         with pytest.raises(grpc.RpcError) as error:
             Stream(running.stub).round(sequence_id=5, append_token_ids=PROMPT)
@@ -357,8 +377,8 @@ def test_unexpected_errors_are_internal_without_details_and_release(tiny_folder:
 
 
 def test_health_and_stats_answer_while_a_round_runs(tiny_folder: Path) -> None:
-    drafter = _BlockingDrafter(build_drafter(tiny_config(tiny_folder)))
-    running = RunningServer(tiny_config(tiny_folder), drafter)
+    core, drafter = wrapped_core(tiny_folder)
+    running = RunningServer(tiny_config(tiny_folder), core)
     try:
         requests: queue.Queue = queue.Queue()
         responses = running.stub.Propose(iter(requests.get, None), timeout=30)
@@ -380,25 +400,25 @@ def test_health_and_stats_answer_while_a_round_runs(tiny_folder: Path) -> None:
 
 def test_stopping_the_server_ends_open_streams_and_releases_their_caches(tiny_folder: Path) -> None:
     """``stop`` returns only after every handler has finished, even one caught in the middle of a round."""
-    drafter = _BlockingDrafter(build_drafter(tiny_config(tiny_folder)))
+    core, drafter = wrapped_core(tiny_folder)
     drafter.proceed.set()
-    running = RunningServer(tiny_config(tiny_folder), drafter)
+    running = RunningServer(tiny_config(tiny_folder), core)
     stopped = False
     try:
         idle, busy = Stream(running.stub), Stream(running.stub)
         idle.round(sequence_id=1, append_token_ids=PROMPT)
         first = busy.round(sequence_id=2, append_token_ids=PROMPT)
-        assert drafter.stats().live_sequences == 2
+        assert core[0].stats().live_sequences == 2
         drafter.entered.clear()
         drafter.proceed.clear()
         busy._requests.put(
-            draft_pb2.ProposeRequest(sequence_id=2, keep_length=first.cache_length, append_token_ids=[1])
+            draft_pb2.ProposeRequest(sequence_id=2, keep_length=first.cache_length, append_token_ids=[1], num_draft_tokens=2)
         )
         assert drafter.entered.wait(10)  # the busy stream's second round is in the model
         threading.Timer(0.5, drafter.proceed.set).start()  # it finishes after the server stopped
         running.handle.stop(0)
         stopped = True
-        assert drafter.stats().live_sequences == 0
+        assert core[0].stats().live_sequences == 0
         for stream in (idle, busy):
             with pytest.raises(grpc.RpcError) as error:
                 next(stream.responses)
@@ -440,7 +460,7 @@ def test_metrics_endpoint_serves_the_live_sequences_gauge(
             return response.read().decode()
 
     def tokens(text: str) -> float:
-        return float(re.search(r"^specdec_draft_tokens_total (\S+)$", text, re.MULTILINE)[1])
+        return sum(float(v) for v in re.findall(r'^specdec_draft_tokens_total\{drafter="model"\} (\S+)$', text, re.MULTILINE))
 
     assert server.handle.metrics_port == metrics_port
     before = tokens(scrape())
@@ -470,7 +490,7 @@ def test_smollm2_self_draft_proposes_over_grpc() -> None:
     try:
         stream = Stream(running.stub)
         sampled = stream.round(sequence_id=1, append_token_ids=prompt, num_draft_tokens=3, seed=5)
-        assert sampled.vocab_size == 49152 and sampled.cache_length == len(prompt) + 2
+        assert sampled.vocab_size == 49152 and sampled.cache_length == len(prompt)
         q = decode_packed(sampled.q_probs, sampled.q_index, 3, 49152).dense()
         torch.testing.assert_close(q.sum(-1), torch.ones(3), atol=1e-4, rtol=0)
         greedy = stream.round(
@@ -480,5 +500,25 @@ def test_smollm2_self_draft_proposes_over_grpc() -> None:
         assert greedy.q_probs == greedy.q_index == b"" and all(0 <= t < 49152 for t in greedy.draft_token_ids)
         stream.close()
         wait_until(lambda: running.live_sequences() == 0, "release")
+    finally:
+        running.stop()
+
+
+def test_a_model_free_replica_loads_no_model_and_proposes_from_its_context() -> None:
+    """``--drafters ngram,suffix``: no model folder is read (this one does not exist), no GPU is needed."""
+    running = RunningServer(DraftConfig(host="127.0.0.1", port=0, drafters="suffix,ngram", model="/no/such/model"))
+    try:
+        stats = running.stub.GetStats(draft_pb2.GetStatsRequest(), timeout=5)
+        assert list(stats.drafters) == ["suffix", "ngram"] and stats.vocab_size == 0
+        stream = Stream(running.stub)
+        repeated = [7, 8, 9, 10, 11, 3, 7, 8, 9]
+        lookup = stream.round(sequence_id=5, append_token_ids=repeated, num_draft_tokens=2, drafter="ngram")
+        assert list(lookup.draft_token_ids) == [10, 11] and lookup.q_probs == b"" and lookup.cache_length == 9
+        nothing = stream.round(sequence_id=5, keep_length=9, append_token_ids=[99], num_draft_tokens=4)
+        assert list(nothing.draft_token_ids) == [] and nothing.cache_length == 10  # no match: an empty proposal
+        stream.close()
+        wait_until(lambda: running.live_sequences() == 0, "release")
+        # The finished sequence taught the suffix cache: another sequence gets its continuation.
+        assert running.stub.GetStats(draft_pb2.GetStatsRequest(), timeout=5).suffix_cache_entries > 0
     finally:
         running.stop()

@@ -1,7 +1,8 @@
-"""The whole system on real parts: the real Triton server, SmolLM2-135M as target, a SmolLM2 self-draft.
+"""The whole system on real parts: the real Triton server, SmolLM2-135M as target, every drafter the draft
+service offers (a SmolLM2 self-draft, prompt lookup, suffix drafting, the hybrid).
 
-Greedy speculative output must equal greedy target-only output token for token; a seed must reproduce
-sampled text; the statistics must add up; every exit path (done, cancelled stream, bad request) must leave
+Greedy speculative output must equal greedy target-only output token for token, for every drafter, fixed
+K and auto K; a seed must reproduce sampled text; the statistics must add up; every exit path (done, cancelled stream, bad request) must leave
 zero live sequences on both the draft service and the Triton model; bad requests are refused precisely.
 """
 
@@ -26,22 +27,32 @@ PROMPTS = [
 ]
 
 
-def generate(stub, prompt: str, k: int | None, max_new: int = 24, **sampling) -> generation_pb2.GenerateResponse:
+DRAFTERS = ["model", "ngram", "suffix", "hybrid"]
+
+
+def generate(
+    stub, prompt: str, k: int | None, max_new: int = 24, drafter: str = "model", **sampling
+) -> generation_pb2.GenerateResponse:
     request = generation_pb2.GenerateRequest(
-        prompt=prompt, max_new_tokens=max_new, sampling=sampling_pb2.SamplingParams(**sampling)
+        prompt=prompt, max_new_tokens=max_new, sampling=sampling_pb2.SamplingParams(**sampling), drafter=drafter
     )
     if k is not None:
         request.num_draft_tokens = k
     return stub.Generate(request, timeout=300)
 
 
-def check_stats(response: generation_pb2.GenerateResponse, k: int) -> None:
+def check_stats(response: generation_pb2.GenerateResponse, k: int | None, drafter: str = "model") -> None:
     stats = response.stats
+    assert stats.auto_num_draft_tokens == (k is None) and stats.drafter == drafter
+    k = stats.num_draft_tokens if k is None else k
     assert stats.num_draft_tokens == k
     assert stats.emitted_tokens == stats.accepted_tokens + stats.rounds
-    # A round proposes K tokens, fewer near the end (never drafting past max_new_tokens), none in fallback.
-    assert stats.accepted_tokens <= stats.drafted_tokens <= k * (stats.rounds - stats.draft_fallback_rounds)
-    if k:
+    assert sum(stats.rounds_by_k) == stats.rounds and len(stats.rounds_by_k) == k + 1
+    # A round proposes at most its K tokens, fewer near the end (never past max_new_tokens) or when a lookup's
+    # match runs out, none in fallback.
+    asked = sum(i * n for i, n in enumerate(stats.rounds_by_k))
+    assert stats.accepted_tokens <= stats.drafted_tokens <= asked
+    if k and drafter == "model" and not stats.auto_num_draft_tokens:
         assert stats.drafted_tokens > 0
     assert 0.0 <= stats.acceptance_rate <= 1.0
     if stats.drafted_tokens:
@@ -61,10 +72,11 @@ def test_greedy_speculative_equals_greedy_target_only(stub, prompt: str) -> None
     check_stats(baseline, 0)
     assert baseline.stats.rounds == baseline.stats.emitted_tokens  # one token per target call
     assert len(baseline.token_ids) > 0
-    for k in (1, 4):
-        speculative = generate(stub, prompt, k=k, temperature=0.0)
-        check_stats(speculative, k)
-        assert list(speculative.token_ids) == list(baseline.token_ids), f"K={k} diverged from target-only"
+    for drafter, k in [("model", 1), *((d, k) for d in DRAFTERS for k in (4, None))]:
+        speculative = generate(stub, prompt, k=k, drafter=drafter, temperature=0.0)
+        check_stats(speculative, k, drafter)
+        where = f"{drafter} with K={'auto' if k is None else k}"
+        assert list(speculative.token_ids) == list(baseline.token_ids), f"{where} diverged from target-only"
         assert speculative.text == baseline.text
 
 
@@ -81,7 +93,7 @@ def test_the_same_seed_gives_the_same_sampled_text(stub) -> None:
 
 def test_stream_chunks_add_up_to_the_unary_response(stub) -> None:
     request = generation_pb2.GenerateRequest(
-        prompt=PROMPTS[0], max_new_tokens=20, num_draft_tokens=3,
+        prompt=PROMPTS[0], max_new_tokens=20, num_draft_tokens=3, drafter="model",
         sampling=sampling_pb2.SamplingParams(temperature=0.7, seed=7),
     )
     unary = stub.Generate(request, timeout=300)

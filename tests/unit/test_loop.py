@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import torch
 
 from orchestrator.clients import (
     DeadlineExceeded,
@@ -33,6 +34,7 @@ from tests.fakes import (
     FakeTargetSession,
     V,
     agree_first,
+    argmax_target,
     asyncio_test,
     greedy_reference,
     ids,
@@ -58,8 +60,9 @@ async def test_accept_all_bookkeeping():
     # Round 1: both start from scratch.
     assert draft.calls.requests[0] == (100, 0, list(PROMPT), 4)
     assert target.calls.requests[0] == (100, 0, list(PROMPT) + out[:4], 5)
-    # Round 2: the draft fed x0..x2 (keep P+3) and must see x3 + bonus; the target fed all 4 (keep P+4).
-    assert draft.calls.requests[1] == (100, P + 3, out[3:5], 4)
+    # Round 2: the draft's context is the prompt (keep P) and it is sent the 4 accepted drafts + the bonus;
+    # the target fed all 4 (keep P+4).
+    assert draft.calls.requests[1] == (100, P, out[:5], 4)
     assert target.calls.requests[1] == (100, P + 4, out[4:5] + out[5:9], 5)
     assert len(rounds[-1].token_ids) == 5 and rounds[-1].finish_reason is FinishReason.LENGTH
 
@@ -88,7 +91,7 @@ async def test_partial_accept_bookkeeping():
     out = output(rounds)
     assert out == greedy_reference(6)
     assert [r.accepted for r in rounds] == [2, 2]
-    assert draft.calls.requests[1][1:3] == (P + 2, out[2:3])  # min(n=2, K-1=3) drafts kept
+    assert draft.calls.requests[1][1:3] == (P, out[:3])  # the context, then the accepted drafts and the new token
     assert target.calls.requests[1][1] == P + 2
     assert target.calls.requests[1][2][:1] == out[2:3]
     stats = rounds[-1].stats
@@ -97,13 +100,13 @@ async def test_partial_accept_bookkeeping():
 
 
 @asyncio_test
-async def test_k1_keeps_no_draft_tokens():
+async def test_k1_sends_the_accepted_draft_and_the_bonus():
     target, draft = FakeTarget(), FakeDraft(policy=agree_first(99))
     loop = SpeculativeLoop(target, draft, new_sequence_id=ids())
     rounds = await run(loop, request(num_draft_tokens=1, max_new_tokens=4))
     out = output(rounds)
     assert out == greedy_reference(4)
-    assert draft.calls.requests[1][1:3] == (P, out[:2])  # K-1 = 0 drafts were fed
+    assert draft.calls.requests[1][1:3] == (P, out[:2])
 
 
 @asyncio_test
@@ -306,7 +309,7 @@ async def test_draft_error_falls_back_to_target_only():
     assert output(rounds) == greedy_reference(12)
     stats = rounds[-1].stats
     assert stats.draft_fallback_rounds == stats.rounds - 2 > 0  # not the first, nor the last single-token round
-    assert all(r.num_draft_tokens == 0 for r in rounds[1:])
+    assert all(r.proposed == 0 for r in rounds[1:]) and all(r.draft_fallback for r in rounds[1:-1])
     assert len(draft.calls.requests) == 2 and draft.calls.closed == [100]
     assert target.calls.closed == [100]
 
@@ -358,29 +361,46 @@ async def test_target_cache_lost_too_often_is_unavailable():
     assert draft.calls.closed == [100]
 
 
+@pytest.mark.parametrize(
+    "malform",
+    [
+        lambda p: Proposal(p.token_ids + (1,), None, p.cache_length),  # more tokens than K
+        lambda p: Proposal(p.token_ids, None, p.cache_length + 1),  # a context the orchestrator did not send
+        lambda p: Proposal(p.token_ids, torch.ones(len(p.token_ids) + 1, V) / V, p.cache_length),  # q rows != tokens
+    ],
+    ids=["too many tokens", "wrong cache length", "q rows do not match"],
+)
 @asyncio_test
-async def test_malformed_proposal_falls_back():
-    class WrongLength(FakeDraft):
+async def test_malformed_proposal_falls_back(malform):
+    class Malformed(FakeDraft):
         async def open(self, sequence_id: int, *, timeout: float | None = None):
             session = await super().open(sequence_id, timeout=timeout)
             real = session.propose
 
             async def propose(*args):
-                p = await real(*args)
-                return Proposal(token_ids=p.token_ids[:-1], q=None, cache_length=p.cache_length)
+                return malform(await real(*args))
 
             session.propose = propose
             return session
 
-    target, draft = FakeTarget(), WrongLength()
+    target, draft = FakeTarget(), Malformed()
     rounds = await run(SpeculativeLoop(target, draft), request(max_new_tokens=5))
     assert output(rounds) == greedy_reference(5)
     assert rounds[-1].stats.draft_fallback_rounds == 4
 
 
 @asyncio_test
-async def test_missing_q_rows_when_sampling_falls_back():
-    draft = FakeDraft(policy=agree_first(2))  # q = None, which is only right for greedy
+async def test_short_and_deterministic_proposals_under_sampling_are_used():
+    """A lookup drafter: no q rows (one-hot: exact under any settings), and fewer than K tokens, or none."""
+    def lookup(prefix: list[int], i: int) -> int | None:
+        return None if len(prefix) % 3 == 0 or i >= 2 else argmax_target(prefix)
+
+    draft = FakeDraft(policy=lookup)
     params = SamplingParams(temperature=0.7)
-    rounds = await run(SpeculativeLoop(FakeTarget(), draft), request(params=params, max_new_tokens=5))
-    assert len(output(rounds)) == 5 and rounds[-1].stats.drafted_tokens == 0
+    rounds = await run(SpeculativeLoop(FakeTarget(), draft), request(params=params, max_new_tokens=12))
+    assert len(output(rounds)) == 12
+    stats = rounds[-1].stats
+    assert stats.drafted_tokens > 0 and stats.draft_fallback_rounds == 0
+    assert {r.proposed for r in rounds[:-1]} <= {0, 1, 2} and 0 in {r.proposed for r in rounds}
+    for r in rounds:  # the target scored exactly what was proposed
+        assert r.accepted <= r.proposed <= r.num_draft_tokens

@@ -58,6 +58,7 @@ class FakeDraftService(draft_pb2_grpc.DraftServiceServicer):
                         request.num_draft_tokens,
                         params,
                         request.seed,
+                        request.drafter,
                     )
                 except DraftCacheLost as exc:
                     await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
@@ -72,6 +73,9 @@ class FakeDraftService(draft_pb2_grpc.DraftServiceServicer):
         finally:
             if session is not None:
                 await session.close()
+
+    async def GetStats(self, request, context):  # noqa: N802
+        return draft_pb2.GetStatsResponse(drafters=await self.fake.drafters(), vocab_size=VOCAB)
 
 
 @contextlib.asynccontextmanager
@@ -106,7 +110,8 @@ async def test_grpc_draft_not_found_reprefills_on_a_new_stream(tokenizer):
     fake = FakeDraft(model=big_draft, fail_at={1: DraftCacheLost("no cache")})
     async with draft_server(fake) as address:
         async with serving(tokenizer, draft=GrpcDraftClient(address)) as running:
-            response = await running.stub.Generate(req(max_new_tokens=10, sampling=dict(temperature=0.0)))
+            request = req(max_new_tokens=10, num_draft_tokens=4, sampling=dict(temperature=0.0))
+            response = await running.stub.Generate(request)
             await until(lambda: sorted(fake.calls.closed) == sorted(fake.calls.opened))
     assert len(fake.calls.opened) == 2 and fake.calls.requests[2][1] == 0  # keep 0 on the new stream
     assert response.stats.draft_fallback_rounds == 0
@@ -115,7 +120,7 @@ async def test_grpc_draft_not_found_reprefills_on_a_new_stream(tokenizer):
 @asyncio_test
 async def test_grpc_draft_unreachable_falls_back(tokenizer):
     async with serving(tokenizer, draft=GrpcDraftClient("127.0.0.1:1")) as running:
-        response = await running.stub.Generate(req(max_new_tokens=4))
+        response = await running.stub.Generate(req(max_new_tokens=4, num_draft_tokens=4))
     assert len(response.token_ids) == 4 and response.stats.draft_fallback_rounds == 3
 
 

@@ -1,0 +1,255 @@
+"""Choosing K per round from what this orchestrator measures, down to 0 when speculation does not pay.
+
+Why it exists: a fixed K makes every request slower whenever the draft costs more than it saves (a model
+draft on a CPU; a lookup drafter on text that never repeats; a target whose verify cost grows under load).
+Before each round the loop asks `KPolicy.choose` for K; after it, `KPolicy.observe` learns from it. Pure
+Python: no asyncio, grpc or clock here, so tests drive it with scripted rounds.
+
+The model (Leviathan et al. 2023, §3, with measured costs instead of assumed ones):
+
+* **Acceptance per draft position.** a_i = P(position i yields an accepted token | positions < i did and
+  K >= i): the drafter proposed it *and* the target accepted it, so a lookup drafter with nothing to
+  propose counts as a miss. Per generation, smoothed towards a process-wide prior per (drafter, sampling
+  mode) that every generation feeds. E[tokens | K] = 1 + Σ_{j<=K} Π_{i<=j} a_i.
+* **Proposal length.** P(a drafter proposes at least i tokens), per (drafter, mode): a lookup drafter
+  proposes fewer than K when its match runs out, and the target scores only what was proposed.
+* **Costs, as measured now** (process-wide; they grow with load): the target's time for a round that
+  scored n tokens, T(n) = α + β (n − 1), and the draft's time for a round that proposed m tokens,
+  D(m) = a + b m, each fitted by exponentially forgetting least squares over recent rounds, with a weak
+  prior on the slope where the data have no spread; the orchestrator's own time per round, o.
+* **Choice.** rate(K) = E[tokens | K] / (D(E[m | K]) + T(1 + E[m | K]) + o), rate(0) = 1 / (T(1) + o).
+  K = argmax; 0 unless the best K beats target-only by ``margin``.
+* **Exploring.** A K that never changes measures one point of each cost curve, and the costs move with
+  load; so while drafting, every ``explore_every``-th round runs a neighbouring K (one less, one more,
+  alternately), which costs little near the optimum and keeps the slopes measured as they are now.
+* **Probes.** After ``probe_rounds`` rounds with speculation off, one round runs with the K speculation
+  would use, so a text that became predictable gets drafts again; each probe that does not pay doubles
+  the wait, up to ``probe_rounds_max``.
+
+Exactness is untouched: K depends only on past rounds, never on the current round's random draws.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+GREEDY, SAMPLE = "greedy", "sample"
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    """Bounds and pacing of the K policy."""
+
+    max_k: int = 8  # the largest K auto may choose
+    probe_rounds: int = 16  # rounds with speculation off before a probe round
+    probe_rounds_max: int = 256  # the longest wait between probes (each probe that does not pay doubles it)
+    prior_rounds: float = 4.0  # how many rounds of a generation the process-wide prior weighs
+    explore_every: int = 8  # while drafting, every this many rounds runs K - 1 or K + 1 instead (alternately)
+    margin: float = 0.03  # speculation must beat target-only by this fraction to be chosen
+    half_life_rounds: float = 256.0  # process-wide estimates forget a sample's weight by half over these rounds
+
+    def __post_init__(self) -> None:
+        if self.max_k < 0 or self.probe_rounds < 1 or self.probe_rounds_max < self.probe_rounds:
+            raise ValueError("need max_k >= 0 and 1 <= probe_rounds <= probe_rounds_max")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The policy's K for a round."""
+
+    k: int
+    off: bool = False  # K = 0 because drafting does not pay now
+    probe: bool = False  # speculation is off, but this round tries it again
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """What one round did, for the policy to learn from (times in seconds)."""
+
+    k: int  # K asked of the draft (0 = target-only)
+    proposed: int  # tokens the draft proposed (<= k)
+    accepted: int  # drafts the target accepted (<= proposed)
+    draft_s: float  # waiting on the draft (0 when K = 0)
+    target_s: float  # waiting on the target
+    other_s: float  # the rest of the round: the orchestrator's own work
+
+
+class _Line:
+    """y ≈ intercept + slope · x by least squares with exponential forgetting; where the samples have no
+    spread in x, the slope falls back to a prior, ``prior(mean x, mean y)``."""
+
+    def __init__(self, decay: float, prior: Callable[[float, float], float]) -> None:
+        self.decay, self.prior = decay, prior
+        self.w = self.wx = self.wy = self.wxx = self.wxy = 0.0
+
+    def add(self, x: float, y: float) -> None:
+        d = self.decay
+        self.w, self.wx, self.wy = d * self.w + 1, d * self.wx + x, d * self.wy + y
+        self.wxx, self.wxy = d * self.wxx + x * x, d * self.wxy + x * y
+
+    @property
+    def known(self) -> bool:
+        return self.w > 0
+
+    def at(self, x: float) -> float:
+        mx, my = self.wx / self.w, self.wy / self.w
+        sxx, sxy = self.wxx - self.w * mx * mx, self.wxy - self.w * mx * my
+        ridge = 1.0  # one sample's worth of pull towards the prior slope
+        slope = max(0.0, (sxy + ridge * self.prior(mx, my)) / (sxx + ridge))
+        return max(0.0, my + slope * (x - mx))
+
+
+@dataclass
+class _Counts:
+    """Per draft position i (index i-1): rounds that reached it, and how many of those it paid."""
+
+    reached: list[float] = field(default_factory=list)
+    hits: list[float] = field(default_factory=list)
+
+    def grow(self, n: int) -> None:
+        while len(self.reached) < n:
+            self.reached.append(0.0)
+            self.hits.append(0.0)
+
+    def add(self, k: int, successes: int, decay: float = 1.0) -> None:
+        """A round asked K = k; positions 1..successes paid, position successes+1 (if <= k) did not."""
+        self.grow(k)
+        if decay != 1.0:
+            self.reached = [r * decay for r in self.reached]
+            self.hits = [h * decay for h in self.hits]
+        for i in range(min(k, successes + 1)):
+            self.reached[i] += 1
+            if i < successes:
+                self.hits[i] += 1
+
+    def rate(self, i: int, prior: float, weight: float) -> float:
+        reached = self.reached[i] if i < len(self.reached) else 0.0
+        hits = self.hits[i] if i < len(self.hits) else 0.0
+        return (hits + weight * prior) / (reached + weight)
+
+    def pooled(self, prior: float) -> float:
+        """The rate over every position (one pseudo-round of ``prior``): what a position not tried yet is
+        expected to do (Leviathan's α is one rate for all positions)."""
+        return (sum(self.hits) + prior) / (sum(self.reached) + 1)
+
+
+class SharedEstimates:
+    """What every generation of this process learns and starts from. Thread-safe."""
+
+    def __init__(self, settings: PolicySettings) -> None:
+        self.settings = settings
+        self._decay = 0.5 ** (1.0 / settings.half_life_rounds)
+        self._lock = threading.Lock()
+        self._accepted: dict[tuple[str, str], _Counts] = {}  # (drafter, mode) -> accepted per position
+        self._proposed: dict[tuple[str, str], _Counts] = {}  # (drafter, mode) -> proposed at least i
+        # The target: seconds vs tokens scored beyond the first; with no spread, each extra token costs a
+        # tenth of a step (between a GPU's ~0 and this CPU's ~0.12).
+        self._target = _Line(self._decay, prior=lambda mx, my: 0.1 * my)
+        self._draft: dict[str, _Line] = {}  # drafter -> seconds vs tokens proposed
+        self._other = _Line(self._decay, prior=lambda mx, my: 0.0)
+
+    def observe(self, drafter: str, mode: str, outcome: RoundOutcome) -> None:
+        with self._lock:
+            self._target.add(outcome.proposed, outcome.target_s)
+            self._other.add(0, outcome.other_s)
+            if outcome.k > 0:
+                key = (drafter, mode)
+                self._accepted.setdefault(key, _Counts()).add(outcome.k, outcome.accepted, self._decay)
+                self._proposed.setdefault(key, _Counts()).add(outcome.k, outcome.proposed, self._decay)
+                # A draft with no spread in its proposals' lengths: assume its time grows with them (a model's
+                # forwards); a lookup's proposals vary in length, and the fit finds its flat cost.
+                line = self._draft.setdefault(drafter, _Line(self._decay, prior=lambda mx, my: my / (mx + 1)))
+                line.add(outcome.proposed, outcome.draft_s)
+
+    def snapshot(self, drafter: str, mode: str) -> _Snapshot:
+        with self._lock:
+            accepted = self._accepted.get((drafter, mode), _Counts())
+            proposed = self._proposed.get((drafter, mode), _Counts())
+            k = self.settings.max_k
+            accept, propose = accepted.pooled(0.5), proposed.pooled(1.0)
+            return _Snapshot(
+                accept=[accepted.rate(i, accept, 1.0) for i in range(k)],
+                propose=[proposed.rate(i, propose, 1.0) for i in range(k)],
+                target=[self._target.at(n) if self._target.known else 0.0 for n in range(k + 1)],
+                draft=[self._draft[drafter].at(m) if drafter in self._draft else 0.0 for m in range(k + 1)],
+                other=self._other.at(0) if self._other.known else 0.0,
+            )
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    accept: list[float]  # process-wide a_i, i = 1..max_k
+    propose: list[float]  # process-wide P(proposes >= i | asked >= i)
+    target: list[float]  # T(1 + n) for n = 0..max_k proposed tokens
+    draft: list[float]  # D(m) for m = 0..max_k
+    other: float
+
+
+class KPolicy:
+    """One generation's K: the best rate from its own rounds and the process-wide estimates."""
+
+    def __init__(self, shared: SharedEstimates, drafter: str, mode: str) -> None:
+        self.shared, self.drafter, self.mode = shared, drafter, mode
+        self.settings = shared.settings
+        self._accepted = _Counts()  # this generation's own rounds
+        self._proposed = _Counts()
+        self._off = 0  # rounds in a row with speculation off
+        self._wait = self.settings.probe_rounds  # rounds off before the next probe
+        self._drafting = 0  # rounds in a row with speculation on
+
+    def choose(self, limit: int) -> Choice:
+        """K for the next round, at most ``limit`` (the tokens left to generate, minus one)."""
+        top = min(self.settings.max_k, max(limit, 0))
+        if top == 0:
+            return Choice(0)
+        rates = self.rates(top)
+        best = max(range(1, top + 1), key=lambda k: rates[k])
+        if rates[best] > rates[0] * (1 + self.settings.margin):
+            self._off, self._wait = 0, self.settings.probe_rounds
+            self._drafting += 1
+            if self._drafting % self.settings.explore_every == 0:  # a neighbour: costs hardly anything near the
+                step = 1 if self._drafting // self.settings.explore_every % 2 else -1  # optimum, and measures
+                return Choice(min(max(best + step, 0), top))  # the cost's slope as it is now
+            return Choice(best)
+        self._drafting = 0
+        self._off += 1
+        if self._off > self._wait:  # a probe: one round as speculation would run it
+            self._off, self._wait = 0, min(2 * self._wait, self.settings.probe_rounds_max)
+            return Choice(best, probe=True)
+        return Choice(0, off=True)
+
+    def observe(self, outcome: RoundOutcome) -> None:
+        if outcome.k > 0:
+            self._accepted.add(outcome.k, outcome.accepted)
+            self._proposed.add(outcome.k, outcome.proposed)
+        self.shared.observe(self.drafter, self.mode, outcome)
+
+    def rates(self, top: int) -> list[float]:
+        """Expected tokens per second for K = 0..top (index K)."""
+        shared = self.shared.snapshot(self.drafter, self.mode)
+        weight = self.settings.prior_rounds
+        accept = [self._accepted.rate(i, shared.accept[i], weight) for i in range(top)]
+        propose = [self._proposed.rate(i, shared.propose[i], weight) for i in range(top)]
+        rates = [_rate(1.0, shared.target[0] + shared.other)]
+        tokens, reach, at_least, proposed = 1.0, 1.0, 1.0, 0.0
+        for k in range(1, top + 1):
+            reach *= accept[k - 1]  # P(drafts 1..k all accepted)
+            tokens += reach
+            at_least *= propose[k - 1]  # P(the draft proposes >= k tokens)
+            proposed += at_least  # E[tokens proposed | K = k]
+            cost = _interpolate(shared.draft, proposed) + _interpolate(shared.target, proposed) + shared.other
+            rates.append(_rate(tokens, cost))
+        return rates
+
+
+def _interpolate(values: list[float], x: float) -> float:
+    low = min(int(x), len(values) - 1)
+    high = min(low + 1, len(values) - 1)
+    return values[low] + (values[high] - values[low]) * (x - low)
+
+
+def _rate(tokens: float, seconds: float) -> float:
+    return tokens / seconds if seconds > 0 else math.inf if tokens else 0.0

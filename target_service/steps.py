@@ -1,0 +1,214 @@
+"""The target's contract applied to the batched engine: every request Triton hands over in one forward.
+
+Why it exists: Triton's sequence batcher gives ``execute()`` up to ``max_batch_size`` requests from
+different sequences. `run_batch` answers all of them with **one** engine step (docs/architecture.md,
+"Batching"): each request rolls its sequence's KV cache back, appends its tokens and gets the rows of its
+last positions, warped and packed when it carries sampling settings. One bad request never fails its
+neighbours: refusals come back per request as a `StepError`, and it never raises. Pure of Triton
+(``target_service.triton_model`` is the adapter), so unit tests drive it with a tiny model.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from specdec import target_contract as contract
+from specdec.engine import CausalLMEngine, StepItem
+from specdec.kv_cache import KVCache
+from specdec.rows import pack_rows
+from specdec.sampling import SamplingParams, warp
+from specdec.sequences import CapacityError, Entry, SequenceNotFoundError, SequenceStore
+
+log = logging.getLogger(__name__)
+
+Outputs = dict[str, np.ndarray]
+Read = Callable[[str], "np.ndarray | None"]
+
+
+class ErrorCode(enum.Enum):
+    """What went wrong with one request; the adapter maps these to ``pb_utils.TritonError`` codes."""
+
+    INVALID_ARG = "INVALID_ARG"  # the request is malformed or inconsistent with the cache
+    NOT_FOUND = "NOT_FOUND"  # the sequence holds no cache here: re-send the prefix with START
+    UNAVAILABLE = "UNAVAILABLE"  # capacity: too many live sequences, back off or go elsewhere
+    INTERNAL = "INTERNAL"  # a bug or a failed forward; the traceback is in the Triton log only
+
+
+@dataclass(frozen=True)
+class StepError:
+    code: ErrorCode
+    message: str
+
+
+@dataclass(frozen=True)
+class StepRequest:
+    """One Triton request, decoded from its tensors at the edge (`read_request`)."""
+
+    sequence_id: int  # the Triton correlation id (uint64)
+    token_ids: tuple[int, ...]  # tokens to append
+    keep_length: int  # cache length to keep before appending
+    num_logits: int  # how many last positions to return rows for
+    start: bool  # CONTROL_SEQUENCE_START
+    end: bool  # CONTROL_SEQUENCE_END
+    params: SamplingParams | None = None  # with TEMPERATURE: answer PROBS warped by these, else LOGITS
+
+    @property
+    def is_release(self) -> bool:
+        return not self.token_ids and self.num_logits == 0
+
+
+def _one_value(name: str, array: np.ndarray) -> int:
+    if array.size != 1:
+        raise ValueError(f"{name} must hold one value per request, got shape {list(array.shape)}")
+    return int(array.reshape(-1)[0])
+
+
+def read_request(sequence_id: int, read: Read) -> StepRequest:
+    """A request's input tensors (``read(name)``: the array, or None if absent) -> StepRequest.
+
+    ValueError, naming the tensor, for a malformed request."""
+    arrays = {}
+    for name in (contract.INPUT_IDS, contract.KEEP_LENGTH, contract.NUM_LOGITS):
+        array = read(name)
+        if array is None:
+            raise ValueError(f"missing input {name}")
+        arrays[name] = array
+    ids = arrays[contract.INPUT_IDS]
+    if ids.ndim != 2 or ids.shape[0] != 1:
+        raise ValueError(f"{contract.INPUT_IDS} must have shape [1, T], got {list(ids.shape)}")
+
+    def flag(name: str) -> bool:
+        array = read(name)
+        return array is not None and bool(array.reshape(-1)[0])
+
+    return StepRequest(
+        sequence_id=sequence_id,
+        token_ids=tuple(ids[0].tolist()),
+        keep_length=_one_value(contract.KEEP_LENGTH, arrays[contract.KEEP_LENGTH]),
+        num_logits=_one_value(contract.NUM_LOGITS, arrays[contract.NUM_LOGITS]),
+        start=flag(contract.START),
+        end=flag(contract.END),
+        params=contract.sampling_from_tensors(read),
+    )
+
+
+def validate(request: StepRequest, vocab_size: int) -> None:
+    """ValueError for what is wrong with a request whatever the cache holds (the cache checks the rest)."""
+    if request.sequence_id == 0:
+        raise ValueError("sequence_id must be non-zero")
+    if request.params is not None:
+        request.params.validate_for_vocab(vocab_size)
+    if request.keep_length < 0:
+        raise ValueError(f"keep_length must be >= 0, got {request.keep_length}")
+    if request.start and request.keep_length != 0:
+        raise ValueError(f"a sequence starts with keep_length 0, got {request.keep_length}")
+    if request.is_release:
+        if not request.end:
+            raise ValueError(
+                f"a request without tokens is a release request and must set END "
+                f"(sequence {request.sequence_id}, {contract.NUM_LOGITS} 0)"
+            )
+        return
+    if not request.token_ids:
+        raise ValueError("at least one token must be appended")
+    bad = [t for t in request.token_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"token ids out of the vocabulary [0, {vocab_size}): {bad[:5]}")
+
+
+def outputs(logits: torch.Tensor, params: SamplingParams | None) -> Outputs:
+    """logits [N, V] -> LOGITS, or PROBS and PROBS_INDEX (warped, packed) when sampling settings came."""
+    if params is None:
+        return {contract.LOGITS: logits.cpu().numpy()[None]}  # [1, N, V]
+    if logits.shape[0] == 0:
+        values, index = logits.cpu().numpy(), None
+    else:
+        values, index = pack_rows(warp(logits, params))  # [N, M] each, or [N, V] and None when dense
+    if index is None:
+        index = np.zeros((values.shape[0], 0), dtype=np.int32)
+    return {contract.PROBS: values[None], contract.PROBS_INDEX: index[None]}  # [1, N, M], [1, N, M | 0]
+
+
+def refusal(exc: Exception, sequence_id: int) -> StepError:
+    """The error a request gets for ``exc``; anything unexpected is INTERNAL with the traceback logged only."""
+    if isinstance(exc, SequenceNotFoundError):
+        return StepError(ErrorCode.NOT_FOUND, f"{contract.NOT_FOUND_PREFIX} {exc}; resend the prefix with START")
+    if isinstance(exc, CapacityError):
+        return StepError(ErrorCode.UNAVAILABLE, f"{contract.CAPACITY_PREFIX} {exc}")
+    if isinstance(exc, ValueError):  # SequenceBusyError included
+        return StepError(ErrorCode.INVALID_ARG, f"{contract.INVALID_PREFIX} {exc}")
+    log.error("sequence_id=%d step failed", sequence_id, exc_info=exc)
+    return StepError(ErrorCode.INTERNAL, f"{contract.INTERNAL_PREFIX} step failed in sequence {sequence_id} (see the Triton log)")
+
+
+def waves(requests: Sequence[StepRequest | StepError]) -> list[list[int]]:
+    """Indices of the requests in forwards of their own: one request per sequence per forward, in order."""
+    result: list[list[int]] = []
+    depth: dict[int, int] = {}
+    for index, request in enumerate(requests):
+        if isinstance(request, StepError):
+            continue
+        wave = depth.get(request.sequence_id, 0)
+        depth[request.sequence_id] = wave + 1
+        if wave == len(result):
+            result.append([])
+        result[wave].append(index)
+    return result
+
+
+def run_batch(
+    engine: CausalLMEngine,
+    store: SequenceStore[KVCache],
+    requests: Sequence[StepRequest | StepError],
+    on_forward: Callable[[int], None] = lambda sequences: None,
+) -> list[Outputs | StepError]:
+    """Answer every request (a StepError given stays the answer) with one forward per wave of distinct
+    sequences (normally one). A release request (no tokens, NUM_LOGITS 0, END) drops the cache and returns
+    [1, 0, V]; END on a normal request returns the rows, then drops the cache; END always drops it, even when
+    the request fails. ``on_forward(n)`` is told each forward's number of sequences (the metrics)."""
+    answers: list[Outputs | StepError] = list(requests)  # type: ignore[arg-type]
+    for wave in waves(requests):
+        entries: dict[int, Entry[KVCache]] = {}
+        items: list[tuple[int, StepItem]] = []
+        for index in wave:
+            request = requests[index]
+            assert isinstance(request, StepRequest)
+            try:
+                validate(request, engine.vocab_size)
+                if request.is_release:
+                    answers[index] = outputs(torch.zeros(0, engine.vocab_size), request.params)
+                    continue
+                entry = store.checkout(request.sequence_id, start=request.start)
+            except Exception as exc:  # noqa: BLE001 - every refusal is this request's answer
+                answers[index] = refusal(exc, request.sequence_id)
+                continue
+            entries[index] = entry
+            items.append((index, StepItem(entry.state, request.keep_length, request.token_ids, request.num_logits)))
+        try:
+            if items:
+                on_forward(len(items))
+                results = engine.step([item for _, item in items])
+                for (index, _), result in zip(items, results):
+                    request = requests[index]
+                    if isinstance(result, ValueError):
+                        answers[index] = refusal(result, request.sequence_id)
+                    else:
+                        answers[index] = outputs(result, request.params)
+        except Exception as exc:  # noqa: BLE001 - a failed forward fails its requests, never the server
+            for index, _ in items:
+                answers[index] = refusal(exc, requests[index].sequence_id)
+        finally:
+            for entry in entries.values():
+                store.checkin(entry)
+            for index in wave:
+                request = requests[index]
+                if request.end:
+                    store.release(request.sequence_id)
+    return answers
+

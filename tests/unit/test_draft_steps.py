@@ -1,0 +1,89 @@
+"""The model drafter's step loop: concurrent streams' steps share forwards, and each gets its own answer.
+
+Streams run on threads, as in the server. Batching must not change a proposal: each stream's tokens and q
+rows equal those of the same round run alone.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from draft_service.build import build_core
+from draft_service.config import DraftConfig
+from draft_service.core import DraftCore, ProposeRound
+from draft_service.drafters.steps import StepLoop
+from specdec.engine import CausalLMEngine, StepItem
+from specdec.sampling import SamplingParams
+from tests.fakes import tiny_llama
+
+SAMPLED = SamplingParams(temperature=0.9, top_k=20)
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return tiny_llama(64, max_positions=256, seed=1)
+
+
+@pytest.fixture()
+def core_and_forwards(model) -> Iterator[tuple[DraftCore, list[int]]]:
+    forwards: list[int] = []
+    core, loop = build_core(DraftConfig(drafters="model", max_num_draft_tokens=8, threads=1), model, forwards.append)
+    yield core, forwards
+    loop.stop()
+
+
+def run_concurrently(core: DraftCore, rounds: list[ProposeRound], gate: threading.Barrier | None = None):
+    results: list = [None] * len(rounds)
+
+    def one(i: int) -> None:
+        if gate is not None:
+            gate.wait()
+        results[i] = core.propose(rounds[i])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(rounds))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_concurrent_streams_share_forwards_and_get_their_own_proposals(core_and_forwards, model) -> None:
+    core, forwards = core_and_forwards
+    prompts = [[1 + i, 2, 3 + i, 4] for i in range(6)]
+    rounds = [ProposeRound(100 + i, 0, tuple(p), 5, SAMPLED, seed=i) for i, p in enumerate(prompts)]
+    batched = run_concurrently(core, rounds, threading.Barrier(len(rounds)))
+    assert sum(forwards) == 6 * 5  # every stream's 5 steps ran ...
+    assert len(forwards) < 6 * 5  # ... in fewer forwards than 30: steps were shared
+    assert max(forwards) > 1
+    for sequence_id in range(100, 106):
+        core.release(sequence_id)
+    for r, together in zip(rounds, batched):
+        alone = core.propose(r)
+        assert alone.token_ids == together.token_ids
+        torch.testing.assert_close(alone.q, together.q, atol=2e-5, rtol=1e-4)
+
+
+def test_a_failing_job_fails_alone_and_the_loop_goes_on(model) -> None:
+    loop = StepLoop(CausalLMEngine(model), threads=1)
+    try:
+        engine = loop.engine
+        good, bad = engine.new_cache(), engine.new_cache()
+
+        def job(cache, keep):
+            logits = yield StepItem(cache, keep, [1, 2, 3], 1)
+            if isinstance(logits, BaseException):
+                raise logits
+            return logits.shape
+
+        with pytest.raises(ValueError, match="exceeds the cached length"):
+            loop.run(job(bad, 5))
+        assert loop.run(job(good, 0)) == (1, 64)
+    finally:
+        loop.stop()
+    with pytest.raises(RuntimeError, match="stopping"):
+        loop.run(job(good, 0))

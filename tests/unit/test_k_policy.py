@@ -1,0 +1,105 @@
+"""The K policy with scripted rounds: it drafts when drafting pays, stops when it does not, probes, and
+follows the costs as they change. No clock, no loop: every round's times are given."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from orchestrator.k_policy import GREEDY, KPolicy, PolicySettings, RoundOutcome, SharedEstimates
+
+STEP = 0.050  # a target step, s
+
+
+def target_time(scored: int, step: float = STEP, per_token: float = 0.1) -> float:
+    """A target whose verify of n tokens costs a step plus ``per_token`` of a step per extra token."""
+    return step * (1 + per_token * (scored - 1))
+
+
+def play(policy: KPolicy, rounds: int, accept: float, draft_per_token: float, hop: float = 0.0005,
+         step: float = STEP, proposes: float = 1.0, seed: int = 0) -> list[int]:
+    """Run ``rounds`` rounds of a drafter that proposes each token with probability ``proposes`` (a lookup
+    whose match may run out) and has each accepted with probability ``accept``; returns the Ks chosen."""
+    rng = random.Random(seed)
+    chosen = []
+    for _ in range(rounds):
+        choice = policy.choose(limit=100)
+        chosen.append(choice.k)
+        proposed = 0
+        while proposed < choice.k and rng.random() < proposes:
+            proposed += 1
+        accepted = 0
+        while accepted < proposed and rng.random() < accept:
+            accepted += 1
+        draft = hop + draft_per_token * proposed if choice.k else 0.0
+        policy.observe(RoundOutcome(choice.k, proposed, accepted, draft, target_time(1 + proposed, step), 0.001))
+    return chosen
+
+
+def fresh(**settings) -> KPolicy:
+    return KPolicy(SharedEstimates(PolicySettings(**settings)), "model", GREEDY)
+
+
+def test_a_free_drafter_that_is_accepted_gets_a_large_k() -> None:
+    chosen = play(fresh(), 60, accept=0.9, draft_per_token=0.0)
+    assert min(chosen[10:]) >= 5
+
+
+def test_a_draft_that_costs_half_a_step_per_token_is_turned_off() -> None:
+    # SmolLM2's self-draft on this CPU: c ≈ 0.5 and α ≈ 0.7 do not pay (Leviathan's ideal < 1).
+    chosen = play(fresh(), 200, accept=0.7, draft_per_token=0.5 * STEP)
+    assert chosen[20:].count(0) / len(chosen[20:]) > 0.9
+
+
+def test_speculation_off_probes_with_backoff_and_resumes_when_it_pays() -> None:
+    policy = fresh(probe_rounds=4, probe_rounds_max=16)
+    off = play(policy, 100, accept=0.02, draft_per_token=0.0, hop=0.002)  # a lookup whose guesses all miss
+    probes = [i for i, k in enumerate(off[30:]) if k > 0]
+    assert probes and all(b - a >= 5 for a, b in zip(probes, probes[1:]))  # never two probes in a row
+    assert max(b - a for a, b in zip(probes, probes[1:])) == 17  # the wait doubled up to its cap
+    # The text becomes predictable: a probe sees it and speculation resumes.
+    resumed = play(policy, 60, accept=0.95, draft_per_token=0.0, hop=0.002, seed=1)
+    assert resumed[-20:].count(0) <= 2  # a neighbour of K = 1 may be 0 now and then
+
+
+def test_a_lookup_drafter_with_nothing_to_propose_is_not_asked() -> None:
+    chosen = play(fresh(), 100, accept=0.9, draft_per_token=0.0, hop=0.002, proposes=0.0)
+    assert chosen[10:].count(0) / len(chosen[10:]) > 0.85
+
+
+def test_k_follows_the_verify_cost_as_it_grows_with_load() -> None:
+    policy = fresh(half_life_rounds=16)
+    cheap = play(policy, 80, accept=0.8, draft_per_token=0.05 * STEP)
+    rng = random.Random(3)
+    loaded = []
+    for _ in range(80):  # under load each extra token costs as much as a step
+        choice = policy.choose(100)
+        loaded.append(choice.k)
+        proposed = choice.k
+        accepted = next((i for i in range(proposed) if rng.random() > 0.8), proposed)
+        draft = 0.0005 + 0.05 * STEP * proposed if proposed else 0.0
+        policy.observe(RoundOutcome(choice.k, proposed, accepted, draft, target_time(1 + proposed, per_token=1.0), 0.001))
+    assert sum(loaded[-30:]) / 30 < sum(cheap[-30:]) / 30
+
+
+def test_a_generation_learns_from_the_process_and_from_itself() -> None:
+    shared = SharedEstimates(PolicySettings())
+    play(KPolicy(shared, "model", GREEDY), 100, accept=0.9, draft_per_token=0.0)
+    newcomer = KPolicy(shared, "model", GREEDY)
+    assert newcomer.choose(100).k >= 4  # starts from what the process learnt
+    assert KPolicy(shared, "suffix", GREEDY).rates(8)[8] < newcomer.rates(8)[8] / 2  # another drafter: its own prior
+    chosen = play(newcomer, 40, accept=0.0, draft_per_token=0.0, hop=0.002)  # this text is not predictable
+    assert chosen[-10:].count(0) >= 8
+
+
+@pytest.mark.parametrize(("limit", "max_k", "expected_max"), [(0, 8, 0), (2, 8, 2), (100, 3, 3)])
+def test_k_never_exceeds_the_room_left_or_the_maximum(limit: int, max_k: int, expected_max: int) -> None:
+    policy = fresh(max_k=max_k)
+    play(policy, 30, accept=1.0, draft_per_token=0.0)
+    assert policy.choose(limit).k == expected_max
+
+
+def test_the_first_round_of_a_new_process_is_target_only() -> None:
+    """No cost measured yet: no rate to compare, so it measures the target first."""
+    assert fresh().choose(100).k == 0

@@ -1,0 +1,314 @@
+"""The target's contract on the batched engine (`target_service.steps`), without Triton: a tiny random Llama.
+
+Cached rows equal a full forward (start, append, rollback), a batch runs as one forward whose rows equal
+each request alone, release and END drop the cache, and each failure maps to its code (INVALID_ARG,
+NOT_FOUND "no cache:", UNAVAILABLE "capacity:", INTERNAL without a traceback on the wire).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from specdec import target_contract as contract
+from specdec.engine import CausalLMEngine
+from specdec.rows import PackedRows
+from specdec.sampling import SamplingParams, warp
+from specdec.sequences import SequenceStore
+from target_service.steps import ErrorCode, StepError, StepRequest, read_request, run_batch
+from tests.fakes import tiny_llama
+
+V = 64
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return tiny_llama(V, max_positions=128)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@dataclass
+class Target:
+    """The engine and the store, as the Triton model holds them."""
+
+    engine: CausalLMEngine
+    store: SequenceStore
+
+    def step(self, request: StepRequest | StepError):
+        return run_batch(self.engine, self.store, [request])[0]
+
+
+@pytest.fixture
+def target(model: torch.nn.Module, clock: FakeClock) -> Target:
+    engine = CausalLMEngine(model)
+    return Target(engine, SequenceStore(engine.new_cache, max_sequences=2, idle_ttl_s=60.0, clock=clock))
+
+
+def request(
+    sid: int, ids: list[int], keep: int, n: int, *, start: bool = False, end: bool = False,
+    sampling: tuple[float, float, float] | None = None,
+) -> StepRequest:
+    params = None if sampling is None else SamplingParams(sampling[0], int(sampling[1]), sampling[2])
+    return StepRequest(sid, tuple(ids), keep, n, start, end, params)
+
+
+def ok(result: dict[str, np.ndarray] | StepError) -> np.ndarray:
+    """The LOGITS of a request sent without sampling settings."""
+    assert isinstance(result, dict) and set(result) == {contract.LOGITS}, result
+    assert result[contract.LOGITS].dtype == np.float32
+    return result[contract.LOGITS]
+
+
+def probs(result: dict[str, np.ndarray] | StepError, vocab_size: int = V) -> torch.Tensor:
+    """PROBS and PROBS_INDEX of a request sent with sampling settings, unpacked to dense [N, V] rows."""
+    assert isinstance(result, dict) and set(result) == {contract.PROBS, contract.PROBS_INDEX}, result
+    values, index = result[contract.PROBS], result[contract.PROBS_INDEX]
+    assert values.dtype == np.float32 and index.dtype == np.int32 and values.shape[:2] == index.shape[:2]
+    return PackedRows.from_arrays(values[0], index[0], vocab_size).dense()
+
+
+def err(result: dict[str, np.ndarray] | StepError, code: ErrorCode) -> str:
+    assert isinstance(result, StepError), f"expected {code}, got logits {getattr(result, 'shape', result)}"
+    assert result.code == code, result
+    return result.message
+
+
+@torch.inference_mode()
+def full_forward(model: torch.nn.Module, ids: list[int]) -> np.ndarray:
+    """Logits of every position without a cache: [T, V]."""
+    return model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+
+
+PROMPT = [5, 17, 3, 42, 8, 11]
+DRAFTS = [60, 2, 33, 7]
+
+
+@pytest.mark.parametrize(
+    ("sampling", "packed"),
+    [((0.0, 0, 1.0), True), ((0.7, 0, 0.5), True), ((1.2, 5, 1.0), True), ((0.9, 0, 1.0), False)],
+)
+def test_sampling_settings_return_the_warped_rows_packed(target, model, sampling, packed):
+    # The same step without settings gives the logits; warping them must give exactly PROBS, bit for bit.
+    logits = ok(target.step(request(1, PROMPT, 0, 3, start=True)))
+    result = target.step(request(2, PROMPT, 0, 3, start=True, sampling=sampling))
+    temperature, top_k, top_p = sampling
+    expected = warp(torch.from_numpy(logits[0]), SamplingParams(temperature, int(top_k), top_p))  # [3, V]
+    assert torch.equal(probs(result), expected)
+    index = result[contract.PROBS_INDEX]
+    if packed:  # only the support travels
+        assert index.shape[-1] == int(torch.count_nonzero(expected, dim=-1).max()) < V / 2
+    else:  # plain temperature: every token is possible, the rows travel dense
+        assert index.shape == (1, 3, 0) and result[contract.PROBS].shape == (1, 3, V)
+    assert torch.equal(probs(target.step(request(2, [9], len(PROMPT), 1, sampling=sampling))), warp(
+        torch.from_numpy(ok(target.step(request(1, [9], len(PROMPT), 1)))[0]),
+        SamplingParams(temperature, int(top_k), top_p),
+    ))
+
+
+@pytest.mark.parametrize(
+    ("sampling", "field"),
+    [((-1.0, 0, 1.0), "temperature"), ((float("nan"), 0, 1.0), "temperature"), ((1.0, -2, 1.0), "top_k"),
+     ((1.0, 1.5, 1.0), "TOP_K"), ((1.0, 0, 0.0), "top_p"), ((1.0, 0, 1.5), "top_p")],
+)
+def test_bad_sampling_settings_are_refused_where_the_request_is_read(sampling, field):
+    temperature, top_k, top_p = sampling
+    arrays = {
+        contract.INPUT_IDS: np.array([[9]], np.int32), contract.KEEP_LENGTH: np.array([[5]], np.int32),
+        contract.NUM_LOGITS: np.array([[1]], np.int32), contract.TEMPERATURE: np.array([[temperature]], np.float32),
+        contract.TOP_K: np.array([[top_k]], np.float64), contract.TOP_P: np.array([[top_p]], np.float32),
+    }
+    with pytest.raises(ValueError, match=field):
+        read_request(1, arrays.get)
+
+
+def test_top_k_above_the_vocabulary_is_invalid_and_keeps_the_cache(target):
+    ok(target.step(request(1, PROMPT, 0, 1, start=True)))
+    message = err(target.step(request(1, [9], len(PROMPT), 1, sampling=(1.0, V + 1, 1.0))), ErrorCode.INVALID_ARG)
+    assert message.startswith(contract.INVALID_PREFIX) and "top_k" in message
+    ok(target.step(request(1, [9], len(PROMPT), 1)))  # the cache was not touched
+
+
+def test_release_with_sampling_settings_returns_empty_rows(target):
+    ok(target.step(request(1, PROMPT, 0, 1, start=True)))
+    result = target.step(request(1, [], 0, 0, end=True, sampling=(0.0, 0, 1.0)))
+    assert probs(result).shape == (0, V) and 1 not in target.store
+
+
+def test_start_returns_the_last_logits_of_a_full_forward(target, model):
+    logits = ok(target.step(request(1, PROMPT, 0, 3, start=True)))
+    assert logits.shape == (1, 3, V)
+    np.testing.assert_allclose(logits[0], full_forward(model, PROMPT)[-3:], atol=1e-5)
+
+
+def test_appending_drafts_matches_a_full_forward(target, model):
+    ok(target.step(request(1, PROMPT, 0, 1, start=True)))
+    logits = ok(target.step(request(1, DRAFTS, len(PROMPT), len(DRAFTS) + 0)))
+    assert logits.shape == (1, len(DRAFTS), V)
+    np.testing.assert_allclose(logits[0], full_forward(model, PROMPT + DRAFTS)[-len(DRAFTS):], atol=1e-5)
+
+
+def test_rollback_gives_the_logits_of_a_fresh_sequence(target, model):
+    ok(target.step(request(1, PROMPT, 0, 1, start=True)))
+    ok(target.step(request(1, DRAFTS, len(PROMPT), len(DRAFTS))))
+    keep = len(PROMPT) + 2  # two drafts accepted, then a new token
+    rolled = ok(target.step(request(1, [9, 10], keep, 2)))
+    fresh = ok(target.step(request(2, PROMPT + DRAFTS[:2] + [9, 10], 0, 2, start=True)))
+    np.testing.assert_allclose(rolled, fresh, atol=1e-5)
+    np.testing.assert_allclose(rolled[0], full_forward(model, PROMPT + DRAFTS[:2] + [9, 10])[-2:], atol=1e-5)
+
+
+def test_start_resets_an_existing_sequence(target, model):
+    ok(target.step(request(1, PROMPT, 0, 1, start=True)))
+    again = ok(target.step(request(1, [4, 4], 0, 1, start=True)))
+    np.testing.assert_allclose(again[0], full_forward(model, [4, 4])[-1:], atol=1e-5)
+
+
+def test_release_request_drops_the_cache_and_returns_no_rows(target):
+    ok(target.step(request(1, PROMPT, 0, 1, start=True)))
+    released = ok(target.step(request(1, [], 0, 0, end=True)))
+    assert released.shape == (1, 0, V)
+    assert 1 not in target.store
+    assert "no cache" in err(target.step(request(1, [1], 0, 1)), ErrorCode.NOT_FOUND)
+
+
+def test_release_is_idempotent_and_may_carry_start(target):
+    assert ok(target.step(request(7, [], 0, 0, end=True))).shape == (1, 0, V)
+    assert ok(target.step(request(7, [], 0, 0, start=True, end=True))).shape == (1, 0, V)
+    assert len(target.store) == 0
+
+
+def test_an_empty_request_without_end_is_invalid(target):
+    ok(target.step(request(1, PROMPT, 0, 1, start=True)))
+    assert "release" in err(target.step(request(1, [], 6, 0)), ErrorCode.INVALID_ARG)
+    assert 1 in target.store
+
+
+def test_end_on_a_normal_request_returns_logits_then_drops_the_cache(target, model):
+    ok(target.step(request(1, PROMPT, 0, 1, start=True)))
+    logits = ok(target.step(request(1, [9], len(PROMPT), 1, end=True)))
+    np.testing.assert_allclose(logits[0], full_forward(model, PROMPT + [9])[-1:], atol=1e-5)
+    assert 1 not in target.store
+
+
+def test_end_drops_the_cache_even_when_the_step_fails(target):
+    ok(target.step(request(1, PROMPT, 0, 1, start=True)))
+    err(target.step(request(1, [9], 99, 1, end=True)), ErrorCode.INVALID_ARG)
+    assert 1 not in target.store
+
+
+def test_unknown_sequence_is_not_found_with_a_recognisable_message(target):
+    message = err(target.step(request(12345, [1, 2], 0, 1)), ErrorCode.NOT_FOUND)
+    assert message.startswith(contract.NOT_FOUND_PREFIX)
+    assert "sequence" in message and "no cache" in message and "12345" in message
+    assert contract.classify_error(None, message) is contract.ErrorKind.SEQUENCE_LOST
+
+
+def test_idle_sequences_are_evicted_after_the_ttl(target, clock):
+    ok(target.step(request(1, PROMPT, 0, 1, start=True)))
+    clock.now += 61.0
+    err(target.step(request(1, [3], len(PROMPT), 1)), ErrorCode.NOT_FOUND)
+
+
+def test_capacity_is_unavailable_with_a_capacity_prefix(target):
+    ok(target.step(request(1, [1], 0, 1, start=True)))
+    ok(target.step(request(2, [1], 0, 1, start=True)))
+    message = err(target.step(request(3, [1], 0, 1, start=True)), ErrorCode.UNAVAILABLE)
+    assert message.startswith("capacity:")
+    assert contract.classify_error("StatusCode.UNAVAILABLE", message) is contract.ErrorKind.CAPACITY
+    ok(target.step(request(1, [], 0, 0, end=True)))
+    ok(target.step(request(3, [1], 0, 1, start=True)))  # room again
+
+
+@pytest.mark.parametrize(
+    ("ids", "keep", "n", "start", "needle"),
+    [
+        ([V], 6, 1, False, "vocabulary"),  # token id out of the vocabulary
+        ([-1], 6, 1, False, "vocabulary"),
+        ([1], 7, 1, False, "exceeds the cached length"),  # keep_length > cached
+        ([1], -1, 1, False, "keep_length"),
+        ([1, 2], 6, 0, False, "num_logits"),  # tokens but no logits
+        ([1, 2], 6, 3, False, "num_logits"),  # more logits than tokens appended
+        ([1], 3, 1, True, "keep_length 0"),  # START must keep nothing
+        ([1] * 123, 6, 1, False, "context length"),  # 6 + 123 > 128 positions
+    ],
+)
+def test_invalid_arguments(target, model, ids, keep, n, start, needle):
+    ok(target.step(request(1, PROMPT, 0, 1, start=True)))
+    message = err(target.step(request(1, ids, keep, n, start=start)), ErrorCode.INVALID_ARG)
+    assert needle in message
+    # the cache survives a refused request intact
+    logits = ok(target.step(request(1, [9], len(PROMPT), 1)))
+    np.testing.assert_allclose(logits[0], full_forward(model, PROMPT + [9])[-1:], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("ids", "keep", "n"),
+    [
+        (np.array([1, 2], dtype=np.int32), np.array([[0]], np.int32), np.array([[1]], np.int32)),  # 1-D ids
+        (np.array([[1, 2]], np.int32), np.array([[0, 0]], np.int32), np.array([[1]], np.int32)),
+        (np.array([[1, 2]], np.int32), np.array([[0]], np.int32), np.zeros((1, 0), np.int32)),
+    ],
+)
+def test_malformed_shapes_are_invalid(ids, keep, n):
+    arrays = {contract.INPUT_IDS: ids, contract.KEEP_LENGTH: keep, contract.NUM_LOGITS: n}
+    with pytest.raises(ValueError, match="shape"):
+        read_request(1, arrays.get)
+
+
+def test_sequence_id_zero_is_invalid(target):
+    err(target.step(request(0, [1], 0, 1, start=True)), ErrorCode.INVALID_ARG)
+
+
+def test_unexpected_errors_are_internal_without_details_on_the_wire(target, caplog, monkeypatch):
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("secret detail")
+
+    monkeypatch.setattr(target.engine, "model", broken)
+    with caplog.at_level(logging.ERROR):
+        message = err(target.step(request(1, [1], 0, 1, start=True)), ErrorCode.INTERNAL)
+    assert "secret" not in message and "Traceback" not in message
+    assert "secret detail" in caplog.text  # the traceback goes to the (Triton) log
+    assert 1 in target.store  # the cache survives: the sequence kept what it held (nothing yet)
+
+
+# --- batches ------------------------------------------------------------------------------------------
+
+
+def test_a_batch_is_one_forward_and_each_answer_equals_the_request_alone(model, clock):
+    engine = CausalLMEngine(model)
+    store = SequenceStore(engine.new_cache, 8, 60.0, clock=clock)
+    forwards: list[int] = []
+    run_batch(engine, store, [request(s, PROMPT[: s + 1], 0, 1, start=True) for s in (1, 2, 3)], forwards.append)
+    batch = [request(1, [9, 10], 2, 2), request(2, [4], 3, 1), request(3, DRAFTS, 4, 4, sampling=(0.8, 0, 0.9))]
+    answers = run_batch(engine, store, batch, forwards.append)
+    assert forwards == [3, 3]  # one forward per execute, every sequence in it
+    for (s, keep, new, sampling), answer in zip([(1, 2, [9, 10], None), (2, 3, [4], None),
+                                                (3, 4, DRAFTS, (0.8, 0, 0.9))], answers):
+        rows = probs(answer) if sampling else torch.from_numpy(ok(answer)[0])
+        alone = full_forward(model, PROMPT[: s + 1][:keep] + new)[-len(rows):]
+        expected = warp(torch.from_numpy(alone), SamplingParams(*sampling)) if sampling else torch.from_numpy(alone)
+        torch.testing.assert_close(rows, expected, atol=2e-5, rtol=2e-4)
+
+
+def test_two_requests_of_one_sequence_in_a_batch_run_in_order(target, model):
+    answers = [target.step(request(1, PROMPT, 0, 1, start=True))]
+    answers += run_batch(target.engine, target.store, [request(1, [9], 6, 1), request(1, [10], 7, 1, end=True)])
+    np.testing.assert_allclose(ok(answers[2])[0], full_forward(model, PROMPT + [9, 10])[-1:], atol=2e-5)
+    assert 1 not in target.store
