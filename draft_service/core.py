@@ -39,6 +39,7 @@ class ProposeRound:
     sampling: SamplingParams
     seed: int
     drafter: str = ""  # "" = the service's default
+    coupled: bool = False  # sample with the target's noise; no q rows
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,9 @@ class DraftCore:
         try:
             sequence = entry.state
             sequence.apply(request.keep_length, list(request.append_token_ids))
-            return drafter.propose(DraftRequest(sequence, request.num_draft_tokens, request.sampling, request.seed))
+            return drafter.propose(
+                DraftRequest(sequence, request.num_draft_tokens, request.sampling, request.seed, request.coupled)
+            )
         finally:
             self.store.checkin(entry)
 

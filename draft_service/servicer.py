@@ -48,6 +48,7 @@ def round_from_pb(pb: draft_pb2.ProposeRequest) -> ProposeRound:
         sampling=sampling_from_pb(pb.sampling),
         seed=pb.seed,
         drafter=pb.drafter,
+        coupled=pb.coupled,
     )
 
 

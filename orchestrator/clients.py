@@ -76,9 +76,12 @@ class DraftSession(Protocol):
         params: SamplingParams,
         seed: int,
         drafter: str = "",
+        coupled: bool = False,
     ) -> Proposal:
         """Crop the context to keep_length, append append_token_ids, propose up to num_draft_tokens (K >= 1)
-        tokens with ``drafter`` ("" = the service's default). ``cache_length`` of the answer is the new
+        tokens with ``drafter`` ("" = the service's default). The draft's noise for the token at context
+        position j derives from (seed, j); ``coupled`` makes it the noise the target's own sample uses (the
+        coupled mode), and the proposal then needs no q rows. ``cache_length`` of the answer is the new
         context's length (keep_length + len(append_token_ids)).
 
         Raises DraftCacheLost if the context is gone, DraftError on any other failure."""

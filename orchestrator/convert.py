@@ -56,6 +56,7 @@ class ValidatedRequest:
     num_draft_tokens: int | None  # None = auto
     stop: tuple[str, ...]
     drafter: str = ""
+    reproducible: bool = False
 
 
 def request_from_pb(request: generation_pb2.GenerateRequest, limits: Limits) -> ValidatedRequest:
@@ -110,8 +111,12 @@ def request_from_pb(request: generation_pb2.GenerateRequest, limits: Limits) -> 
 
     if len(request.drafter) > 64:
         raise ValueError(f"drafter: {len(request.drafter)} characters, longer than any drafter's name")
-    seed = request.sampling.seed if request.sampling.HasField("seed") else secrets.randbits(64)
-    return ValidatedRequest(request.prompt, ids, params, seed, max_new_tokens, num_draft_tokens, stop, request.drafter)
+    seeded = request.sampling.HasField("seed")
+    seed = request.sampling.seed if seeded else secrets.randbits(64)
+    reproducible = request.reproducible if request.HasField("reproducible") else seeded
+    return ValidatedRequest(
+        request.prompt, ids, params, seed, max_new_tokens, num_draft_tokens, stop, request.drafter, reproducible
+    )
 
 
 def stats_to_pb(stats: GenerationStats) -> generation_pb2.GenerationStats:
@@ -135,6 +140,8 @@ def stats_to_pb(stats: GenerationStats) -> generation_pb2.GenerationStats:
         speculation_off_rounds=stats.speculation_off_rounds,
         probe_rounds=stats.probe_rounds,
         drafter=stats.drafter,
+        seed=stats.seed,
+        reproducible=stats.reproducible,
     )
 
 

@@ -64,6 +64,7 @@ class GrpcDraftSession:
         params: SamplingParams,
         seed: int,
         drafter: str = "",
+        coupled: bool = False,
     ) -> Proposal:
         request = draft_pb2.ProposeRequest(
             sequence_id=self._sequence_id,
@@ -73,6 +74,7 @@ class GrpcDraftSession:
             sampling=sampling_to_pb(params),
             seed=seed,
             drafter=drafter,
+            coupled=coupled,
         )
         try:
             await self._call.write(request)

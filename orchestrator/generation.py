@@ -29,10 +29,11 @@ class GenerationRequest:
 
     prompt_token_ids: tuple[int, ...]  # non-empty
     params: SamplingParams
-    seed: int  # seeds the one torch.Generator that drives every random choice of the generation
+    seed: int  # 64-bit: every random draw of the generation derives from (seed, position) (specdec.noise)
     max_new_tokens: int  # >= 1
     num_draft_tokens: int | None  # a fixed K >= 0 (0 = target-only), or None: chosen per round (auto)
     drafter: str = ""  # the draft service's drafter to use; "" = its default
+    reproducible: bool = False  # the coupled mode: the text is the target-only sample for the seed, whatever K
     eos_token_id: int | None = None
     context_length: int | None = None  # prompt + output at most; None = unbounded
     deadline: float | None = None  # time.monotonic() by which the generation must be done; None = none
@@ -45,6 +46,8 @@ class GenerationStats:
     num_draft_tokens: int = 0  # the fixed K, or under auto the largest K the policy may choose
     auto_num_draft_tokens: bool = False  # K was chosen per round
     drafter: str = ""  # the drafter asked for ("" = the draft service's default)
+    seed: int = 0  # the seed the generation ran with (the request's, or a random one)
+    reproducible: bool = False  # the coupled mode ran: the seed reproduces the text whatever K
     prompt_tokens: int = 0
     rounds: int = 0
     rounds_by_k: list[int] = field(default_factory=list)  # element k counts the rounds run with K = k asked

@@ -37,6 +37,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeVar
 
+import numpy as np
 import torch
 
 from orchestrator.breaker import CircuitBreaker
@@ -55,17 +56,15 @@ from orchestrator.clients import (
 )
 from orchestrator.generation import FinishReason, GenerationRequest, GenerationStats, LoopSettings, Round
 from orchestrator.k_policy import GREEDY, SAMPLE, Choice, KPolicy, PolicySettings, RoundOutcome, SharedEstimates
+from specdec import noise
 from specdec.logs import SequenceLogger
 from specdec.proposal import Proposal
 from specdec.rows import PackedRows
-from specdec.sampling import RejectionResult, rejection_sample_on_support
+from specdec.sampling import RejectionResult, coupled_sample_on_support, rejection_sample_on_support
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-_DRAFT_SEED_BOUND = 2**63 - 1
-
 
 def random_sequence_id() -> int:
     """A random non-zero 63-bit id (fits Triton's int64 correlation id and the draft's uint64 key)."""
@@ -120,19 +119,18 @@ class SpeculativeLoop:
 
 
 class _Generation:
-    """The state of one generation: tokens, sessions, valid cache lengths, the random generator."""
+    """The state of one generation: tokens, sessions, valid cache lengths, the K policy."""
 
     def __init__(self, loop: SpeculativeLoop, request: GenerationRequest, stats: GenerationStats | None) -> None:
         self.loop = loop
         self.request = request
         self.tokens: list[int] = list(request.prompt_token_ids)  # prompt + emitted
-        self.generator = torch.Generator().manual_seed(request.seed)
         auto = request.num_draft_tokens is None
         k = loop.estimates.settings.max_k if auto else request.num_draft_tokens
         self.policy = KPolicy(loop.estimates, request.drafter, GREEDY if request.params.greedy else SAMPLE)
         self.stats = stats or GenerationStats()
         self.stats.num_draft_tokens, self.stats.auto_num_draft_tokens = k, auto
-        self.stats.drafter = request.drafter
+        self.stats.drafter, self.stats.seed, self.stats.reproducible = request.drafter, request.seed, request.reproducible
         self.stats.prompt_tokens = len(self.tokens)
         self.stats.accepted_per_position = [0] * k
         self.stats.rounds_by_k = [0] * (k + 1)
@@ -240,8 +238,19 @@ class _Generation:
     ) -> RejectionResult:
         """p [k+1, V_p] and q [k, V_q] are warped already (by the target and the draft). Their widths may
         differ (another vocabulary size, or rows unpacked only as wide as their support): a token beyond a
-        row's width has probability 0 there, which leaves the sampler exact."""
-        return rejection_sample_on_support(drafts, q, p, self.generator)
+        row's width has probability 0 there, which leaves the sampler exact. Every draw comes from (seed,
+        the position it decides) (`specdec.noise`); greedy rows are one-hot and need none."""
+        seed, first, k, greedy = self.request.seed, len(self.tokens), len(drafts), self.request.params.greedy
+        if self.request.reproducible:
+            def gumbel(i: int, width: int) -> np.ndarray:
+                return noise.gumbel(seed, first + i, noise.TOKEN, width)
+
+            return coupled_sample_on_support(drafts, p, None if greedy else gumbel)
+        if greedy:  # one-hot rows: any uniform in [0, 1) gives the same tokens
+            return rejection_sample_on_support(drafts, q, p, np.zeros(k), np.zeros(k + 1))
+        u_accept = noise.uniforms(seed, first, k, noise.ACCEPT)
+        u_final = noise.uniforms(seed, first, k + 1, noise.FINAL)
+        return rejection_sample_on_support(drafts, q, p, u_accept, u_final)
 
     # --- draft ---------------------------------------------------------------------------------------
 
@@ -255,10 +264,9 @@ class _Generation:
         if not breaker.allow():
             self._fallback("breaker_open")
             return None
-        seed = int(torch.randint(0, _DRAFT_SEED_BOUND, (1,), generator=self.generator))
         started = time.monotonic()
         try:
-            proposal = await self._propose_once_or_reprefill(k, seed)
+            proposal = await self._propose_once_or_reprefill(k)
         except DraftError as exc:
             breaker.record_failure()
             self._fallback("timeout" if isinstance(exc, DraftTimeout) else "error")
@@ -278,7 +286,7 @@ class _Generation:
         if not self.stats.draft_fallback_reason:
             self.stats.draft_fallback_reason = reason
 
-    async def _propose_once_or_reprefill(self, k: int, seed: int) -> Proposal:
+    async def _propose_once_or_reprefill(self, k: int) -> Proposal:
         assert self.loop.draft is not None
         while True:
             if self.draft_session is None:
@@ -289,7 +297,10 @@ class _Generation:
             keep, append = self.draft_valid, self.tokens[self.draft_valid :]
             try:
                 proposal = await self._call_draft(
-                    self.draft_session.propose(keep, append, k, self.request.params, seed, self.request.drafter)
+                    self.draft_session.propose(
+                        keep, append, k, self.request.params, self.request.seed, self.request.drafter,
+                        self.request.reproducible,
+                    )
                 )
             except DraftCacheLost:
                 if self.draft_reprefills >= self.loop.settings.max_draft_reprefills:

@@ -226,6 +226,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             max_new_tokens=request.max_new_tokens,
             num_draft_tokens=request.num_draft_tokens,
             drafter=request.drafter,
+            reproducible=request.reproducible,
             eos_token_id=self._tokenizer.eos_token_id,
             context_length=context_length,
             deadline=deadline,

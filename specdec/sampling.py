@@ -32,16 +32,28 @@ autoregressive sampling (one draw from p_0), the fair baseline.
 Greedy decoding needs no special case: `warp` with temperature 0 returns one-hot rows, so a draft token is
 accepted iff it equals argmax p_i, the recovered token is argmax p_n, and the bonus is argmax p_K.
 
-Randomness contract (what makes results reproducible and lets tests replay the draws): for each sequence
-(row) the rejection sampler draws exactly ``K + 1`` float64 uniforms in [0, 1) from that row's generator,
-``torch.rand(K + 1, dtype=torch.float64, generator=g)``: u_0..u_{K-1} for the acceptance tests and u_K for
-the final (recovered or bonus) draw, which is made by inverse CDF: the smallest token t with
-``cumsum(w)[t] > u_K * sum(w)`` for the non-negative weights w of the row (never a zero-weight token).
+Randomness contract (what makes results reproducible and lets tests replay the draws). The reference
+`rejection_sample_batch` draws, for each sequence (row), exactly ``K + 1`` float64 uniforms in [0, 1) from
+that row's generator, ``torch.rand(K + 1, dtype=torch.float64, generator=g)``: u_0..u_{K-1} for the
+acceptance tests and u_K for the final (recovered or bonus) draw, which is made by inverse CDF: the
+smallest token t with ``cumsum(w)[t] > u * sum(w)`` for the non-negative weights w of the row (never a
+zero-weight token). The production `rejection_sample_on_support` takes its uniforms as arrays instead, one
+per draft position and one per possible final position, which the orchestrator derives from (seed,
+position) (`specdec.noise`), so a draw never depends on what was drawn before it.
+
+**Coupled mode** (`coupled_sample_on_support`): the target's own sample at each position is the Gumbel-max
+``y_i = argmax_t log p_i(t) + G_i(t)`` (an exact draw from p_i), with noise G_i shared with the draft,
+which proposes ``argmax_t log q_i(t) + G_i(t)``. A draft token is accepted iff it equals y_i; the first
+mismatch emits y_i. The output is then the target-only sample for the same noise, token for token,
+whatever the draft proposed or how many tokens: a seed reproduces its text whatever K, drafter or load.
+It accepts less than the modified rejection sampling when the draft samples from its own q (the Gumbel
+coupling is not the maximal coupling); for a deterministic draft (greedy, a lookup) both accept draft x
+with probability p(x).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +70,8 @@ __all__ = [
     "rejection_sample",
     "rejection_sample_batch",
     "rejection_sample_on_support",
+    "coupled_sample_on_support",
+    "sample_by_gumbel",
 ]
 
 
@@ -280,42 +294,38 @@ def rejection_sample_on_support(
     draft_tokens: Sequence[int],
     q: torch.Tensor | PackedRows | None,
     p: torch.Tensor | PackedRows,
-    generator: torch.Generator,
+    u_accept: np.ndarray,
+    u_final: np.ndarray,
 ) -> RejectionResult:
     """`rejection_sample` computed over the union of the rows' supports instead of the whole vocabulary.
 
-    Same arguments, except that q [K, V_q] and p [K+1, V_p] may be kept packed (`specdec.rows.PackedRows`,
-    as they come off the wire) and may differ in width (a token beyond a row's width has probability 0
-    there). Same result, token for token, for the same generator state: a column where every row of p
-    and q is 0 changes neither an acceptance test nor the inverse-CDF draw (its cumulative weight equals
-    its left neighbour's, so it is never the first to exceed the target) and the kept columns stay in
-    token order. Warped rows under greedy, top-k or top-p have a support of 1 to a few hundred tokens,
-    so the float64 work shrinks from V (49,152 for SmolLM2) to that, and no V-wide row is ever built.
+    q [K, V_q] and p [K+1, V_p] as for `rejection_sample`, but they may be kept packed
+    (`specdec.rows.PackedRows`, as they come off the wire) and may differ in width (a token beyond a row's
+    width has probability 0 there). ``u_accept`` [K] are the acceptance uniforms of the draft positions,
+    ``u_final`` [K+1] the uniform of the final draw at each position it may land on (n = the drafts
+    accepted picks ``u_final[n]``). With u_accept = u[:K] and every u_final = u[K] it is `rejection_sample`
+    token for token for the generator that drew u: a column where every row of p and q is 0 changes
+    neither an acceptance test nor the inverse-CDF draw (its cumulative weight equals its left
+    neighbour's, so it is never the first to exceed the target) and the kept columns stay in token order.
+    Warped rows under greedy, top-k or top-p have a support of 1 to a few hundred tokens, so the float64
+    work shrinks from V (49,152 for SmolLM2) to that, and no V-wide row is ever built.
 
     This is the orchestrator's per-round hot path, so it is the same arithmetic as `rejection_sample_batch`
-    (same uniforms, same float64 operations in the same order) written in numpy for one sequence: on rows
-    this small, each torch call costs ten times a numpy one. The tests hold it to the torch sampler
-    token for token.
+    (same float64 operations in the same order) written in numpy for one sequence: on rows this small,
+    each torch call costs ten times a numpy one. The tests hold it to the torch sampler token for token.
     """
-    p_rows = p if isinstance(p, PackedRows) else PackedRows.of_dense(p)
-    q_rows = q if q is None or isinstance(q, PackedRows) else PackedRows.of_dense(q)
-    x = np.asarray(draft_tokens, dtype=np.int64)  # [K]
+    x, p_rows, q_rows = _check_round(draft_tokens, p, q)
     k = x.size
-    if k and int(x.min()) < 0:
-        raise ValueError(f"draft_tokens must be >= 0, got {x.tolist()}")
-    if p_rows.shape[0] != k + 1:
-        raise ValueError(f"p must have K+1 = {k + 1} rows, got {p_rows.shape[0]}")
-    if q_rows is not None and q_rows.shape[0] != k:
-        raise ValueError(f"q must have K = {k} rows, got {q_rows.shape[0]}")
+    if np.shape(u_accept) != (k,) or np.shape(u_final) != (k + 1,):
+        raise ValueError(f"need {k} acceptance and {k + 1} final uniforms, got {np.shape(u_accept)}, {np.shape(u_final)}")
     columns, restricted = on_common_support([p_rows] + ([] if q_rows is None else [q_rows]), x)  # [S]
     p_s, q_s = restricted[0], (None if q_rows is None else restricted[1])  # [K+1, S], [K, S] float64
     x_col = np.searchsorted(columns, x)  # [K] the drafts' columns
-    u = torch.rand(k + 1, dtype=torch.float64, generator=generator).numpy()  # the randomness contract
 
     positions = np.arange(k)
     p_x = p_s[positions, x_col]  # [K]
     q_x = np.ones(k) if q_s is None else q_s[positions, x_col]  # [K]
-    rejections = np.flatnonzero(~(u[:k] * q_x < p_x))
+    rejections = np.flatnonzero(~(np.asarray(u_accept) * q_x < p_x))
     n = int(rejections[0]) if rejections.size else k  # drafts accepted
 
     p_n = p_s[n]  # [S]
@@ -326,8 +336,55 @@ def rejection_sample_on_support(
         residual = np.maximum(p_n - q_n, 0.0)
     weights = p_n if residual.sum() <= 0 else residual  # degenerate residual: draw from p_n
     cdf = np.cumsum(weights)
-    final = int(np.searchsorted(cdf, u[k] * cdf[-1], side="right"))
+    final = int(np.searchsorted(cdf, u_final[n] * cdf[-1], side="right"))
     positive = np.flatnonzero(weights > 0)
     final = min(final, int(positive[-1]) if positive.size else weights.size - 1)  # u * total rounding up
     tokens = [*x[:n].tolist(), int(columns[final])]
     return RejectionResult(accepted=n, tokens=tokens)
+
+
+def coupled_sample_on_support(
+    draft_tokens: Sequence[int],
+    p: torch.Tensor | PackedRows,
+    gumbel: Callable[[int, int], np.ndarray] | None,
+) -> RejectionResult:
+    """The coupled mode (module docstring): y_i = argmax_t log p_i(t) + G_i(t); accept while draft i == y_i.
+
+    p [K+1, V_p] warped target rows (packed or dense); ``gumbel(i, width)`` gives row i's noise for token ids
+    0..width-1 (only the rows up to the first mismatch are asked for). None means no noise: every row of p is
+    one-hot (greedy), and y_i is its token."""
+    x, p_rows, _ = _check_round(draft_tokens, p, None)
+    values = p_rows.values
+    for i in range(x.size + 1):
+        ids = np.arange(p_rows.width) if p_rows.index is None else p_rows.index[i]  # [M] token ids of row i
+        with np.errstate(divide="ignore"):
+            scores = np.log(values[i].astype(np.float64))  # [M]; zero entries (padding) can never win
+        if gumbel is not None:
+            scores = scores + gumbel(i, int(ids.max()) + 1)[ids]
+        y = int(ids[int(np.argmax(scores))])
+        if i == x.size or int(x[i]) != y:
+            return RejectionResult(accepted=i, tokens=[*x[:i].tolist(), y])
+    raise AssertionError("unreachable: the last row always ends the round")
+
+
+def _check_round(
+    draft_tokens: Sequence[int], p: torch.Tensor | PackedRows, q: torch.Tensor | PackedRows | None
+) -> tuple[np.ndarray, PackedRows, PackedRows | None]:
+    p_rows = p if isinstance(p, PackedRows) else PackedRows.of_dense(p)
+    q_rows = q if q is None or isinstance(q, PackedRows) else PackedRows.of_dense(q)
+    x = np.asarray(draft_tokens, dtype=np.int64)  # [K]
+    k = x.size
+    if k and int(x.min()) < 0:
+        raise ValueError(f"draft_tokens must be >= 0, got {x.tolist()}")
+    if p_rows.shape[0] != k + 1:
+        raise ValueError(f"p must have K+1 = {k + 1} rows, got {p_rows.shape[0]}")
+    if q_rows is not None and q_rows.shape[0] != k:
+        raise ValueError(f"q must have K = {k} rows, got {q_rows.shape[0]}")
+    return x, p_rows, q_rows
+
+
+def sample_by_gumbel(probs: torch.Tensor, noise: np.ndarray) -> int:
+    """probs [V] (warped) and noise [>= V] Gumbel -> argmax_t log probs(t) + noise(t): an exact draw from
+    probs (the Gumbel-max trick), determined by the noise (the draft's side of the coupled mode)."""
+    scores = torch.log(probs.double()) + torch.from_numpy(noise[: probs.shape[-1]])
+    return int(torch.argmax(scores))

@@ -22,8 +22,9 @@ from orchestrator.config import OrchestratorConfig
 from orchestrator.generation import GenerationRequest, Round
 from orchestrator.loop import SpeculativeLoop
 from orchestrator.server import OrchestratorServer, create_server
+from specdec import noise
 from specdec.proposal import Proposal
-from specdec.sampling import SamplingParams, sample, warp
+from specdec.sampling import SamplingParams, sample_by_gumbel, warp
 from specdec.v1 import generation_pb2, generation_pb2_grpc, sampling_pb2
 
 V = 16
@@ -129,6 +130,7 @@ class FakeDraftSession:
         params: SamplingParams,
         seed: int,
         drafter: str = "",
+        coupled: bool = False,
     ) -> Proposal:
         client = self.client
         index = len(client.calls.requests)
@@ -140,9 +142,9 @@ class FakeDraftSession:
         assert keep_length <= len(self.cache), f"keep {keep_length} > cache {len(self.cache)}"
         assert append_token_ids, "append must not be empty"
         self.cache = self.cache[:keep_length] + list(append_token_ids)
-        generator = torch.Generator().manual_seed(seed)
         drafts: list[int] = []
         rows = []
+        purpose = noise.TOKEN if coupled else noise.DRAFT
         for i in range(num_draft_tokens):
             if client.policy is not None:  # a deterministic drafter; None ends its proposal early
                 token = client.policy(self.cache + drafts, i)
@@ -152,7 +154,8 @@ class FakeDraftSession:
                 continue
             q = warp(client.model(self.cache + drafts), params)  # [V]
             rows.append(q)
-            drafts.append(int(sample(q.unsqueeze(0), generator)[0]))
+            position = len(self.cache) + i  # the draft's noise, as the real drafter derives it
+            drafts.append(sample_by_gumbel(q, noise.gumbel(seed, position, purpose, q.shape[-1])))
         q_rows = None if params.greedy or not rows else torch.stack(rows)[:, : client.q_width]
         return Proposal(token_ids=tuple(drafts), q=q_rows, cache_length=len(self.cache))  # the context
 

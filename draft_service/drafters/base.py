@@ -46,7 +46,8 @@ class DraftRequest:
     sequence: DraftSequence
     num_draft_tokens: int  # K: the most tokens to propose
     params: SamplingParams
-    seed: int
+    seed: int  # the generation's: the noise of the token at context position j derives from (seed, j)
+    coupled: bool = False  # sample with the target's noise (specdec.noise.TOKEN), send no q rows
 
 
 class Drafter(Protocol):

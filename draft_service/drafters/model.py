@@ -6,11 +6,13 @@ One round, for a sequence whose context the service keeps (`DraftSequence`):
 1. bring the model's KV cache up to the context: keep the longest prefix the cache and the context share
    (the cache also holds the drafts it fed last round: the ones the target accepted are reused, never
    recomputed), feed the rest, take the logits of the last position;
-2. K times: ``q_i = warp(logits, sampling)``, ``x_i ~ q_i`` with a generator seeded with the round's seed;
+2. K times: ``q_i = warp(logits, sampling)``, ``x_i ~ q_i`` by Gumbel-max with the noise of its position
+   (`specdec.noise`: the draft's own, or in the coupled mode the noise the target's sample uses there);
    feed x_i for the next logits, except the last one (sampled, never fed).
 
 The forwards run on the service's `StepLoop`, batched with every other stream's. Greedy proposals carry no
-q rows (q is one-hot); sampled ones carry the K rows they were sampled from.
+q rows (q is one-hot), nor do coupled ones (the orchestrator compares tokens); the others carry the K rows
+they were sampled from.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import torch
 
 from draft_service.drafters.base import DraftRequest, DraftSequence
 from draft_service.drafters.steps import Job, StepLoop
+from specdec import noise
 from specdec.engine import StepItem
 from specdec.kv_cache import KVCache
 from specdec.proposal import Proposal
-from specdec.sampling import sample, warp
+from specdec.sampling import sample_by_gumbel, warp
 
 NAME = "model"
 
@@ -74,7 +77,7 @@ class ModelDrafter:
         while shared < min(len(state.fed), len(context)) and state.fed[shared] == context[shared]:
             shared += 1
         shared = min(shared, len(context) - 1)  # always feed at least the last token, for its logits
-        generator = torch.Generator(device=self.engine.device).manual_seed(request.seed)
+        purpose = noise.TOKEN if request.coupled else noise.DRAFT
         try:
             logits = _logits((yield StepItem(state.cache, shared, context[shared:], 1)))
             state.fed[shared:] = context[shared:]
@@ -82,7 +85,11 @@ class ModelDrafter:
             rows: list[torch.Tensor] = []  # K x [1, V]
             for i in range(k):
                 q = warp(logits, params)  # [1, V]
-                token = int(sample(q, generator)[0])
+                if params.greedy:
+                    token = int(torch.argmax(q[0]))
+                else:
+                    position = len(context) + i
+                    token = sample_by_gumbel(q[0], noise.gumbel(request.seed, position, purpose, q.shape[-1]))
                 tokens.append(token)
                 rows.append(q)
                 if i < k - 1:
@@ -90,5 +97,5 @@ class ModelDrafter:
                     state.fed.append(token)
         finally:
             del state.fed[state.cache.length :]  # a failed step leaves the cache shorter: stay in step with it
-        q_rows = None if params.greedy else torch.cat(rows)  # [K, V]
+        q_rows = None if params.greedy or request.coupled else torch.cat(rows)  # [K, V]
         return Proposal(tuple(tokens), q_rows, len(context))

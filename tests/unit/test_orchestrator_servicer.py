@@ -238,3 +238,16 @@ def both_released(running: Running) -> bool:
     return all(fake.calls.closed == fake.calls.opened for fake in (running.target, running.draft))
 
 
+
+
+@asyncio_test
+async def test_a_seed_is_reported_and_makes_the_text_reproducible_by_default(tokenizer):
+    async with serving(tokenizer) as running:
+        seeded = await running.stub.Generate(req(max_new_tokens=4, sampling=dict(temperature=0.8, seed=2**63 + 5)))
+        assert seeded.stats.seed == 2**63 + 5 and seeded.stats.reproducible
+        unseeded = await running.stub.Generate(req(max_new_tokens=4, sampling=dict(temperature=0.8)))
+        assert not unseeded.stats.reproducible and unseeded.stats.seed != 0
+        chosen = await running.stub.Generate(
+            req(max_new_tokens=4, reproducible=False, sampling=dict(temperature=0.8, seed=9))
+        )
+        assert not chosen.stats.reproducible and chosen.stats.seed == 9

@@ -10,6 +10,7 @@ to the reference token for token, and check determinism. Distribution-level chec
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -289,18 +290,37 @@ def test_on_support_equals_the_full_width_sampler_token_for_token(k, draft_param
         padded_q = None if q is None else torch.nn.functional.pad(q, (0, vocab - narrow))
         seed = 1000 * k + trial
         full = rejection_sample(torch.tensor(drafts, dtype=torch.int64), padded_q, p, torch.Generator().manual_seed(seed))
-        compact = rejection_sample_on_support(drafts, q, p, torch.Generator().manual_seed(seed))
+        compact = rejection_sample_on_support(drafts, q, p, *uniforms_of(seed, k))
         assert compact == full, (trial, drafts)
         packed_p = PackedRows.from_arrays(*pack_rows(p), vocab)  # as the orchestrator receives them
         packed_q = None if q is None else PackedRows.from_arrays(*pack_rows(q), narrow)
-        packed = rejection_sample_on_support(drafts, packed_q, packed_p, torch.Generator().manual_seed(seed))
+        packed = rejection_sample_on_support(drafts, packed_q, packed_p, *uniforms_of(seed, k))
         assert packed == full, (trial, drafts)
+
+
+def uniforms_of(seed: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The reference sampler's K+1 uniforms for ``seed``, as the production sampler takes them: acceptance
+    for each draft position, and the one final uniform wherever the final draw lands."""
+    u = torch.rand(k + 1, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)).numpy()
+    return u[:k], np.full(k + 1, u[k])
 
 
 def test_on_support_handles_a_draft_token_outside_every_support():
     p = torch.zeros(2, 10)
     p[:, 3] = 1.0  # greedy target: token 3
-    result = rejection_sample_on_support([7], None, p, torch.Generator().manual_seed(0))
+    result = rejection_sample_on_support([7], None, p, *uniforms_of(0, 1))
     assert result == RejectionResult(accepted=0, tokens=[3])  # 7 has p = 0: rejected, recovered from p
     with pytest.raises(ValueError, match="draft_tokens must be >= 0"):
-        rejection_sample_on_support([-1], None, p, torch.Generator().manual_seed(0))
+        rejection_sample_on_support([-1], None, p, *uniforms_of(0, 1))
+    with pytest.raises(ValueError, match="need 1 acceptance and 2 final uniforms"):
+        rejection_sample_on_support([3], None, p, np.zeros(2), np.zeros(2))
+
+
+def test_the_final_draw_uses_the_uniform_of_the_position_it_lands_on():
+    p = torch.full((3, 4), 0.25)  # flat target rows
+    u_final = np.array([0.1, 0.6, 0.9])
+    # Draft 0 accepted (u 0 < p / q), draft 1 rejected (p(x) = 0.25 < u * 1): the final draw is at position 1.
+    result = rejection_sample_on_support([2, 1], None, p, np.array([0.0, 0.99]), u_final)
+    assert result.accepted == 1 and result.tokens[0] == 2
+    residual = torch.tensor([0.25, 0.0, 0.25, 0.25])  # p minus the rejected one-hot draft
+    assert result.tokens[1] == int(torch.searchsorted(residual.cumsum(0), 0.6 * residual.sum(), right=True))
