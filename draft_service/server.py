@@ -34,6 +34,7 @@ from draft_service.servicer import DraftServicer
 from specdec.engine import CausalLMEngine, SequenceStore
 from specdec.grpc_server import add_health_and_reflection, set_serving_blocking
 from specdec.models import load_model, parse_layers
+from specdec.tls import add_port, server_credentials
 from specdec.v1 import draft_pb2, draft_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,7 @@ def create_server(config: DraftConfig, drafter: Drafter | None = None) -> DraftS
     ``drafter`` replaces loading the model named by ``config`` (tests). Loading blocks: ~0.2 s, or ~20 s
     on the first SmolLM2 use.
     """
+    credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)  # bad files fail first
     if drafter is None:
         drafter = build_drafter(config)
     threads = ThreadPoolExecutor(
@@ -120,7 +122,7 @@ def create_server(config: DraftConfig, drafter: Drafter | None = None) -> DraftS
     health_servicer = add_health_and_reflection(server, [SERVICE_NAME])
     host = f"[{config.host}]" if ":" in config.host else config.host
     try:
-        port = server.add_insecure_port(f"{host}:{config.port}")
+        port = add_port(server, f"{host}:{config.port}", credentials)
     except RuntimeError as exc:
         threads.shutdown(wait=False)
         raise OSError(f"cannot bind {host}:{config.port}: {exc}") from exc
@@ -137,7 +139,8 @@ def create_server(config: DraftConfig, drafter: Drafter | None = None) -> DraftS
     except BaseException:
         handle.stop(0)
         raise
-    log.info("draft service listening on %s:%d", config.host, port)
+    tls = "plaintext" if credentials is None else "mutual TLS" if config.tls_client_ca else "TLS"
+    log.info("draft service listening on %s:%d (%s)", config.host, port, tls)
     return handle
 
 
