@@ -17,6 +17,9 @@ Failover, so that losing a replica loses no generation:
 * **Draft**: a replica that answers UNAVAILABLE is ejected; if another replica is healthy the error
   becomes DraftCacheLost, so the loop re-sends the prefix to a new session, on another replica. With no
   other replica the loop finishes the generation target-only, as with a single draft.
+* A stream that dies with its server does not always say UNAVAILABLE (gRPC core reports INTERNAL at
+  times, or the stream is just over): after any other plain failure the replica gets one health check
+  on the spot, and if it does not answer it is handled as above.
 
 Health checks go over each replica's own channel: grpc.health.v1 for drafts, KServe ``ServerReady`` +
 ``ModelReady`` for Triton.
@@ -29,7 +32,14 @@ from collections.abc import Callable, Sequence
 import grpc
 import torch
 
-from orchestrator.clients import DraftCacheLost, DraftUnavailable, TargetConnectionLost, TargetUnavailable
+from orchestrator.clients import (
+    DraftCacheLost,
+    DraftError,
+    DraftUnavailable,
+    TargetConnectionLost,
+    TargetError,
+    TargetUnavailable,
+)
 from orchestrator.draft_grpc import GrpcDraftClient, GrpcDraftSession
 from orchestrator.replicas import NoReplicaLeft, PoolSettings, Replica, ReplicaPool, ReplicaState
 from orchestrator.resolve import Address, Resolver, system_resolver
@@ -69,9 +79,19 @@ class PinnedDraftSession:
             return await self._inner.propose(keep_length, append_token_ids, num_draft_tokens, params, seed)
         except DraftUnavailable as exc:
             self._pool.eject(self._replica, str(exc))
-            if self._pool.has_healthy_other(self._replica):
-                raise DraftCacheLost(f"draft replica {self.replica} is unavailable ({exc}); moving on") from exc
+            self._move_on(exc)
             raise
+        except DraftError as exc:
+            if type(exc) is DraftError and not await self._pool.answers(self._replica):  # the stream died with it
+                self._pool.eject(self._replica, f"{exc}, and its health check fails")
+                self._move_on(exc)
+            raise
+
+    def _move_on(self, exc: DraftError) -> None:
+        """With another healthy replica, the loop re-sends the prefix (DraftCacheLost) there instead of
+        finishing target-only."""
+        if self._pool.has_healthy_other(self._replica):
+            raise DraftCacheLost(f"draft replica {self.replica} is unavailable ({exc}); moving on") from exc
 
     def abandon(self, reason: str) -> None:
         """Nothing to do: a draft round is bounded by the loop's per-round timeout."""
@@ -148,6 +168,13 @@ class PinnedTargetSession:
         except TargetUnavailable as exc:  # the replica is going away: re-send the prefix elsewhere
             self._pool.eject(self._replica, str(exc))
             raise TargetConnectionLost(str(exc)) from exc
+        except TargetError as exc:
+            # A stream that dies with its server can end with any status (gRPC core says INTERNAL at times):
+            # if the replica does not answer either, it is gone, and the prefix goes elsewhere.
+            if type(exc) is TargetError and not await self._pool.answers(self._replica):
+                self._pool.eject(self._replica, f"{exc}, and its readiness check fails")
+                raise TargetConnectionLost(f"{exc}; Triton at {self.replica} does not answer") from exc
+            raise
 
     def abandon(self, reason: str) -> None:
         abandon = getattr(self._inner, "abandon", None)

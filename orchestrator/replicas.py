@@ -199,6 +199,15 @@ class ReplicaPool(Generic[C]):
             replica.healthy = True
             log.info("%s pool: replica %s readmitted (its health check passed)", self.name, replica.address)
 
+    async def answers(self, replica: Replica[C]) -> bool:
+        """One health check now: does ``replica`` answer? (After an error that may or may not be its death.)"""
+        timeout = self.settings.health_timeout_s
+        try:
+            await asyncio.wait_for(self._check(replica.client, timeout), timeout + 1.0)
+        except Exception:  # noqa: BLE001 - any failure of the check is a failed check
+            return False
+        return True
+
     def eject(self, replica: Replica[C], why: str, *, abandon: bool = False) -> None:
         """Take ``replica`` out of the choice until a health check passes; ``abandon`` also fails the
         sessions pinned to it (it stopped answering on the channel they use)."""
