@@ -162,6 +162,8 @@ class FaultProxy:
             ]
             await asyncio.wait(link.tasks, return_when=asyncio.FIRST_COMPLETED)
             self._abort(link)
+        except asyncio.CancelledError:  # stop(): asyncio's stream callback must not see a cancelled handler
+            self._abort(link)
         finally:
             self._links.discard(link)
             self._handlers.discard(handler)
