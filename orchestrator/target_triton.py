@@ -345,9 +345,19 @@ class TritonTargetClient:
             await asyncio.wait_for(self._channel.channel_ready(), self._connect_timeout_s)
         except asyncio.TimeoutError:
             now = self._channel.get_state(try_to_connect=False)
+            why = await self._last_connect_error()
             raise unavailable(
-                self.url, f"no connection within {self._connect_timeout_s:g} s (gRPC channel {now.name.lower()})"
+                self.url, f"no connection within {self._connect_timeout_s:g} s (gRPC channel {now.name.lower()}{why})"
             ) from None
+
+    async def _last_connect_error(self) -> str:
+        """gRPC's reason for the failed connection (a refused port, a TLS handshake), as a failing call reports it."""
+        try:
+            await self._stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=0.2)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and exc.details():
+                return f": {exc.details()}"
+        return ""
 
     async def close(self) -> None:
         """Give releases under way a moment to finish, then close the channel."""
