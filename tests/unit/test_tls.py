@@ -23,6 +23,7 @@ from orchestrator.config import OrchestratorConfig
 from orchestrator.draft_grpc import GrpcDraftClient
 from orchestrator.pools import DraftPool
 from orchestrator.server import create_server
+from specdec import probe
 from specdec.sampling import SamplingParams
 from specdec.tiny import save_tiny_llama
 from specdec.tls import channel_credentials, channel_options, server_credentials
@@ -103,6 +104,17 @@ async def test_the_public_port_with_mutual_tls_serves_only_clients_with_a_certif
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await generate(address, credentials)
             refused(info.value, started)
+
+
+@asyncio_test
+async def test_the_exec_probe_checks_health_over_mutual_tls(tokenizer, pki):
+    """``python -m specdec.probe``: what Kubernetes runs when the port is TLS (its gRPC probe is plaintext)."""
+    async with tls_orchestrator(tokenizer, pki, tls_client_ca=pki.ca) as address:
+        good = [address, "--tls-ca", pki.ca, "--tls-cert", pki.client.cert, "--tls-key", pki.client.key]
+        assert await asyncio.to_thread(probe.main, good) == 0
+        assert await asyncio.to_thread(probe.main, good + ["--service", "specdec.v1.GenerationService"]) == 0
+        assert await asyncio.to_thread(probe.main, [address, "--tls-ca", pki.ca]) == 1  # no client certificate
+        assert await asyncio.to_thread(probe.main, [address]) == 1  # plaintext
 
 
 @asyncio_test
