@@ -184,11 +184,12 @@ class FakeDraft:
 
 class FakeTargetReplica(FakeTarget):
     """A FakeTarget as one replica of a pool, addressed ``address``. While ``down`` it refuses to open and
-    fails its health checks, and its sessions' calls raise TargetConnectionLost (a broken stream)."""
+    fails its health checks, and its sessions' calls raise TargetConnectionLost (a broken stream); while
+    not ``ready`` only its health checks fail."""
 
     def __init__(self, address: str, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.address, self.down, self.checks, self.abandoned = address, False, 0, []
+        self.address, self.down, self.ready, self.checks, self.abandoned = address, False, True, 0, []
 
     async def open(self, sequence_id: int, *, timeout: float | None = None) -> FakeTargetSession:
         from orchestrator.clients import TargetUnavailable
@@ -202,7 +203,7 @@ class FakeTargetReplica(FakeTarget):
         from orchestrator.clients import TargetUnavailable
 
         self.checks += 1
-        if self.down:
+        if self.down or not self.ready:
             raise TargetUnavailable(f"target (Triton at {self.address}) is unavailable: down")
 
 

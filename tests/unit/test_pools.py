@@ -328,3 +328,26 @@ def test_pool_settings_refuse_nonsense() -> None:
         PoolSettings(health_failures=0)
     with pytest.raises(ValueError, match="no endpoints"):
         TargetPool(" , ")
+
+
+@asyncio_test
+async def test_a_plain_stream_failure_moves_the_generation_only_if_the_replica_stops_answering() -> None:
+    from orchestrator.clients import TargetConnectionLost, TargetError
+
+    replicas = fake_targets(A, B)
+    pool = target_pool(replicas)
+    await pool.start()
+    try:
+        session = await pool.open(1)
+        replica = replicas[session.replica]
+        replica.fail_at = {0: TargetError("target stream INTERNAL: Internal error from Core")}
+        with pytest.raises(TargetError) as info:  # the replica still answers: an ordinary error
+            await session.score(0, [1, 2], 1, request().params)
+        assert type(info.value) is TargetError
+        replica.fail_at = {1: TargetError("target stream INTERNAL: Internal error from Core")}
+        replica.ready = False  # now it does not answer its health check either
+        with pytest.raises(TargetConnectionLost, match="does not answer"):
+            await session.score(0, [1, 2], 1, request().params)
+        assert not {s.address: s.healthy for s in pool.snapshot()}[replica.address]
+    finally:
+        await pool.close()
