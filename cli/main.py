@@ -2,7 +2,8 @@
 
 `specdec serve` starts Triton (SmolLM2-135M target), the draft service (a SmolLM2 self-draft) and the
 orchestrator on 127.0.0.1, shows progress while the models load, prints the address, and stops all three
-on Ctrl-C. `specdec generate "PROMPT"` calls a running orchestrator and prints the text and the stats.
+on Ctrl-C; ``--draft-replicas N --target-replicas M`` starts a local fleet of N drafts and M Tritons behind
+the one orchestrator. `specdec generate "PROMPT"` calls a running orchestrator and prints the text and the stats.
 The services also run on their own (`python -m target_service | draft_service | orchestrator`), which is
 how a fleet deploys them.
 """
@@ -67,9 +68,11 @@ def serve_command(config: "StackConfig") -> int:  # noqa: F821 - imported lazily
         sys.stdout.write(
             f"specdec is serving specdec.v1.GenerationService on {stack.address}\n"
             f"  try: specdec generate --address {stack.address} \"The capital of France is\"\n"
-            f"  metrics: {stack.orchestrator_metrics_url} (orchestrator), {stack.draft_metrics_url} (draft), "
-            f"{stack.triton_metrics_url} (Triton)\n"
-            "  Ctrl-C stops all three services.\n"
+            f"  draft replicas: {', '.join(stack.draft_addresses) or 'none'}; Triton replicas: "
+            f"{', '.join(stack.triton_urls)}\n"
+            f"  metrics: {stack.orchestrator_metrics_url} (orchestrator), "
+            f"{', '.join(stack.draft_metrics_urls) or '-'} (draft), {', '.join(stack.triton_metrics_urls)} (Triton)\n"
+            "  Ctrl-C stops every service.\n"
         )
         sys.stdout.flush()
         while not stop.wait(1.0):
@@ -78,7 +81,7 @@ def serve_command(config: "StackConfig") -> int:  # noqa: F821 - imported lazily
             except RuntimeError as exc:
                 log.error("%s", exc)
                 return 1
-        log.info("stopping the orchestrator, the draft service and Triton ...")
+        log.info("stopping the orchestrator, the draft service(s) and Triton(s) ...")
     log.info("stopped")
     return 0
 

@@ -4,9 +4,14 @@
 own entry points (`python -m target_service`, `python -m draft_service`, `python -m orchestrator`), on
 127.0.0.1 and free ports, wait until each one is healthy, and stop all of them however they exit.
 
+A local *fleet* runs several Triton and draft replicas (``target_replicas``, ``draft_replicas``) behind one
+orchestrator, which balances generations over them (``orchestrator.pools``). Replica 0 of each kind is
+named "triton" and "draft", the others "triton-1", "draft-1", ...; ``route`` lets a test put something
+(a fault proxy) between the orchestrator and each replica.
+
 For fault-injection tests, `LocalStack.kill(name)` crashes one service (SIGKILL) and
 `LocalStack.restart(name)` starts it again with the same command line (same ports) and waits until it is
-healthy, while the other two keep running.
+healthy, while the others keep running.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import field
 from pathlib import Path
 
@@ -60,25 +65,61 @@ class StackConfig:
     cache_dir: str = field(default="", metadata={"help": "converted models; '' = $SPECDEC_CACHE_DIR or ~/.cache/specdec"})
     startup_timeout_s: float = field(default=300.0, metadata={"help": "how long each service may take to start"})
     log_dir: str = field(default="", metadata={"help": "where each process's log goes; '' = a temporary folder"})
+    draft_replicas: int = field(
+        default=1, metadata={"help": "draft service processes (a local fleet when > 1); 0 = target-only"}
+    )
+    target_replicas: int = field(default=1, metadata={"help": "Triton processes (a local fleet when > 1)"})
+
+
+def replica_name(kind: str, index: int) -> str:
+    """"triton", "triton-1", ...: replica 0 keeps the plain name."""
+    return kind if index == 0 else f"{kind}-{index}"
 
 
 class LocalStack:
-    """Triton + draft service + orchestrator on 127.0.0.1. Use as a context manager.
+    """Triton(s) + draft service(s) + orchestrator on 127.0.0.1. Use as a context manager.
 
-    ``env`` adds environment variables for the three processes (e.g. ``SPECDEC_ORCHESTRATOR_*`` settings
-    that `StackConfig` does not carry)."""
+    ``env`` adds environment variables for every process (e.g. ``SPECDEC_ORCHESTRATOR_*`` settings that
+    `StackConfig` does not carry). ``route(name, address)`` returns the address the orchestrator should use
+    for replica ``name`` listening at ``address`` (default: the address itself)."""
 
-    def __init__(self, config: StackConfig, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: StackConfig,
+        env: Mapping[str, str] | None = None,
+        route: Callable[[str, str], str] | None = None,
+    ) -> None:
+        if config.target_replicas < 1 or config.draft_replicas < 0:
+            raise ValueError("a stack needs target_replicas >= 1 and draft_replicas >= 0")
         self.config = config
         self.env = dict(env or {})
+        self.route = route or (lambda _name, address: address)
         self.processes: list[Process] = []
         self._tmp: tempfile.TemporaryDirectory | None = None
+        self._ready: dict[str, Callable[[Process], None]] = {}  # name -> wait until that process serves
         self.address = ""
-        self.draft_address = ""
-        self.triton_url = ""
-        self.triton_metrics_url = ""
-        self.draft_metrics_url = ""
+        self.draft_addresses: list[str] = []  # where each draft replica listens
+        self.triton_urls: list[str] = []  # each Triton's gRPC host:port
+        self.triton_metrics_urls: list[str] = []
+        self.draft_metrics_urls: list[str] = []
         self.orchestrator_metrics_url = ""
+
+    # The first replica of each kind, for single-replica stacks.
+    @property
+    def draft_address(self) -> str:
+        return self.draft_addresses[0] if self.draft_addresses else ""
+
+    @property
+    def triton_url(self) -> str:
+        return self.triton_urls[0]
+
+    @property
+    def triton_metrics_url(self) -> str:
+        return self.triton_metrics_urls[0]
+
+    @property
+    def draft_metrics_url(self) -> str:
+        return self.draft_metrics_urls[0] if self.draft_metrics_urls else ""
 
     def __enter__(self) -> LocalStack:
         try:
@@ -106,47 +147,61 @@ class LocalStack:
         env = {**child_env(), **self.env}
         py = sys.executable
         host = cfg.host
-        ports = {name: free_port(host) for name in ("grpc", "http", "metrics", "draft", "draft_metrics")}
         common = ["--cache-dir", cfg.cache_dir, "--threads", str(cfg.threads)]
-
-        log.info("starting Triton (target %s) ...", cfg.target_model)
         t0 = time.monotonic()
-        triton = self._spawn("triton", log_dir, env, [
-            py, "-m", "target_service", "--host", host, "--grpc-port", str(ports["grpc"]),
-            "--http-port", str(ports["http"]), "--metrics-port", str(ports["metrics"]),
-            "--model", cfg.target_model, "--dtype", cfg.target_dtype, *common,
-        ])
-        log.info("starting the draft service (drafters %s; model %s, layers %s) ...", cfg.drafters, cfg.draft_model,
-                 cfg.draft_layers or "all")
-        draft = self._spawn("draft", log_dir, env, [
-            py, "-m", "draft_service", "--host", host, "--port", str(ports["draft"]),
-            "--metrics-port", str(ports["draft_metrics"]), "--drafters", cfg.drafters, "--model", cfg.draft_model,
-            "--keep-layers", cfg.draft_layers, "--dtype", cfg.draft_dtype, *common,
-        ])
-        self.draft_address = f"{host}:{ports['draft']}"
-        self.triton_url = f"{host}:{ports['grpc']}"
-        self.triton_metrics_url = f"http://{host}:{ports['metrics']}/metrics"
-        self.draft_metrics_url = f"http://{host}:{ports['draft_metrics']}/metrics"
-        wait_grpc_healthy(self.draft_address, draft, cfg.startup_timeout_s)
-        log.info("draft service ready at %s (%.1f s)", self.draft_address, time.monotonic() - t0)
-        wait_triton_ready(self.triton_url, contract.MODEL_NAME, cfg.startup_timeout_s, triton.check_alive, triton.tail)
-        log.info("Triton ready at %s (%.1f s)", self.triton_url, time.monotonic() - t0)
+
+        tritons = []
+        for i in range(cfg.target_replicas):
+            name = replica_name("triton", i)
+            grpc_port, http_port, metrics_port = free_port(host), free_port(host), free_port(host)
+            log.info("starting %s (target %s) ...", name, cfg.target_model)
+            tritons.append(self._spawn(name, log_dir, env, [
+                py, "-m", "target_service", "--host", host, "--grpc-port", str(grpc_port),
+                "--http-port", str(http_port), "--metrics-port", str(metrics_port),
+                "--model", cfg.target_model, "--dtype", cfg.target_dtype, *common,
+            ]))  # fmt: skip
+            self.triton_urls.append(f"{host}:{grpc_port}")
+            self.triton_metrics_urls.append(f"http://{host}:{metrics_port}/metrics")
+            http_url = f"{host}:{http_port}"
+            self._ready[name] = lambda p, u=http_url: wait_triton_ready(
+                u, contract.MODEL_NAME, cfg.startup_timeout_s, p.check_alive, p.tail
+            )
+        drafts = []
+        for i in range(cfg.draft_replicas):
+            name = replica_name("draft", i)
+            port, metrics_port = free_port(host), free_port(host)
+            log.info("starting %s (drafters %s; model %s, layers %s) ...", name, cfg.drafters, cfg.draft_model,
+                     cfg.draft_layers or "all")
+            drafts.append(self._spawn(name, log_dir, env, [
+                py, "-m", "draft_service", "--host", host, "--port", str(port),
+                "--metrics-port", str(metrics_port), "--drafters", cfg.drafters, "--model", cfg.draft_model,
+                "--keep-layers", cfg.draft_layers, "--dtype", cfg.draft_dtype, *common,
+            ]))  # fmt: skip
+            self.draft_addresses.append(f"{host}:{port}")
+            self.draft_metrics_urls.append(f"http://{host}:{metrics_port}/metrics")
+            self._ready[name] = lambda p, a=f"{host}:{port}": wait_grpc_healthy(a, p, cfg.startup_timeout_s)
+        for process in [*drafts, *tritons]:
+            self._ready[process.name](process)
+            log.info("%s ready (%.1f s)", process.name, time.monotonic() - t0)
 
         log.info("starting the orchestrator ...")
         # Its free ports are picked only now: a port picked before the ~20 s of waiting above can meanwhile
         # become the source port of an outgoing connection (the readiness polls), and the bind then fails.
-        ports["orch_metrics"] = free_port(host)
+        orch_metrics = free_port(host)
         orchestrator_port = cfg.port or free_port(host)
+        draft_spec = ",".join(self.route(replica_name("draft", i), a) for i, a in enumerate(self.draft_addresses))
+        triton_spec = ",".join(self.route(replica_name("triton", i), u) for i, u in enumerate(self.triton_urls))
         orchestrator = self._spawn("orchestrator", log_dir, env, [
             py, "-m", "orchestrator", "--host", host, "--port", str(orchestrator_port),
-            "--draft-address", self.draft_address, "--triton-url", self.triton_url,
+            "--draft-address", draft_spec, "--triton-url", triton_spec,
             "--tokenizer", cfg.target_model, "--cache-dir", cfg.cache_dir,
             "--default-num-draft-tokens", cfg.num_draft_tokens,
-            "--metrics-port", str(ports["orch_metrics"]),
-        ])
+            "--metrics-port", str(orch_metrics),
+        ])  # fmt: skip
         self.address = f"{host}:{orchestrator_port}"
-        self.orchestrator_metrics_url = f"http://{host}:{ports['orch_metrics']}/metrics"
-        wait_grpc_healthy(self.address, orchestrator, cfg.startup_timeout_s)
+        self.orchestrator_metrics_url = f"http://{host}:{orch_metrics}/metrics"
+        self._ready["orchestrator"] = lambda p: wait_grpc_healthy(self.address, p, cfg.startup_timeout_s)
+        self._ready["orchestrator"](orchestrator)
         log.info("orchestrator ready at %s (%.1f s in all)", self.address, time.monotonic() - t0)
 
     def _spawn(self, name: str, log_dir: Path, env: dict[str, str], argv: list[str]) -> Process:
@@ -158,13 +213,14 @@ class LocalStack:
         return next(p for p in self.processes if p.name == name)
 
     def kill(self, name: str, timeout_s: float = 60.0) -> None:
-        """Crash one service with SIGKILL ("triton", "draft" or "orchestrator"); the others keep running.
+        """Crash one service with SIGKILL ("triton", "draft", "orchestrator", "triton-1", ...); the others
+        keep running.
 
         For "triton" the victim is the tritonserver process itself, as in a real crash: its launcher
         (``python -m target_service``) sees it die, cleans up after it (model stubs, shared memory) and exits.
         """
         process = self.process(name)
-        if name == "triton":
+        if name.startswith("triton"):
             for pid in children_named(process.pid, "tritonserver"):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
@@ -184,11 +240,7 @@ class LocalStack:
         started = time.monotonic()
         new = Process(name, old.argv, old.log_path, old.env)
         self.processes[index] = new
-        timeout_s = self.config.startup_timeout_s
-        if name == "triton":
-            wait_triton_ready(self.triton_url, contract.MODEL_NAME, timeout_s, new.check_alive, new.tail)
-        else:
-            wait_grpc_healthy(self.address if name == "orchestrator" else self.draft_address, new, timeout_s)
+        self._ready[name](new)
         log.info("%s restarted in %.1f s", name, time.monotonic() - started)
 
     def check_alive(self) -> None:

@@ -55,6 +55,11 @@ class DraftConfig:
     )
     grace_s: float = field(default=5.0, metadata={"help": "seconds open streams get to finish on shutdown"})
     metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics port; 0 turns it off"})
+    tls_cert: str = field(default="", metadata={"help": "PEM certificate of the gRPC port ('' = plaintext)"})
+    tls_key: str = field(default="", metadata={"help": "PEM key of --tls-cert"})
+    tls_client_ca: str = field(
+        default="", metadata={"help": "PEM CA bundle; callers must present a certificate it signed ('' = not required)"}
+    )
 
     def __post_init__(self) -> None:
         parse_drafters(self.drafters)

@@ -32,6 +32,7 @@ from draft_service.drafters.steps import StepLoop
 from draft_service.metrics import DraftMetrics
 from draft_service.servicer import DraftServicer
 from specdec.grpc_server import add_health_and_reflection, set_serving_blocking
+from specdec.tls import add_port, server_credentials
 from specdec.v1 import draft_pb2, draft_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ def create_server(
     ``model`` replaces loading the model named by ``config``, ``core`` the whole assembly (tests). Loading
     blocks: ~0.2 s, or ~20 s on the first SmolLM2 use; a server offering only model-free drafters loads none.
     """
+    credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)  # bad files fail first
     metrics: DraftMetrics | None = None
     if core is None:
         core = build_core(config, model, on_forward=lambda n: metrics.observe_forward(n) if metrics else None)
@@ -104,7 +106,7 @@ def create_server(
     health_servicer = add_health_and_reflection(server, [SERVICE_NAME])
     host = f"[{config.host}]" if ":" in config.host else config.host
     try:
-        port = server.add_insecure_port(f"{host}:{config.port}")
+        port = add_port(server, f"{host}:{config.port}", credentials)
     except RuntimeError as exc:
         _abandon(threads, steps)
         raise OSError(f"cannot bind {host}:{config.port}: {exc}") from exc
@@ -121,7 +123,8 @@ def create_server(
     except BaseException:
         handle.stop(0)
         raise
-    log.info("draft service listening on %s:%d", config.host, port)
+    tls = "plaintext" if credentials is None else "mutual TLS" if config.tls_client_ca else "TLS"
+    log.info("draft service listening on %s:%d (%s)", config.host, port, tls)
     return handle
 
 

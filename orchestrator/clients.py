@@ -34,6 +34,11 @@ class DraftCacheLost(DraftError):
     """The draft service no longer holds the sequence's cache: re-send the prefix with keep_length 0."""
 
 
+class DraftUnavailable(DraftError):
+    """The draft replica cannot be reached (down, connection lost, draining): a replica pool ejects it and
+    moves the generation to another replica if it has one."""
+
+
 class DraftTimeout(DraftError):
     """A draft round took longer than the configured per-round limit."""
 

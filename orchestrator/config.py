@@ -18,9 +18,15 @@ class OrchestratorConfig:
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind the gRPC server to"})
     port: int = field(default=50051, metadata={"help": "gRPC port (0 picks a free port)"})
     draft_address: str = field(
-        default="127.0.0.1:50052", metadata={"help": "draft service host:port ('' = no draft: target-only)"}
+        default="127.0.0.1:50052",
+        metadata={"help": "draft replicas: comma-separated host:port; a name means every address it resolves to, "
+                  "re-resolved (a headless Service) ('' = no draft: target-only)"},
     )
-    triton_url: str = field(default="127.0.0.1:8001", metadata={"help": "Triton gRPC host:port"})
+    triton_url: str = field(
+        default="127.0.0.1:8001",
+        metadata={"help": "Triton replicas (gRPC): comma-separated host:port; a name means every address it "
+                  "resolves to, re-resolved (a headless Service)"},
+    )
     triton_model: str = field(default="specdec_target", metadata={"help": "Triton model name of the target"})
     tokenizer: str = field(default="smollm2", metadata={"help": "model spec whose tokenizer (the target's) to load"})
     cache_dir: str = field(
@@ -65,6 +71,39 @@ class OrchestratorConfig:
         metadata={"help": "how long a request waits for a connection to Triton before UNAVAILABLE (keep > 1 s, "
                   "the reconnect backoff cap, so a Triton that is back is always found)"},
     )
+    resolve_interval_s: float = field(
+        default=30.0, metadata={"help": "seconds between resolutions of the draft and Triton names"}
+    )
+    health_check_interval_s: float = field(
+        default=2.0, metadata={"help": "seconds between health checks of each draft and Triton replica"}
+    )
+    health_check_timeout_s: float = field(default=2.0, metadata={"help": "a slower health check failed"})
+    health_check_failures: int = field(
+        default=2, metadata={"help": "failed health checks in a row that eject a replica (a failed connect ejects at once)"}
+    )
+    tls_cert: str = field(
+        default="", metadata={"help": "PEM certificate of the public port ('' = plaintext)"}
+    )
+    tls_key: str = field(default="", metadata={"help": "PEM key of --tls-cert"})
+    tls_client_ca: str = field(
+        default="", metadata={"help": "PEM CA bundle; callers must present a certificate it signed ('' = not required)"}
+    )
+    draft_tls_ca: str = field(
+        default="", metadata={"help": "PEM CA bundle that signed the draft replicas' certificates ('' = plaintext)"}
+    )
+    draft_tls_cert: str = field(default="", metadata={"help": "PEM client certificate presented to the drafts"})
+    draft_tls_key: str = field(default="", metadata={"help": "PEM key of --draft-tls-cert"})
+    draft_tls_server_name: str = field(
+        default="", metadata={"help": "name the drafts' certificates must carry ('' = the name in --draft-address)"}
+    )
+    triton_tls_ca: str = field(
+        default="", metadata={"help": "PEM CA bundle that signed the Triton replicas' certificates ('' = plaintext)"}
+    )
+    triton_tls_cert: str = field(default="", metadata={"help": "PEM client certificate presented to Triton"})
+    triton_tls_key: str = field(default="", metadata={"help": "PEM key of --triton-tls-cert"})
+    triton_tls_server_name: str = field(
+        default="", metadata={"help": "name Triton's certificates must carry ('' = the name in --triton-url)"}
+    )
     max_request_bytes: int = field(
         default=1024 * 1024,
         metadata={"help": "largest request message accepted; gRPC refuses larger ones with RESOURCE_EXHAUSTED"},
@@ -86,6 +125,8 @@ class OrchestratorConfig:
             raise ValueError("draft_breaker_failures and draft_breaker_cooldown_s must be >= 0")
         if self.target_connect_timeout_s <= 0 or self.max_request_bytes < 1024:
             raise ValueError("target_connect_timeout_s must be > 0 and max_request_bytes >= 1024")
+        if not self.triton_url.strip():
+            raise ValueError("triton_url must name at least one Triton replica")
 
 
     @property

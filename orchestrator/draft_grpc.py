@@ -2,12 +2,15 @@
 
 Thin by design: it converts between `orchestrator.clients` types and ``specdec.v1`` messages and maps
 gRPC statuses onto the clients' exceptions (NOT_FOUND -> DraftCacheLost; DEADLINE_EXCEEDED, which only the
-caller's own deadline on the stream can cause, -> DeadlineExceeded; anything else -> DraftError, so the
+caller's own deadline on the stream can cause, -> DeadlineExceeded; UNAVAILABLE -> DraftUnavailable, which
+a replica pool (``orchestrator.pools``) takes as "this replica is gone"; anything else -> DraftError, so the
 loop falls back to target-only rounds). Ending the stream releases the draft's cache, however it ends.
 
 The stream's gRPC deadline is the caller's remaining time, so the draft service stops working for a
 caller that is gone. The channel's reconnect backoff is capped at 1 s, so a draft service that is back is
-used again as soon as the circuit breaker lets a trial round through.
+used again as soon as the circuit breaker lets a trial round through. ``check_health`` asks the draft's
+grpc.health.v1 service over the same channel (the pool's health checks). The channel is TLS when
+``credentials`` are given (``specdec.tls``), plaintext otherwise.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ import logging
 from collections.abc import Sequence
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from orchestrator.clients import DeadlineExceeded, DraftCacheLost, DraftError
+from orchestrator.clients import DeadlineExceeded, DraftCacheLost, DraftError, DraftUnavailable
 from specdec.logs import SequenceLogger
 from specdec.proposal import Proposal
 from specdec.proto import sampling_to_pb
@@ -44,6 +48,8 @@ def _to_error(exc: grpc.aio.AioRpcError) -> DraftError | DeadlineExceeded:
         return DraftCacheLost(message)
     if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceeded(message)
+    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+        return DraftUnavailable(message)
     return DraftError(message)
 
 
@@ -116,12 +122,38 @@ def _to_proposal(response: draft_pb2.ProposeResponse) -> Proposal:
     return Proposal(token_ids=tuple(tokens), q=q, cache_length=response.cache_length)
 
 
-class GrpcDraftClient:
-    """The draft service over one shared aio channel."""
+DRAFT_SERVICE = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name
 
-    def __init__(self, address: str) -> None:
-        self._channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+
+class GrpcDraftClient:
+    """The draft service over one shared aio channel (TLS with ``credentials``; ``options`` add channel
+    arguments, e.g. ``grpc.ssl_target_name_override``)."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, str | int]] = (),
+    ) -> None:
+        self.address = address
+        args = [*_CHANNEL_OPTIONS, *options]
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(address, options=args)
+        else:
+            self._channel = grpc.aio.secure_channel(address, credentials, options=args)
         self._stub = draft_pb2_grpc.DraftServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def check_health(self, timeout: float) -> None:
+        """Return if the draft reports SERVING within ``timeout`` s, else raise DraftUnavailable saying why."""
+        try:
+            response = await self._health.Check(health_pb2.HealthCheckRequest(service=DRAFT_SERVICE), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise DraftUnavailable(f"draft at {self.address}: health check {exc.code().name}: {exc.details()}") from None
+        if response.status != health_pb2.HealthCheckResponse.SERVING:
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+            raise DraftUnavailable(f"draft at {self.address} reports {status}")
 
     async def open(self, sequence_id: int, *, timeout: float | None = None) -> GrpcDraftSession:
         return GrpcDraftSession(self._stub.Propose(timeout=timeout), sequence_id)

@@ -28,17 +28,24 @@ Names (Counters get ``_total`` from prometheus_client):
 - ``specdec_orchestrator_chosen_k``: the K each round ran with (histogram; under auto, the K chosen)
 - ``specdec_orchestrator_speculation_off_rounds_total``: rounds auto ran target-only because drafting did
   not pay; ``specdec_orchestrator_probe_rounds_total``: rounds auto drafted to see whether it pays again
+- ``specdec_orchestrator_replica_live_generations{pool, replica}``: sessions open on each draft / target
+  replica now (read from the replica pools at scrape time)
+- ``specdec_orchestrator_replica_generations_total{pool, replica}``: sessions opened on each replica
+- ``specdec_orchestrator_replica_healthy{pool, replica}``: 1 while a replica takes new generations, 0 ejected
+- ``specdec_orchestrator_replica_ejections_total{pool, replica}``: times a replica was ejected
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from orchestrator.breaker import BreakerState
 from orchestrator.loop import GenerationStats, Round
+from orchestrator.replicas import ReplicaState
 
 _SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _GENERATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -102,6 +109,10 @@ class OrchestratorMetrics:
             p + "probe_rounds", "Rounds auto K drafted while off, to see whether drafting pays again", registry=r
         )
 
+    def watch_replicas(self, states: Callable[[], Iterable[ReplicaState]]) -> None:
+        """Report the replica pools' per-replica counts, read at scrape time from ``states()``."""
+        self.registry.register(_ReplicaCollector(states))
+
     def observe_request(self, method: str, code: grpc.StatusCode) -> None:
         self.requests.labels(method=method, code=code.name).inc()
 
@@ -145,3 +156,27 @@ class OrchestratorMetrics:
             self.draft_fallbacks.labels(reason=stats.draft_fallback_reason or "unknown").inc()
             self.draft_fallback_rounds.inc(stats.draft_fallback_rounds)
         self.target_reprefills.inc(stats.target_reprefills)
+
+
+class _ReplicaCollector:
+    """The replica pools' per-replica series, built from a snapshot at each scrape."""
+
+    def __init__(self, states: Callable[[], Iterable[ReplicaState]]) -> None:
+        self._states = states
+
+    def describe(self) -> list[Metric]:
+        return []  # series appear and vanish with the replicas
+
+    def collect(self) -> Iterator[Metric]:
+        p, labels = "specdec_orchestrator_replica_", ["pool", "replica"]
+        live = GaugeMetricFamily(p + "live_generations", "Sessions open on each replica now", labels=labels)
+        opened = CounterMetricFamily(p + "generations", "Sessions opened on each replica", labels=labels)
+        healthy = GaugeMetricFamily(p + "healthy", "1 while a replica takes new generations, 0 ejected", labels=labels)
+        ejections = CounterMetricFamily(p + "ejections", "Times a replica was ejected", labels=labels)
+        for state in self._states():
+            key = [state.pool, state.address]
+            live.add_metric(key, state.live)
+            opened.add_metric(key, state.opened)
+            healthy.add_metric(key, 1.0 if state.healthy else 0.0)
+            ejections.add_metric(key, state.ejections)
+        yield from (live, opened, healthy, ejections)

@@ -1,8 +1,9 @@
 """Bootstrap of the orchestrator: ``create_server(config) -> (server, port)``, separate from serving.
 
-Builds the shared clients (one draft channel, one Triton client per process), the draft circuit breaker,
-the metrics, the tokenizer and the limits, registers GenerationService with health and method-aware
-reflection, and starts listening, refusing request messages over ``max_request_bytes``. The returned
+Builds the shared clients (a draft replica pool and a Triton replica pool, ``orchestrator.pools``, each
+replica with one channel, TLS when configured), the draft circuit breaker, the metrics, the tokenizer and
+the limits, registers GenerationService with health and method-aware reflection, and starts listening
+(TLS, and mutual TLS, when configured: ``specdec.tls``), refusing request messages over ``max_request_bytes``. The returned
 server behaves like a ``grpc.aio.Server`` whose graceful ``stop`` also reports NOT_SERVING first and
 closes the clients (and the metrics endpoint) afterwards.
 """
@@ -31,9 +32,11 @@ from orchestrator.generation import LoopSettings
 from orchestrator.k_policy import PolicySettings
 from orchestrator.loop import SpeculativeLoop
 from orchestrator.metrics import OrchestratorMetrics
+from orchestrator.replicas import PoolSettings
 from orchestrator.servicer import SERVICE_NAME, GenerationServicer, Tokenizer
 from specdec.grpc_server import add_health_and_reflection, set_serving
 from specdec.models import load_tokenizer, resolve_model_dir
+from specdec.tls import add_port, channel_credentials, server_credentials
 from specdec.v1 import generation_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -114,16 +117,30 @@ async def create_server(
         cache_dir = Path(config.cache_dir) if config.cache_dir else None
         tokenizer = await asyncio.to_thread(load_tokenizer, config.tokenizer, cache_dir)
     context_length = await asyncio.to_thread(resolve_context_length, config, tokenizer)
-    if target_client is None:
-        from orchestrator.target_triton import TritonTargetClient  # Triton's protobuf only when really used
+    server_creds = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)  # bad files fail now
+    pools = []
+    if target_client is None or (draft_client is None and config.draft_address):
+        from orchestrator.pools import DraftPool, TargetPool  # Triton's protobuf only when really used
 
-        target_client = TritonTargetClient(
-            config.triton_url, config.triton_model, connect_timeout_s=config.target_connect_timeout_s
-        )
-    if draft_client is None and config.draft_address:
-        from orchestrator.draft_grpc import GrpcDraftClient
-
-        draft_client = GrpcDraftClient(config.draft_address)
+        pool_settings = PoolSettings(
+            config.resolve_interval_s, config.health_check_interval_s, config.health_check_timeout_s,
+            config.health_check_failures,
+        )  # fmt: skip
+        if target_client is None:
+            credentials = channel_credentials(config.triton_tls_ca, config.triton_tls_cert, config.triton_tls_key)
+            target_client = TargetPool(
+                config.triton_url, config.triton_model, pool_settings, connect_timeout_s=config.target_connect_timeout_s,
+                credentials=credentials, server_name=config.triton_tls_server_name,
+            )  # fmt: skip
+            pools.append(target_client)
+        if draft_client is None and config.draft_address:
+            credentials = channel_credentials(config.draft_tls_ca, config.draft_tls_cert, config.draft_tls_key)
+            draft_client = DraftPool(
+                config.draft_address, pool_settings, credentials=credentials, server_name=config.draft_tls_server_name
+            )
+            pools.append(draft_client)
+    for pool in pools:
+        await pool.start()
     closers: list[Callable[[], Any]] = [target_client.close]
     if draft_client is not None:
         closers.append(draft_client.close)
@@ -139,6 +156,8 @@ async def create_server(
         settings.breaker_failures, settings.breaker_cooldown_s, on_transition=metrics.observe_breaker
     )
     metrics.watch_breaker(lambda: breaker.state)
+    if pools:
+        metrics.watch_replicas(lambda: [state for pool in pools for state in pool.snapshot()])
     if config.metrics_port > 0:
         httpd, _thread = start_http_server(config.metrics_port, addr=config.host, registry=metrics.registry)
         closers.append(httpd.shutdown)
@@ -159,11 +178,18 @@ async def create_server(
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", config.max_request_bytes)])
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(servicer, server)
     health_servicer = add_health_and_reflection(server, [SERVICE_NAME])
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    port = add_port(server, f"{config.host}:{config.port}", server_creds)
     await server.start()
     await set_serving(health_servicer, [SERVICE_NAME], True)
     log.info(
-        "orchestrator on %s:%d (draft %s, target %s model %s, context length %s)",
-        config.host, port, config.draft_address or "none", config.triton_url, config.triton_model, context_length,
+        "orchestrator on %s:%d (%s; draft %s, target %s model %s, context length %s)",
+        config.host, port, _tls_mode(config), config.draft_address or "none", config.triton_url, config.triton_model,
+        context_length,
     )
     return OrchestratorServer(server, health_servicer, closers, metrics=metrics, breaker=breaker), port
+
+
+def _tls_mode(config: OrchestratorConfig) -> str:
+    if not config.tls_cert:
+        return "plaintext"
+    return "mutual TLS" if config.tls_client_ca else "TLS"

@@ -33,6 +33,11 @@ once, with nothing restarted here:
 * The caller's deadline goes to Triton as the stream's gRPC deadline, plus a margin that leaves room for
   the release request after the loop itself gave up at the deadline (the loop bounds every call by the
   deadline itself; the stream's deadline is Triton's bound if the orchestrator vanishes).
+
+For replica pools (``orchestrator.pools``): ``check_ready`` asks Triton's KServe ``ServerReady`` and
+``ModelReady`` over the same channel, and ``TritonTargetSession.abandon`` fails a session whose replica
+stopped answering, so the loop re-sends the prefix on another replica. The channel is TLS when
+``credentials`` are given (``specdec.tls``), plaintext otherwise.
 """
 
 from __future__ import annotations
@@ -212,6 +217,15 @@ class TritonTargetSession:
         except triton_messages.MalformedResponse as exc:
             raise TargetError(f"target returned malformed PROBS: {exc}") from None
 
+    def abandon(self, reason: str) -> None:
+        """Give up on this stream (its replica stopped answering health checks): the request under way,
+        and any later one, raises TargetConnectionLost (the loop re-sends the prefix elsewhere); ``close``
+        then releases with a unary request, which reaches Triton if it comes back."""
+        if self._closed or self._broken:
+            return
+        self._broken = True
+        self._answers.put_nowait((None, TargetConnectionLost(f"Triton at {self._url} stopped answering: {reason}")))
+
     async def close(self) -> None:
         """Release the sequence and end the stream; never raises, never cancels a release under way."""
         if self._closed:
@@ -277,10 +291,20 @@ class TritonTargetClient:
     """The target on Triton over one shared ``grpc.aio`` channel."""
 
     def __init__(
-        self, url: str, model: str = contract.MODEL_NAME, *, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+        self,
+        url: str,
+        model: str = contract.MODEL_NAME,
+        *,
+        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, str | int]] = (),
     ) -> None:
         self.url = url
-        self._channel = grpc.aio.insecure_channel(url, options=_CHANNEL_ARGS)
+        args = [*_CHANNEL_ARGS, *options]
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(url, options=args)
+        else:
+            self._channel = grpc.aio.secure_channel(url, credentials, options=args)
         self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._model = model
         self._connect_timeout_s = connect_timeout_s
@@ -297,6 +321,16 @@ class TritonTargetClient:
             url=self.url, stream_timeout=stream_timeout, in_background=self._track_release,
         )  # fmt: skip
 
+    async def check_ready(self, timeout: float) -> None:
+        """Return if Triton and the model are ready within ``timeout`` s, else raise TargetUnavailable."""
+        try:
+            server = await self._stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=timeout)
+            model = await self._stub.ModelReady(service_pb2.ModelReadyRequest(name=self._model), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise unavailable(self.url, f"readiness check {exc.code().name}: {exc.details()}") from None
+        if not server.ready or not model.ready:
+            raise unavailable(self.url, "server not ready" if not server.ready else f"model {self._model} not ready")
+
     def _track_release(self, release: Coroutine[Any, Any, None]) -> asyncio.Task:
         task = asyncio.ensure_future(release)
         self._releases.add(task)
@@ -311,9 +345,19 @@ class TritonTargetClient:
             await asyncio.wait_for(self._channel.channel_ready(), self._connect_timeout_s)
         except asyncio.TimeoutError:
             now = self._channel.get_state(try_to_connect=False)
+            why = await self._last_connect_error()
             raise unavailable(
-                self.url, f"no connection within {self._connect_timeout_s:g} s (gRPC channel {now.name.lower()})"
+                self.url, f"no connection within {self._connect_timeout_s:g} s (gRPC channel {now.name.lower()}{why})"
             ) from None
+
+    async def _last_connect_error(self) -> str:
+        """gRPC's reason for the failed connection (a refused port, a TLS handshake), as a failing call reports it."""
+        try:
+            await self._stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=0.2)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and exc.details():
+                return f": {exc.details()}"
+        return ""
 
     async def close(self) -> None:
         """Give releases under way a moment to finish, then close the channel."""

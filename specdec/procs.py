@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -115,14 +116,20 @@ def wait_grpc_healthy(address: str, process: Process, timeout_s: float) -> None:
         wait_ready(serving, process.name, timeout_s, process.check_alive, process.tail)
 
 
-def wait_triton_ready(url: str, model: str, timeout_s: float, alive: Callable[[], None] = lambda: None,
+def wait_triton_ready(http_url: str, model: str, timeout_s: float, alive: Callable[[], None] = lambda: None,
                       tail: Callable[[], str] = lambda: "") -> None:
-    """Until Triton at ``url`` is ready and serves ``model``."""
-    import tritonclient.grpc as triton_grpc  # only where Triton is used
+    """Until Triton at ``http_url`` (its KServe HTTP host:port) is ready and serves ``model``.
 
-    with triton_grpc.InferenceServerClient(url) as client:
-        wait_ready(lambda: client.is_server_ready() and client.is_model_ready(model), f"Triton ({model})",
-                   timeout_s, alive, tail, interval_s=0.1)
+    HTTP, the same endpoints Kubernetes probes: it answers whether Triton's gRPC port is plaintext or (mutual) TLS."""
+
+    def ready() -> bool:
+        for path in ("/v2/health/ready", f"/v2/models/{model}/ready"):
+            with urllib.request.urlopen(f"http://{http_url}{path}", timeout=1.0) as response:  # noqa: S310 - ours
+                if response.status != 200:
+                    return False
+        return True
+
+    wait_ready(ready, f"Triton ({model})", timeout_s, alive, tail, interval_s=0.1)
 
 
 def _proc_stats() -> list[tuple[int, str, int, int]]:

@@ -73,6 +73,11 @@ class TritonServerConfig:
     grpc_port: int = field(default=8001, metadata={"help": "KServe v2 gRPC port (0 = a free port)"})
     http_port: int = field(default=8000, metadata={"help": "KServe v2 HTTP port (0 = a free port)"})
     metrics_port: int = field(default=8002, metadata={"help": "Prometheus metrics port (0 = a free port)"})
+    grpc_tls_cert: str = field(default="", metadata={"help": "PEM certificate of the gRPC port ('' = plaintext)"})
+    grpc_tls_key: str = field(default="", metadata={"help": "PEM key of --grpc-tls-cert"})
+    grpc_tls_client_ca: str = field(
+        default="", metadata={"help": "PEM CA bundle; callers must present a certificate it signed ('' = not required)"}
+    )
     params: TargetModelParams = field(default_factory=TargetModelParams)
     instance_kind: str = field(default="KIND_CPU", metadata={"help": "KIND_CPU | KIND_GPU"})
     instance_count: int = field(default=1, metadata={"help": "model instances (stub processes)"})
@@ -92,6 +97,13 @@ class TritonServerConfig:
         for name in ("grpc_port", "http_port", "metrics_port"):
             if not 0 <= getattr(self, name) < 65536:
                 raise ValueError(f"{name} must be in [0, 65536), got {getattr(self, name)}")
+        if bool(self.grpc_tls_cert) != bool(self.grpc_tls_key):
+            raise ValueError("give both grpc_tls_cert and grpc_tls_key, or neither")
+        if self.grpc_tls_client_ca and not self.grpc_tls_cert:
+            raise ValueError("grpc_tls_client_ca (mutual TLS) needs grpc_tls_cert and grpc_tls_key")
+        for name in ("grpc_tls_cert", "grpc_tls_key", "grpc_tls_client_ca"):
+            if getattr(self, name) and not Path(getattr(self, name)).is_file():
+                raise ValueError(f"{name}: no such file {getattr(self, name)!r}")
         if self.instance_count < 1 or self.max_batch_size < 1 or self.exit_timeout_s < 0:
             raise ValueError("instance_count and max_batch_size must be >= 1, exit_timeout_s >= 0")
 

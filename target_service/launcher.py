@@ -10,7 +10,11 @@ backend stub per Python version). Running it outside PyTriton takes a few steps,
 * run ``bin/tritonserver`` with this venv's ``bin`` first on ``PATH`` (the stub's Python must import torch),
   ``LD_LIBRARY_PATH`` = the interpreter's ``LIBDIR`` (else the stub loads the system libpython against our
   standard library) + the wheel's bundled libraries, and ``HF_HUB_OFFLINE=1``;
-* wait until server and model are ready over gRPC, or fail loudly with the tail of the Triton log.
+* wait until server and model are ready (Triton's HTTP ready endpoints), or fail loudly with the tail of
+  the Triton log;
+* with TLS configured, serve gRPC over TLS (mutual TLS with a client CA) with Triton's own ``--grpc-use-ssl``
+  flags; the plaintext HTTP port then keeps only its health API open (``--http-restricted-api`` puts every
+  other HTTP API behind a header whose value is a random secret of this process: nobody has it).
 
 In production the same model repository runs in NVIDIA's Triton container instead (``deploy/triton``).
 """
@@ -24,6 +28,7 @@ import importlib.util
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -191,9 +196,22 @@ class TritonServer:
             f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
             f"--log-verbose={c.log_verbose}",
         ]
+        cmd += self._tls_flags()
         if c.instance_kind == "KIND_CPU":  # no CUDA: no GPU metrics, no pinned host memory (and no warnings)
             cmd += ["--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0"]
         return cmd
+
+    def _tls_flags(self) -> list[str]:
+        c = self.config
+        if not c.grpc_tls_cert:
+            return []
+        flags = [f"--grpc-server-cert={c.grpc_tls_cert}", f"--grpc-server-key={c.grpc_tls_key}"]
+        if c.grpc_tls_client_ca:
+            flags += ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={c.grpc_tls_client_ca}"]
+        else:
+            flags += ["--grpc-use-ssl=true"]
+        closed = "inference,metadata,shared-memory,model-config,model-repository,statistics,trace,logging"
+        return [*flags, f"--http-restricted-api={closed}:specdec-http-key={secrets.token_hex(16)}"]
 
     def start(self) -> TritonServer:
         if self._proc is not None:
@@ -233,7 +251,7 @@ class TritonServer:
                 raise RuntimeError(f"tritonserver exited with {code} before it was ready\n{self.log_tail()}")
 
         timeout_s = self.config.ready_timeout_s - (time.monotonic() - started)
-        wait_triton_ready(self.grpc_url, self.model_name, timeout_s, alive, self.log_tail)
+        wait_triton_ready(self.http_url, self.model_name, timeout_s, alive, self.log_tail)
 
     def _pump_log(self, proc: subprocess.Popen[bytes], path: Path) -> None:
         """Copy Triton's output to the log file and to the ``target_service.tritonserver`` logger."""

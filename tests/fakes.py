@@ -193,6 +193,83 @@ class FakeDraft:
         pass
 
 
+class FakeTargetReplica(FakeTarget):
+    """A FakeTarget as one replica of a pool, addressed ``address``. While ``down`` it refuses to open and
+    fails its health checks, and its sessions' calls raise TargetConnectionLost (a broken stream); while
+    not ``ready`` only its health checks fail."""
+
+    def __init__(self, address: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.address, self.down, self.ready, self.checks, self.abandoned = address, False, True, 0, []
+
+    async def open(self, sequence_id: int, *, timeout: float | None = None) -> FakeTargetSession:
+        from orchestrator.clients import TargetUnavailable
+
+        if self.down:
+            raise TargetUnavailable(f"target (Triton at {self.address}) is unavailable: down")
+        self.calls.opened.append(sequence_id)
+        return _ReplicaTargetSession(self, sequence_id)
+
+    async def check_ready(self, timeout: float) -> None:
+        from orchestrator.clients import TargetUnavailable
+
+        self.checks += 1
+        if self.down or not self.ready:
+            raise TargetUnavailable(f"target (Triton at {self.address}) is unavailable: down")
+
+
+class _ReplicaTargetSession(FakeTargetSession):
+    async def score(self, keep_length, append_token_ids, num_logits, params):  # noqa: ANN001, ANN201
+        from orchestrator.clients import TargetConnectionLost
+
+        if self.client.down:
+            raise TargetConnectionLost(f"the stream to Triton at {self.client.address} broke")
+        return await super().score(keep_length, append_token_ids, num_logits, params)
+
+    def abandon(self, reason: str) -> None:
+        self.client.abandoned.append((self.sequence_id, reason))
+
+
+class FakeDraftReplica(FakeDraft):
+    """A FakeDraft as one replica of a pool. While ``down`` its health checks fail and its sessions'
+    calls raise DraftUnavailable (the draft's UNAVAILABLE status)."""
+
+    def __init__(self, address: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.address, self.down, self.checks = address, False, 0
+
+    async def open(self, sequence_id: int, *, timeout: float | None = None) -> FakeDraftSession:
+        self.calls.opened.append(sequence_id)
+        return _ReplicaDraftSession(self, sequence_id)
+
+    async def check_health(self, timeout: float) -> None:
+        from orchestrator.clients import DraftUnavailable
+
+        self.checks += 1
+        if self.down:
+            raise DraftUnavailable(f"draft at {self.address}: health check UNAVAILABLE")
+
+
+class _ReplicaDraftSession(FakeDraftSession):
+    async def propose(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        from orchestrator.clients import DraftUnavailable
+
+        if self.client.down:
+            raise DraftUnavailable(f"draft service UNAVAILABLE: {self.client.address} is down")
+        return await super().propose(*args, **kwargs)
+
+
+def fake_resolver(table: dict[str, list[str]]):
+    """A resolver over ``table`` (name -> addresses; change it to move the replicas); a missing name fails."""
+
+    async def resolver(host: str, port: int) -> list[str]:
+        if host not in table:
+            raise OSError(f"{host}: name does not resolve")
+        return list(table[host])
+
+    return resolver
+
+
 def agree_first(n: int) -> Callable[[list[int], int], int]:
     """A greedy draft policy: the target's argmax at positions < n of a round, a wrong token after."""
 

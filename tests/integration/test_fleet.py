@@ -1,0 +1,122 @@
+"""A local fleet on 127.0.0.1: two draft replicas, two Tritons and one orchestrator (tiny model), under load.
+
+What it shows (issue "The fleet"): with 16 concurrent callers, generations spread over both replicas of
+each pool (the orchestrator's per-replica counters, and each service's own request counters, agree); one
+draft replica and one Triton replica SIGKILLed mid-run lose no request (the drafts' generations move to
+the other draft or finish target-only; the Triton's are re-prefilled on the other Triton); the dead
+replicas are ejected, the survivors end with zero live sequences; restarted, both are readmitted and
+take generations again. The figures (counts per replica, outcomes) are printed (``-s`` shows them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cli.stack import LocalStack, replica_name
+from tests.integration.live import (
+    draft_live_sequences,
+    orchestrator_live_generations,
+    replica_counts,
+    tiny_stack_config,
+    triton_live_sequences,
+    wait_until,
+)
+from tests.integration.loadgen import Result, metric, run_load, scrape, summary, unexpected
+
+pytestmark = pytest.mark.integration
+
+CONCURRENCY = 16
+MIX = {"unary": 0.5, "stream": 0.5}
+FLEET_ENV = {
+    "SPECDEC_ORCHESTRATOR_HEALTH_CHECK_INTERVAL_S": "0.5",
+    "SPECDEC_ORCHESTRATOR_TARGET_CONNECT_TIMEOUT_S": "2",
+    "SPECDEC_ORCHESTRATOR_DRAFT_BREAKER_COOLDOWN_S": "2",
+}
+
+
+@pytest.fixture(scope="module")
+def fleet(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    config = tiny_stack_config(
+        tiny_model, tmp_path_factory.mktemp("fleet-logs"), draft_replicas=2, target_replicas=2
+    )
+    with LocalStack(config, env=FLEET_ENV) as stack:
+        yield stack
+
+
+def counts(stack: LocalStack, series: str, pool: str) -> dict[str, float]:
+    return replica_counts(stack.orchestrator_metrics_url, series, pool)
+
+
+def assert_nothing_live(stack: LocalStack, drafts: list[int], tritons: list[int]) -> None:
+    for i in drafts:
+        address = stack.draft_addresses[i]
+        wait_until(lambda a=address: draft_live_sequences(a) == 0, f"0 live sequences on draft {address}", 30)
+    for i in tritons:
+        url = stack.triton_metrics_urls[i]
+        wait_until(lambda u=url: triton_live_sequences(u) == 0, f"0 live sequences on Triton {url}", 30)
+    wait_until(lambda: orchestrator_live_generations(stack.orchestrator_metrics_url) == 0, "0 live generations", 30)
+
+
+def test_a_generations_spread_over_both_replicas_of_each_pool(fleet: LocalStack) -> None:
+    results = asyncio.run(run_load(fleet.address, 64, MIX, seed=11, concurrency=CONCURRENCY))
+    print("\n" + summary("(a) fleet, 16 concurrent callers", results))
+    assert unexpected(results) == []
+    drafts, targets = counts(fleet, "generations_total", "draft"), counts(fleet, "generations_total", "target")
+    print(f"    generations per draft replica: {drafts}\n    generations per Triton replica: {targets}")
+    assert sorted(drafts) == sorted(fleet.draft_addresses) and sorted(targets) == sorted(fleet.triton_urls)
+    assert all(n > 0 for n in [*drafts.values(), *targets.values()]), (drafts, targets)
+    # The services' own counters agree: every replica served requests.
+    for url in fleet.draft_metrics_urls:
+        assert metric(scrape(url), "specdec_draft_requests_total", {"method": "Propose", "code": "OK"}) > 0, url
+    for url in fleet.triton_metrics_urls:
+        assert metric(scrape(url), "specdec_target_requests_total", {"code": "OK"}) > 0, url
+    assert_nothing_live(fleet, [0, 1], [0, 1])
+
+
+def test_b_killing_a_draft_and_a_triton_mid_run_loses_no_request(fleet: LocalStack) -> None:
+    stack = fleet
+    killed: list[str] = []
+
+    def kill_after_some(results: list[Result]) -> None:
+        if len(results) == 24 and not killed:
+            killed.append("pending")
+
+            def kill() -> None:
+                for name in (replica_name("draft", 1), replica_name("triton", 1)):
+                    stack.kill(name)
+                killed.append("done")
+
+            threading.Thread(target=kill).start()
+
+    results = asyncio.run(
+        run_load(stack.address, 128, MIX, seed=12, on_result=kill_after_some, concurrency=CONCURRENCY)
+    )
+    print("\n" + summary("(b) draft-1 and triton-1 killed under load", results))
+    assert killed == ["pending", "done"], "the replicas were never killed"
+    assert unexpected(results) == []  # no request lost
+    assert sum(r.stats.target_reprefills for r in results) > 0, "no generation was re-prefilled"
+    dead_draft, dead_triton = stack.draft_addresses[1], stack.triton_urls[1]
+    wait_until(lambda: counts(stack, "healthy", "draft").get(dead_draft) == 0, "the dead draft ejected", 30)
+    wait_until(lambda: counts(stack, "healthy", "target").get(dead_triton) == 0, "the dead Triton ejected", 30)
+    print(f"    ejections: draft {counts(stack, 'ejections_total', 'draft')}, "
+          f"target {counts(stack, 'ejections_total', 'target')}")  # fmt: skip
+    assert_nothing_live(stack, [0], [0])  # the survivors hold nothing
+
+    # Restarted, both are readmitted by the health checks and take new generations again.
+    before_draft = counts(stack, "generations_total", "draft").get(dead_draft, 0)
+    before_triton = counts(stack, "generations_total", "target").get(dead_triton, 0)
+    stack.restart(replica_name("draft", 1))
+    stack.restart(replica_name("triton", 1))
+    wait_until(lambda: counts(stack, "healthy", "draft").get(dead_draft) == 1, "the draft readmitted", 30)
+    wait_until(lambda: counts(stack, "healthy", "target").get(dead_triton) == 1, "the Triton readmitted", 30)
+    again = asyncio.run(run_load(stack.address, 48, MIX, seed=13, concurrency=CONCURRENCY))
+    assert unexpected(again) == []
+    assert counts(stack, "generations_total", "draft")[dead_draft] > before_draft
+    assert counts(stack, "generations_total", "target")[dead_triton] > before_triton
+    assert_nothing_live(stack, [0, 1], [0, 1])
+    assert grpc.StatusCode.OK in {r.code for r in again}
