@@ -66,6 +66,39 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+SampleRound = Callable[
+    [list[int], "torch.Tensor | PackedRows | None", "torch.Tensor | PackedRows", GenerationRequest, int], RejectionResult
+]
+
+
+def sample_round(
+    drafts: list[int],
+    q: torch.Tensor | PackedRows | None,
+    p: torch.Tensor | PackedRows,
+    request: GenerationRequest,
+    first: int,
+) -> RejectionResult:
+    """The round's tokens from the drafts and the rows: the coupled mode or modified rejection sampling.
+
+    p [k+1, V_p] and q [k, V_q] are warped already (by the target and the draft). Their widths may differ
+    (another vocabulary size, or rows unpacked only as wide as their support): a token beyond a row's width
+    has probability 0 there, which leaves the sampler exact. ``first`` is the position of the round's first
+    new token: every draw comes from (seed, the position it decides) (`specdec.noise`); greedy rows are
+    one-hot and need none. (`SpeculativeLoop` takes another rule only in tests: the negative control of
+    the statistical tests through the stack.)"""
+    seed, k, greedy = request.seed, len(drafts), request.params.greedy
+    if request.reproducible:
+        def gumbel(i: int, width: int) -> np.ndarray:
+            return noise.gumbel(seed, first + i, noise.TOKEN, width)
+
+        return coupled_sample_on_support(drafts, p, None if greedy else gumbel)
+    if greedy:  # one-hot rows: any uniform in [0, 1) gives the same tokens
+        return rejection_sample_on_support(drafts, q, p, np.zeros(k), np.zeros(k + 1))
+    u_accept = noise.uniforms(seed, first, k, noise.ACCEPT)
+    u_final = noise.uniforms(seed, first, k + 1, noise.FINAL)
+    return rejection_sample_on_support(drafts, q, p, u_accept, u_final)
+
+
 def random_sequence_id() -> int:
     """A random non-zero 63-bit id (fits Triton's int64 correlation id and the draft's uint64 key)."""
     while True:
@@ -89,9 +122,11 @@ class SpeculativeLoop:
         new_sequence_id: Callable[[], int] = random_sequence_id,
         breaker: CircuitBreaker | None = None,
         policy: PolicySettings | None = None,
+        sample_round: SampleRound = sample_round,
     ) -> None:
         self.target = target
         self.draft = draft
+        self.sample_round = sample_round
         self.settings = settings or LoopSettings()
         self.estimates = SharedEstimates(policy or PolicySettings())  # what auto K learns, process-wide
         self.new_sequence_id = new_sequence_id
@@ -236,21 +271,7 @@ class _Generation:
     def _rejection_sample(
         self, drafts: list[int], q: torch.Tensor | PackedRows | None, p: torch.Tensor | PackedRows
     ) -> RejectionResult:
-        """p [k+1, V_p] and q [k, V_q] are warped already (by the target and the draft). Their widths may
-        differ (another vocabulary size, or rows unpacked only as wide as their support): a token beyond a
-        row's width has probability 0 there, which leaves the sampler exact. Every draw comes from (seed,
-        the position it decides) (`specdec.noise`); greedy rows are one-hot and need none."""
-        seed, first, k, greedy = self.request.seed, len(self.tokens), len(drafts), self.request.params.greedy
-        if self.request.reproducible:
-            def gumbel(i: int, width: int) -> np.ndarray:
-                return noise.gumbel(seed, first + i, noise.TOKEN, width)
-
-            return coupled_sample_on_support(drafts, p, None if greedy else gumbel)
-        if greedy:  # one-hot rows: any uniform in [0, 1) gives the same tokens
-            return rejection_sample_on_support(drafts, q, p, np.zeros(k), np.zeros(k + 1))
-        u_accept = noise.uniforms(seed, first, k, noise.ACCEPT)
-        u_final = noise.uniforms(seed, first, k + 1, noise.FINAL)
-        return rejection_sample_on_support(drafts, q, p, u_accept, u_final)
+        return self.loop.sample_round(drafts, q, p, self.request, len(self.tokens))
 
     # --- draft ---------------------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from orchestrator.config import OrchestratorConfig
 from orchestrator.convert import limits_from
 from orchestrator.generation import LoopSettings
 from orchestrator.k_policy import PolicySettings
-from orchestrator.loop import SpeculativeLoop
+from orchestrator.loop import SampleRound, SpeculativeLoop, sample_round
 from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.replicas import PoolSettings
 from orchestrator.servicer import SERVICE_NAME, GenerationServicer, Tokenizer
@@ -107,11 +107,13 @@ async def create_server(
     draft_client: DraftClient | None = None,
     target_client: TargetClient | None = None,
     tokenizer: Tokenizer | None = None,
+    sample_round: SampleRound = sample_round,
 ) -> tuple[OrchestratorServer, int]:
     """Build and start the orchestrator; returns the server and its bound port (config.port 0 = a free one).
 
     Clients not given are built from the config (no draft at all when draft_address is ''). Every client,
-    given or built, is closed by the server's ``stop``.
+    given or built, is closed by the server's ``stop``. ``sample_round`` replaces the round's sampling rule:
+    only the negative control of the statistical tests does that; no flag reaches it.
     """
     if tokenizer is None:
         cache_dir = Path(config.cache_dir) if config.cache_dir else None
@@ -166,7 +168,8 @@ async def create_server(
     policy = PolicySettings(
         max_k=config.max_num_draft_tokens, probe_rounds=config.k_probe_rounds, probe_rounds_max=config.k_probe_rounds_max
     )
-    loop = SpeculativeLoop(target_client, draft_client, settings, breaker=breaker, policy=policy)
+    loop = SpeculativeLoop(target_client, draft_client, settings, breaker=breaker, policy=policy,
+                           sample_round=sample_round)
     closers.insert(0, functools.partial(loop.wait_released, _RELEASE_WAIT_S))  # before the clients close
     catalog = DrafterCatalog(draft_client)
     await catalog.refresh()  # one try now; the rest in the background

@@ -27,9 +27,11 @@ TINY_DRAFT_LAYERS = "0,2-3"  # a layer-skip self-draft of the tokenizer model
 _SPECIALS = ("<unk>", "<s>", "</s>")
 
 
-def save_tiny_llama(folder: Path | str, seed: int = 0, **overrides: Any) -> Path:
+def save_tiny_llama(folder: Path | str, seed: int = 0, with_tokenizer: bool = False, **overrides: Any) -> Path:
     """A seeded random Llama (vocab 64, 2 layers, hidden 32, 256 positions) saved into ``folder``;
-    ``overrides`` change LlamaConfig fields. Returns the folder."""
+    ``overrides`` change LlamaConfig fields. ``with_tokenizer`` adds a word-level tokenizer with one word per
+    token id ("t0", "t1", ...) and no end-of-sequence token, so a server can decode any output and
+    generations always run to their length (the statistical tests through the stack). Returns the folder."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     settings: dict[str, Any] = dict(
@@ -48,7 +50,20 @@ def save_tiny_llama(folder: Path | str, seed: int = 0, **overrides: Any) -> Path
                 if param.dim() >= 2:
                     param.normal_(0.0, 0.5)
     model.save_pretrained(str(folder))
+    if with_tokenizer:
+        _word_tokenizer(model.config.vocab_size).save_pretrained(str(folder))
     return folder
+
+
+def _word_tokenizer(vocab_size: int):
+    """One word per token id, space-separated, no special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="t0")
 
 
 def _byte_level_tokenizer():
