@@ -52,6 +52,7 @@ class DraftStats:
     drafters: tuple[str, ...]  # offered, the default first
     suffix_cache_entries: int
     suffix_cache_bytes: int
+    kv_bytes: int  # the model drafter's KV caches of live sequences
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,8 @@ class DraftCore:
             live_sequences=len(self.store), max_sequences=self.store.max_sequences, vocab_size=self.vocab_size,
             drafters=tuple(self.drafters), suffix_cache_entries=len(cache) if cache else 0,
             suffix_cache_bytes=cache.approx_bytes if cache else 0,
+            kv_bytes=sum(state.cache.nbytes for sequence in self.store.states()
+                         if (state := sequence.states.get("model")) is not None),
         )
 
     def validate(self, request: ProposeRound) -> Drafter:

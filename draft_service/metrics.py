@@ -41,6 +41,9 @@ class DraftMetrics:
         gauge("specdec_draft_suffix_cache_bytes", "Estimated bytes of that cache.").set_function(
             lambda: stats().suffix_cache_bytes
         )
+        gauge("specdec_draft_kv_bytes", "Bytes of KV cache the model drafter holds for live sequences.").set_function(
+            lambda: stats().kv_bytes
+        )
         self.open_streams = gauge("specdec_draft_open_streams", "Open Propose streams.")
         self.proposals = counter("specdec_draft_proposals", "Draft rounds completed, by drafter.", ["drafter"])
         self.draft_tokens = counter("specdec_draft_tokens", "Draft tokens proposed, by drafter.", ["drafter"])

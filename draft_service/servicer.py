@@ -121,7 +121,7 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         return draft_pb2.GetStatsResponse(
             live_sequences=stats.live_sequences, max_sequences=stats.max_sequences, vocab_size=stats.vocab_size,
             drafters=stats.drafters, suffix_cache_entries=stats.suffix_cache_entries,
-            suffix_cache_bytes=stats.suffix_cache_bytes,
+            suffix_cache_bytes=stats.suffix_cache_bytes, kv_bytes=stats.kv_bytes,
         )
 
     def _open(self) -> None:

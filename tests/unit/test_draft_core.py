@@ -185,6 +185,7 @@ def test_unknown_sequence_and_capacity(model) -> None:
             core.propose(round_(seq=2))
         core.propose(round_(seq=1, seed=1))  # restarting the live one needs no new slot
         assert core.stats().live_sequences == 1 and core.stats().max_sequences == 1
+        assert core.stats().kv_bytes > 0  # the model drafter's cache of the live sequence
         assert core.release(1) is True and core.release(1) is False
-        assert core.stats().live_sequences == 0
+        assert core.stats().live_sequences == 0 and core.stats().kv_bytes == 0
         core.propose(round_(seq=2))
