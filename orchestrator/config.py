@@ -44,6 +44,10 @@ class OrchestratorConfig:
     k_probe_rounds_max: int = field(
         default=256, metadata={"help": "auto K: the longest wait between such probes (each that does not pay doubles it)"}
     )
+    k_probe_budget: float = field(
+        default=0.02, metadata={"help": "auto K: probes may add at most this share to the time spent with speculation "
+                                "off (an expensive draft probes less often than every k_probe_rounds)"}
+    )
     default_max_new_tokens: int = field(
         default=64, metadata={"help": "max_new_tokens when the request leaves it unset"}
     )
@@ -117,6 +121,8 @@ class OrchestratorConfig:
             raise ValueError("default_num_draft_tokens must be 'auto' or in [0, max_num_draft_tokens]")
         if not 1 <= self.k_probe_rounds <= self.k_probe_rounds_max:
             raise ValueError("need 1 <= k_probe_rounds <= k_probe_rounds_max")
+        if not 0 < self.k_probe_budget <= 1:
+            raise ValueError(f"k_probe_budget must be in (0, 1], got {self.k_probe_budget}")
         if not 1 <= self.default_max_new_tokens <= self.max_new_tokens_limit:
             raise ValueError("need 1 <= default_max_new_tokens <= max_new_tokens_limit")
         if self.context_length < 0 or self.draft_round_timeout_s < 0 or self.max_target_reprefills < 0:

@@ -24,7 +24,10 @@ The model (Leviathan et al. 2023, §3, with measured costs instead of assumed on
   alternately), which costs little near the optimum and keeps the slopes measured as they are now.
 * **Probes.** After ``probe_rounds`` rounds with speculation off, one round runs with the K speculation
   would use, so a text that became predictable gets drafts again; each probe that does not pay doubles
-  the wait, up to ``probe_rounds_max``.
+  the wait, up to ``probe_rounds_max``. A probe costs what its drafting adds to a round (for a model draft
+  on a CPU, several target steps, plus catching the draft's cache up), so the wait is also long enough
+  that probes cost at most ``probe_budget`` of the time spent with speculation off: a free lookup probes
+  every ``probe_rounds``, an expensive draft rarely.
 
 Exactness is untouched: K depends only on past rounds, never on the current round's random draws.
 """
@@ -49,11 +52,14 @@ class PolicySettings:
     prior_rounds: float = 4.0  # how many rounds of a generation the process-wide prior weighs
     explore_every: int = 8  # while drafting, every this many rounds runs K - 1 or K + 1 instead (alternately)
     margin: float = 0.03  # speculation must beat target-only by this fraction to be chosen
+    probe_budget: float = 0.02  # probes may add at most this share to the time spent with speculation off
     half_life_rounds: float = 256.0  # process-wide estimates forget a sample's weight by half over these rounds
 
     def __post_init__(self) -> None:
         if self.max_k < 0 or self.probe_rounds < 1 or self.probe_rounds_max < self.probe_rounds:
             raise ValueError("need max_k >= 0 and 1 <= probe_rounds <= probe_rounds_max")
+        if not 0 < self.probe_budget <= 1:
+            raise ValueError(f"probe_budget must be in (0, 1], got {self.probe_budget}")
 
 
 @dataclass(frozen=True)
@@ -205,7 +211,8 @@ class KPolicy:
         top = min(self.settings.max_k, max(limit, 0))
         if top == 0:
             return Choice(0)
-        rates = self.rates(top)
+        tokens, costs = self.outlook(top)
+        rates = [_rate(t, c) for t, c in zip(tokens, costs)]
         best = max(range(1, top + 1), key=lambda k: rates[k])
         if rates[best] > rates[0] * (1 + self.settings.margin):
             self._off, self._wait = 0, self.settings.probe_rounds
@@ -216,10 +223,17 @@ class KPolicy:
             return Choice(best)
         self._drafting = 0
         self._off += 1
-        if self._off > self._wait:  # a probe: one round as speculation would run it
+        if self._off > max(self._wait, self._affordable_wait(costs[best] - costs[0], costs[0])):
             self._off, self._wait = 0, min(2 * self._wait, self.settings.probe_rounds_max)
-            return Choice(best, probe=True)
+            return Choice(best, probe=True)  # one round as speculation would run it
         return Choice(0, off=True)
+
+    def _affordable_wait(self, probe_cost: float, off_round: float) -> int:
+        """Rounds off for a probe costing ``probe_cost`` (s, beyond a round off) to stay within the budget."""
+        if probe_cost <= 0 or off_round <= 0:
+            return 0
+        rounds = probe_cost / (self.settings.probe_budget * off_round)
+        return min(math.ceil(rounds), self.settings.probe_rounds_max)
 
     def observe(self, outcome: RoundOutcome) -> None:
         if outcome.k > 0:
@@ -229,20 +243,24 @@ class KPolicy:
 
     def rates(self, top: int) -> list[float]:
         """Expected tokens per second for K = 0..top (index K)."""
+        return [_rate(t, c) for t, c in zip(*self.outlook(top))]
+
+    def outlook(self, top: int) -> tuple[list[float], list[float]]:
+        """Expected tokens of a round and its expected seconds, for K = 0..top (index K)."""
         shared = self.shared.snapshot(self.drafter, self.mode)
         weight = self.settings.prior_rounds
         accept = [self._accepted.rate(i, shared.accept[i], weight) for i in range(top)]
         propose = [self._proposed.rate(i, shared.propose[i], weight) for i in range(top)]
-        rates = [_rate(1.0, shared.target[0] + shared.other)]
-        tokens, reach, at_least, proposed = 1.0, 1.0, 1.0, 0.0
+        tokens, costs = [1.0], [shared.target[0] + shared.other]
+        expected, reach, at_least, proposed = 1.0, 1.0, 1.0, 0.0
         for k in range(1, top + 1):
             reach *= accept[k - 1]  # P(drafts 1..k all accepted)
-            tokens += reach
+            expected += reach
             at_least *= propose[k - 1]  # P(the draft proposes >= k tokens)
             proposed += at_least  # E[tokens proposed | K = k]
-            cost = _interpolate(shared.draft, proposed) + _interpolate(shared.target, proposed) + shared.other
-            rates.append(_rate(tokens, cost))
-        return rates
+            tokens.append(expected)
+            costs.append(_interpolate(shared.draft, proposed) + _interpolate(shared.target, proposed) + shared.other)
+        return tokens, costs
 
 
 def _interpolate(values: list[float], x: float) -> float:

@@ -166,7 +166,8 @@ async def create_server(
         log.info("metrics on http://%s:%d/metrics", config.host, config.metrics_port)
 
     policy = PolicySettings(
-        max_k=config.max_num_draft_tokens, probe_rounds=config.k_probe_rounds, probe_rounds_max=config.k_probe_rounds_max
+        max_k=config.max_num_draft_tokens, probe_rounds=config.k_probe_rounds, probe_rounds_max=config.k_probe_rounds_max,
+        probe_budget=config.k_probe_budget,
     )
     loop = SpeculativeLoop(target_client, draft_client, settings, breaker=breaker, policy=policy,
                            sample_round=sample_round)

@@ -81,7 +81,13 @@ class TritonServerConfig:
     params: TargetModelParams = field(default_factory=TargetModelParams)
     instance_kind: str = field(default="KIND_CPU", metadata={"help": "KIND_CPU | KIND_GPU"})
     instance_count: int = field(default=1, metadata={"help": "model instances (stub processes)"})
-    max_batch_size: int = field(default=8, metadata={"help": "requests of different sequences per execute()"})
+    max_batch_size: int = field(
+        default=16, metadata={"help": "requests of different sequences per execute() (one batched forward)"}
+    )
+    max_queue_delay_us: int = field(
+        default=0, metadata={"help": "how long Triton may hold a ready request back to fill a batch (0: never; batches "
+                             "still form under load while a forward runs)"}
+    )
     ready_timeout_s: float = field(default=180.0, metadata={"help": "seconds to wait until Triton and the model are ready"})
     exit_timeout_s: int = field(
         default=5,
@@ -104,8 +110,8 @@ class TritonServerConfig:
         for name in ("grpc_tls_cert", "grpc_tls_key", "grpc_tls_client_ca"):
             if getattr(self, name) and not Path(getattr(self, name)).is_file():
                 raise ValueError(f"{name}: no such file {getattr(self, name)!r}")
-        if self.instance_count < 1 or self.max_batch_size < 1 or self.exit_timeout_s < 0:
-            raise ValueError("instance_count and max_batch_size must be >= 1, exit_timeout_s >= 0")
+        if self.instance_count < 1 or self.max_batch_size < 1 or self.exit_timeout_s < 0 or self.max_queue_delay_us < 0:
+            raise ValueError("instance_count and max_batch_size must be >= 1, exit_timeout_s and max_queue_delay_us >= 0")
 
     @property
     def cache_root(self) -> Path:

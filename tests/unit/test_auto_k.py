@@ -33,7 +33,9 @@ from tests.fakes import (
 @asyncio_test
 async def test_a_draft_that_costs_more_than_it_saves_is_turned_off_and_probed():
     target, draft = FakeTarget(delay_s=0.004), FakeDraft(policy=agree_first(1), delay_s=0.03)
-    loop = SpeculativeLoop(target, draft, new_sequence_id=ids(), policy=PolicySettings(probe_rounds=4))
+    # A probe budget of 100 %: probes as often as probe_rounds allows (test_k_policy covers the budget).
+    policy = PolicySettings(probe_rounds=4, probe_budget=1.0)
+    loop = SpeculativeLoop(target, draft, new_sequence_id=ids(), policy=policy)
     rounds = await run(loop, request(num_draft_tokens=None, max_new_tokens=60))
     assert output(rounds) == greedy_reference(60)  # exact whatever K the rounds ran with
     stats = rounds[-1].stats

@@ -63,6 +63,19 @@ def test_speculation_off_probes_with_backoff_and_resumes_when_it_pays() -> None:
     assert resumed[-20:].count(0) <= 2  # a neighbour of K = 1 may be 0 now and then
 
 
+def test_an_expensive_draft_probes_rarely_a_cheap_one_often() -> None:
+    def probe_gaps(draft_per_token: float) -> list[int]:
+        policy = fresh(probe_rounds=4, probe_rounds_max=512, probe_budget=0.02)
+        chosen = play(policy, 600, accept=0.05, draft_per_token=draft_per_token, hop=0.001)
+        probes = [i for i, k in enumerate(chosen) if k > 0][1:]  # after its first, exploring round
+        return [b - a for a, b in zip(probes, probes[1:])]
+
+    cheap, expensive = probe_gaps(0.0), probe_gaps(0.5 * STEP)
+    assert cheap[0] < 10  # a free lookup's probe costs little: the first comes after probe_rounds
+    # A probe of one draft token costing half a step must wait 0.5 / 0.02 = 25 rounds off, or more.
+    assert min(expensive) >= 25 and len(expensive) < len(cheap) + 2
+
+
 def test_a_lookup_drafter_with_nothing_to_propose_is_not_asked() -> None:
     chosen = play(fresh(), 100, accept=0.9, draft_per_token=0.0, hop=0.002, proposes=0.0)
     assert chosen[10:].count(0) / len(chosen[10:]) > 0.85
