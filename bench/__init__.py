@@ -1,8 +1,10 @@
-"""The specdec benchmark: ArS vs SpS through our gRPC stack vs Hugging Face, with the ideal beside them.
+"""The specdec benchmark: our stack vs target-only vs Hugging Face, per workload, single stream and under load.
 
 The top floor of the house: it starts the whole stack (``cli.stack``) and times it from a client. One
-module per purpose: ``config`` (flags), ``stack_runs`` (timing the real stack over gRPC), ``peer`` (HF
-generate in-process), ``theory`` (α, c, v(K), Leviathan's ideal), ``schedule`` (interleaving the timed
-systems), ``summary`` (the table's numbers), ``report`` (Markdown, CSV, figure), ``sweep`` (choosing the
-self-draft) and ``runner`` (the sequence of a run). Run it with ``python -m bench`` (bench/README.md).
+module per purpose: ``config`` (flags), ``workloads`` (the prompts), ``arms`` (what is compared, and a
+generation's record), ``client`` (our public API and the servers' counters), ``peer`` (HF generate
+in-process), ``systems`` (either, behind one call), ``single`` (single-stream phases), ``load``
+(concurrency and cancellations), ``theory`` (α and Leviathan's ideal), ``stats`` (intervals), ``summary``
+(tables and goals), ``report`` (Markdown, CSV, figures), ``sweep`` (choosing the self-draft) and
+``runner`` (the sequence of a run). Run it with ``python -m bench`` (bench/README.md).
 """

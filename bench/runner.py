@@ -1,12 +1,14 @@
-"""`python -m bench`: run every measurement in one process, on one machine, for one model pair.
+"""`python -m bench`: every phase in one process, on one machine, against the real stack.
 
-Why this module exists: the benchmark's value is that ArS, SpS, the HF peer and the ideal are measured in
-the same run under the same conditions. This is the sequence: load the model pair in-process; start the
-real stack (Triton + draft service + orchestrator, as `specdec serve` does) and time it from a gRPC client
-interleaved with HF generate on the same prompts and with in-process samples of the step costs behind c
-and v(K), generation by generation (`bench.schedule`); stop the stack; then, in-process, measure α
-on the target's own generations; finally write the table and the figure. ``--sweep`` instead ranks
-self-drafts; ``--quick`` does the whole benchmark on a tiny random model in seconds (the CI smoke test).
+Why this module exists: the benchmark's value is that everything it compares is measured in the same run
+under the same conditions. The sequence: load the model in-process (for Hugging Face generate and α);
+start the real stack as `specdec serve` does (Triton, the draft service offering every drafter, the
+orchestrator; free ports, logs under the output folder), with the suffix drafter's cross-request cache
+off so that a prompt measured under several arms cannot feed its own later runs; then the phases —
+single stream per workload (calibration, then every arm interleaved), the model draft, load, and the
+suffix cache's two passes (the draft service restarted with its cache on) — and finally the report.
+``--sweep`` instead ranks self-drafts; ``--quick`` does the whole benchmark on a tiny random model in
+seconds (the CI smoke test).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import platform
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,19 +28,24 @@ import grpc
 import torch
 from tqdm import tqdm
 
-from bench import peer, report, schedule, stack_runs, sweep, theory
-from bench.config import BenchConfig, parse_args
-from bench.summary import Summary, summarize
+from bench import client, load, single, sweep, theory, workloads
+from bench.arms import SPECDEC, TARGET_ONLY, Arm
+from bench.config import DRAFTERS, BenchConfig, parse_args
+from bench.peer import Peer
+from bench.report import write_report
+from bench.single import Item
+from bench.summary import Results, goals, select
+from bench.systems import Systems
+from draft_service.config import DraftConfig
 from specdec import models
 from specdec.gc_freeze import freeze_startup_objects
-from specdec.sampling import SamplingParams
 from specdec.tiny import TINY_DRAFT_LAYERS, save_tiny_llama_with_tokenizer
 from specdec.v1 import generation_pb2_grpc
 
 log = logging.getLogger("specdec.bench")
 
-_ORCHESTRATOR_DEFAULT_MAX_K = 8
-_ORCHESTRATOR_ENV = "SPECDEC_ORCHESTRATOR_"  # its flags' environment fallbacks (orchestrator/config.py)
+_NO_SUFFIX_CACHE = {"SPECDEC_DRAFT_SUFFIX_CACHE_ENTRIES": "0"}
+_QUICK_PROMPT_TOKENS = 256  # the tiny model's byte-level prompts, cut to fit its 1024 positions
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -52,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if config.quick:
             folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="specdec-bench-tiny-")))
             model = str(save_tiny_llama_with_tokenizer(folder / "tiny"))
-            config = replace(config, target_model=model, draft_model=model, draft_layers=TINY_DRAFT_LAYERS)
+            config = replace(config, target_model=model, draft_layers=TINY_DRAFT_LAYERS)
         paths = run_sweep(config) if config.sweep else run_benchmark(config, started)
     for name, path in paths.items():
         sys.stdout.write(f"{name}: {path}\n")
@@ -60,138 +67,207 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def workload_items(config: BenchConfig, tokenizer, workload: str) -> tuple[list[Item], list[Item]]:  # noqa: ANN001
+    """(measured items, calibration items) of a workload; the README's prompts are measured repeatedly."""
+    count = config.prompts_per_workload
+    extra = 0 if workload == "readme" else config.calibration_prompts
+    ids = workloads.token_ids(tokenizer, workloads.prompts(workload, tokenizer, count + extra))
+    if config.quick:
+        ids = [prompt[-_QUICK_PROMPT_TOKENS:] for prompt in ids]
+    if workload == "readme":
+        measured = [Item(p * config.readme_repeats + r, tuple(prompt), config.seed + p * config.readme_repeats + r)
+                    for p, prompt in enumerate(ids) for r in range(config.readme_repeats)]
+        return measured, []
+    if len(ids) < count + extra:
+        log.warning("workload %s has %d prompts; measuring %d", workload, len(ids), max(len(ids) - extra, 1))
+        count = max(len(ids) - extra, 1)
+    items = [Item(i, tuple(prompt), config.seed + i) for i, prompt in enumerate(ids)]
+    return items[:count], items[count:count + extra]
+
+
 def run_benchmark(config: BenchConfig, started: float) -> dict[str, Path]:
-    tokenizer = models.load_tokenizer(config.target_model, _cache_dir(config))
-    prompts = [list(tokenizer(p)["input_ids"]) for p in config.active_prompts]
-    modes = [(m, config.sampling(m)) for m in config.modes]
-    per_system = len(modes) * len(config.all_ks) * (config.warmup + len(prompts) * config.repeats)
-    systems = 3 - config.skip_peer  # the stack, the cost probe, HF
+    from cli.stack import LocalStack, StackConfig
+
+    cache_dir = _cache_dir(config)
+    tokenizer = models.load_tokenizer(config.target_model, cache_dir)
+    needed = set(config.workloads) | (set(config.load_workloads) if "load" in config.phases else set())
+    needed |= {"readme", "open"} if "model" in config.phases else set()
+    needed |= {"humaneval"} if "two-pass" in config.phases else set()
+    items = {w: workload_items(config, tokenizer, w) for w in workloads.WORKLOADS if w in needed}
+    target = models.load_model(config.target_model, cache_dir=cache_dir)
+    peer = None if config.skip_peer else Peer(target, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    freeze_startup_objects(log)  # no full collection of the model's objects inside a timed generation
     out_dir = Path(config.out_dir)
-    with tqdm(total=systems * per_system + 1, desc="bench", unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
-        target = models.load_model(config.target_model, cache_dir=_cache_dir(config))
-        draft = models.load_model(config.draft_spec, keep_layers=models.parse_layers(config.draft_layers),
-                                  dtype=config.draft_dtype, cache_dir=_cache_dir(config))
-        hf = None if config.skip_peer else peer.PeerRuns(
-            target, draft, config.max_new_tokens, config.warmup_new_tokens, config.seed, tokenizer.eos_token_id,
-            tokenizer.pad_token_id,
-        )
-        freeze_startup_objects(log)  # no full collection of the models' objects inside a timed generation
-        # c and v(K) at a representative length: a prompt plus about half a generation.
-        context = (prompts[0] * config.max_new_tokens)[: len(prompts[0]) + config.max_new_tokens // 2]
-        probe = theory.CostProbe(target, draft, context)
-        others: list[schedule.Timed] = [probe] if hf is None else [hf, probe]
-        runs = measure_stack(config, prompts, modes, others, bar.update, out_dir / "logs")
-        costs = probe.costs(config.ks)
-        probe.close()
-        bar.set_description("alpha")
-        alphas = {mode: theory.measure_alpha(target, draft, _target_only_sequences(runs, mode, prompts), params)
-                  for mode, params in modes}
+    stack_config = StackConfig(
+        port=0, target_model=config.target_model, drafters=",".join(DRAFTERS), draft_model=config.target_model,
+        draft_layers=config.draft_layers, draft_dtype=config.draft_dtype, num_draft_tokens="auto",
+        threads=config.threads, cache_dir=config.cache_dir, log_dir=str(out_dir / "logs"),
+    )
+    results = Results(suffix_cache_bound=DraftConfig().suffix_cache_entries)
+    bar = tqdm(desc="bench", unit="gen", file=sys.stderr, dynamic_ncols=True)
+
+    def progress(label: str) -> None:
+        bar.set_description(label)
         bar.update(1)
-        peer_records = hf.records if hf is not None else []
-    _warn_fallbacks(runs)
-    settings = _settings(config, prompts, started)
-    summary = summarize(runs, peer_records, alphas, costs, config.ks, int(target.config.vocab_size), settings)
-    title = (f"{'tiny random model' if config.quick else config.target_model} target, draft layers "
-             f"{config.draft_layers} ({config.draft_dtype}), {config.max_new_tokens} new tokens, "
+
+    with LocalStack(stack_config, env=_NO_SUFFIX_CACHE) as running, grpc.insecure_channel(running.address) as channel:
+        servers = client.ServerReader(running.triton_url, running.triton_metrics_url, running.draft_address)
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        systems = Systems(stub, servers, peer, config.max_new_tokens)
+        try:
+            any_prompt = next(iter(items.values()))[0][0].prompt_ids
+            single.warm_up(systems, config, _all_arms(config, peer is not None), any_prompt)
+            _single_phases(systems, config, items, results, progress)
+            if "model" in config.phases:
+                _model_phase(systems, config, items, results, target, cache_dir, progress)
+            if "load" in config.phases:
+                _load_phase(stub, servers, config, items, results, systems, progress)
+            if "two-pass" in config.phases:
+                _two_pass(running, systems, servers, config, items, results, progress)
+        finally:
+            servers.close()
+            bar.close()
+    _warn_fallbacks(results)
+    results.settings = _settings(config, items, started)
+    title = (f"{'tiny random model' if config.quick else config.target_model}, {config.max_new_tokens} new tokens, "
              f"{platform.machine()} x{os.cpu_count()}")
-    paths = report.write_report(summary, out_dir, title=title)
-    _log_goals(summary)
+    paths = write_report(results, out_dir, title)
+    for goal in goals(results):
+        log.info("issue %d: %s: %s (goal %g) %s", goal.issue, goal.text, format(goal.value, ".2f"), goal.threshold,
+                 "met" if goal.met else "NOT MET")
     return paths
 
 
-def measure_stack(
-    config: BenchConfig,
-    prompts: list[list[int]],
-    modes: list[tuple[str, SamplingParams]],
-    others: Sequence[schedule.Timed],
-    progress: Callable[[int], None],
-    log_dir: Path,
-) -> list[stack_runs.ConfigRun]:
-    """Start the real stack on free ports, time every (mode, K) through it, interleaved with the ``others``
-    (which keep their own records), then stop it."""
-    from cli.stack import LocalStack, StackConfig
+def _all_arms(config: BenchConfig, peer: bool) -> list[Arm]:
+    arms = single.single_arms(config, "", "greedy", {}, peer)
+    arms += [Arm(SPECDEC, d, k) for d in single.LOOKUP_DRAFTERS for k in config.ks]
+    return arms
 
-    stack_config = StackConfig(
-        port=0, target_model=config.target_model, draft_model=config.draft_spec, draft_layers=config.draft_layers,
-        draft_dtype=config.draft_dtype, num_draft_tokens=str(min(config.ks)), drafters="model", threads=config.threads,
-        cache_dir=config.cache_dir, log_dir=str(log_dir),
-    )
-    # No fallback to target-only on a slow draft round: that would mix ArS rounds into the SpS numbers.
-    env = {f"{_ORCHESTRATOR_ENV}DRAFT_ROUND_TIMEOUT_S": "0", f"{_ORCHESTRATOR_ENV}DRAFT_BREAKER_FAILURES": "0"}
-    if max(config.ks) > _ORCHESTRATOR_DEFAULT_MAX_K:
-        env[f"{_ORCHESTRATOR_ENV}MAX_NUM_DRAFT_TOKENS"] = str(max(config.ks))
-        env["SPECDEC_DRAFT_MAX_NUM_DRAFT_TOKENS"] = str(max(config.ks))
-    with LocalStack(stack_config, env=env) as running, grpc.insecure_channel(running.address) as channel:
-        counters = stack_runs.CounterReader(running.triton_url, running.triton_metrics_url, running.draft_metrics_url)
-        try:
-            ours = stack_runs.StackRuns(
-                generation_pb2_grpc.GenerationServiceStub(channel), counters, config.max_new_tokens,
-                config.warmup_new_tokens, config.seed,
-            )
-            schedule.run_interleaved(
-                [ours, *others], prompts, modes, config.all_ks, config.repeats, config.warmup, progress
-            )
-            return ours.runs()
-        finally:
-            counters.close()
+
+def _single_phases(systems: Systems, config: BenchConfig, items: dict[str, tuple[list[Item], list[Item]]],
+                   results: Results, progress: single.Progress) -> None:
+    calibrate = set(config.load_workloads) if "load" in config.phases else set()
+    calibrate |= set(config.workloads) if "single" in config.phases else set()
+    for workload in workloads.WORKLOADS:
+        if workload in calibrate and items[workload][1]:
+            records = single.calibrate(systems, config, workload, items[workload][1], progress)
+            results.records += records
+            for mode in config.modes:
+                for name in (*single.LOOKUP_DRAFTERS, *(["prompt-lookup"] if systems.peer else [])):
+                    results.best[(workload, mode, name)] = single.best_fixed_k(records, workload, mode, name, config.ks)
+        if "single" in config.phases and workload in config.workloads:
+            results.records += single.single_stream(systems, config, workload, items[workload][0], results.best,
+                                                    progress)
+
+
+def _model_phase(systems: Systems, config: BenchConfig, items: dict[str, tuple[list[Item], list[Item]]],
+                 results: Results, target: torch.nn.Module, cache_dir: Path | None, progress: single.Progress) -> None:
+    readme = items["readme"][0][:: config.readme_repeats]  # each README prompt once
+    chosen = [*readme, *(Item(1000 + i.index, i.prompt_ids, i.seed) for i in items["open"][0])][: config.model_prompts]
+    records = single.model_phase(systems, config, chosen, progress)
+    results.records += records
+    draft = models.load_model(config.target_model, keep_layers=models.parse_layers(config.draft_layers),
+                              dtype=config.draft_dtype, cache_dir=cache_dir)
+    prompts = {i.index: i.prompt_ids for i in chosen}
+    for mode in config.modes:
+        sequences = [(list(prompts[r.item]) + list(r.output_ids), len(prompts[r.item]))
+                     for r in select(records, arm=TARGET_ONLY.label, mode=mode)]
+        results.alphas[mode] = theory.measure_alpha(target, draft, sequences, config.sampling(mode)).mean
+    del draft
+
+
+def _load_phase(stub: generation_pb2_grpc.GenerationServiceStub, servers: client.ServerReader, config: BenchConfig,
+                items: dict[str, tuple[list[Item], list[Item]]], results: Results, systems: Systems,
+                progress: single.Progress) -> None:
+    before, _ = servers.wait_idle()
+    params = config.sampling("greedy")
+    for workload in config.load_workloads:
+        prompts = [i.prompt_ids for i in items[workload][0]]
+        arms = [TARGET_ONLY, Arm(SPECDEC, "suffix", results.best.get((workload, "greedy", "suffix"), config.ks[-1])),
+                Arm(SPECDEC, "suffix", None)]
+        for concurrency in config.concurrency:
+            for arm in arms:
+                generations = max(config.load_generations, 2 * concurrency)
+                cell, records = load.run_cell(stub, servers, arm, params, prompts, concurrency, generations,
+                                              config.max_new_tokens, config.seed, workload, "greedy")
+                results.cells.append(cell)
+                results.records += records
+                progress(f"load {workload} c={concurrency}")
+    workload = config.load_workloads[0]
+    results.cancel = load.cancel_run(
+        stub, servers, [Arm(SPECDEC, "suffix", None), Arm(SPECDEC, "model", max(config.model_ks))], params, [i.prompt_ids for i in items[workload][0]],
+        config.cancel_generations, max(config.concurrency), max(4 * config.max_new_tokens, 128), config.seed, before,
+        progress,
+    )  # generations long enough that most cancellations land mid-generation
+
+
+def _two_pass(running, systems: Systems, servers: client.ServerReader, config: BenchConfig,  # noqa: ANN001
+              items: dict[str, tuple[list[Item], list[Item]]], results: Results, progress: single.Progress) -> None:
+    running.restart("draft", env={key: None for key in _NO_SUFFIX_CACHE})  # a fresh draft service, cache on
+    chosen = items["humaneval"][0][: config.two_pass_prompts]
+    single.warm_up(systems, config, [Arm(SPECDEC, "suffix", max(config.ks))], items["open"][0][0].prompt_ids
+                   if "open" in items else chosen[0].prompt_ids)
+    k = results.best.get(("humaneval", "greedy", "suffix"), max(config.ks))
+    first = single.two_pass(systems, config, chosen, k, progress, passes=(1,))
+    results.suffix_cache["pass 1"] = _cache_reading(servers)
+    second = single.two_pass(systems, config, chosen, k, progress, passes=(2,))
+    results.suffix_cache["pass 2"] = _cache_reading(servers)
+    results.records += first + second
+
+
+def _cache_reading(servers: client.ServerReader) -> tuple[int, int]:
+    reading = servers.occupancy()
+    return reading.suffix_cache_entries, reading.suffix_cache_bytes
 
 
 def run_sweep(config: BenchConfig) -> dict[str, Path]:
     tokenizer = models.load_tokenizer(config.target_model, _cache_dir(config))
-    prompts = [list(tokenizer(p)["input_ids"]) for p in config.active_prompts]
-    selections = None
+    texts = workloads.prompts("open", tokenizer, config.sweep_prompts)
+    prompts = workloads.token_ids(tokenizer, texts)
     if config.quick:
-        selections = [("first 2", "0-1"), ("skip 1", TINY_DRAFT_LAYERS)]
+        prompts = [p[-_QUICK_PROMPT_TOKENS:] for p in prompts]
+    selections = [("first 2", "0-1"), ("skip 1", TINY_DRAFT_LAYERS)] if config.quick else None
     count = len(selections) if selections else len(sweep.default_selections(30))
     steps = sweep.sweep_steps(count * len(config.sweep_dtypes))
     with tqdm(total=steps, desc="sweep", file=sys.stderr, dynamic_ncols=True) as bar:
         rows, target_costs = sweep.run_sweep(
-            config.target_model, prompts, config.sampling("sample"), config.ks, config.max_new_tokens, config.seed,
-            tokenizer.eos_token_id, config.cost_trials, selections, config.sweep_dtypes, _cache_dir(config), bar.update,
+            config.target_model, prompts, config.sampling("sample"), config.sweep_ks, config.max_new_tokens,
+            config.seed, tokenizer.eos_token_id, config.cost_trials, selections, config.sweep_dtypes,
+            _cache_dir(config), bar.update,
         )
     settings = {
-        "target": config.target_model, "prompts": str(len(prompts)), "new tokens per prompt": str(config.max_new_tokens),
+        "target": config.target_model, "prompts": f"{len(prompts)} (open workload)",
+        "new tokens per prompt": str(config.max_new_tokens),
         "sampling mode": f"temperature {config.temperature}, top-p {config.top_p}, top-k {config.top_k}",
         "threads": str(config.threads), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
     }
     return sweep.write_sweep(rows, target_costs, settings, Path(config.out_dir))
 
 
-def _target_only_sequences(runs: list[stack_runs.ConfigRun], mode: str, prompts: list[list[int]]):
-    """(prompt + generated ids, prompt length) of the stack's K = 0 generations in ``mode``: the positions
-    the target itself visits, over which α is averaged."""
-    return [(prompts[r.prompt_index] + list(r.output_ids), len(prompts[r.prompt_index]))
-            for run in runs if run.mode == mode and run.k == 0 for r in run.records]
-
-
-def _settings(config: BenchConfig, prompts: list[list[int]], started: float) -> dict[str, str]:
+def _settings(config: BenchConfig, items: dict[str, tuple[list[Item], list[Item]]], started: float) -> dict[str, str]:
+    sizes = ", ".join(f"{w} {len(m)} measured + {len(c)} calibration" for w, (m, c) in items.items())
     return {
         "target": "tiny random Llama (quick mode)" if config.quick else config.target_model,
-        "draft": f"{'the target' if not config.draft_model or config.draft_model == config.target_model else config.draft_model}"
-                 f", layers {config.draft_layers or 'all'}, {config.draft_dtype}",
-        "prompts": f"{len(prompts)} (prompt tokens {min(map(len, prompts))}–{max(map(len, prompts))}), "
-                   f"{config.repeats} repeat(s) each after {config.warmup} warm-up generation(s) per config",
+        "model drafter": f"the target's layers {config.draft_layers or 'all'} ({config.draft_dtype})",
+        "workloads": f"{sizes} prompts (bench/workloads.py)",
         "new tokens per generation": str(config.max_new_tokens),
         "modes": ", ".join(f"{m} ({config.sampling(m)})" for m in config.modes),
+        "fixed Ks calibrated": ", ".join(map(str, config.ks)),
+        "suffix cache": "off, except in the two-pass phase (so a prompt measured under several arms cannot feed "
+                        "its own later runs)",
         "threads": f"{config.threads} torch threads per model (in-process, Triton model, draft service)",
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-        "measurement wall time": f"{time.monotonic() - started:.0f} s",
+        "wall time": f"{time.monotonic() - started:.0f} s",
     }
 
 
-def _warn_fallbacks(runs: list[stack_runs.ConfigRun]) -> None:
-    fallbacks = sum(r.fallback_rounds for run in runs for r in run.records)
-    reprefills = sum(r.reprefills for run in runs for r in run.records)
+def _warn_fallbacks(results: Results) -> None:
+    fallbacks = sum(r.fallback_rounds for r in results.records)
+    reprefills = sum(r.reprefills for r in results.records)
     if fallbacks or reprefills:
         log.warning("the stack fell back to target-only in %d rounds and re-prefilled %d times: its numbers "
                     "include those", fallbacks, reprefills)
 
 
-def _log_goals(summary: Summary) -> None:
-    for line in report.goals(summary):
-        log.info("%s", line.strip())
-
-
 def _cache_dir(config: BenchConfig) -> Path | None:
     return Path(config.cache_dir) if config.cache_dir else None
-

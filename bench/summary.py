@@ -1,209 +1,441 @@
-"""Turn raw measurements into the benchmark's table: one row per (system, mode, K).
+"""Turn the records of a run into the report's tables and goal checks.
 
-Why this module exists: the stack runs, the HF peer and the theory each produce raw numbers; every derived
-quantity the report shows (medians and spread of ms/token, speedup over the same system's K = 0, the ideal
-speedup and the efficiency, tokens per round, the per-round time split and bytes on the wire) is computed
-here, once, from those raw numbers, so the Markdown table, the CSV and the figure cannot disagree.
+Why this module exists: the phases only record generations; every derived number the report shows
+(aggregate tokens/s, speedups with their intervals, tokens per round, the served costs behind the model
+draft's ideal, throughput vs concurrency, what the servers held after the cancellations) is computed here,
+once, from those records, so the Markdown, the CSV and the figures cannot disagree.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
-from bench.peer import PeerRecord
-from bench.stack_runs import ConfigRun
-from bench.theory import Alpha, Costs, ideal_speedups
+from bench.arms import HF_PLAIN, PROMPT_LOOKUP, SPECDEC, TARGET_ONLY, Arm, Record
+from bench.load import CancelRun, Cell
+from bench.single import LOOKUP_DRAFTERS
+from bench.stats import NONE, Estimate, paired_ratio, percentile, rate
 from specdec.speedup import expected_tokens_per_round
 
-SPECDEC = "specdec"  # our stack, measured by a gRPC client
-HF = "hf"  # Hugging Face generate in-process (K = 0 plain, K > 0 assisted)
-
-NAN = math.nan
+Cellv = object  # a table cell: str, int, float or Estimate
 
 
 @dataclass(frozen=True)
-class Row:
-    """One (system, mode, K) of the table; per-round times are ms per speculative round."""
-
-    system: str
-    mode: str
-    k: int
-    generations: int
-    tokens: int
-    ms_per_token: float  # median over generations of wall time / generated tokens
-    ms_per_token_q1: float  # spread: first and third quartiles over generations
-    ms_per_token_q3: float
-    tokens_per_s: float  # 1000 / ms_per_token
-    speedup: float  # this system's K = 0 ms/token (same mode) / this ms/token
-    ideal_speedup: float  # Leviathan with the measured α (this mode), c and v(K)
-    efficiency: float  # speedup / ideal_speedup
-    vs_hf: float = NAN  # our tokens/s / HF's at the same mode and K (specdec rows)
-    tokens_per_round: float = NAN  # emitted (accepted + 1) per round; HF: generated tokens / target forwards
-    tokens_per_round_norm: float = NAN  # tokens_per_round / (K + 1)
-    expected_tokens_per_round: float = NAN  # theory with the measured α
-    acceptance_rate: float = NAN  # accepted / drafted
-    alpha_implied: float = NAN  # the α for which the theory predicts the measured tokens per round
-    client_ms: float = NAN  # client wall time per round
-    draft_ms: float = NAN  # orchestrator waiting on the draft service
-    draft_compute_ms: float = NAN  # the draft's rounds under its model lock (its round histogram)
-    target_ms: float = NAN  # orchestrator waiting on Triton
-    triton_ms: float = NAN  # inside Triton (request received -> response ready)
-    triton_compute_ms: float = NAN  # inside the Python model (input + infer + output)
-    orchestrator_ms: float = NAN  # orchestrator's own time (sampling, bookkeeping)
-    client_wire_ms: float = NAN  # client wall - orchestrator's total: the public hop
-    overhead_ms: float = NAN  # client wall - draft compute - Triton compute: everything but the models
-    overhead_pct: float = NAN  # overhead_ms / one in-process target step, in %
-    overhead_pct_served: float = NAN  # overhead_ms / Triton's model time per K = 0 round (same mode), in %
-    triton_vs_inprocess: float = NAN  # Triton model time / the same forward in-process (target step or v(K))
-    draft_vs_inprocess: float = NAN  # draft compute / K in-process draft steps
-    mb_per_round: float = NAN  # probability rows sent per round by the draft (q) and Triton (p), measured
-    fallback_rounds: int = 0  # rounds the orchestrator ran target-only because the draft failed
+class Table:
+    title: str
+    headers: tuple[str, ...]
+    rows: list[tuple[Cellv, ...]]
+    note: str = ""
 
 
 @dataclass(frozen=True)
-class Summary:
-    """Everything the report renders."""
+class Goal:
+    """One figure an issue asks for: what, the measured value (with its interval), and whether it is met."""
 
-    rows: tuple[Row, ...]
-    alphas: dict[str, Alpha]  # mode -> α measured on the target's own (K = 0) generations
-    costs: Costs
-    ideal: dict[str, dict[int, float]]  # mode -> K -> ideal speedup
-    vocab_size: int
-    settings: dict[str, str] = field(default_factory=dict)  # shown in the report's header
-
-    def row(self, system: str, mode: str, k: int) -> Row | None:
-        return next((r for r in self.rows if (r.system, r.mode, r.k) == (system, mode, k)), None)
-
-    def best(self, system: str, mode: str) -> Row | None:
-        """The speculative row (K > 0) with the highest measured speedup."""
-        rows = [r for r in self.rows if r.system == system and r.mode == mode and r.k > 0]
-        return max(rows, key=lambda r: r.speedup) if rows else None
+    issue: int
+    text: str
+    value: Estimate
+    threshold: float
+    met: bool
 
 
-def implied_alpha(tokens_per_round: float, k: int) -> float:
-    """The α at which E[tokens per round] = (1 - α^(K+1)) / (1 - α) equals the measurement (bisection)."""
-    if k == 0 or not math.isfinite(tokens_per_round):
-        return NAN
-    if tokens_per_round <= 1.0:
-        return 0.0
-    if tokens_per_round >= k + 1:
-        return 1.0
-    lo, hi = 0.0, 1.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if expected_tokens_per_round(mid, k) < tokens_per_round else (lo, mid)
-    return (lo + hi) / 2
+@dataclass
+class Results:
+    """Everything a run measured."""
+
+    records: list[Record] = field(default_factory=list)
+    best: dict[tuple[str, str, str], int] = field(default_factory=dict)  # (workload, mode, drafter) -> fixed K
+    alphas: dict[str, float] = field(default_factory=dict)  # mode -> α of the model draft (in-process)
+    cells: list[Cell] = field(default_factory=list)
+    cancel: CancelRun | None = None
+    suffix_cache: dict[str, tuple[int, int]] = field(default_factory=dict)  # after "pass 1"/"pass 2": (entries, bytes)
+    suffix_cache_bound: int = 0  # entries
+    settings: dict[str, str] = field(default_factory=dict)
 
 
-def _quartiles(values: Sequence[float]) -> tuple[float, float, float]:
-    if len(values) == 1:
-        return values[0], values[0], values[0]
-    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return median, q1, q3
+def select(records: Iterable[Record], **match: object) -> list[Record]:
+    return [r for r in records if all(getattr(r, k) == v for k, v in match.items())]
 
 
-def _ratio(a: float, b: float) -> float:
-    return a / b if b and math.isfinite(a) and math.isfinite(b) else NAN
+def paired(records: Sequence[Record], arm_a: str, arm_b: str, **match: object) -> Estimate:
+    """tokens/s of arm a over arm b on the items both ran (rows matched by item)."""
+    a = {r.item: (r.tokens, r.wall_ms) for r in select(records, arm=arm_a, **match)}
+    b = {r.item: (r.tokens, r.wall_ms) for r in select(records, arm=arm_b, **match)}
+    items = sorted(set(a) & set(b))
+    return paired_ratio([a[i] for i in items], [b[i] for i in items]) if items else NONE
 
 
-def _base_row(system: str, mode: str, k: int, per_token: list[float], tokens: int, ideal: float) -> Row:
-    median, q1, q3 = _quartiles(per_token)
-    return Row(system=system, mode=mode, k=k, generations=len(per_token), tokens=tokens, ms_per_token=median,
-               ms_per_token_q1=q1, ms_per_token_q3=q3, tokens_per_s=_ratio(1000.0, median),
-               speedup=NAN, ideal_speedup=ideal, efficiency=NAN)
+def tokens_per_s(records: Sequence[Record]) -> float:
+    return rate([r.tokens for r in records], [r.wall_ms / 1e3 for r in records])
 
 
-def stack_rows(runs: Iterable[ConfigRun], ideal: dict[str, dict[int, float]], alphas: dict[str, Alpha],
-               costs: Costs) -> list[Row]:
+def arms_of(records: Iterable[Record]) -> list[str]:
+    return list(dict.fromkeys(r.arm for r in records))
+
+
+def _acceptance(records: Sequence[Record]) -> float:
+    drafted = sum(r.drafted for r in records)
+    return sum(r.accepted for r in records) / drafted if drafted else math.nan
+
+
+def _per_round(records: Sequence[Record]) -> float:
+    rounds = sum(r.rounds for r in records)
+    return sum(r.tokens for r in records) / rounds if rounds else math.nan
+
+
+def _off_share(records: Sequence[Record]) -> float:
+    rounds = sum(r.rounds for r in records)
+    return sum(r.off_rounds for r in records) / rounds if rounds else math.nan
+
+
+def _mean_k(records: Sequence[Record]) -> float:
+    counts = [0] * max((len(r.rounds_by_k) for r in records), default=0)
+    for r in records:
+        for k, n in enumerate(r.rounds_by_k):
+            counts[k] += n
+    total = sum(counts)
+    return sum(k * n for k, n in enumerate(counts)) / total if total else math.nan
+
+
+def greedy_matches(records: Sequence[Record]) -> tuple[int, int]:
+    """(items whose greedy output equals target-only's, items compared) over every specdec arm."""
+    reference = {(r.phase, r.workload, r.item): r.output_ids for r in records
+                 if r.arm == TARGET_ONLY.label and r.mode == "greedy"}
+    compared = [(r, reference[(r.phase, r.workload, r.item)]) for r in records
+                if r.mode == "greedy" and r.arm != TARGET_ONLY.label and not r.arm.startswith("HF")
+                and (r.phase, r.workload, r.item) in reference]
+    return sum(r.output_ids == ref for r, ref in compared), len(compared)
+
+
+def calibration_table(results: Results) -> Table:
+    records = select(results.records, phase="calibration")
     rows = []
-    for run in runs:
-        recs = run.records
-        rounds = sum(r.rounds for r in recs)
+    for workload in dict.fromkeys(r.workload for r in records):
+        for mode in dict.fromkeys(r.mode for r in records):
+            for name in (*LOOKUP_DRAFTERS, PROMPT_LOOKUP):
+                chosen = results.best.get((workload, mode, name))
+                if chosen is None:
+                    continue
+                prefix = "HF prompt lookup" if name == PROMPT_LOOKUP else f"{name} K="
+                scores = []
+                for arm in arms_of(records):
+                    if arm.startswith(prefix):
+                        k = int(arm.rsplit(" ", 1)[-1].removeprefix("K="))
+                        scores.append(f"K={k}: {tokens_per_s(select(records, workload=workload, mode=mode, arm=arm)):.1f}")
+                rows.append((workload, mode, name, " · ".join(scores), chosen))
+    return Table("Calibration: the fixed K each lookup drafter and HF prompt lookup get",
+                 ("workload", "mode", "drafter", "tokens/s by K (calibration prompts)", "chosen K"), rows,
+                 "Chosen on prompts that are never measured afterwards, so the fixed-K rows are not flattered.")
 
-        def per_round(total: float, rounds: int = rounds) -> float:
-            return _ratio(total, rounds)
 
-        row = _base_row(SPECDEC, run.mode, run.k, [r.wall_ms / r.tokens for r in recs if r.tokens],
-                        sum(r.tokens for r in recs), ideal[run.mode].get(run.k, NAN))
-        servers = run.servers
-        client = per_round(sum(r.wall_ms for r in recs))
-        draft = per_round(sum(r.draft_ms for r in recs))
-        draft_compute = per_round(servers.draft_round_s * 1e3) if servers.draft_rounds else (0.0 if run.k == 0 else NAN)
-        triton_compute = per_round(servers.triton_compute_ns / 1e6) if servers.triton_requests else NAN
-        model_time = (draft if math.isnan(draft_compute) else draft_compute) + triton_compute
-        overhead = client - model_time
-        emitted = per_round(sum(r.accepted + r.rounds for r in recs))
-        drafted = sum(r.drafted for r in recs)
-        alpha = alphas[run.mode].mean
-        rows.append(replace(
-            row,
-            tokens_per_round=emitted,
-            tokens_per_round_norm=emitted / (run.k + 1),
-            expected_tokens_per_round=expected_tokens_per_round(alpha, run.k) if math.isfinite(alpha) else NAN,
-            acceptance_rate=_ratio(sum(r.accepted for r in recs), drafted),
-            alpha_implied=implied_alpha(emitted, run.k),
-            client_ms=client, draft_ms=draft, draft_compute_ms=draft_compute,
-            target_ms=per_round(sum(r.target_ms for r in recs)),
-            triton_ms=per_round(servers.triton_success_ns / 1e6) if servers.triton_requests else NAN,
-            triton_compute_ms=triton_compute,
-            orchestrator_ms=per_round(sum(r.orchestrator_ms for r in recs)),
-            client_wire_ms=per_round(sum(r.wall_ms - r.total_ms for r in recs)),
-            overhead_ms=overhead, overhead_pct=100.0 * _ratio(overhead, costs.target_step_ms),
-            triton_vs_inprocess=_ratio(triton_compute, costs.target_step_ms * costs.verify_cost_ratio(run.k)),
-            draft_vs_inprocess=_ratio(draft_compute, run.k * costs.draft_step_ms) if run.k else NAN,
-            mb_per_round=per_round(servers.draft_q_bytes + servers.triton_output_bytes) / 1e6,
-            fallback_rounds=sum(r.fallback_rounds for r in recs),
+def single_table(results: Results, workload: str, mode: str) -> Table:
+    records = select(results.records, phase="single", workload=workload, mode=mode)
+    base = TARGET_ONLY.label
+    hf_best = best_hf_arm(records)
+    rows = []
+    for arm in arms_of(records):
+        mine = select(records, arm=arm)
+        is_hf = arm.startswith("HF")
+        rows.append((
+            arm, len(mine), tokens_per_s(mine), paired(records, arm, base),
+            NONE if is_hf else paired(records, arm, HF_PLAIN.label),
+            NONE if is_hf or hf_best is None else paired(records, arm, hf_best),
+            _per_round(mine), "–" if is_hf else _acceptance(mine),
+            _off_share(mine) if arm.endswith("auto") else "–", _mean_k(mine) if arm.endswith("auto") else "–",
         ))
-    return rows
+    return Table(f"{workload}, {mode}", ("arm", "generations", "tokens/s", "vs target-only", "vs HF generate",
+                                         f"vs {hf_best or 'HF prompt lookup'}", "tokens/round", "acceptance",
+                                         "rounds off", "mean K"), rows)
 
 
-def peer_rows(records: Iterable[PeerRecord], ideal: dict[str, dict[int, float]]) -> list[Row]:
-    groups: dict[tuple[str, int], list[PeerRecord]] = {}
-    for rec in records:
-        groups.setdefault((rec.mode, rec.k), []).append(rec)
+def best_hf_arm(records: Sequence[Record]) -> str | None:
+    lookups = [a for a in arms_of(records) if a.startswith("HF prompt lookup")]
+    return max(lookups, key=lambda a: tokens_per_s(select(records, arm=a))) if lookups else None
+
+
+def best_specdec_arm(records: Sequence[Record]) -> str | None:
+    ours = [a for a in arms_of(records) if not a.startswith("HF") and a != TARGET_ONLY.label]
+    return max(ours, key=lambda a: tokens_per_s(select(records, arm=a))) if ours else None
+
+
+def serving_table(results: Results) -> Table:
+    """Target-only through the stack vs HF plain generate, and where the stack's time per token goes."""
     rows = []
-    for (mode, k), recs in groups.items():
-        row = _base_row(HF, mode, k, [r.wall_ms / r.tokens for r in recs if r.tokens], sum(r.tokens for r in recs),
-                        ideal[mode].get(k, NAN))
-        per_round = _ratio(sum(r.tokens for r in recs), sum(r.rounds for r in recs))
-        rows.append(replace(row, tokens_per_round=per_round, tokens_per_round_norm=per_round / (k + 1),
-                            alpha_implied=implied_alpha(per_round, k)))
+    single = select(results.records, phase="single")
+    for mode in dict.fromkeys(r.mode for r in single):
+        for workload in [*dict.fromkeys(r.workload for r in single), "all"]:
+            match = {"mode": mode} if workload == "all" else {"mode": mode, "workload": workload}
+            ours = select(single, arm=TARGET_ONLY.label, **match)
+            hf = select(single, arm=HF_PLAIN.label, **match)
+            if not ours or not hf:
+                continue
+            tokens = sum(r.tokens for r in ours)
+            per = {name: sum(getattr(r, name) if name.endswith("_ms") and hasattr(r, name) else r.extra.get(name, 0.0)
+                             for r in ours) / tokens
+                   for name in ("wall_ms", "total_ms", "target_ms", "triton_ms", "triton_model_ms")}
+            hf_ms = sum(r.wall_ms for r in hf) / sum(r.tokens for r in hf)
+            ratio = _pooled_pair(single, TARGET_ONLY.label, HF_PLAIN.label, **match)
+            rows.append((workload, mode, per["wall_ms"], per["total_ms"], per["target_ms"], per["triton_ms"],
+                         per["triton_model_ms"], hf_ms, ratio))
+    return Table("Serving cost: target-only through the stack vs Hugging Face plain generate",
+                 ("workload", "mode", "client ms/token", "orchestrator", "waiting on Triton", "inside Triton",
+                  "Triton model", "HF ms/token", "ours/HF tokens/s"), rows,
+                 "Per generated token (prefill included). *inside Triton*: request received → response ready "
+                 "(Triton's statistics); *Triton model*: the Python model's compute; the rest of *client* is "
+                 "the orchestrator and two gRPC hops.")
+
+
+def _pooled_pair(records: Sequence[Record], arm_a: str, arm_b: str, **match: object) -> Estimate:
+    """Like `paired`, with items told apart by workload too (for figures pooled over workloads)."""
+    def key(r: Record) -> tuple[str, int]:
+        return (r.workload, r.item)
+
+    a = {key(r): (r.tokens, r.wall_ms) for r in select(records, arm=arm_a, **match)}
+    b = {key(r): (r.tokens, r.wall_ms) for r in select(records, arm=arm_b, **match)}
+    items = sorted(set(a) & set(b))
+    return paired_ratio([a[i] for i in items], [b[i] for i in items]) if items else NONE
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    mode: str
+    arm: str
+    k: int | None
+    speedup: Estimate
+    acceptance: float
+    tokens_per_round: float
+    c: float  # draft wait per drafted token / target wait per target-only round
+    v: float  # target wait per round at K / per target-only round
+    ideal: float
+    efficiency: float
+
+
+def model_rows(results: Results) -> list[ModelRow]:
+    records = select(results.records, phase="model")
+    rows = []
+    for mode in dict.fromkeys(r.mode for r in records):
+        here = select(records, mode=mode)
+        base = select(here, arm=TARGET_ONLY.label)
+        t0 = sum(r.target_ms for r in base) / max(sum(r.rounds for r in base), 1)
+        alpha = results.alphas.get(mode, math.nan)
+        for arm in arms_of(here):
+            if arm == TARGET_ONLY.label:
+                continue
+            mine = select(here, arm=arm)
+            k = None if arm.split()[1] == "auto" else int(arm.split()[1].removeprefix("K="))
+            rounds = max(sum(r.rounds for r in mine), 1)
+            c = v = ideal = math.nan
+            if k and t0 > 0:
+                c = sum(r.draft_ms for r in mine) / rounds / (k * t0)
+                v = sum(r.target_ms for r in mine) / rounds / t0
+                if math.isfinite(alpha):
+                    ideal = expected_tokens_per_round(alpha, k) / (k * c + v)
+            speedup = paired(here, arm, TARGET_ONLY.label)
+            rows.append(ModelRow(mode, arm, k, speedup, _acceptance(mine), _per_round(mine), c, v, ideal,
+                                 speedup.value / ideal if ideal == ideal else math.nan))
     return rows
 
 
-def with_ratios(rows: list[Row]) -> list[Row]:
-    """Fill speedup (vs the same system's K = 0), efficiency, vs_hf and overhead_pct_served.
-
-    overhead_pct_served divides by the target step as served (Triton's model time per K = 0 round), which the
-    stack measured minutes from the in-process step but interleaved with the overhead itself, so this
-    machine's drift between phases cancels out of it."""
-    index = {(r.system, r.mode, r.k): r for r in rows}
-    out = []
-    for r in rows:
-        base = index.get((r.system, r.mode, 0))
-        speedup = _ratio(base.ms_per_token, r.ms_per_token) if base else NAN
-        hf = index.get((HF, r.mode, r.k))
-        vs_hf = _ratio(hf.ms_per_token, r.ms_per_token) if (hf and r.system == SPECDEC) else NAN
-        served = 100.0 * _ratio(r.overhead_ms, base.triton_compute_ms) if base else NAN
-        out.append(replace(r, speedup=speedup, efficiency=_ratio(speedup, r.ideal_speedup), vs_hf=vs_hf,
-                           overhead_pct_served=served))
-    order = {SPECDEC: 0, HF: 1}
-    return sorted(out, key=lambda r: (order.get(r.system, 2), r.mode, r.k))
+def model_table(results: Results) -> Table:
+    rows = [(r.mode, r.arm, r.speedup, r.acceptance, r.tokens_per_round,
+             expected_tokens_per_round(results.alphas[r.mode], r.k) if r.k and r.mode in results.alphas else "–",
+             r.c, r.v, r.ideal, r.efficiency) for r in model_rows(results)]
+    alphas = ", ".join(f"{m}: α = {a:.3f}" for m, a in results.alphas.items())
+    return Table("The model draft (SmolLM2 self-draft): measured vs Leviathan's ideal from served costs",
+                 ("mode", "arm", "vs target-only", "acceptance", "tokens/round", "E[tokens/round] from α", "c served",
+                  "v(K) served", "ideal", "efficiency"), rows,
+                 f"{alphas} (in-process, on the target-only outputs). *c served* = the orchestrator's wait on the "
+                 "draft per drafted token / its wait on Triton per target-only round; *v(K) served* = its wait on "
+                 "Triton per round at K / per target-only round; ideal = E[tokens/round] / (K·c + v(K)); "
+                 "efficiency = measured / ideal (below 1 by what the orchestrator and the client hop cost). "
+                 "*coupled*: the reproducible mode (draft and target share each position's noise).")
 
 
-def summarize(
-    runs: Sequence[ConfigRun],
-    peer: Sequence[PeerRecord],
-    alphas: dict[str, Alpha],
-    costs: Costs,
-    ks: Sequence[int],
-    vocab_size: int,
-    settings: dict[str, str] | None = None,
-) -> Summary:
-    """Build the table: stack rows, peer rows, ideal speedups, and the ratios between them."""
-    ideal = {mode: ideal_speedups(a.mean, costs, ks) if math.isfinite(a.mean) else {} for mode, a in alphas.items()}
-    rows = with_ratios(stack_rows(runs, ideal, alphas, costs) + peer_rows(peer, ideal))
-    return Summary(tuple(rows), dict(alphas), costs, ideal, vocab_size, dict(settings or {}))
+def two_pass_table(results: Results) -> Table:
+    rows = []
+    first = select(results.records, phase="pass 1")
+    second = select(results.records, phase="pass 2")
+    suffix = next((a for a in arms_of(first) if a.startswith("suffix")), "suffix")
+    for name, records in (("pass 1", first), ("pass 2", second)):
+        if not records:
+            continue
+        entries, nbytes = results.suffix_cache.get(name, (0, 0))
+        rows.append((name, tokens_per_s(select(records, arm=suffix)), paired(records, suffix, TARGET_ONLY.label),
+                     _acceptance(select(records, arm=suffix)), entries, nbytes / 1e6))
+    if first and second:
+        a = {r.item: (r.tokens, r.wall_ms) for r in select(second, arm=suffix)}
+        b = {r.item: (r.tokens, r.wall_ms) for r in select(first, arm=suffix)}
+        items = sorted(set(a) & set(b))
+        rows.append(("pass 2 / pass 1", "", paired_ratio([a[i] for i in items], [b[i] for i in items]), "", "", ""))
+    return Table(f"The suffix drafter's cross-request cache: the same HumanEval prompts twice ({suffix}, greedy)",
+                 ("pass", "tokens/s", "vs target-only", "acceptance", "cache entries", "cache MB"), rows,
+                 f"A fresh draft service (its cache bound: {results.suffix_cache_bound:,} entries). The second pass "
+                 "finds the first pass's outputs in the cache; target-only ran beside each generation for scale.")
+
+
+def load_table(results: Results) -> Table:
+    rows = []
+    for cell in results.cells:
+        records = select(results.records, phase="load", workload=cell.workload, arm=cell.arm,
+                         concurrency=cell.concurrency)
+        one = next((c for c in results.cells if (c.workload, c.arm, c.concurrency) == (cell.workload, cell.arm, 1)),
+                   None)
+        per_token = [r.wall_ms / r.tokens for r in records if r.tokens]
+        versus = load_ratio(results, cell.workload, cell.arm, TARGET_ONLY.label, cell.concurrency)
+        rows.append((cell.workload, cell.arm, cell.concurrency, cell.generations, cell.tokens_per_s,
+                     cell.tokens_per_s / one.tokens_per_s if one else "–", percentile(per_token, 50),
+                     percentile(per_token, 99), cell.sequences_per_forward, versus))
+    return Table("Load: aggregate tokens/s with c generations in flight (greedy)",
+                 ("workload", "arm", "c", "generations", "tokens/s", "vs c=1", "p50 ms/token", "p99 ms/token",
+                  "sequences/forward", "vs target-only"), rows,
+                 "tokens/s = the cell's tokens / its wall time; ms/token = each generation's wall time / its tokens; "
+                 "sequences/forward from the Triton model's counters; *vs target-only*: tokens/s over target-only's at "
+                 "the same c, interval from a paired bootstrap over the generations.")
+
+
+def load_ratio(results: Results, workload: str, arm_a: str, arm_b: str, concurrency: int) -> Estimate:
+    """Throughput ratio of two arms at one concurrency: per-generation (tokens, wall) pairs by position,
+    so the ratio is of Σtokens/Σwall — by Little's law the same ratio as the cells' throughputs when
+    both keep c generations in flight."""
+    if arm_a == arm_b:
+        return Estimate(1.0, 1.0, 1.0)
+    return paired(select(results.records, phase="load", workload=workload, concurrency=concurrency), arm_a, arm_b)
+
+
+def cancel_table(results: Results) -> Table:
+    run = results.cancel
+    if run is None:
+        return Table("Cancellations", (), [])
+    rows = [(name, o.triton_live, o.triton_kv_bytes / 1e6, o.draft_live, o.draft_kv_bytes / 1e6)
+            for name, o in (("idle, before the load phase", run.before), ("during the cancellation run", run.peak),
+                            (f"after it ({run.drain_s:.1f} s to idle)", run.after))]
+    return Table(f"No leak: {run.calls} calls, {run.concurrency} in flight, each cancelled by its caller after 0.2-3 s; suffix auto and the model draft in turn "
+                 f"({run.cancelled} cancelled, {run.completed} finished first, {run.failed} failed otherwise)",
+                 ("when", "Triton live sequences", "Triton KV MB", "draft live sequences", "draft KV MB"), rows)
+
+
+def _cell(results: Results, workload: str, arm: str, concurrency: int) -> Cell | None:
+    return next((c for c in results.cells if (c.workload, c.arm, c.concurrency) == (workload, arm, concurrency)), None)
+
+
+def goals(results: Results) -> list[Goal]:
+    """The figures the issues ask for, each with its interval and whether it is met."""
+    out: list[Goal] = []
+    rec = results.records
+    single = select(rec, phase="single")
+
+    def add(issue: int, text: str, value: Estimate, threshold: float, use_low: bool = False) -> None:
+        measured = value.low if use_low and math.isfinite(value.low) else value.value
+        out.append(Goal(issue, text, value, threshold, math.isfinite(measured) and measured >= threshold))
+
+    for mode in dict.fromkeys(r.mode for r in single):
+        for drafter in ("suffix", "model"):
+            add(12, f"README prompts, {mode}: {drafter} auto vs target-only",
+                paired(single, f"{drafter} auto", TARGET_ONLY.label, workload="readme", mode=mode), 0.95)
+        for workload in dict.fromkeys(r.workload for r in single):
+            here = select(single, workload=workload, mode=mode)
+            for drafter in LOOKUP_DRAFTERS:
+                k = results.best.get((workload, mode, drafter))
+                if k is None:
+                    continue
+                fixed = Arm(SPECDEC, drafter, k).label
+                if paired(here, fixed, TARGET_ONLY.label).value > 1:
+                    add(12, f"{workload}, {mode}: {drafter} auto vs its best fixed K ({k})",
+                        paired(here, f"{drafter} auto", fixed), 0.95)
+        add(12, f"all workloads, {mode}: target-only through the stack vs HF generate",
+            _pooled_pair(single, TARGET_ONLY.label, HF_PLAIN.label, mode=mode), 0.95)
+    for workload in dict.fromkeys(c.workload for c in results.cells):
+        top = max(c.concurrency for c in results.cells if c.workload == workload)
+        arms = arms_of(select(rec, phase="load", workload=workload, concurrency=top))
+        auto = next((a for a in arms if a.endswith("auto")), None)
+        if auto is None:
+            continue
+        rivals = [a for a in arms if a != auto]
+        better = max(rivals, key=lambda a: _cell(results, workload, a, top).tokens_per_s)
+        add(12, f"load c={top}, {workload}: auto vs the better of target-only and the best fixed K ({better})",
+            load_ratio(results, workload, auto, better, top), 0.95)
+
+    code = {m: select(single, workload="code-edit", mode=m) for m in ("greedy", "sample")}
+    for mode, threshold in (("greedy", 2.0), ("sample", 1.4)):
+        if code[mode]:
+            best = best_specdec_arm(code[mode])
+            add(13, f"code-edit, {mode}: best drafter arm ({best}) vs target-only",
+                paired(code[mode], best, TARGET_ONLY.label), threshold)
+    human = select(single, workload="humaneval", mode="greedy")
+    if human:
+        best = best_specdec_arm(human)
+        add(13, f"HumanEval, greedy: best drafter arm ({best}) vs target-only", paired(human, best, TARGET_ONLY.label), 1.3)
+    for workload in ("humaneval", "code-edit", "open"):
+        for mode in ("greedy", "sample"):
+            here = select(single, workload=workload, mode=mode)
+            hf_best = best_hf_arm(here)
+            ours = best_specdec_arm(here)
+            if hf_best and ours:
+                hf_top = max((hf_best, HF_PLAIN.label), key=lambda a: tokens_per_s(select(here, arm=a)))
+                add(13, f"{workload}, {mode}: our best ({ours}) vs HF's best ({hf_top})", paired(here, ours, hf_top), 1.0)
+    for mode in ("greedy", "sample"):
+        here = select(single, workload="open", mode=mode)
+        if here:
+            add(13, f"open, {mode}: suffix auto (the default) vs target-only",
+                paired(here, "suffix auto", TARGET_ONLY.label), 0.95)
+    two = two_pass_table(results).rows
+    if len(two) == 3:
+        add(13, "suffix cache: pass 2 vs pass 1 tokens/s", two[2][2], 1.0)
+    same, compared = greedy_matches(rec)
+    out.append(Goal(13, f"greedy output identical to target-only ({same}/{compared} generations)",
+                    Estimate(same / compared if compared else math.nan, math.nan, math.nan), 1.0,
+                    compared > 0 and same == compared))
+
+    for workload in dict.fromkeys(c.workload for c in results.cells):
+        base = _cell(results, workload, TARGET_ONLY.label, 1)
+        if base is None:
+            continue
+        per_token_1 = p50_ms_per_token(results, workload, TARGET_ONLY.label, 1)
+        for c, threshold in ((8, 3.0), (16, 4.0)):
+            cell = _cell(results, workload, TARGET_ONLY.label, c)
+            if cell:
+                add(14, f"load {workload}, target-only: tokens/s at c={c} vs c=1",
+                    Estimate(cell.tokens_per_s / base.tokens_per_s, math.nan, math.nan), threshold)
+        if _cell(results, workload, TARGET_ONLY.label, 8):
+            ratio = p50_ms_per_token(results, workload, TARGET_ONLY.label, 8) / per_token_1
+            out.append(Goal(14, f"load {workload}, target-only: p50 ms/token at c=8 vs c=1 (at most 2)",
+                            Estimate(ratio, math.nan, math.nan), 2.0, ratio <= 2.0))
+        for arm in arms_of(select(rec, phase="load", workload=workload, concurrency=8)):
+            if arm == TARGET_ONLY.label:
+                continue
+            threshold = 0.95 if arm.endswith("auto") else 1.0
+            if arm.endswith("auto") or workload == "code-edit":
+                add(14, f"load c=8, {workload}: {arm} vs target-only", load_ratio(results, workload, arm,
+                                                                                TARGET_ONLY.label, 8), threshold)
+    if results.cancel is not None:
+        after, before = results.cancel.after, results.cancel.before
+        clean = after.idle and after.triton_kv_bytes <= before.triton_kv_bytes and after.draft_kv_bytes <= before.draft_kv_bytes
+        out.append(Goal(14, "after the cancellation run: zero live sequences, KV memory back to idle",
+                        Estimate(after.triton_live + after.draft_live, math.nan, math.nan), 0, clean))
+    return out
+
+
+def p50_ms_per_token(results: Results, workload: str, arm: str, concurrency: int) -> float:
+    records = select(results.records, phase="load", workload=workload, arm=arm, concurrency=concurrency)
+    return percentile([r.wall_ms / r.tokens for r in records if r.tokens], 50)
+
+
+def all_tables(results: Results) -> list[Table]:
+    single = select(results.records, phase="single")
+    tables = [calibration_table(results)] if select(results.records, phase="calibration") else []
+    for workload in dict.fromkeys(r.workload for r in single):
+        for mode in dict.fromkeys(r.mode for r in single):
+            tables.append(single_table(results, workload, mode))
+    if single:
+        tables.append(serving_table(results))
+    if select(results.records, phase="model"):
+        tables.append(model_table(results))
+    if select(results.records, phase="pass 1"):
+        tables.append(two_pass_table(results))
+    if results.cells:
+        tables.append(load_table(results))
+    if results.cancel is not None:
+        tables.append(cancel_table(results))
+    return tables
+

@@ -1,11 +1,11 @@
-"""What the model pair could deliver with zero serving overhead: α, the cost ratios, Leviathan's ideal speedup.
+"""What a model draft could deliver: α, the cost ratios, Leviathan's ideal speedup.
 
 Why this module exists: a measured speedup says little on its own. Leviathan et al. 2023 (§3) predict the
 speedup from three numbers: α (the mean of Σ_x min(p(x), q(x)) over the positions a generation visits),
 c (one draft step / one target step) and, on a CPU, v(K) (the target scoring K+1 tokens at once / scoring
-1 token; a GPU makes it ~1, a CPU does not). All three are measured here, in-process, with the very
-`CausalLMEngine` both servers run, so ``efficiency = measured speedup / ideal speedup`` isolates what the
-serving stack (RPCs, copies, sampling, Python) costs. The self-draft sweep reuses the same functions.
+1 token; a GPU makes it ~1, a CPU does not). α is measured here, in-process, on the target's own
+generations (it needs no timing); the benchmark takes c and v(K) from the stack as served
+(`bench.summary.model_rows`), and the self-draft sweep times them in-process with `step_times`.
 """
 
 from __future__ import annotations
@@ -147,60 +147,3 @@ def step_times(
             for w in widths:
                 per_width[w].append(_time_extend(engine, cache, len(context), filler[:w]))
     return [{w: statistics.median(s) for w, s in per_width.items()} for per_width in samples]
-
-
-class CostProbe:
-    """c and v(K) sampled between the benchmark's timed generations (a `bench.schedule.Timed`).
-
-    The machine's speed drifts by 20-30 % over minutes, and the stack and the in-process models do not
-    slow down alike. Measured in a phase of their own after the stack, the costs behind the ideal came
-    from other minutes than the speedup they are compared with. Here, after each measured generation of
-    (mode, K), the target appends 1 token and K + 1 tokens and the draft 1 token to a cached context, once
-    each: the costs are medians over the same minutes as the generations. (α needs no timing: it is
-    measured afterwards, on the target's own generations.)
-    """
-
-    def __init__(self, target: torch.nn.Module, draft: torch.nn.Module, context: Sequence[int]) -> None:
-        self._context = list(context)
-        self._engines = {name: CausalLMEngine(model) for name, model in (("target", target), ("draft", draft))}
-        self._caches = {name: engine.new_cache() for name, engine in self._engines.items()}
-        self._samples: dict[tuple[str, int], list[float]] = {}  # (model, width) -> ms
-        for name, engine in self._engines.items():
-            engine.extend(self._caches[name], 0, self._context, 1)
-
-    def _time(self, which: str, width: int) -> float:
-        filler = [self._context[i % len(self._context)] for i in range(width)]  # timing ignores which tokens
-        return _time_extend(self._engines[which], self._caches[which], len(self._context), filler)
-
-    def _probe(self, k: int) -> list[tuple[str, int, float]]:
-        widths = [("target", 1), ("draft", 1)] + ([("target", k + 1)] if k > 0 else [])
-        return [(which, width, self._time(which, width)) for which, width in widths]
-
-    def warm(self, mode: str, params: SamplingParams, k: int, prompt: Sequence[int], w: int) -> None:
-        self._probe(k)  # first calls at a width allocate: not kept
-
-    def measure(self, mode: str, params: SamplingParams, k: int, prompt: Sequence[int], p: int, r: int) -> None:
-        for which, width, ms in self._probe(k):
-            self._samples.setdefault((which, width), []).append(ms)
-
-    def costs(self, ks: Iterable[int]) -> Costs:
-        """The medians so far (every K in ``ks`` must have been measured)."""
-        median = {key: statistics.median(values) for key, values in self._samples.items()}
-        missing = [k for k in sorted(set(ks)) if k > 0 and ("target", k + 1) not in median]
-        if ("target", 1) not in median or missing:
-            raise ValueError(f"no cost samples for K = {missing or [0]}: measure every K first")
-        costs = Costs(
-            context_length=len(self._context),
-            target_step_ms=median[("target", 1)],
-            draft_step_ms=median[("draft", 1)],
-            verify_ms={k: median[("target", k + 1)] for k in sorted(set(ks)) if k > 0},
-        )
-        log.info(
-            "costs at context %d: target %.1f ms/step, draft %.1f ms/step (c=%.3f), v(K)=%s",
-            costs.context_length, costs.target_step_ms, costs.draft_step_ms, costs.draft_cost_ratio,
-            {k: round(costs.verify_cost_ratio(k), 2) for k in costs.verify_ms},
-        )
-        return costs
-
-    def close(self) -> None:
-        self._caches.clear()

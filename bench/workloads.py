@@ -95,6 +95,8 @@ def stdlib_functions(count: int, min_lines: int = 6, max_lines: int = 24) -> lis
 
 
 def _chat(tokenizer, user: str, answer_start: str = "") -> str:  # noqa: ANN001 - a HF tokenizer
+    if not getattr(tokenizer, "chat_template", None):  # a base model (or the tiny test model): plain text
+        return f"{user}\n{answer_start}"
     messages = [{"role": "user", "content": user}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return text + answer_start

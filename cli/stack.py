@@ -231,14 +231,16 @@ class LocalStack:
         process.kill()
         log.info("%s killed", name)
 
-    def restart(self, name: str) -> None:
+    def restart(self, name: str, env: Mapping[str, str | None] | None = None) -> None:
         """Stop ``name`` if it still runs (gracefully: SIGTERM), start it again with the same command line
-        and ports, and wait until it is healthy (Triton: server and model ready)."""
+        and ports, and wait until it is healthy (Triton: server and model ready). ``env`` changes its
+        environment (a None value removes a variable)."""
         index = next(i for i, p in enumerate(self.processes) if p.name == name)
         old = self.processes[index]
         old.stop()
         started = time.monotonic()
-        new = Process(name, old.argv, old.log_path, old.env)
+        new_env = {k: v for k, v in {**old.env, **(env or {})}.items() if v is not None}
+        new = Process(name, old.argv, old.log_path, new_env)
         self.processes[index] = new
         self._ready[name](new)
         log.info("%s restarted in %.1f s", name, time.monotonic() - started)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -68,13 +69,26 @@ class _Metrics:
         self.forwards = self._families["forwards"].Metric(labels=labels)
         self.forward_sequences = self._families["forward_sequences"].Metric(labels=labels)
         self._by_code: dict[str, Any] = {}
+        self._gauges = (0.0, 0.0)  # (live, kv bytes) as last set
         self.live.set(0.0)
         self.kv_bytes.set(0.0)
 
-    def answered(self, code: str) -> None:
-        if code not in self._by_code:
-            self._by_code[code] = self._families["requests"].Metric(labels={**self._labels, "code": code})
-        self._by_code[code].increment(1.0)
+    def executed(self, codes: Counter[str], output_bytes: int, live: int, kv_bytes: int) -> None:
+        """One update per execute(): every metric update is a round trip to the Triton server, so counters
+        get one increment each and the gauges are set only when they change (~0.1 ms per update saved
+        from every round's latency)."""
+        for code, count in codes.items():
+            if code not in self._by_code:
+                self._by_code[code] = self._families["requests"].Metric(labels={**self._labels, "code": code})
+            self._by_code[code].increment(float(count))
+        if output_bytes:
+            self.output_bytes.increment(float(output_bytes))
+        if (float(live), float(kv_bytes)) != self._gauges:
+            if float(live) != self._gauges[0]:
+                self.live.set(float(live))
+            if float(kv_bytes) != self._gauges[1]:
+                self.kv_bytes.set(float(kv_bytes))
+            self._gauges = (float(live), float(kv_bytes))
 
     def forward(self, sequences: int) -> None:
         self.forwards.increment(1.0)
@@ -122,8 +136,11 @@ class TargetModel:
         answers = run_batch(self.engine, self.store, [self._read(r) for r in requests], self._metrics.forward)
         responses = [self._respond(answer) for answer in answers]
         try:
-            self._metrics.live.set(float(len(self.store)))
-            self._metrics.kv_bytes.set(float(sum(cache.nbytes for cache in self.store.states())))
+            self._metrics.executed(
+                Counter(a.code.value if isinstance(a, StepError) else "OK" for a in answers),
+                sum(array.nbytes for a in answers if not isinstance(a, StepError) for array in a.values()),
+                len(self.store), sum(cache.nbytes for cache in self.store.states()),
+            )
         except Exception:  # metrics must never cost a response
             log.exception("updating metrics failed")
         return responses
@@ -148,12 +165,6 @@ class TargetModel:
 
     def _respond(self, result: Outputs | StepError) -> Any:
         pb = self._pb
-        try:
-            self._metrics.answered(result.code.value if isinstance(result, StepError) else "OK")
-            if not isinstance(result, StepError):
-                self._metrics.output_bytes.increment(float(sum(array.nbytes for array in result.values())))
-        except Exception:
-            log.exception("updating metrics failed")
         if not isinstance(result, StepError):
             return pb.InferenceResponse(output_tensors=[pb.Tensor(name, array) for name, array in result.items()])
         return pb.InferenceResponse(

@@ -91,13 +91,15 @@ class FakeResponse:
 
 class FakeMetric:
     def __init__(self, labels: dict[str, str]) -> None:
-        self.labels, self.value = labels, 0.0
+        self.labels, self.value, self.updates = labels, 0.0, 0
 
     def set(self, value: float) -> None:
         self.value = value
+        self.updates += 1
 
     def increment(self, value: float) -> None:
         self.value += value
+        self.updates += 1
 
 
 class FakeMetricFamily:
@@ -181,6 +183,19 @@ def test_one_bad_request_does_not_fail_its_batch(triton_model, model):
     assert metric(contract.METRIC_REQUESTS, code="OK") == 2.0
     assert metric(contract.METRIC_REQUESTS, code="INVALID_ARG") == 2.0
     assert metric(contract.METRIC_REQUESTS, code="NOT_FOUND") == 1.0
+
+
+def test_metrics_cost_one_update_each_per_execute_and_gauges_only_when_they_change(triton_model):
+    triton_model.execute([triton_request(1, PROMPT, 0, 1, start=1)])
+    updates = {f.name: sum(m.updates for m in f.metrics) for f in FakeMetricFamily.created}
+    triton_model.execute([triton_request(1, [3], len(PROMPT), 1)])  # a decode step: nothing held changes size
+    after = {f.name: sum(m.updates for m in f.metrics) for f in FakeMetricFamily.created}
+    changed = {name for name in after if after[name] != updates[name]}
+    assert changed == {contract.METRIC_REQUESTS, contract.METRIC_OUTPUT_BYTES, contract.METRIC_FORWARDS,
+                       contract.METRIC_FORWARD_SEQUENCES}
+    assert all(after[name] - updates[name] == 1 for name in changed)
+    triton_model.execute([triton_request(1, [], len(PROMPT) + 1, 0, end=1)])  # the release: the gauges drop
+    assert metric(contract.METRIC_LIVE_SEQUENCES) == 0.0 and metric(contract.METRIC_KV_BYTES) == 0.0
 
 
 def test_sampling_inputs_select_the_probs_outputs(triton_model, model):

@@ -1,0 +1,156 @@
+"""Drive the running stack over its public gRPC API, as a backend service would, and read its servers' figures.
+
+Why this module exists: the numbers that matter to a user of `specdec.v1.GenerationService` are the ones a
+client sees — wall time per generated token around each `Generate` call, and tokens per second with many
+calls in flight. Each generation's GenerationStats (rounds, drafts accepted, the Ks auto chose, time
+waiting on the draft and on Triton) explains them; the servers' own counters (Triton's model statistics
+and its model's metrics: forwards, sequences per forward, live sequences, KV bytes; the draft service's
+GetStats) say what happened inside and whether anything leaked.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from bench.arms import Arm, Record
+from specdec import target_contract as contract
+from specdec.sampling import SamplingParams
+from specdec.v1 import draft_pb2, draft_pb2_grpc, generation_pb2, generation_pb2_grpc, sampling_pb2
+
+log = logging.getLogger(__name__)
+
+TIMEOUT_S = 600.0
+
+
+def request(arm: Arm, prompt_ids: Sequence[int], params: SamplingParams, max_new_tokens: int,
+            seed: int) -> generation_pb2.GenerateRequest:
+    """The GenerateRequest of one specdec arm: its drafter, its K (unset = auto) and its sampling mode."""
+    sampling = sampling_pb2.SamplingParams(
+        temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=seed
+    )
+    message = generation_pb2.GenerateRequest(
+        prompt_token_ids=list(prompt_ids), max_new_tokens=max_new_tokens, sampling=sampling, drafter=arm.drafter,
+        reproducible=arm.coupled,
+    )
+    if arm.k is not None:
+        message.num_draft_tokens = arm.k
+    return message
+
+
+def to_record(response: generation_pb2.GenerateResponse, wall_ms: float, **labels: object) -> Record:
+    """A Record from a finished generation; ``labels`` fill phase, workload, mode, arm, item, concurrency."""
+    s = response.stats
+    eos = 1 if response.finish_reason == generation_pb2.FINISH_REASON_EOS else 0
+    return Record(
+        wall_ms=wall_ms, tokens=len(response.token_ids) + eos, output_ids=tuple(response.token_ids), rounds=s.rounds,
+        drafted=s.drafted_tokens, accepted=s.accepted_tokens, off_rounds=s.speculation_off_rounds,
+        probe_rounds=s.probe_rounds, rounds_by_k=tuple(s.rounds_by_k), draft_ms=s.draft_time_ms,
+        target_ms=s.target_time_ms, orchestrator_ms=s.orchestrator_time_ms, total_ms=s.total_time_ms,
+        fallback_rounds=s.draft_fallback_rounds, reprefills=s.target_reprefills, **labels,
+    )
+
+
+def generate(stub: generation_pb2_grpc.GenerationServiceStub,
+             message: generation_pb2.GenerateRequest) -> tuple[generation_pb2.GenerateResponse, float]:
+    """One Generate call: (response, client wall ms)."""
+    start = time.perf_counter()
+    response = stub.Generate(message, timeout=TIMEOUT_S)
+    return response, (time.perf_counter() - start) * 1e3
+
+
+@dataclass(frozen=True)
+class TritonCounters:
+    """Cumulative Triton figures; subtract two readings for what happened in between."""
+
+    requests: int = 0
+    success_ns: int = 0  # request received -> response ready, inside Triton
+    compute_ns: int = 0  # compute_input + compute_infer + compute_output (the Python model)
+    forwards: float = 0.0  # forward passes of the model (one per execute())
+    forward_sequences: float = 0.0  # sequences in those forwards
+
+    def __sub__(self, other: TritonCounters) -> TritonCounters:
+        return TritonCounters(self.requests - other.requests, self.success_ns - other.success_ns,
+                              self.compute_ns - other.compute_ns, self.forwards - other.forwards,
+                              self.forward_sequences - other.forward_sequences)
+
+
+@dataclass(frozen=True)
+class Occupancy:
+    """What the servers hold right now: live sequences and KV cache bytes, Triton and the draft service."""
+
+    triton_live: float
+    triton_kv_bytes: float
+    draft_live: int
+    draft_kv_bytes: int
+    suffix_cache_entries: int
+    suffix_cache_bytes: int
+
+    @property
+    def idle(self) -> bool:
+        return self.triton_live == 0 and self.draft_live == 0
+
+
+class ServerReader:
+    """Reads Triton's model statistics and metrics and the draft service's GetStats."""
+
+    def __init__(self, triton_url: str, triton_metrics_url: str, draft_address: str) -> None:
+        import tritonclient.grpc as triton_grpc
+
+        self._triton = triton_grpc.InferenceServerClient(triton_url)
+        self._metrics_url = triton_metrics_url
+        self._draft_channel = grpc.insecure_channel(draft_address)
+        self._draft = draft_pb2_grpc.DraftServiceStub(self._draft_channel)
+
+    def triton(self) -> TritonCounters:
+        stats = self._triton.get_inference_statistics(model_name=contract.MODEL_NAME).model_stats
+        forwards, sequences = scrape(self._metrics_url, contract.METRIC_FORWARDS, contract.METRIC_FORWARD_SEQUENCES)
+        if not stats:
+            return TritonCounters(forwards=forwards, forward_sequences=sequences)
+        s = stats[0].inference_stats
+        return TritonCounters(s.success.count, s.success.ns, s.compute_input.ns + s.compute_infer.ns + s.compute_output.ns,
+                              forwards, sequences)
+
+    def occupancy(self) -> Occupancy:
+        live, kv = scrape(self._metrics_url, contract.METRIC_LIVE_SEQUENCES, contract.METRIC_KV_BYTES)
+        draft = self._draft.GetStats(draft_pb2.GetStatsRequest(), timeout=10)
+        return Occupancy(live, kv, draft.live_sequences, draft.kv_bytes, draft.suffix_cache_entries,
+                         draft.suffix_cache_bytes)
+
+    def wait_idle(self, timeout_s: float = 60.0) -> tuple[Occupancy, float]:
+        """Poll until neither server holds a sequence (or ``timeout_s``): (the last reading, seconds waited)."""
+        start = time.monotonic()
+        while True:
+            reading = self.occupancy()
+            waited = time.monotonic() - start
+            if reading.idle or waited > timeout_s:
+                return reading, waited
+            time.sleep(0.2)
+
+    def reconnect_draft(self, draft_address: str) -> None:
+        self._draft_channel.close()
+        self._draft_channel = grpc.insecure_channel(draft_address)
+        self._draft = draft_pb2_grpc.DraftServiceStub(self._draft_channel)
+
+    def close(self) -> None:
+        self._triton.close()
+        self._draft_channel.close()
+
+
+def scrape(url: str, *names: str) -> tuple[float, ...]:
+    """The sums over labels of the named Prometheus samples at ``url`` (counters: their ``_total`` sample)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as response:  # loopback only
+        text = response.read().decode()
+    totals = dict.fromkeys(names, 0.0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in totals:
+                totals[sample.name] += sample.value
+    return tuple(totals.values())
