@@ -13,8 +13,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from bench.arms import TARGET_ONLY
+from bench.goals import goals
 from bench.stats import Estimate
-from bench.summary import Results, Table, all_tables, goals, p50_ms_per_token, paired, select
+from bench.summary import Results, Table, all_tables, p50_ms_per_token, paired, select
 
 
 def fmt(value: object, digits: int = 2) -> str:

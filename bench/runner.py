@@ -31,10 +31,11 @@ from tqdm import tqdm
 from bench import client, load, single, sweep, theory, workloads
 from bench.arms import SPECDEC, TARGET_ONLY, Arm
 from bench.config import DRAFTERS, BenchConfig, parse_args
+from bench.goals import goals
 from bench.peer import Peer
 from bench.report import write_report
 from bench.single import Item
-from bench.summary import Results, goals, select
+from bench.summary import Results, select
 from bench.systems import Systems
 from draft_service.config import DraftConfig
 from specdec import models

@@ -21,6 +21,8 @@ def build_request(args: argparse.Namespace) -> generation_pb2.GenerateRequest:
         request.max_new_tokens = args.max_new_tokens
     if args.num_draft_tokens is not None:
         request.num_draft_tokens = args.num_draft_tokens
+    if getattr(args, "reproducible", None) is not None:
+        request.reproducible = args.reproducible
     return request
 
 

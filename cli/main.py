@@ -23,7 +23,8 @@ from specdec import config as config_flags
 log = logging.getLogger("specdec")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """`specdec serve` (StackConfig's flags) and `specdec generate`."""
     parser = argparse.ArgumentParser(prog="specdec", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -42,11 +43,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     generate.add_argument("--seed", type=int)
     generate.add_argument("--num-draft-tokens", type=int, help="a fixed K; 0 = target-only; unset = the server's default (auto)")
     generate.add_argument("--drafter", default="", help="a drafter the deployment offers (model, ngram, suffix, hybrid)")
+    generate.add_argument(
+        "--reproducible", action=argparse.BooleanOptionalAction, default=None,
+        help="the seed reproduces the text whatever K and drafter (the coupled mode); unset = on when --seed is given",
+    )
     generate.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     generate.add_argument("--stream", action="store_true", help="print tokens as each round produces them")
     generate.add_argument("--timeout", type=float, default=300.0, help="deadline in seconds")
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from cli.stack import StackConfig
+
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
         fields = {f.name for f in dataclasses.fields(StackConfig)}

@@ -2,13 +2,14 @@
 service offers (a SmolLM2 self-draft, prompt lookup, suffix drafting, the hybrid).
 
 Greedy speculative output must equal greedy target-only output token for token, for every drafter, fixed
-K and auto K; a seed must reproduce sampled text; the statistics must add up; every exit path (done, cancelled stream, bad request) must leave
+K and auto K, alone and 8 at once; a seed must reproduce sampled text; the statistics must add up; every exit path (done, cancelled stream, bad request) must leave
 zero live sequences on both the draft service and the Triton model; bad requests are refused precisely.
 """
 
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -78,6 +79,18 @@ def test_greedy_speculative_equals_greedy_target_only(stub, prompt: str) -> None
         where = f"{drafter} with K={'auto' if k is None else k}"
         assert list(speculative.token_ids) == list(baseline.token_ids), f"{where} diverged from target-only"
         assert speculative.text == baseline.text
+
+
+def test_greedy_under_8_way_concurrency_equals_greedy_target_only(stub) -> None:
+    """Eight generations at once (batched with each other in Triton and the draft's step loop), each with
+    another drafter or K, give each prompt's single-stream target-only tokens."""
+    baselines = {p: list(generate(stub, p, k=0, temperature=0.0).token_ids) for p in PROMPTS}
+    jobs = [(PROMPTS[i % len(PROMPTS)], DRAFTERS[i % len(DRAFTERS)], (2, None)[i % 2]) for i in range(8)]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(lambda job: generate(stub, job[0], k=job[2], drafter=job[1], temperature=0.0), jobs))
+    for (prompt, drafter, k), answer in zip(jobs, answers):
+        check_stats(answer, k, drafter)
+        assert list(answer.token_ids) == baselines[prompt], f"{drafter} K={k} on {prompt!r} diverged under load"
 
 
 def test_the_same_seed_gives_the_same_sampled_text(stub) -> None:

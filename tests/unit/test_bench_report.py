@@ -12,7 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bench import config as bench_config
-from bench import report, single, summary, theory
+from bench import goals, report, single, summary, theory
 from bench.arms import HF, HF_PLAIN, PROMPT_LOOKUP, SPECDEC, TARGET_ONLY, Arm, Record
 from bench.client import Occupancy
 from bench.load import CancelRun, Cell
@@ -93,7 +93,7 @@ def test_single_table_speedups_tokens_per_round_and_auto_columns() -> None:
 
 def test_goals_report_measured_figures_and_whether_they_are_met() -> None:
     results = single_results()
-    checked = {g.text: g for g in summary.goals(results)}
+    checked = {g.text: g for g in goals.goals(results)}
     best = checked["code-edit, greedy: best drafter arm (suffix K=4) vs target-only"]
     assert best.value.value == pytest.approx(2.5) and best.met  # goal: 2.0
     auto = checked["code-edit, greedy: suffix auto vs its best fixed K (4)"]
@@ -142,14 +142,14 @@ def test_load_table_and_goals() -> None:
     assert rows[("target-only", 8)][6] == pytest.approx(90.0)  # p50 ms/token
     assert rows[("target-only", 8)][8] == pytest.approx(6.0)  # sequences per forward
     assert rows[("suffix auto", 8)][9].value == pytest.approx(2.0)  # vs target-only at the same c
-    checked = {g.text: g for g in summary.goals(results)}
+    checked = {g.text: g for g in goals.goals(results)}
     assert checked["load code-edit, target-only: tokens/s at c=8 vs c=1"].value.value == pytest.approx(320 / 90)
     latency = checked["load code-edit, target-only: p50 ms/token at c=8 vs c=1 (at most 2)"]
     assert latency.value.value == pytest.approx(90 / 40) and not latency.met
     assert checked["after the cancellation run: zero live sequences, KV memory back to idle"].met
     results.cancel = CancelRun(8, 4, 6, 2, 0, results.cancel.before, results.cancel.peak,
                                Occupancy(1, 5e5, 0, 0, 0, 0), 60.0)
-    assert not {g.text: g for g in summary.goals(results)}[
+    assert not {g.text: g for g in goals.goals(results)}[
         "after the cancellation run: zero live sequences, KV memory back to idle"].met
 
 
