@@ -55,10 +55,10 @@ def _options(credentials: grpc.ChannelCredentials | None, server_name: str, addr
     return channel_options(credentials, server_name or address.server_name)
 
 
-class PinnedDraftSession:
-    """A draft session on one replica of a `DraftPool`."""
+class _PinnedSession:
+    """A session on one replica of a pool: counted on it while open, released from it once, on close."""
 
-    def __init__(self, inner: GrpcDraftSession, replica: Replica, pool: ReplicaPool) -> None:
+    def __init__(self, inner: GrpcDraftSession | TritonTargetSession, replica: Replica, pool: ReplicaPool) -> None:
         self._inner, self._replica, self._pool = inner, replica, pool
         self._closed = False
         pool.attach(replica, self)
@@ -66,6 +66,21 @@ class PinnedDraftSession:
     @property
     def replica(self) -> str:
         return self._replica.address
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._inner.close()
+        finally:
+            self._pool.release(self._replica, self)
+
+
+class PinnedDraftSession(_PinnedSession):
+    """A draft session on one replica of a `DraftPool`."""
+
+    _inner: GrpcDraftSession
 
     async def propose(
         self,
@@ -99,15 +114,6 @@ class PinnedDraftSession:
 
     def abandon(self, reason: str) -> None:
         """Nothing to do: a draft round is bounded by the loop's per-round timeout."""
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            await self._inner.close()
-        finally:
-            self._pool.release(self._replica, self)
 
 
 class DraftPool:
@@ -160,17 +166,10 @@ class DraftPool:
         await self.pool.close()
 
 
-class PinnedTargetSession:
+class PinnedTargetSession(_PinnedSession):
     """A target session on one replica of a `TargetPool`."""
 
-    def __init__(self, inner: TritonTargetSession, replica: Replica, pool: ReplicaPool) -> None:
-        self._inner, self._replica, self._pool = inner, replica, pool
-        self._closed = False
-        pool.attach(replica, self)
-
-    @property
-    def replica(self) -> str:
-        return self._replica.address
+    _inner: TritonTargetSession
 
     async def score(
         self, keep_length: int, append_token_ids: Sequence[int], num_logits: int, params: SamplingParams
@@ -195,15 +194,6 @@ class PinnedTargetSession:
         abandon = getattr(self._inner, "abandon", None)
         if abandon is not None:
             abandon(reason)
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            await self._inner.close()
-        finally:
-            self._pool.release(self._replica, self)
 
 
 class TargetPool:

@@ -62,6 +62,16 @@ def argmax_target(prefix: Sequence[int]) -> int:
 # --- fakes ------------------------------------------------------------------------------------------------
 
 
+class FakeClock:
+    """A clock a test moves by hand (``clock.now += 61``)."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 @dataclass
 class Calls:
     """What a fake client saw, shared by all its sessions."""

@@ -5,14 +5,7 @@ from __future__ import annotations
 import pytest
 
 from specdec.sequences import CapacityError, SequenceBusyError, SequenceNotFoundError, SequenceStore
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fakes import FakeClock
 
 
 def test_start_creates_and_resets_and_checkin_returns() -> None:
@@ -54,7 +47,7 @@ def test_capacity_and_release() -> None:
 
 
 def test_idle_sequences_are_evicted_after_the_ttl_but_never_while_busy() -> None:
-    clock = FakeClock()
+    clock = FakeClock(0.0)
     evicted: list[int] = []
     store = SequenceStore(list, 3, idle_ttl_s=10, clock=clock, on_evict=lambda sid, state: evicted.append(sid))
     store.checkin(store.checkout(1, start=True))

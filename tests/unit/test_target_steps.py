@@ -21,17 +21,9 @@ from specdec.rows import PackedRows
 from specdec.sampling import SamplingParams, warp
 from specdec.sequences import SequenceStore
 from target_service.steps import ErrorCode, StepError, StepRequest, read_request, run_batch
-from tests.fakes import tiny_llama
+from tests.fakes import FakeClock, tiny_llama
 
 V = 64
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture(scope="module")

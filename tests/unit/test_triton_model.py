@@ -19,18 +19,10 @@ from specdec.engine import CausalLMEngine
 from specdec.rows import PackedRows
 from specdec.sampling import SamplingParams, warp
 from target_service.triton_model import TargetModel
-from tests.fakes import tiny_llama
+from tests.fakes import FakeClock, tiny_llama
 
 V = 64
 PROMPT = [5, 17, 3, 42, 8, 11]
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture(scope="module")
