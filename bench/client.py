@@ -3,8 +3,8 @@
 Why this module exists: the numbers that matter to a user of `specdec.v1.GenerationService` are the ones a
 client sees — wall time per generated token around each `Generate` call, and tokens per second with many
 calls in flight. Each generation's GenerationStats (rounds, drafts accepted, the Ks auto chose, time
-waiting on the draft and on Triton) explains them; the servers' own counters (Triton's model statistics
-and its model's metrics: forwards, sequences per forward, live sequences, KV bytes; the draft service's
+waiting on the draft and on Triton) explains them; the servers' own counters (the Triton model's metrics:
+forwards, sequences per forward, time answering batches, live sequences, KV bytes; the draft service's
 GetStats) say what happened inside and whether anything leaked.
 """
 
@@ -14,7 +14,7 @@ import logging
 import time
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import grpc
 
@@ -66,18 +66,15 @@ def generate(stub: generation_pb2_grpc.GenerationServiceStub,
 
 @dataclass(frozen=True)
 class TritonCounters:
-    """Cumulative Triton figures; subtract two readings for what happened in between."""
+    """Cumulative figures of the Triton model; subtract two readings for what happened in between."""
 
-    requests: int = 0
-    success_ns: int = 0  # request received -> response ready, inside Triton
-    compute_ns: int = 0  # compute_input + compute_infer + compute_output (the Python model)
-    forwards: float = 0.0  # forward passes of the model (one per execute())
+    forwards: float = 0.0  # forward passes of the model
     forward_sequences: float = 0.0  # sequences in those forwards
+    forward_s: float = 0.0  # the model answering batches (forward, warping, packing)
+    wait_s: float = 0.0  # forwards held back for sequences on their way back
 
     def __sub__(self, other: TritonCounters) -> TritonCounters:
-        return TritonCounters(self.requests - other.requests, self.success_ns - other.success_ns,
-                              self.compute_ns - other.compute_ns, self.forwards - other.forwards,
-                              self.forward_sequences - other.forward_sequences)
+        return TritonCounters(*(a - b for a, b in zip(astuple(self), astuple(other))))
 
 
 @dataclass(frozen=True)
@@ -99,22 +96,14 @@ class Occupancy:
 class ServerReader:
     """Reads Triton's model statistics and metrics and the draft service's GetStats."""
 
-    def __init__(self, triton_url: str, triton_metrics_url: str, draft_address: str) -> None:
-        import tritonclient.grpc as triton_grpc
-
-        self._triton = triton_grpc.InferenceServerClient(triton_url)
+    def __init__(self, triton_metrics_url: str, draft_address: str) -> None:
         self._metrics_url = triton_metrics_url
         self._draft_channel = grpc.insecure_channel(draft_address)
         self._draft = draft_pb2_grpc.DraftServiceStub(self._draft_channel)
 
     def triton(self) -> TritonCounters:
-        stats = self._triton.get_inference_statistics(model_name=contract.MODEL_NAME).model_stats
-        forwards, sequences = scrape(self._metrics_url, contract.METRIC_FORWARDS, contract.METRIC_FORWARD_SEQUENCES)
-        if not stats:
-            return TritonCounters(forwards=forwards, forward_sequences=sequences)
-        s = stats[0].inference_stats
-        return TritonCounters(s.success.count, s.success.ns, s.compute_input.ns + s.compute_infer.ns + s.compute_output.ns,
-                              forwards, sequences)
+        return TritonCounters(*scrape(self._metrics_url, contract.METRIC_FORWARDS, contract.METRIC_FORWARD_SEQUENCES,
+                                      contract.METRIC_FORWARD_SECONDS, contract.METRIC_BATCH_WAIT_SECONDS))
 
     def occupancy(self) -> Occupancy:
         live, kv = scrape(self._metrics_url, contract.METRIC_LIVE_SEQUENCES, contract.METRIC_KV_BYTES)
@@ -138,7 +127,6 @@ class ServerReader:
         self._draft = draft_pb2_grpc.DraftServiceStub(self._draft_channel)
 
     def close(self) -> None:
-        self._triton.close()
         self._draft_channel.close()
 
 

@@ -112,7 +112,7 @@ def run_benchmark(config: BenchConfig, started: float) -> dict[str, Path]:
         bar.update(1)
 
     with LocalStack(stack_config, env=_NO_SUFFIX_CACHE) as running, grpc.insecure_channel(running.address) as channel:
-        servers = client.ServerReader(running.triton_url, running.triton_metrics_url, running.draft_address)
+        servers = client.ServerReader(running.triton_metrics_url, running.draft_address)
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         systems = Systems(stub, servers, peer, config.max_new_tokens)
         try:

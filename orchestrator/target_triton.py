@@ -11,7 +11,8 @@ START flag" = cache lost, "capacity:" = at capacity.
 Closing sends the release request (no tokens, NUM_LOGITS 0, END) on the stream, in order after every
 request already sent on it, even when the caller gave up mid-request (cancelled, deadline): a caller that
 gives up never cancels the stream (see `TritonTargetSession`). After a request failed, or if the stream
-itself broke (Triton restarted, the connection dropped), the release is sent as a unary request; if Triton
+itself broke (Triton restarted, the connection dropped), the release goes on a stream of its own (the model
+is decoupled: Triton answers it only on streams); if Triton
 no longer knows the sequence ("must specify the START flag"), it is repeated with START + END, which also
 clears a cache the model may still hold (never START + END on a sequence Triton knows: a "conflict" to
 Triton). A release is never cut short by our own impatience: ``close`` waits for its answer for
@@ -208,7 +209,7 @@ class TritonTargetSession:
             self._out_of_step = True
             raise
         if result is None:  # a failed request or the end of the stream: the session takes no more requests,
-            self._broken = True  # and close releases with a unary END (START + END if Triton forgot the sequence)
+            self._broken = True  # and close releases on a new stream (START + END if Triton forgot the sequence)
         if error is not None:
             raise error
         assert result is not None
@@ -220,7 +221,7 @@ class TritonTargetSession:
     def abandon(self, reason: str) -> None:
         """Give up on this stream (its replica stopped answering health checks): the request under way,
         and any later one, raises TargetConnectionLost (the loop re-sends the prefix elsewhere); ``close``
-        then releases with a unary request, which reaches Triton if it comes back."""
+        then releases on a new stream, which reaches Triton if it comes back."""
         if self._closed or self._broken:
             return
         self._broken = True
@@ -237,7 +238,7 @@ class TritonTargetSession:
             return
         if self._broken or self._reader.done():
             self._call.cancel()
-            release = self._in_background(self._release_unary())
+            release = self._in_background(self._release_alone())
         else:
             # The release: in order after every request already sent on this stream.
             self._send(triton_messages.release_request(self._model, self._sequence_id))
@@ -265,26 +266,47 @@ class TritonTargetSession:
         elif self._last_error is not None:
             self._log.log(level, "releasing the target sequence failed: %s", _describe(self._last_error))
 
-    async def _release_unary(self) -> None:
-        """The stream broke or a request on it failed: release with a unary request."""
+    async def _release_alone(self) -> None:
+        """The stream broke or a request on it failed: release on a stream of its own (the model is decoupled,
+        so Triton answers it only on a stream)."""
         start = False
         while True:
+            request = triton_messages.release_request(self._model, self._sequence_id, start=start)
             try:
-                request = triton_messages.release_request(self._model, self._sequence_id, start=start)
-                await self._stub.ModelInfer(request, timeout=_RELEASE_TIMEOUT_S)
-                return
+                error = await _one_request(self._stub, request, _RELEASE_TIMEOUT_S)
             except grpc.aio.AioRpcError as exc:
                 kind = contract.classify_error(str(exc.code()), exc.details() or "")
-                if kind is contract.ErrorKind.SEQUENCE_LOST and not start:
-                    start = True  # Triton forgot the sequence: START + END clears what the model holds
-                    continue
-                # Triton going away took its caches along: worth an INFO line, not a WARNING.
-                level = logging.INFO if kind is contract.ErrorKind.UNAVAILABLE else logging.WARNING
-                self._log.log(level, "releasing the target sequence failed: %s", _describe(exc))
-                return
+                error = exc.details() or str(exc.code())
             except Exception as exc:  # noqa: BLE001 - logged; the model's TTL is the backstop
                 self._log.warning("releasing the target sequence failed: %s", _describe(exc))
                 return
+            else:
+                if not error:
+                    return
+                kind = contract.classify_error(None, error)
+            if kind is contract.ErrorKind.SEQUENCE_LOST and not start:
+                start = True  # Triton forgot the sequence: START + END clears what the model holds
+                continue
+            # Triton going away took its caches along: worth an INFO line, not a WARNING.
+            level = logging.INFO if kind is contract.ErrorKind.UNAVAILABLE else logging.WARNING
+            self._log.log(level, "releasing the target sequence failed: %s", error)
+            return
+
+
+async def _one_request(stub: service_pb2_grpc.GRPCInferenceServiceStub, request: service_pb2.ModelInferRequest,
+                       timeout: float) -> str:
+    """Send one request on a stream of its own; its error message ("" when it succeeded)."""
+
+    async def requests() -> AsyncIterator[service_pb2.ModelInferRequest]:
+        yield request
+
+    call = stub.ModelStreamInfer(requests(), timeout=timeout)
+    try:
+        async for response in call:
+            return response.error_message
+        return "Triton ended the stream without an answer"
+    finally:
+        call.cancel()
 
 
 class TritonTargetClient:

@@ -117,6 +117,8 @@ METRIC_OUTPUT_BYTES = "specdec_target_output_bytes_total"  # counter of output t
 METRIC_KV_BYTES = "specdec_target_kv_bytes"  # gauge: KV cache bytes held; labels model, instance
 METRIC_FORWARDS = "specdec_target_forwards_total"  # counter: forward passes; labels model, instance
 METRIC_FORWARD_SEQUENCES = "specdec_target_forward_sequences_total"  # counter: sequences in those forwards
+METRIC_FORWARD_SECONDS = "specdec_target_forward_seconds_total"  # counter: seconds answering batches
+METRIC_BATCH_WAIT_SECONDS = "specdec_target_batch_wait_seconds_total"  # counter: forwards held back for stragglers
 
 
 class ErrorKind(enum.Enum):

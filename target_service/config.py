@@ -32,6 +32,10 @@ class TargetModelParams:
     threads: int = field(default=0, metadata={"help": "torch intra-op threads in the model (0 = torch's default)"})
     max_sequences: int = field(default=64, metadata={"help": "live sequences (KV caches) per model instance"})
     idle_ttl_s: float = field(default=300.0, metadata={"help": "seconds before an idle sequence's cache is evicted"})
+    batch_wait_ms: float = field(
+        default=20.0, metadata={"help": "how long the next forward may wait for sequences of the last one that are "
+                                "on their way back (never for a lone caller; target_service/scheduler.py)"}
+    )
     cache_dir: str = field(
         default="", metadata={"help": "converted models and the Triton copy ('' = $SPECDEC_CACHE_DIR or ~/.cache/specdec)"}
     )
@@ -39,8 +43,8 @@ class TargetModelParams:
     def __post_init__(self) -> None:
         parse_dtype(self.dtype)
         parse_layers(self.keep_layers)  # fail at load time, not at the first request
-        if self.threads < 0 or self.max_sequences < 1 or self.idle_ttl_s <= 0:
-            raise ValueError("need threads >= 0, max_sequences >= 1 and idle_ttl_s > 0")
+        if self.threads < 0 or self.max_sequences < 1 or self.idle_ttl_s <= 0 or self.batch_wait_ms < 0:
+            raise ValueError("need threads >= 0, max_sequences >= 1, idle_ttl_s > 0 and batch_wait_ms >= 0")
 
     @classmethod
     def from_model_config(cls, model_config: Mapping[str, Any]) -> TargetModelParams:
@@ -84,10 +88,6 @@ class TritonServerConfig:
     max_batch_size: int = field(
         default=16, metadata={"help": "requests of different sequences per execute() (one batched forward)"}
     )
-    max_queue_delay_us: int = field(
-        default=0, metadata={"help": "how long Triton may hold a ready request back to fill a batch (0: never; batches "
-                             "still form under load while a forward runs)"}
-    )
     ready_timeout_s: float = field(default=180.0, metadata={"help": "seconds to wait until Triton and the model are ready"})
     exit_timeout_s: int = field(
         default=5,
@@ -110,8 +110,8 @@ class TritonServerConfig:
         for name in ("grpc_tls_cert", "grpc_tls_key", "grpc_tls_client_ca"):
             if getattr(self, name) and not Path(getattr(self, name)).is_file():
                 raise ValueError(f"{name}: no such file {getattr(self, name)!r}")
-        if self.instance_count < 1 or self.max_batch_size < 1 or self.exit_timeout_s < 0 or self.max_queue_delay_us < 0:
-            raise ValueError("instance_count and max_batch_size must be >= 1, exit_timeout_s and max_queue_delay_us >= 0")
+        if self.instance_count < 1 or self.max_batch_size < 1 or self.exit_timeout_s < 0:
+            raise ValueError("instance_count and max_batch_size must be >= 1, exit_timeout_s >= 0")
 
     @property
     def cache_root(self) -> Path:

@@ -66,7 +66,6 @@ def render_config(text: str, config: TritonServerConfig) -> str:
     subs: list[tuple[str, str]] = [
         (r"(max_batch_size:\s*)\d+", rf"\g<1>{config.max_batch_size}"),
         (r"(preferred_batch_size:\s*\[\s*)\d+", rf"\g<1>{config.max_batch_size}"),
-        (r"(max_queue_delay_microseconds:\s*)\d+", rf"\g<1>{config.max_queue_delay_us}"),
         # Triton must never queue a sequence the model could still take: candidates above capacity.
         (r"(max_candidate_sequences:\s*)\d+", rf"\g<1>{2 * config.params.max_sequences}"),
         (r"(max_sequence_idle_microseconds:\s*)\d+", rf"\g<1>{triton_idle_us(config.params.idle_ttl_s)}"),

@@ -1,10 +1,13 @@
-"""The Triton adapter of the target model: tensors in, one batched step, tensors and errors out.
+"""The Triton adapter of the target model: tensors in, batched steps, tensors and errors out.
 
-``model_repository/specdec_target/1/model.py`` hands Triton's calls to ``TargetModel``; the model's logic
-is `target_service.steps` (the contract applied to the batched engine), so this file only reads each
-request's tensors and correlation id, runs the whole ``execute`` batch through `steps.run_batch` in one
-forward, maps `StepError` codes to ``pb_utils.TritonError`` codes and keeps the custom metrics current.
-``pb_utils`` is passed in, so unit tests drive it with a fake.
+``model_repository/specdec_target/1/model.py`` hands Triton's calls to ``TargetModel``. The model is
+*decoupled* (its config.pbtxt): ``execute()`` only reads each request's tensors and correlation id and
+queues it with its response sender on a `StepScheduler`, which decides what goes into each forward (the
+sequences of the last forward that are on their way back go in together: target_service/scheduler.py).
+The scheduler's thread answers a batch with `steps.run_batch` (the contract applied to the batched engine,
+one forward), sends each response as the request's final one, maps `StepError` codes to
+``pb_utils.TritonError`` codes and keeps the custom metrics current. ``pb_utils`` is passed in, so unit
+tests drive it with a fake; `answer` is the synchronous core they call.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from specdec.kv_cache import KVCache
 from specdec.models import load_model, parse_layers
 from specdec.sequences import SequenceStore
 from target_service.config import TargetModelParams
+from target_service.scheduler import Pending, StepScheduler
 from target_service.steps import ErrorCode, Outputs, StepError, StepRequest, read_request, run_batch
 
 log = logging.getLogger(__name__)
@@ -62,21 +66,36 @@ class _Metrics:
             "forward_sequences": family(contract.METRIC_FORWARD_SEQUENCES,
                                         "Sequences in those forward passes (divide by the forwards for the mean batch)",
                                         pb.MetricFamily.COUNTER),
+            "forward_seconds": family(contract.METRIC_FORWARD_SECONDS,
+                                      "Seconds spent answering batches (forward, warping, packing)",
+                                      pb.MetricFamily.COUNTER),
+            "wait_seconds": family(contract.METRIC_BATCH_WAIT_SECONDS,
+                                   "Seconds forwards were held back for sequences on their way back",
+                                   pb.MetricFamily.COUNTER),
         }
         self.live = self._families["live"].Metric(labels=labels)
         self.kv_bytes = self._families["kv"].Metric(labels=labels)
         self.output_bytes = self._families["bytes"].Metric(labels=labels)
         self.forwards = self._families["forwards"].Metric(labels=labels)
         self.forward_sequences = self._families["forward_sequences"].Metric(labels=labels)
+        self.forward_seconds = self._families["forward_seconds"].Metric(labels=labels)
+        self.wait_seconds = self._families["wait_seconds"].Metric(labels=labels)
+        self._waited = 0.0  # the scheduler's cumulative wait, as last reported
         self._by_code: dict[str, Any] = {}
         self._gauges = (0.0, 0.0)  # (live, kv bytes) as last set
         self.live.set(0.0)
         self.kv_bytes.set(0.0)
 
-    def executed(self, codes: Counter[str], output_bytes: int, live: int, kv_bytes: int) -> None:
-        """One update per execute(): every metric update is a round trip to the Triton server, so counters
-        get one increment each and the gauges are set only when they change (~0.1 ms per update saved
-        from every round's latency)."""
+    def executed(
+        self, codes: Counter[str], output_bytes: int, live: int, kv_bytes: int, seconds: float, waited: float
+    ) -> None:
+        """One update per batch: every metric update is a round trip to the Triton server, so counters get one
+        increment each and the gauges are set only when they change (~0.1 ms per update saved from every
+        round's latency). ``waited`` is the scheduler's cumulative wait."""
+        self.forward_seconds.increment(seconds)
+        if waited > self._waited:
+            self.wait_seconds.increment(waited - self._waited)
+            self._waited = waited
         for code, count in codes.items():
             if code not in self._by_code:
                 self._by_code[code] = self._families["requests"].Metric(labels={**self._labels, "code": code})
@@ -106,6 +125,7 @@ class TargetModel:
         self._clock = clock
         self.store: SequenceStore[KVCache] | None = None
         self._metrics: _Metrics | None = None
+        self._scheduler: StepScheduler[tuple[StepRequest, Any]] | None = None
 
     def initialize(self, args: Mapping[str, str]) -> None:
         if not logging.getLogger().handlers:
@@ -129,26 +149,68 @@ class TargetModel:
         self.store = SequenceStore(self.engine.new_cache, params.max_sequences, params.idle_ttl_s, clock=self._clock)
         labels = {"model": args.get("model_name", contract.MODEL_NAME), "instance": args.get("model_instance_name", "0")}
         self._metrics = _Metrics(self._pb, labels)
+        self._scheduler = StepScheduler(self._answer_batch, params.batch_wait_ms / 1e3, name="specdec-target-steps")
 
-    def execute(self, requests: list[Any]) -> list[Any]:
+    def execute(self, requests: list[Any]) -> None:
+        """Decoupled: queue every request with its response sender; a malformed one is refused at once."""
+        assert self._scheduler is not None, "initialize() first"
+        queued = []
+        for request in requests:
+            sender = request.get_response_sender()
+            decoded = self._read(request)
+            if isinstance(decoded, StepError):
+                self._send(sender, decoded)
+                self._count([decoded])
+                continue
+            queued.append(Pending(decoded.sequence_id, decoded.end, (decoded, sender)))
+        self._scheduler.submit(queued)
+        return None
+
+    def answer(self, requests: list[Any]) -> list[Any]:
+        """Synchronously: answer one batch of Triton requests with one forward; the responses, in order."""
+        decoded = [self._read(r) for r in requests]
+        answers = self._run([d for d in decoded])
+        return [self._respond(answer) for answer in answers]
+
+    def finalize(self) -> None:
+        if self._scheduler is not None:
+            for _, sender in self._scheduler.stop():
+                self._send(sender, StepError(ErrorCode.UNAVAILABLE, f"{contract.CAPACITY_PREFIX} the model is unloading"))
+        if self.store is not None:
+            log.info("unloading with %d live sequence(s)", len(self.store))
+        self.engine = self.store = self._metrics = self._scheduler = None
+
+    def _answer_batch(self, batch: list[tuple[StepRequest, Any]]) -> None:
+        """The scheduler's runner: one forward for the batch, each response sent as its request's last."""
+        answers = self._run([request for request, _ in batch])
+        for (_, sender), answer in zip(batch, answers):
+            self._send(sender, answer)
+
+    def _run(self, requests: list[StepRequest | StepError]) -> list[Outputs | StepError]:
         assert self.engine is not None and self.store is not None and self._metrics is not None, "initialize() first"
+        started = time.perf_counter()
         self.store.evict_idle()
-        answers = run_batch(self.engine, self.store, [self._read(r) for r in requests], self._metrics.forward)
-        responses = [self._respond(answer) for answer in answers]
+        answers = run_batch(self.engine, self.store, requests, self._metrics.forward)
+        self._count(answers, time.perf_counter() - started)
+        return answers
+
+    def _count(self, answers: list[Outputs | StepError], seconds: float = 0.0) -> None:
         try:
+            assert self.store is not None and self._metrics is not None
             self._metrics.executed(
                 Counter(a.code.value if isinstance(a, StepError) else "OK" for a in answers),
                 sum(array.nbytes for a in answers if not isinstance(a, StepError) for array in a.values()),
-                len(self.store), sum(cache.nbytes for cache in self.store.states()),
+                len(self.store), sum(cache.nbytes for cache in self.store.states()), seconds,
+                self._scheduler.stats.waited_s if self._scheduler is not None else 0.0,
             )
         except Exception:  # metrics must never cost a response
             log.exception("updating metrics failed")
-        return responses
 
-    def finalize(self) -> None:
-        if self.store is not None:
-            log.info("unloading with %d live sequence(s)", len(self.store))
-        self.engine = self.store = self._metrics = None
+    def _send(self, sender: Any, answer: Outputs | StepError) -> None:
+        try:
+            sender.send(self._respond(answer), flags=self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception as exc:  # noqa: BLE001 - the caller went away (cancelled): nobody to answer
+            log.info("a response could not be sent (%s)", exc)
 
     def _read(self, request: Any) -> StepRequest | StepError:
         def read(name: str) -> np.ndarray | None:

@@ -3,19 +3,21 @@
 One Triton for the module, started by ``target_service.launcher`` on 127.0.0.1 with free ports. The
 checks are what the orchestrator relies on: Triton's logits equal an in-process forward of the same
 weights (start, append, rollback), a release empties the cache (the live-sequences metric), a lost
-sequence and bad input come back as statuses a client can tell apart (``target_service.wire``), unary and
-over a gRPC stream, and concurrent sequences do not disturb each other. No skips: if Triton cannot start,
-these tests fail.
+sequence and bad input come back as messages a client can tell apart (``specdec.target_contract``) over
+gRPC streams (the model is decoupled: Triton refuses unary calls to it), and concurrent sequences do not
+disturb each other. No skips: if Triton cannot start, these tests fail.
 """
 
 from __future__ import annotations
 
 import asyncio
+import queue
 import re
 import secrets
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -54,10 +56,16 @@ def triton() -> Iterator[TritonServer]:
         yield server
 
 
+@dataclass(frozen=True)
+class Target:
+    url: str
+    admin: grpcclient.InferenceServerClient  # health, metadata: everything but inference
+
+
 @pytest.fixture(scope="module")
-def client(triton: TritonServer) -> Iterator[grpcclient.InferenceServerClient]:
+def client(triton: TritonServer) -> Iterator[Target]:
     with grpcclient.InferenceServerClient(triton.grpc_url) as c:
-        yield c
+        yield Target(triton.grpc_url, c)
 
 
 class Reference:
@@ -107,26 +115,27 @@ def inputs(ids: list[int], keep: int, n: int) -> list[grpcclient.InferInput]:
     return out
 
 
-def infer(
-    client: grpcclient.InferenceServerClient,
-    sid: int,
-    ids: list[int],
-    keep: int,
-    n: int,
-    *,
-    start: bool = False,
-    end: bool = False,
-) -> np.ndarray:
-    """One target step; returns LOGITS [1, n, V]."""
-    result = client.infer(
-        contract.MODEL_NAME, inputs(ids, keep, n), sequence_id=sid, sequence_start=start, sequence_end=end
-    )
+def infer(client: Target, sid: int, ids: list[int], keep: int, n: int, *, start: bool = False,
+          end: bool = False) -> np.ndarray:
+    """One target step on a stream of its own (a sequence is Triton's correlation id, whatever the stream);
+    returns LOGITS [1, n, V], or raises the stream's error."""
+    answers: queue.Queue = queue.Queue()
+    with grpcclient.InferenceServerClient(client.url) as streamer:
+        streamer.start_stream(callback=lambda result, error: answers.put((result, error)))
+        try:
+            streamer.async_stream_infer(contract.MODEL_NAME, inputs(ids, keep, n), sequence_id=sid,
+                                        sequence_start=start, sequence_end=end)
+            result, error = answers.get(timeout=120)
+        finally:
+            streamer.stop_stream()
+    if error is not None:
+        raise error
     logits = result.as_numpy(contract.LOGITS)
     assert logits.dtype == np.float32
     return logits
 
 
-def release(client: grpcclient.InferenceServerClient, sid: int) -> None:
+def release(client: Target, sid: int) -> None:
     """A release request; START as well, so it succeeds whether or not Triton still knows the sequence."""
     logits = infer(client, sid, [], 0, 0, start=True, end=True)
     assert logits.shape[:2] == (1, 0)
@@ -189,14 +198,14 @@ def test_release_brings_live_sequences_back_to_zero(client, triton):
 def test_a_lost_sequence_is_recognisable(client):
     # Triton never saw this sequence (or restarted, or ENDed it): its sequence batcher refuses it.
     error = refused(infer, client, new_sid(), [1, 2], 3, 1)
-    assert error.status() == "StatusCode.INVALID_ARGUMENT"
+    assert error.status() is None  # a stream response carries only the message
     assert contract.TRITON_NO_START in error.message()
     assert contract.classify_error(error.status(), error.message()) is contract.ErrorKind.SEQUENCE_LOST
     # Triton knows the sequence but the model holds no cache for it (here: its START was refused).
     sid = new_sid()
     refused(infer, client, sid, [10**6], 0, 1, start=True)
     error = refused(infer, client, sid, [1, 2], 0, 1)
-    assert error.status() == "StatusCode.NOT_FOUND"
+    assert error.message().startswith(contract.NOT_FOUND_PREFIX)
     assert "sequence" in error.message() and "no cache" in error.message()
     assert contract.classify_error(error.status(), error.message()) is contract.ErrorKind.SEQUENCE_LOST
     release(client, sid)
@@ -207,10 +216,10 @@ def test_bad_input_is_invalid_argument_and_the_server_stays_up(client, forward):
     infer(client, sid, PROMPT, 0, 1, start=True)
     for ids, keep, needle in (([49152], len(PROMPT), "vocabulary"), ([5], len(PROMPT) + 1, "cached length")):
         error = refused(infer, client, sid, ids, keep, 1)
-        assert error.status() == "StatusCode.INVALID_ARGUMENT", error
+        assert error.message().startswith(contract.INVALID_PREFIX), error
         assert needle in error.message()
         assert contract.classify_error(error.status(), error.message()) is contract.ErrorKind.INVALID_ARGUMENT
-    assert client.is_server_live() and client.is_model_ready(contract.MODEL_NAME)
+    assert client.admin.is_server_live() and client.admin.is_model_ready(contract.MODEL_NAME)
     logits = infer(client, sid, DRAFTS[:1], len(PROMPT), 1)  # the cache survived the refused requests
     np.testing.assert_allclose(logits[0], forward(PROMPT + DRAFTS[:1])[-1:], atol=ATOL)
     release(client, sid)
@@ -221,12 +230,18 @@ def test_capacity_is_unavailable_with_a_capacity_message(client, triton):
     for sid in sids[:-1]:
         infer(client, sid, [1], 0, 1, start=True)
     error = refused(infer, client, sids[-1], [1], 0, 1, start=True)
-    assert error.status() == "StatusCode.UNAVAILABLE"
     assert error.message().startswith(contract.CAPACITY_PREFIX)
     assert contract.classify_error(error.status(), error.message()) is contract.ErrorKind.CAPACITY
     for sid in sids:
         release(client, sid)
     assert live_sequences(triton) == 0
+
+
+def test_unary_calls_are_refused_the_model_answers_on_streams(client):
+    """Decoupled: the model answers through response senders, which only a stream carries."""
+    error = refused(client.admin.infer, contract.MODEL_NAME, inputs([1], 0, 1), sequence_id=new_sid(),
+                    sequence_start=True, sequence_end=True)
+    assert "decoupled" in error.message()
 
 
 def test_interleaved_sequences_do_not_disturb_each_other(client, forward):

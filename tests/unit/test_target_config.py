@@ -55,7 +55,6 @@ def test_the_launcher_renders_every_field():
         instance_kind="KIND_GPU",
         instance_count=2,
         max_batch_size=4,
-        max_queue_delay_us=250,
     )
     rendered = launcher.render_config(text, cfg)
     params = dict(re.findall(r'key:\s*"(\w+)"\s*value:\s*\{\s*string_value:\s*"((?:[^"\\]|\\.)*)"', rendered))
@@ -66,12 +65,12 @@ def test_the_launcher_renders_every_field():
         "threads": "3",
         "max_sequences": "5",
         "idle_ttl_s": "20",
+        "batch_wait_ms": "20",
         "cache_dir": "/cache",
     }
     assert "kind: KIND_GPU" in rendered and re.search(r"count:\s*2\b", rendered)
     assert re.search(r"max_batch_size:\s*4\b", rendered)
     assert re.search(r"preferred_batch_size:\s*\[\s*4\s*\]", rendered)
-    assert re.search(r"max_queue_delay_microseconds:\s*250\b", rendered)
     assert re.search(r"max_candidate_sequences:\s*10\b", rendered)
     assert re.search(rf"max_sequence_idle_microseconds:\s*{launcher.triton_idle_us(20.0)}\b", rendered)
     assert launcher.triton_idle_us(20.0) > 20_000_000

@@ -4,7 +4,8 @@ Proves: an unreachable Triton fails a request with UNAVAILABLE "target (Triton a
 unavailable: ..." after the bounded connect timeout, not the caller's whole deadline; once something
 listens there again the same client (channel) serves without being rebuilt; the caller's deadline reaches
 the stream as a gRPC deadline; a stream that breaks under a live sequence is TargetConnectionLost (the loop
-then re-sends the prefix); the release is END on the stream or (stream broken) unary, and a slow
+then re-sends the prefix); the release is END on the stream or (stream broken) on a stream of its own, with START + END if Triton
+forgot the sequence, and a slow
 release is finished in the background, never cancelled; Triton's "not serving" messages are UNAVAILABLE.
 """
 
@@ -35,8 +36,10 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
     """Answers ModelStreamInfer with packed one-hot rows at token V - 1 (PROBS, PROBS_INDEX [1, NUM_LOGITS, 1])
     and a release with LOGITS [1, 0, V]; records each stream's deadline."""
 
-    def __init__(self, break_after: int | None = None, release_delay_s: float = 0.0, delay_s: float = 0.0) -> None:
+    def __init__(self, break_after: int | None = None, release_delay_s: float = 0.0, delay_s: float = 0.0,
+                 forget: bool = False) -> None:
         self.deadlines: list[float | None] = []
+        self.forget = forget  # Triton forgot every sequence: an END without START is refused
         self.requests = 0
         self.break_after = break_after  # abort the stream with UNAVAILABLE after this many answers
         self.release_delay_s = release_delay_s  # answer release requests (END, no tokens) this late
@@ -49,11 +52,19 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
         async for request in request_iterator:
             self.requests += 1
             if self.break_after is not None and self.requests > self.break_after:
+                self.break_after = None  # once: the streams that follow work
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "Socket closed")
+            if self.forget and request.parameters["sequence_end"].bool_param and \
+                    not request.parameters["sequence_start"].bool_param:
+                self.flags.append(("stream", False, True))
+                yield service_pb2.ModelStreamInferResponse(
+                    error_message=f"inference request for sequence {request.parameters['sequence_id'].int64_param} "
+                                  f"to model 'specdec_target' must specify the START flag on the first request")
+                continue
             yield service_pb2.ModelStreamInferResponse(infer_response=await self._answer("stream", request))
 
     async def ModelInfer(self, request, context):  # noqa: N802 - gRPC method name
-        return await self._answer("unary", request)
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is decoupled: streams only")
 
     async def _answer(self, how: str, request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
         params = request.parameters
@@ -195,7 +206,7 @@ async def test_the_release_is_end_on_the_stream():
 
 
 @asyncio_test
-async def test_a_broken_stream_is_released_by_a_unary_end():
+async def test_a_broken_stream_is_released_on_a_stream_of_its_own():
     port = free_port()
     async with fake_triton(port, FakeTriton(break_after=1)) as fake:
         client = TritonTargetClient(f"127.0.0.1:{port}")
@@ -207,7 +218,24 @@ async def test_a_broken_stream_is_released_by_a_unary_end():
             await session.close()
         finally:
             await client.close()
-    assert fake.flags[-1] == ("unary", False, True) and fake.released == [12]
+    assert fake.flags[-1] == ("stream", False, True) and fake.released == [12]
+    assert len(fake.deadlines) == 2  # the broken stream, then the release's own
+
+
+@asyncio_test
+async def test_a_release_triton_refuses_for_want_of_start_is_repeated_with_start_and_end():
+    port = free_port()
+    async with fake_triton(port, FakeTriton(break_after=1, forget=True)) as fake:
+        client = TritonTargetClient(f"127.0.0.1:{port}")
+        try:
+            session = await client.open(13, timeout=30.0)
+            await session.score(0, [1, 2], 1, GREEDY)
+            with pytest.raises(TargetConnectionLost):
+                await session.score(2, [3], 1, GREEDY)
+            await session.close()
+        finally:
+            await client.close()
+    assert fake.flags[-2:] == [("stream", False, True), ("stream", True, True)] and fake.released == [13]
 
 
 @asyncio_test

@@ -1,13 +1,15 @@
 """The Triton adapter of the target model (`target_service.triton_model`) against a fake ``pb_utils``.
 
-It reads each request's tensors, answers a whole ``execute`` batch (one bad request never fails its
-neighbours), maps error codes to ``TritonError`` codes and keeps the custom metrics (live sequences, KV
+``execute`` hands requests to the model's scheduler and each answer goes out through its response
+sender as the final response (decoupled); `answer` reads each request's tensors, answers a batch (one bad
+request never fails its neighbours), maps error codes to ``TritonError`` codes and keeps the custom metrics (live sequences, KV
 bytes, requests by code, output bytes, forwards and the sequences in them) current.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import types
 
 import numpy as np
@@ -23,6 +25,7 @@ from tests.fakes import FakeClock, tiny_llama
 
 V = 64
 PROMPT = [5, 17, 3, 42, 8, 11]
+FINAL = 1  # pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +57,29 @@ class FakeTensor:
         return self._array
 
 
+class FakeSender:
+    """A decoupled request's response sender: keeps what was sent (and the flags)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[object, int]] = []
+        self.done = threading.Event()
+
+    def send(self, response: object = None, flags: int = 0) -> None:
+        self.sent.append((response, flags))
+        if flags & FINAL:
+            self.done.set()
+
+
 class FakeRequest:
     def __init__(self, sid: int, tensors: dict[str, np.ndarray]) -> None:
         self._sid, self.tensors = sid, tensors
+        self.sender = FakeSender()
 
     def correlation_id(self) -> int:
         return self._sid
+
+    def get_response_sender(self) -> FakeSender:
+        return self.sender
 
 
 class FakeTritonError:
@@ -115,6 +135,7 @@ def fake_pb_utils() -> types.SimpleNamespace:
         InferenceResponse=FakeResponse,
         TritonError=FakeTritonError,
         MetricFamily=FakeMetricFamily,
+        TRITONSERVER_RESPONSE_COMPLETE_FINAL=FINAL,
         get_input_tensor_by_name=lambda req, name: (
             FakeTensor(name, req.tensors[name]) if name in req.tensors else None
         ),
@@ -138,14 +159,15 @@ def triton_request(
 
 
 @pytest.fixture
-def triton_model(model: torch.nn.Module, clock: FakeClock) -> TargetModel:
+def triton_model(model: torch.nn.Module, clock: FakeClock):
     target = TargetModel(fake_pb_utils(), engine=CausalLMEngine(model), clock=clock)
     parameters = {"max_sequences": {"string_value": "2"}, "idle_ttl_s": {"string_value": "60"}}
     target.initialize({
         "model_config": json.dumps({"parameters": parameters}), "model_name": "specdec_target",
         "model_instance_name": "i0",
     })
-    return target
+    yield target
+    target.finalize()
 
 
 def metric(name: str, **labels: str) -> float:
@@ -161,7 +183,7 @@ def test_one_bad_request_does_not_fail_its_batch(triton_model, model):
         triton_request(4, PROMPT[:3], 0, 1, start=1),
         FakeRequest(5, {contract.INPUT_IDS: np.zeros((1, 1), np.int32)}),  # missing inputs
     ]
-    responses = triton_model.execute(batch)
+    responses = triton_model.answer(batch)
     assert len(responses) == len(batch)
     assert responses[0].error is None
     (tensor,) = responses[0].output_tensors
@@ -177,16 +199,16 @@ def test_one_bad_request_does_not_fail_its_batch(triton_model, model):
     assert metric(contract.METRIC_REQUESTS, code="NOT_FOUND") == 1.0
 
 
-def test_metrics_cost_one_update_each_per_execute_and_gauges_only_when_they_change(triton_model):
-    triton_model.execute([triton_request(1, PROMPT, 0, 1, start=1)])
+def test_metrics_cost_one_update_each_per_batch_and_gauges_only_when_they_change(triton_model):
+    triton_model.answer([triton_request(1, PROMPT, 0, 1, start=1)])
     updates = {f.name: sum(m.updates for m in f.metrics) for f in FakeMetricFamily.created}
-    triton_model.execute([triton_request(1, [3], len(PROMPT), 1)])  # a decode step: nothing held changes size
+    triton_model.answer([triton_request(1, [3], len(PROMPT), 1)])  # a decode step: nothing held changes size
     after = {f.name: sum(m.updates for m in f.metrics) for f in FakeMetricFamily.created}
     changed = {name for name in after if after[name] != updates[name]}
     assert changed == {contract.METRIC_REQUESTS, contract.METRIC_OUTPUT_BYTES, contract.METRIC_FORWARDS,
-                       contract.METRIC_FORWARD_SEQUENCES}
+                       contract.METRIC_FORWARD_SEQUENCES, contract.METRIC_FORWARD_SECONDS}
     assert all(after[name] - updates[name] == 1 for name in changed)
-    triton_model.execute([triton_request(1, [], len(PROMPT) + 1, 0, end=1)])  # the release: the gauges drop
+    triton_model.answer([triton_request(1, [], len(PROMPT) + 1, 0, end=1)])  # the release: the gauges drop
     assert metric(contract.METRIC_LIVE_SEQUENCES) == 0.0 and metric(contract.METRIC_KV_BYTES) == 0.0
 
 
@@ -194,7 +216,7 @@ def test_sampling_inputs_select_the_probs_outputs(triton_model, model):
     greedy = {contract.TEMPERATURE: np.array([[0.0]], np.float32)}  # TOP_K and TOP_P left out: off
     nucleus = {contract.TEMPERATURE: np.array([[0.8]], np.float32), contract.TOP_P: np.array([[0.9]], np.float32)}
     two_values = {contract.TEMPERATURE: np.array([[0.8]], np.float32), contract.TOP_K: np.array([[1, 2]], np.int32)}
-    responses = triton_model.execute([
+    responses = triton_model.answer([
         triton_request(1, PROMPT, 0, 2, start=1, **greedy),
         triton_request(2, PROMPT, 0, 2, start=1, **nucleus),
         triton_request(3, PROMPT, 0, 2, start=1, **two_values),
@@ -213,33 +235,54 @@ def test_sampling_inputs_select_the_probs_outputs(triton_model, model):
 
 
 def test_capacity_maps_to_unavailable(triton_model):
-    responses = triton_model.execute([triton_request(s, [1], 0, 1, start=1) for s in (1, 2, 3)])
+    responses = triton_model.answer([triton_request(s, [1], 0, 1, start=1) for s in (1, 2, 3)])
     assert [r.error is None for r in responses] == [True, True, False]
     assert responses[2].error.code() == "UNAVAILABLE"
     assert responses[2].error.message().startswith("capacity:")
 
 
 def test_release_request_updates_the_live_gauge(triton_model):
-    triton_model.execute([triton_request(1, PROMPT, 0, 1, start=1), triton_request(2, PROMPT, 0, 1, start=1)])
+    triton_model.answer([triton_request(1, PROMPT, 0, 1, start=1), triton_request(2, PROMPT, 0, 1, start=1)])
     assert metric(contract.METRIC_LIVE_SEQUENCES) == 2.0
-    (released,) = triton_model.execute([triton_request(1, [], 0, 0, end=1)])
+    (released,) = triton_model.answer([triton_request(1, [], 0, 0, end=1)])
     assert released.error is None and released.output_tensors[0].as_numpy().shape == (1, 0, V)
     assert metric(contract.METRIC_LIVE_SEQUENCES) == 1.0
-    triton_model.execute([triton_request(2, [3], len(PROMPT), 1, end=1)])
+    triton_model.answer([triton_request(2, [3], len(PROMPT), 1, end=1)])
     assert metric(contract.METRIC_LIVE_SEQUENCES) == 0.0
 
 
 def test_execute_evicts_idle_sequences(triton_model, clock):
-    triton_model.execute([triton_request(1, PROMPT, 0, 1, start=1)])
+    triton_model.answer([triton_request(1, PROMPT, 0, 1, start=1)])
     clock.now += 61.0
-    triton_model.execute([triton_request(2, PROMPT, 0, 1, start=1)])
+    triton_model.answer([triton_request(2, PROMPT, 0, 1, start=1)])
     assert metric(contract.METRIC_LIVE_SEQUENCES) == 1.0
 
 
 def test_a_batch_is_one_forward_and_the_kv_gauge_follows_the_caches(triton_model):
-    triton_model.execute([triton_request(s, PROMPT, 0, 1, start=1) for s in (1, 2)])
+    triton_model.answer([triton_request(s, PROMPT, 0, 1, start=1) for s in (1, 2)])
     assert (metric(contract.METRIC_FORWARDS), metric(contract.METRIC_FORWARD_SEQUENCES)) == (1.0, 2.0)
     held = metric(contract.METRIC_KV_BYTES)
     assert held == sum(cache.nbytes for cache in triton_model.store.states()) > 0
-    triton_model.execute([triton_request(s, [], 0, 0, end=1) for s in (1, 2)])
+    triton_model.answer([triton_request(s, [], 0, 0, end=1) for s in (1, 2)])
     assert metric(contract.METRIC_KV_BYTES) == 0.0 and metric(contract.METRIC_FORWARDS) == 1.0  # releases: none
+
+
+def test_execute_queues_and_every_request_gets_one_final_response(triton_model, model):
+    good = [triton_request(s, PROMPT, 0, 1, start=1) for s in (1, 2)]
+    bad = FakeRequest(3, {contract.INPUT_IDS: np.zeros((1, 1), np.int32)})  # missing inputs: refused at once
+    assert triton_model.execute([*good, bad]) is None
+    assert bad.sender.done.is_set() and bad.sender.sent[0][0].error.code() == "INVALID_ARG"
+    for request in good:
+        assert request.sender.done.wait(10)
+        ((response, flags),) = request.sender.sent
+        assert flags == FINAL and response.error is None
+        np.testing.assert_allclose(response.output_tensors[0].as_numpy()[0], full_forward(model, PROMPT)[-1:],
+                                   atol=1e-5)
+    follow_up = [triton_request(s, [3], len(PROMPT), 1) for s in (1, 2)]
+    triton_model.execute(follow_up)
+    assert all(r.sender.done.wait(10) for r in follow_up)
+    assert metric(contract.METRIC_FORWARDS) >= 2 and metric(contract.METRIC_FORWARD_SECONDS) > 0
+    releases = [triton_request(s, [], 0, 0, end=1) for s in (1, 2)]
+    triton_model.execute(releases)
+    assert all(r.sender.done.wait(10) for r in releases)
+    assert metric(contract.METRIC_LIVE_SEQUENCES) == 0.0
