@@ -28,7 +28,7 @@ class BenchConfig:
     phases: tuple[str, ...] = PHASES
     workloads: tuple[str, ...] = WORKLOADS
     prompts_per_workload: int = 12  # measured prompts of each workload (readme has 2: it runs them `repeats`x)
-    readme_repeats: int = 4  # the README's two prompts, each this many times (other seeds when sampling)
+    readme_repeats: int = 6  # the README's two prompts, each this many times (other seeds when sampling)
     calibration_prompts: int = 2  # further prompts per workload on which the best fixed K is chosen
     max_new_tokens: int = 64
     ks: tuple[int, ...] = (2, 4, 8)  # fixed Ks the calibration tries for the lookup drafters and HF
