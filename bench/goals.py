@@ -23,7 +23,6 @@ from bench.summary import (
     load_ratio,
     p50_ms_per_token,
     paired,
-    pooled_pair,
     select,
     tokens_per_s,
     two_pass_table,
@@ -67,7 +66,7 @@ def goals(results: Results) -> list[Goal]:
                     add(12, f"{workload}, {mode}: {drafter} auto vs its best fixed K ({k})",
                         paired(here, f"{drafter} auto", fixed), 0.95)
         add(12, f"all workloads, {mode}: target-only through the stack vs HF generate",
-            pooled_pair(single, TARGET_ONLY.label, HF_PLAIN.label, mode=mode), 0.95)
+            paired(single, TARGET_ONLY.label, HF_PLAIN.label, mode=mode), 0.95)
     for workload in dict.fromkeys(c.workload for c in results.cells):
         top = max(c.concurrency for c in results.cells if c.workload == workload)
         arms = arms_of(select(rec, phase="load", workload=workload, concurrency=top))

@@ -1,4 +1,4 @@
-"""Turn the records of a run into the report's tables and goal checks.
+"""Turn the records of a run into the report's tables.
 
 Why this module exists: the phases only record generations; every derived number the report shows
 (aggregate tokens/s, speedups with their intervals, tokens per round, the served costs behind the model
@@ -18,14 +18,14 @@ from bench.single import LOOKUP_DRAFTERS
 from bench.stats import NONE, Estimate, paired_ratio, percentile, rate
 from specdec.speedup import expected_tokens_per_round
 
-Cellv = object  # a table cell: str, int, float or Estimate
+TableCell = object  # str, int, float or Estimate
 
 
 @dataclass(frozen=True)
 class Table:
     title: str
     headers: tuple[str, ...]
-    rows: list[tuple[Cellv, ...]]
+    rows: list[tuple[TableCell, ...]]
     note: str = ""
 
 
@@ -48,9 +48,13 @@ def select(records: Iterable[Record], **match: object) -> list[Record]:
 
 
 def paired(records: Sequence[Record], arm_a: str, arm_b: str, **match: object) -> Estimate:
-    """tokens/s of arm a over arm b on the items both ran (rows matched by item)."""
-    a = {r.item: (r.tokens, r.wall_ms) for r in select(records, arm=arm_a, **match)}
-    b = {r.item: (r.tokens, r.wall_ms) for r in select(records, arm=arm_b, **match)}
+    """tokens/s of arm a over arm b on the items both ran (matched by workload, concurrency and item, so
+    figures pooled over workloads pair correctly too)."""
+    def key(r: Record) -> tuple[str, int, int]:
+        return (r.workload, r.concurrency, r.item)
+
+    a = {key(r): (r.tokens, r.wall_ms) for r in select(records, arm=arm_a, **match)}
+    b = {key(r): (r.tokens, r.wall_ms) for r in select(records, arm=arm_b, **match)}
     items = sorted(set(a) & set(b))
     return paired_ratio([a[i] for i in items], [b[i] for i in items]) if items else NONE
 
@@ -167,7 +171,7 @@ def serving_table(results: Results) -> Table:
                              for r in ours) / tokens
                    for name in ("wall_ms", "total_ms", "target_ms", "triton_model_ms")}
             hf_ms = sum(r.wall_ms for r in hf) / sum(r.tokens for r in hf)
-            ratio = pooled_pair(single, TARGET_ONLY.label, HF_PLAIN.label, **match)
+            ratio = paired(single, TARGET_ONLY.label, HF_PLAIN.label, **match)
             rows.append((workload, mode, per["wall_ms"], per["total_ms"], per["target_ms"], per["triton_model_ms"],
                          hf_ms, ratio))
     return Table("Serving cost: target-only through the stack vs Hugging Face plain generate",
@@ -177,17 +181,6 @@ def serving_table(results: Results) -> Table:
                  "*waiting on Triton*: its wait on the Triton stream; *Triton model*: the model answering batches "
                  "(forward, warping, packing; `specdec_target_forward_seconds_total`). Between them: the Triton hop "
                  "and server, the orchestrator's own work, the public hop.")
-
-
-def pooled_pair(records: Sequence[Record], arm_a: str, arm_b: str, **match: object) -> Estimate:
-    """Like `paired`, with items told apart by workload too (for figures pooled over workloads)."""
-    def key(r: Record) -> tuple[str, int]:
-        return (r.workload, r.item)
-
-    a = {key(r): (r.tokens, r.wall_ms) for r in select(records, arm=arm_a, **match)}
-    b = {key(r): (r.tokens, r.wall_ms) for r in select(records, arm=arm_b, **match)}
-    items = sorted(set(a) & set(b))
-    return paired_ratio([a[i] for i in items], [b[i] for i in items]) if items else NONE
 
 
 @dataclass(frozen=True)
