@@ -229,7 +229,8 @@ async def test_the_callers_deadline_reaches_the_draft_stream(tokenizer):
     finally:
         await server.stop(None)
     assert len(service.deadlines) == 1
-    assert service.deadlines[0] is not None and 10 < service.deadlines[0] <= 20
+    # gRPC rounds the wire timeout up to a short encoding (20 s arrives as up to ~20.1 s).
+    assert service.deadlines[0] is not None and 10 < service.deadlines[0] <= 21
 
 
 @asyncio_test
