@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -54,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = parse_args(argv)
+    # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so the servers the run started are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     torch.set_num_threads(config.threads or torch.get_num_threads())
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
