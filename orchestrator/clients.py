@@ -116,6 +116,8 @@ class DraftClient(Protocol):
 class TargetSession(Protocol):
     """One generation's target stream (one sequence id = Triton correlation id)."""
 
+    forward_sequences: int  # how many sequences the forward that answered the last score ran (1 = alone)
+
     async def score(
         self, keep_length: int, append_token_ids: Sequence[int], num_logits: int, params: SamplingParams
     ) -> torch.Tensor | PackedRows:

@@ -17,8 +17,14 @@ The model (Leviathan et al. 2023, §3, with measured costs instead of assumed on
   scored n tokens, T(n) = α + β (n − 1), and the draft's time for a round that proposed m tokens,
   D(m) = a + b m, each fitted by exponentially forgetting least squares over recent rounds, with a weak
   prior on the slope where the data have no spread; the orchestrator's own time per round, o.
-* **Choice.** rate(K) = E[tokens | K] / (D(E[m | K]) + T(1 + E[m | K]) + o), rate(0) = 1 / (T(1) + o).
-  K = argmax; 0 unless the best K beats target-only by ``margin``.
+* **What a round costs the others.** The target runs every ready sequence in one forward, so the time a
+  round's drafts add to that forward, T(1 + m) − T(1), every other sequence in it waits too. With s the
+  sequences per forward lately (FORWARD_SEQUENCES, in every answer), a round is charged its own time plus
+  (s − 1) times that extra: the marginal cost to everyone, so each generation's choice maximises what the
+  whole batch gets (SmartSpec's goodput, per sequence). Alone (s = 1) it is just its own time; under load
+  speculation must pay for the others' wait, and a drafter that barely pays alone is turned off.
+* **Choice.** rate(K) = E[tokens | K] / (D(E[m | K]) + T(1 + E[m | K]) + (s − 1)(T(1 + E[m | K]) − T(1)) + o),
+  rate(0) = 1 / (T(1) + o). K = argmax; 0 unless the best K beats target-only by ``margin``.
 * **Exploring.** A K that never changes measures one point of each cost curve, and the costs move with
   load; so while drafting, every ``explore_every``-th round runs a neighbouring K (one less, one more,
   alternately), which costs little near the optimum and keeps the slopes measured as they are now.
@@ -81,6 +87,7 @@ class RoundOutcome:
     draft_s: float  # waiting on the draft (0 when K = 0)
     target_s: float  # waiting on the target
     other_s: float  # the rest of the round: the orchestrator's own work
+    forward_sequences: int = 1  # sequences in the target forward that scored this round (1 = alone)
 
 
 class _Line:
@@ -152,15 +159,20 @@ class SharedEstimates:
         self._accepted: dict[tuple[str, str], _Counts] = {}  # (drafter, mode) -> accepted per position
         self._proposed: dict[tuple[str, str], _Counts] = {}  # (drafter, mode) -> proposed at least i
         # The target: seconds vs tokens scored beyond the first; with no spread, each extra token costs a
-        # tenth of a step (between a GPU's ~0 and this CPU's ~0.12).
-        self._target = _Line(self._decay, prior=lambda mx, my: 0.1 * my)
+        # tenth of one sequence's share of a forward (between a GPU's ~0 and this CPU's ~0.12 of a step).
+        self._target = _Line(self._decay, prior=lambda mx, my: 0.1 * my / self._sharing_now())
         self._draft: dict[str, _Line] = {}  # drafter -> seconds vs tokens proposed
         self._other = _Line(self._decay, prior=lambda mx, my: 0.0)
+        self._sharing = _Line(self._decay, prior=lambda mx, my: 0.0)  # sequences per target forward
+
+    def _sharing_now(self) -> float:
+        return max(1.0, self._sharing.at(0)) if self._sharing.known else 1.0
 
     def observe(self, drafter: str, mode: str, outcome: RoundOutcome) -> None:
         with self._lock:
             self._target.add(outcome.proposed, outcome.target_s)
             self._other.add(0, outcome.other_s)
+            self._sharing.add(0, max(1, outcome.forward_sequences))
             if outcome.k > 0:
                 key = (drafter, mode)
                 self._accepted.setdefault(key, _Counts()).add(outcome.k, outcome.accepted, self._decay)
@@ -182,6 +194,7 @@ class SharedEstimates:
                 target=[self._target.at(n) if self._target.known else 0.0 for n in range(k + 1)],
                 draft=[self._draft[drafter].at(m) if drafter in self._draft else 0.0 for m in range(k + 1)],
                 other=self._other.at(0) if self._other.known else 0.0,
+                sharing=self._sharing_now(),
             )
 
 
@@ -192,6 +205,7 @@ class _Snapshot:
     target: list[float]  # T(1 + n) for n = 0..max_k proposed tokens
     draft: list[float]  # D(m) for m = 0..max_k
     other: float
+    sharing: float  # sequences per target forward, recently
 
 
 class KPolicy:
@@ -253,13 +267,16 @@ class KPolicy:
         propose = [self._proposed.rate(i, shared.propose[i], weight) for i in range(top)]
         tokens, costs = [1.0], [shared.target[0] + shared.other]
         expected, reach, at_least, proposed = 1.0, 1.0, 1.0, 0.0
+        others = max(0.0, shared.sharing - 1.0)  # the sequences a longer request slows down with it
         for k in range(1, top + 1):
             reach *= accept[k - 1]  # P(drafts 1..k all accepted)
             expected += reach
             at_least *= propose[k - 1]  # P(the draft proposes >= k tokens)
             proposed += at_least  # E[tokens proposed | K = k]
             tokens.append(expected)
-            costs.append(_interpolate(shared.draft, proposed) + _interpolate(shared.target, proposed) + shared.other)
+            target = _interpolate(shared.target, proposed)
+            extra = (target - shared.target[0]) * others  # the same wait, for each of the others
+            costs.append(_interpolate(shared.draft, proposed) + target + extra + shared.other)
         return tokens, costs
 
 

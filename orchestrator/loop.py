@@ -223,6 +223,7 @@ class _Generation:
                     self.policy.observe(RoundOutcome(
                         k, len(drafts), result.accepted, round_.draft_s, round_.target_s,
                         max(0.0, round_.seconds - round_.draft_s - round_.target_s),
+                        self.target_session.forward_sequences if self.target_session is not None else 1,
                     ))  # fmt: skip
                 yield round_
                 if finish is not None:

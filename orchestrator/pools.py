@@ -171,6 +171,10 @@ class PinnedTargetSession(_PinnedSession):
 
     _inner: TritonTargetSession
 
+    @property
+    def forward_sequences(self) -> int:
+        return self._inner.forward_sequences
+
     async def score(
         self, keep_length: int, append_token_ids: Sequence[int], num_logits: int, params: SamplingParams
     ) -> torch.Tensor | PackedRows:

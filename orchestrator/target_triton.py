@@ -158,6 +158,7 @@ class TritonTargetSession:
         self._broken = False  # the stream cannot carry more requests
         self._out_of_step = False  # a caller gave up waiting: the next answer is not for the next request
         self._closed = False
+        self.forward_sequences = 1  # sequences in the forward that answered the last score
 
     async def _request_iterator(self) -> AsyncIterator[service_pb2.ModelInferRequest]:
         while (request := await self._requests.get()) is not None:
@@ -214,9 +215,11 @@ class TritonTargetSession:
             raise error
         assert result is not None
         try:
-            return triton_messages.read_probs(result)
+            rows = triton_messages.read_probs(result)
+            self.forward_sequences = triton_messages.read_forward_sequences(result)
         except triton_messages.MalformedResponse as exc:
-            raise TargetError(f"target returned malformed PROBS: {exc}") from None
+            raise TargetError(f"target returned a malformed answer: {exc}") from None
+        return rows
 
     def abandon(self, reason: str) -> None:
         """Give up on this stream (its replica stopped answering health checks): the request under way,

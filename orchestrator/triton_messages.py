@@ -21,7 +21,8 @@ from specdec.sampling import SamplingParams
 _DATATYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int32): "INT32"}
 _DTYPES = {name: dtype for dtype, name in _DATATYPES.items()}
 _SCORE_OUTPUTS = [
-    service_pb2.ModelInferRequest.InferRequestedOutputTensor(name=n) for n in (contract.PROBS, contract.PROBS_INDEX)
+    service_pb2.ModelInferRequest.InferRequestedOutputTensor(name=n)
+    for n in (contract.PROBS, contract.PROBS_INDEX, contract.FORWARD_SEQUENCES)
 ]
 # A release asks for nothing; LOGITS ([1, 0, V]) is the cheapest output to name.
 _RELEASE_OUTPUTS = [service_pb2.ModelInferRequest.InferRequestedOutputTensor(name=contract.LOGITS)]
@@ -72,7 +73,7 @@ def score_request(
     params: SamplingParams,
 ) -> service_pb2.ModelInferRequest:
     """Roll the cache back to ``keep_length``, append ``token_ids``, answer the last ``num_logits`` rows of
-    p warped by ``params``, packed (PROBS + PROBS_INDEX)."""
+    p warped by ``params``, packed (PROBS + PROBS_INDEX), and how many sequences shared the forward."""
     tensors = [
         (contract.INPUT_IDS, np.asarray(token_ids, dtype=np.int32).reshape(1, -1)),  # [1, T]
         (contract.KEEP_LENGTH, _scalar(keep_length, np.int32)),
@@ -124,3 +125,14 @@ def read_probs(response: service_pb2.ModelInferResponse) -> PackedRows:
         return PackedRows.from_arrays(values[0], index[0], width)  # [N, width]
     except ValueError as exc:
         raise MalformedResponse(str(exc)) from None
+
+
+def read_forward_sequences(response: service_pb2.ModelInferResponse) -> int:
+    """FORWARD_SEQUENCES of a score answer: how many sequences its forward ran (at least 1)."""
+    for position, tensor in enumerate(response.outputs):
+        if tensor.name == contract.FORWARD_SEQUENCES:
+            raw = response.raw_output_contents[position] if position < len(response.raw_output_contents) else b""
+            if tensor.datatype != "INT32" or len(raw) != 4:
+                raise MalformedResponse(f"FORWARD_SEQUENCES is {tensor.datatype} of {len(raw)} bytes, expected one INT32")
+            return max(1, int(np.frombuffer(raw, dtype=np.int32)[0]))
+    raise MalformedResponse(f"no FORWARD_SEQUENCES among the outputs {sorted(t.name for t in response.outputs)}")

@@ -84,6 +84,7 @@ class Calls:
 class FakeTargetSession:
     def __init__(self, client: FakeTarget, sequence_id: int) -> None:
         self.client, self.sequence_id, self.cache = client, sequence_id, []
+        self.forward_sequences = client.forward_sequences
 
     async def score(
         self, keep_length: int, append_token_ids: Sequence[int], num_logits: int, params: SamplingParams
@@ -115,8 +116,10 @@ class FakeTarget:
         fail_at: dict[int, Exception] | None = None,
         delay_s: float = 0.0,
         close_delay_s: float = 0.0,
+        forward_sequences: int = 1,
     ) -> None:
         self.model, self.fail_at, self.delay_s, self.close_delay_s = model, fail_at or {}, delay_s, close_delay_s
+        self.forward_sequences = forward_sequences  # what every score says its forward ran
         self.calls = Calls()
         self.client_closed = 0
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from orchestrator.k_policy import PolicySettings
+from orchestrator.k_policy import GREEDY, PolicySettings
 from orchestrator.loop import SpeculativeLoop
 from tests.fakes import (
     FakeDraft,
@@ -54,6 +54,16 @@ async def test_a_free_draft_that_the_target_accepts_is_used():
     stats = rounds[-1].stats
     assert stats.speculation_off_rounds <= 2 and stats.rounds < 20  # several tokens per round
     assert max(k for k, n in enumerate(stats.rounds_by_k) if n) >= 4
+
+
+@asyncio_test
+async def test_the_policy_learns_how_many_sequences_share_the_targets_forward():
+    # What the target says of each forward reaches the process-wide estimates the policy prices rounds with.
+    target, draft = FakeTarget(forward_sequences=8), FakeDraft(policy=agree_first(99))
+    loop = SpeculativeLoop(target, draft, new_sequence_id=ids())
+    generation = request(num_draft_tokens=None, max_new_tokens=20)
+    await run(loop, generation)
+    assert loop.estimates.snapshot(generation.drafter, GREEDY).sharing == pytest.approx(8.0)
 
 
 @asyncio_test

@@ -18,9 +18,11 @@ def target_time(scored: int, step: float = STEP, per_token: float = 0.1) -> floa
 
 
 def play(policy: KPolicy, rounds: int, accept: float, draft_per_token: float, hop: float = 0.0005,
-         step: float = STEP, proposes: float = 1.0, seed: int = 0) -> list[int]:
+         step: float = STEP, proposes: float = 1.0, seed: int = 0, per_token: float = 0.1,
+         sharing: int = 1) -> list[int]:
     """Run ``rounds`` rounds of a drafter that proposes each token with probability ``proposes`` (a lookup
-    whose match may run out) and has each accepted with probability ``accept``; returns the Ks chosen."""
+    whose match may run out) and has each accepted with probability ``accept``, on a target whose forwards
+    run ``sharing`` sequences; returns the Ks chosen."""
     rng = random.Random(seed)
     chosen = []
     for _ in range(rounds):
@@ -33,7 +35,8 @@ def play(policy: KPolicy, rounds: int, accept: float, draft_per_token: float, ho
         while accepted < proposed and rng.random() < accept:
             accepted += 1
         draft = hop + draft_per_token * proposed if choice.k else 0.0
-        policy.observe(RoundOutcome(choice.k, proposed, accepted, draft, target_time(1 + proposed, step), 0.001))
+        target = target_time(1 + proposed, step, per_token)
+        policy.observe(RoundOutcome(choice.k, proposed, accepted, draft, target, 0.001, sharing))
     return chosen
 
 
@@ -116,3 +119,22 @@ def test_k_never_exceeds_the_room_left_or_the_maximum(limit: int, max_k: int, ex
 def test_the_first_round_of_a_new_process_is_target_only() -> None:
     """No cost measured yet: no rate to compare, so it measures the target first."""
     assert fresh().choose(100).k == 0
+
+
+def test_under_load_a_round_pays_for_the_wait_it_adds_to_the_others() -> None:
+    # 16 sequences per forward: a step of 4 single steps, each extra token a tenth of a single step. A free
+    # drafter accepted half the time pays alone (K = 2: 1.75 tokens for 1.2 steps), not when its extra
+    # tokens hold 15 others up as long as itself.
+    alone = play(fresh(), 200, accept=0.5, draft_per_token=0.0)
+    loaded = play(fresh(), 200, accept=0.5, draft_per_token=0.0, step=4 * STEP, per_token=0.025, sharing=16)
+    assert sum(k > 0 for k in alone[20:]) / 180 > 0.9
+    assert sum(k > 0 for k in loaded[20:]) / 180 < 0.2
+    # The same load, a drafter that is nearly always right: it still pays the others' wait, and drafts.
+    sure = play(fresh(), 200, accept=0.95, draft_per_token=0.0, step=4 * STEP, per_token=0.025, sharing=16)
+    assert sum(k > 0 for k in sure[20:]) / 180 > 0.9
+
+
+def test_the_same_costs_without_sharing_draft_as_before() -> None:
+    # The load alone (a slow step) changes nothing when no other sequence waits on the forward.
+    loaded_alone = play(fresh(), 200, accept=0.5, draft_per_token=0.0, step=4 * STEP, per_token=0.025)
+    assert sum(k > 0 for k in loaded_alone[20:]) / 180 > 0.9

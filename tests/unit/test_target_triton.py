@@ -33,12 +33,13 @@ GREEDY = SamplingParams(temperature=0.0)
 
 
 class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
-    """Answers ModelStreamInfer with packed one-hot rows at token V - 1 (PROBS, PROBS_INDEX [1, NUM_LOGITS, 1])
-    and a release with LOGITS [1, 0, V]; records each stream's deadline."""
+    """Answers ModelStreamInfer with packed one-hot rows at token V - 1 (PROBS, PROBS_INDEX [1, NUM_LOGITS, 1],
+    FORWARD_SEQUENCES) and a release with LOGITS [1, 0, V]; records each stream's deadline."""
 
     def __init__(self, break_after: int | None = None, release_delay_s: float = 0.0, delay_s: float = 0.0,
-                 forget: bool = False) -> None:
+                 forget: bool = False, forward_sequences: int = 3) -> None:
         self.deadlines: list[float | None] = []
+        self.forward_sequences = forward_sequences  # what every scoring answer says its forward ran
         self.forget = forget  # Triton forgot every sequence: an END without START is refused
         self.requests = 0
         self.break_after = break_after  # abort the stream with UNAVAILABLE after this many answers
@@ -84,6 +85,7 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
             arrays = {
                 contract.PROBS: np.ones((1, num_logits, 1), dtype=np.float32),
                 contract.PROBS_INDEX: np.full((1, num_logits, 1), V - 1, dtype=np.int32),
+                contract.FORWARD_SEQUENCES: np.array([[self.forward_sequences]], dtype=np.int32),
             }
         wanted = [o.name for o in request.outputs]
         assert set(wanted) == set(arrays), f"requested {wanted}, the model answers {sorted(arrays)}"
@@ -195,7 +197,9 @@ async def test_the_release_is_end_on_the_stream():
         client = TritonTargetClient(f"127.0.0.1:{port}")
         try:
             session = await client.open(11, timeout=30.0)
+            assert session.forward_sequences == 1  # nothing scored yet: alone
             await session.score(0, [1, 2], 1, GREEDY)
+            assert session.forward_sequences == 3  # what the forward that answered said
             await session.score(2, [3], 1, GREEDY)
             await session.close()
             await session.close()  # idempotent
