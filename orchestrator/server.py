@@ -30,9 +30,10 @@ from orchestrator.config import OrchestratorConfig
 from orchestrator.convert import limits_from
 from orchestrator.generation import LoopSettings
 from orchestrator.k_policy import PolicySettings
-from orchestrator.loop import SampleRound, SpeculativeLoop, sample_round
+from orchestrator.loop import SpeculativeLoop
 from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.replicas import PoolSettings
+from orchestrator.round_rule import SampleRound, sample_round
 from orchestrator.servicer import SERVICE_NAME, GenerationServicer, Tokenizer
 from specdec.grpc_server import add_health_and_reflection, set_serving
 from specdec.models import load_tokenizer, resolve_model_dir
