@@ -117,6 +117,7 @@ class TargetSession(Protocol):
     """One generation's target stream (one sequence id = Triton correlation id)."""
 
     forward_sequences: int  # how many sequences the forward that answered the last score ran (1 = alone)
+    forward_tokens: int  # and how many tokens in all, this session's included (0 = not known)
 
     async def score(
         self, keep_length: int, append_token_ids: Sequence[int], num_logits: int, params: SamplingParams

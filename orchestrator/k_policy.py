@@ -13,18 +13,22 @@ The model (Leviathan et al. 2023, §3, with measured costs instead of assumed on
   mode) that every generation feeds. E[tokens | K] = 1 + Σ_{j<=K} Π_{i<=j} a_i.
 * **Proposal length.** P(a drafter proposes at least i tokens), per (drafter, mode): a lookup drafter
   proposes fewer than K when its match runs out, and the target scores only what was proposed.
-* **Costs, as measured now** (process-wide; they grow with load): the target's time for a round that
-  scored n tokens, T(n) = α + β (n − 1), and the draft's time for a round that proposed m tokens,
-  D(m) = a + b m, each fitted by exponentially forgetting least squares over recent rounds, with a weak
-  prior on the slope where the data have no spread; the orchestrator's own time per round, o.
+* **Costs, as measured now** (process-wide; they grow with load): the target's time for a round whose
+  forward ran X tokens in all (FORWARD_TOKENS, in every answer of the target), T(X) = α + β X, and the
+  draft's time for a round that proposed m tokens, D(m) = a + b m, each fitted by exponentially
+  forgetting least squares over recent rounds, with a weak prior on the slope where the data have no
+  spread; the tokens the other sequences bring to a forward, X_o; the orchestrator's own time per round, o.
+  A round that proposes m tokens takes T(X_o + 1 + m). (The slope is fitted against the forward's tokens,
+  not the round's own: under load the others' K moves with this one's, and a fit on the round's own
+  tokens would count their drafts as its cost.)
 * **What a round costs the others.** The target runs every ready sequence in one forward, so the time a
-  round's drafts add to that forward, T(1 + m) − T(1), every other sequence in it waits too. With s the
-  sequences per forward lately (FORWARD_SEQUENCES, in every answer), a round is charged its own time plus
-  (s − 1) times that extra: the marginal cost to everyone, so each generation's choice maximises what the
-  whole batch gets (SmartSpec's goodput, per sequence). Alone (s = 1) it is just its own time; under load
-  speculation must pay for the others' wait, and a drafter that barely pays alone is turned off.
-* **Choice.** rate(K) = E[tokens | K] / (D(E[m | K]) + T(1 + E[m | K]) + (s − 1)(T(1 + E[m | K]) − T(1)) + o),
-  rate(0) = 1 / (T(1) + o). K = argmax; 0 unless the best K beats target-only by ``margin``.
+  round's drafts add to that forward, β m, every other sequence in it waits too. With s the sequences per
+  forward lately (FORWARD_SEQUENCES), a round is charged its own time plus (s − 1) β m: the marginal cost
+  to everyone, so each generation's choice maximises what the whole batch gets (SmartSpec's goodput, per
+  sequence). Alone (s = 1, X_o = 0) it is just its own time; under load speculation must pay for the
+  others' wait, and a drafter that barely pays alone is turned off.
+* **Choice.** rate(K) = E[tokens | K] / (D(m̄) + T(X_o + 1 + m̄) + (s − 1) β m̄ + o) with m̄ = E[m | K],
+  rate(0) = 1 / (T(X_o + 1) + o). K = argmax; 0 unless the best K beats target-only by ``margin``.
 * **Exploring.** A K that never changes measures one point of each cost curve, and the costs move with
   load; so while drafting, every ``explore_every``-th round runs a neighbouring K (one less, one more,
   alternately), which costs little near the optimum and keeps the slopes measured as they are now.
@@ -88,6 +92,7 @@ class RoundOutcome:
     target_s: float  # waiting on the target
     other_s: float  # the rest of the round: the orchestrator's own work
     forward_sequences: int = 1  # sequences in the target forward that scored this round (1 = alone)
+    forward_tokens: int = 0  # tokens that forward ran in all, this round's included (0 = not known: alone)
 
 
 class _Line:
@@ -158,9 +163,10 @@ class SharedEstimates:
         self._lock = threading.Lock()
         self._accepted: dict[tuple[str, str], _Counts] = {}  # (drafter, mode) -> accepted per position
         self._proposed: dict[tuple[str, str], _Counts] = {}  # (drafter, mode) -> proposed at least i
-        # The target: seconds vs tokens scored beyond the first; with no spread, each extra token costs a
-        # tenth of one sequence's share of a forward (between a GPU's ~0 and this CPU's ~0.12 of a step).
+        # The target: seconds vs the tokens its forward ran; with no spread, each token costs a tenth of one
+        # sequence's share of a forward (between a GPU's ~0 and this CPU's ~0.12 of a step).
         self._target = _Line(self._decay, prior=lambda mx, my: 0.1 * my / self._sharing_now())
+        self._others = _Line(self._decay, prior=lambda mx, my: 0.0)  # the other sequences' tokens per forward
         self._draft: dict[str, _Line] = {}  # drafter -> seconds vs tokens proposed
         self._other = _Line(self._decay, prior=lambda mx, my: 0.0)
         self._sharing = _Line(self._decay, prior=lambda mx, my: 0.0)  # sequences per target forward
@@ -170,7 +176,10 @@ class SharedEstimates:
 
     def observe(self, drafter: str, mode: str, outcome: RoundOutcome) -> None:
         with self._lock:
-            self._target.add(outcome.proposed, outcome.target_s)
+            own = 1 + outcome.proposed
+            forward = max(own, outcome.forward_tokens)
+            self._target.add(forward, outcome.target_s)
+            self._others.add(0, forward - own)
             self._other.add(0, outcome.other_s)
             self._sharing.add(0, max(1, outcome.forward_sequences))
             if outcome.k > 0:
@@ -187,11 +196,12 @@ class SharedEstimates:
             accepted = self._accepted.get((drafter, mode), _Counts())
             proposed = self._proposed.get((drafter, mode), _Counts())
             k = self.settings.max_k
+            others = self._others.at(0) if self._others.known else 0.0
             accept, propose = accepted.pooled(0.5), proposed.pooled(1.0)
             return _Snapshot(
                 accept=[accepted.rate(i, accept, 1.0) for i in range(k)],
                 propose=[proposed.rate(i, propose, 1.0) for i in range(k)],
-                target=[self._target.at(n) if self._target.known else 0.0 for n in range(k + 1)],
+                target=[self._target.at(others + 1 + n) if self._target.known else 0.0 for n in range(k + 1)],
                 draft=[self._draft[drafter].at(m) if drafter in self._draft else 0.0 for m in range(k + 1)],
                 other=self._other.at(0) if self._other.known else 0.0,
                 sharing=self._sharing_now(),
@@ -202,7 +212,7 @@ class SharedEstimates:
 class _Snapshot:
     accept: list[float]  # process-wide a_i, i = 1..max_k
     propose: list[float]  # process-wide P(proposes >= i | asked >= i)
-    target: list[float]  # T(1 + n) for n = 0..max_k proposed tokens
+    target: list[float]  # T(X_o + 1 + n): the round's target time when it proposes n = 0..max_k tokens
     draft: list[float]  # D(m) for m = 0..max_k
     other: float
     sharing: float  # sequences per target forward, recently

@@ -187,10 +187,11 @@ class _Generation:
                     draft_s=stats.draft_time_s - draft_before, target_s=stats.target_time_s - target_before,
                 )  # fmt: skip
                 if not round_.draft_fallback:
+                    target = self.target_session
                     self.policy.observe(RoundOutcome(
                         k, len(drafts), result.accepted, round_.draft_s, round_.target_s,
                         max(0.0, round_.seconds - round_.draft_s - round_.target_s),
-                        self.target_session.forward_sequences if self.target_session is not None else 1,
+                        target.forward_sequences if target else 1, target.forward_tokens if target else 0,
                     ))  # fmt: skip
                 yield round_
                 if finish is not None:

@@ -175,6 +175,10 @@ class PinnedTargetSession(_PinnedSession):
     def forward_sequences(self) -> int:
         return self._inner.forward_sequences
 
+    @property
+    def forward_tokens(self) -> int:
+        return self._inner.forward_tokens
+
     async def score(
         self, keep_length: int, append_token_ids: Sequence[int], num_logits: int, params: SamplingParams
     ) -> torch.Tensor | PackedRows:

@@ -159,6 +159,7 @@ class TritonTargetSession:
         self._out_of_step = False  # a caller gave up waiting: the next answer is not for the next request
         self._closed = False
         self.forward_sequences = 1  # sequences in the forward that answered the last score
+        self.forward_tokens = 0  # and its tokens in all (0 before the first answer)
 
     async def _request_iterator(self) -> AsyncIterator[service_pb2.ModelInferRequest]:
         while (request := await self._requests.get()) is not None:
@@ -216,7 +217,7 @@ class TritonTargetSession:
         assert result is not None
         try:
             rows = triton_messages.read_probs(result)
-            self.forward_sequences = triton_messages.read_forward_sequences(result)
+            self.forward_sequences, self.forward_tokens = triton_messages.read_forward(result)
         except triton_messages.MalformedResponse as exc:
             raise TargetError(f"target returned a malformed answer: {exc}") from None
         return rows

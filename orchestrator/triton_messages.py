@@ -22,7 +22,7 @@ _DATATYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int32): "INT32"}
 _DTYPES = {name: dtype for dtype, name in _DATATYPES.items()}
 _SCORE_OUTPUTS = [
     service_pb2.ModelInferRequest.InferRequestedOutputTensor(name=n)
-    for n in (contract.PROBS, contract.PROBS_INDEX, contract.FORWARD_SEQUENCES)
+    for n in (contract.PROBS, contract.PROBS_INDEX, contract.FORWARD_SEQUENCES, contract.FORWARD_TOKENS)
 ]
 # A release asks for nothing; LOGITS ([1, 0, V]) is the cheapest output to name.
 _RELEASE_OUTPUTS = [service_pb2.ModelInferRequest.InferRequestedOutputTensor(name=contract.LOGITS)]
@@ -127,12 +127,16 @@ def read_probs(response: service_pb2.ModelInferResponse) -> PackedRows:
         raise MalformedResponse(str(exc)) from None
 
 
-def read_forward_sequences(response: service_pb2.ModelInferResponse) -> int:
-    """FORWARD_SEQUENCES of a score answer: how many sequences its forward ran (at least 1)."""
-    for position, tensor in enumerate(response.outputs):
-        if tensor.name == contract.FORWARD_SEQUENCES:
-            raw = response.raw_output_contents[position] if position < len(response.raw_output_contents) else b""
-            if tensor.datatype != "INT32" or len(raw) != 4:
-                raise MalformedResponse(f"FORWARD_SEQUENCES is {tensor.datatype} of {len(raw)} bytes, expected one INT32")
-            return max(1, int(np.frombuffer(raw, dtype=np.int32)[0]))
-    raise MalformedResponse(f"no FORWARD_SEQUENCES among the outputs {sorted(t.name for t in response.outputs)}")
+def read_forward(response: service_pb2.ModelInferResponse) -> tuple[int, int]:
+    """FORWARD_SEQUENCES and FORWARD_TOKENS of a score answer: the sequences and tokens its forward ran."""
+    values = []
+    for name in (contract.FORWARD_SEQUENCES, contract.FORWARD_TOKENS):
+        position = next((i for i, t in enumerate(response.outputs) if t.name == name), None)
+        if position is None:
+            raise MalformedResponse(f"no {name} among the outputs {sorted(t.name for t in response.outputs)}")
+        tensor = response.outputs[position]
+        raw = response.raw_output_contents[position] if position < len(response.raw_output_contents) else b""
+        if tensor.datatype != "INT32" or len(raw) != 4:
+            raise MalformedResponse(f"{name} is {tensor.datatype} of {len(raw)} bytes, expected one INT32")
+        values.append(max(1, int(np.frombuffer(raw, dtype=np.int32)[0])))
+    return values[0], values[1]

@@ -25,7 +25,9 @@ PROBS_INDEX (out)   INT32  [1, N, M|0]   and packed (``specdec.rows.pack_rows``)
                                          PROBS_INDEX[0, i, j] (zero-padded to the widest support M);
                                          or dense (M = V) when PROBS_INDEX has no columns
 FORWARD_SEQUENCES   INT32  [1, 1]        how many sequences the forward that answered this request
-  (out)                                  ran (1 = alone): what a longer request costs the others
+  (out)                                  ran (1 = alone), and how many tokens in all (this
+FORWARD_TOKENS      INT32  [1, 1]        request's included): what a longer request costs, and whom
+  (out)
 ==================  =====  ============  ==========================================================
 
 Why PROBS: the orchestrator needs the *warped* target distribution p, which under greedy, top-k or top-p
@@ -98,6 +100,7 @@ LOGITS = "LOGITS"
 PROBS = "PROBS"
 PROBS_INDEX = "PROBS_INDEX"
 FORWARD_SEQUENCES = "FORWARD_SEQUENCES"
+FORWARD_TOKENS = "FORWARD_TOKENS"
 
 # Message prefixes of the model's errors (the only thing a stream response carries).
 INVALID_PREFIX = "invalid:"  # INVALID_ARG

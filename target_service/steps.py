@@ -169,7 +169,7 @@ def run_batch(
     on_forward: Callable[[int], None] = lambda sequences: None,
 ) -> list[Outputs | StepError]:
     """Answer every request (a StepError given stays the answer) with one forward per wave of distinct
-    sequences (normally one), each answer with FORWARD_SEQUENCES, how many sequences its forward ran. A
+    sequences (normally one), each answer with how many sequences and tokens its forward ran. A
     release request (no tokens, NUM_LOGITS 0, END) drops the cache and returns [1, 0, V]; END on a normal request returns the rows, then drops the cache; END always drops it, even when
     the request fails. ``on_forward(n)`` is told each forward's number of sequences (the metrics)."""
     answers: list[Outputs | StepError] = list(requests)  # type: ignore[arg-type]
@@ -194,13 +194,16 @@ def run_batch(
             if items:
                 on_forward(len(items))
                 results = engine.step([item for _, item in items])
-                shared = np.array([[len(items)]], dtype=np.int32)  # FORWARD_SEQUENCES [1, 1]
+                forward = {  # [1, 1] each
+                    contract.FORWARD_SEQUENCES: np.array([[len(items)]], dtype=np.int32),
+                    contract.FORWARD_TOKENS: np.array([[sum(len(i.token_ids) for _, i in items)]], dtype=np.int32),
+                }
                 for (index, _), result in zip(items, results):
                     request = requests[index]
                     if isinstance(result, ValueError):
                         answers[index] = refusal(result, request.sequence_id)
                     else:
-                        answers[index] = {**outputs(result, request.params), contract.FORWARD_SEQUENCES: shared}
+                        answers[index] = {**outputs(result, request.params), **forward}
         except Exception as exc:  # noqa: BLE001 - a failed forward fails its requests, never the server
             for index, _ in items:
                 answers[index] = refusal(exc, requests[index].sequence_id)

@@ -85,6 +85,7 @@ class FakeTargetSession:
     def __init__(self, client: FakeTarget, sequence_id: int) -> None:
         self.client, self.sequence_id, self.cache = client, sequence_id, []
         self.forward_sequences = client.forward_sequences
+        self.forward_tokens = 0
 
     async def score(
         self, keep_length: int, append_token_ids: Sequence[int], num_logits: int, params: SamplingParams
@@ -100,6 +101,7 @@ class FakeTargetSession:
         assert keep_length <= len(self.cache), f"keep {keep_length} > cache {len(self.cache)}"
         assert (keep_length == 0) == (not self.cache or keep_length == 0)
         self.cache = self.cache[:keep_length] + list(append_token_ids)
+        self.forward_tokens = len(append_token_ids) + self.forward_sequences - 1  # the others: a token each
         n = len(self.cache)
         logits = torch.stack([client.model(self.cache[: j + 1]) for j in range(n - num_logits, n)])  # [num_logits, V]
         return warp(logits, params)  # as the Triton model does

@@ -19,10 +19,11 @@ def target_time(scored: int, step: float = STEP, per_token: float = 0.1) -> floa
 
 def play(policy: KPolicy, rounds: int, accept: float, draft_per_token: float, hop: float = 0.0005,
          step: float = STEP, proposes: float = 1.0, seed: int = 0, per_token: float = 0.1,
-         sharing: int = 1) -> list[int]:
+         sharing: int = 1, mirrored: bool = False) -> list[int]:
     """Run ``rounds`` rounds of a drafter that proposes each token with probability ``proposes`` (a lookup
     whose match may run out) and has each accepted with probability ``accept``, on a target whose forwards
-    run ``sharing`` sequences; returns the Ks chosen."""
+    run ``sharing`` sequences, the others one token each (or, ``mirrored``, as many as this one); returns
+    the Ks chosen."""
     rng = random.Random(seed)
     chosen = []
     for _ in range(rounds):
@@ -35,8 +36,9 @@ def play(policy: KPolicy, rounds: int, accept: float, draft_per_token: float, ho
         while accepted < proposed and rng.random() < accept:
             accepted += 1
         draft = hop + draft_per_token * proposed if choice.k else 0.0
-        target = target_time(1 + proposed, step, per_token)
-        policy.observe(RoundOutcome(choice.k, proposed, accepted, draft, target, 0.001, sharing))
+        forward = (1 + proposed) * (sharing if mirrored else 1) + (0 if mirrored else sharing - 1)
+        target = target_time(forward, step, per_token)
+        policy.observe(RoundOutcome(choice.k, proposed, accepted, draft, target, 0.001, sharing, forward))
     return chosen
 
 
@@ -122,15 +124,15 @@ def test_the_first_round_of_a_new_process_is_target_only() -> None:
 
 
 def test_under_load_a_round_pays_for_the_wait_it_adds_to_the_others() -> None:
-    # 16 sequences per forward: a step of 4 single steps, each extra token a tenth of a single step. A free
-    # drafter accepted half the time pays alone (K = 2: 1.75 tokens for 1.2 steps), not when its extra
-    # tokens hold 15 others up as long as itself.
+    # 16 sequences per forward: a step of 4 single steps, each token 0.4 of a single step. A free drafter
+    # accepted half the time pays alone (K = 1: 1.5 tokens for 1.1 steps), not when its extra token holds
+    # 15 others up as long as itself (16 × 1.5 tokens per 16.4 steps < 16 per 10).
     alone = play(fresh(), 200, accept=0.5, draft_per_token=0.0)
-    loaded = play(fresh(), 200, accept=0.5, draft_per_token=0.0, step=4 * STEP, per_token=0.025, sharing=16)
+    loaded = play(fresh(), 200, accept=0.5, draft_per_token=0.0, step=4 * STEP, per_token=0.1, sharing=16)
     assert sum(k > 0 for k in alone[20:]) / 180 > 0.9
     assert sum(k > 0 for k in loaded[20:]) / 180 < 0.2
     # The same load, a drafter that is nearly always right: it still pays the others' wait, and drafts.
-    sure = play(fresh(), 200, accept=0.95, draft_per_token=0.0, step=4 * STEP, per_token=0.025, sharing=16)
+    sure = play(fresh(), 200, accept=0.95, draft_per_token=0.0, step=4 * STEP, per_token=0.1, sharing=16)
     assert sum(k > 0 for k in sure[20:]) / 180 > 0.9
 
 
@@ -138,3 +140,12 @@ def test_the_same_costs_without_sharing_draft_as_before() -> None:
     # The load alone (a slow step) changes nothing when no other sequence waits on the forward.
     loaded_alone = play(fresh(), 200, accept=0.5, draft_per_token=0.0, step=4 * STEP, per_token=0.025)
     assert sum(k > 0 for k in loaded_alone[20:]) / 180 > 0.9
+
+
+def test_when_the_others_draft_as_this_one_does_a_token_still_costs_one_token():
+    # 4 sequences per forward whose Ks move together: a round's target time grows 4 tokens' worth per token
+    # it proposes. Fitted against the forward's tokens, a token costs what one token costs, and a free
+    # drafter accepted 70 % of the time keeps drafting (4 × 2.8 tokens per 0.145 s beats 4 per 0.065 s);
+    # fitted against the round's own tokens, it would pay four times for each token and turn off.
+    chosen = play(fresh(), 200, accept=0.7, draft_per_token=0.0, sharing=4, mirrored=True)
+    assert sum(k > 0 for k in chosen[20:]) / 180 > 0.9

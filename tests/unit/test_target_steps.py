@@ -61,9 +61,12 @@ def request(
     return StepRequest(sid, tuple(ids), keep, n, start, end, params)
 
 
+FORWARD = {contract.FORWARD_SEQUENCES, contract.FORWARD_TOKENS}  # what every forward's answers also carry
+
+
 def ok(result: dict[str, np.ndarray] | StepError) -> np.ndarray:
     """The LOGITS of a request sent without sampling settings."""
-    assert isinstance(result, dict) and set(result) - {contract.FORWARD_SEQUENCES} == {contract.LOGITS}, result
+    assert isinstance(result, dict) and set(result) - FORWARD == {contract.LOGITS}, result
     assert result[contract.LOGITS].dtype == np.float32
     return result[contract.LOGITS]
 
@@ -71,7 +74,7 @@ def ok(result: dict[str, np.ndarray] | StepError) -> np.ndarray:
 def probs(result: dict[str, np.ndarray] | StepError, vocab_size: int = V) -> torch.Tensor:
     """PROBS and PROBS_INDEX of a request sent with sampling settings, unpacked to dense [N, V] rows."""
     assert isinstance(result, dict), result
-    assert set(result) - {contract.FORWARD_SEQUENCES} == {contract.PROBS, contract.PROBS_INDEX}, result
+    assert set(result) - FORWARD == {contract.PROBS, contract.PROBS_INDEX}, result
     values, index = result[contract.PROBS], result[contract.PROBS_INDEX]
     assert values.dtype == np.float32 and index.dtype == np.int32 and values.shape[:2] == index.shape[:2]
     return PackedRows.from_arrays(values[0], index[0], vocab_size).dense()
@@ -292,7 +295,8 @@ def test_a_batch_is_one_forward_and_each_answer_equals_the_request_alone(model, 
     batch = [request(1, [9, 10], 2, 2), request(2, [4], 3, 1), request(3, DRAFTS, 4, 4, sampling=(0.8, 0, 0.9))]
     answers = run_batch(engine, store, batch, forwards.append)
     assert forwards == [3, 3]  # one forward per execute, every sequence in it
-    assert [a[contract.FORWARD_SEQUENCES].tolist() for a in answers] == [[[3]]] * 3  # and each answer says so
+    # and each answer says so, with the forward's tokens in all (2 + 1 + 4)
+    assert [(a[contract.FORWARD_SEQUENCES].item(), a[contract.FORWARD_TOKENS].item()) for a in answers] == [(3, 7)] * 3
     for (s, keep, new, sampling), answer in zip([(1, 2, [9, 10], None), (2, 3, [4], None),
                                                 (3, 4, DRAFTS, (0.8, 0, 0.9))], answers):
         rows = probs(answer) if sampling else torch.from_numpy(ok(answer)[0])
@@ -305,5 +309,6 @@ def test_two_requests_of_one_sequence_in_a_batch_run_in_order(target, model):
     answers = [target.step(request(1, PROMPT, 0, 1, start=True))]
     answers += run_batch(target.engine, target.store, [request(1, [9], 6, 1), request(1, [10], 7, 1, end=True)])
     np.testing.assert_allclose(ok(answers[2])[0], full_forward(model, PROMPT + [9, 10])[-1:], atol=2e-5)
-    assert [a[contract.FORWARD_SEQUENCES].tolist() for a in answers[1:]] == [[[1]], [[1]]]  # a forward each
+    assert [(a[contract.FORWARD_SEQUENCES].item(), a[contract.FORWARD_TOKENS].item()) for a in answers[1:]] == [
+        (1, 1), (1, 1)]  # a forward each
     assert 1 not in target.store

@@ -86,6 +86,7 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
                 contract.PROBS: np.ones((1, num_logits, 1), dtype=np.float32),
                 contract.PROBS_INDEX: np.full((1, num_logits, 1), V - 1, dtype=np.int32),
                 contract.FORWARD_SEQUENCES: np.array([[self.forward_sequences]], dtype=np.int32),
+                contract.FORWARD_TOKENS: np.array([[self.forward_sequences * 5]], dtype=np.int32),
             }
         wanted = [o.name for o in request.outputs]
         assert set(wanted) == set(arrays), f"requested {wanted}, the model answers {sorted(arrays)}"
@@ -197,9 +198,9 @@ async def test_the_release_is_end_on_the_stream():
         client = TritonTargetClient(f"127.0.0.1:{port}")
         try:
             session = await client.open(11, timeout=30.0)
-            assert session.forward_sequences == 1  # nothing scored yet: alone
+            assert (session.forward_sequences, session.forward_tokens) == (1, 0)  # nothing scored yet
             await session.score(0, [1, 2], 1, GREEDY)
-            assert session.forward_sequences == 3  # what the forward that answered said
+            assert (session.forward_sequences, session.forward_tokens) == (3, 15)  # what its forward ran
             await session.score(2, [3], 1, GREEDY)
             await session.close()
             await session.close()  # idempotent

@@ -10,13 +10,7 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2
 
-from orchestrator.triton_messages import (
-    MalformedResponse,
-    read_forward_sequences,
-    read_probs,
-    release_request,
-    score_request,
-)
+from orchestrator.triton_messages import MalformedResponse, read_forward, read_probs, release_request, score_request
 from specdec import target_contract as contract
 from specdec.sampling import SamplingParams
 
@@ -47,7 +41,8 @@ def test_a_score_request_carries_the_tokens_the_settings_and_start_on_the_first_
     assert x[contract.NUM_LOGITS].tolist() == [[1]]
     assert x[contract.TEMPERATURE].dtype == np.float32 and x[contract.TEMPERATURE][0, 0] == np.float32(0.8)
     assert x[contract.TOP_K].tolist() == [[40]] and x[contract.TOP_P][0, 0] == np.float32(0.95)
-    assert [o.name for o in first.outputs] == [contract.PROBS, contract.PROBS_INDEX, contract.FORWARD_SEQUENCES]
+    assert [o.name for o in first.outputs] == [
+        contract.PROBS, contract.PROBS_INDEX, contract.FORWARD_SEQUENCES, contract.FORWARD_TOKENS]
 
 
 @pytest.mark.parametrize("start", [False, True])
@@ -76,23 +71,32 @@ def test_packed_rows_are_read_as_sent_and_as_wide_as_their_highest_token():
     assert dense[0, 7] == 0.75 and dense[0, 3] == 0.25 and dense[1, 2] == 1.0 and float(dense.sum()) == 2.0
 
 
-def test_forward_sequences_is_read_from_its_one_int32():
+def scalar(value: int, dtype: type = np.int32) -> np.ndarray:
+    return np.array([[value]], dtype=dtype)
+
+
+def test_the_forward_is_read_from_its_two_int32s():
     values = np.ones((1, 1, 1), dtype=np.float32)
-    sent = answer((contract.PROBS, values), (contract.FORWARD_SEQUENCES, np.array([[7]], dtype=np.int32)))
-    assert read_forward_sequences(sent) == 7
+    sent = answer(
+        (contract.PROBS, values), (contract.FORWARD_TOKENS, scalar(19)), (contract.FORWARD_SEQUENCES, scalar(7))
+    )
+    assert read_forward(sent) == (7, 19)
 
 
 @pytest.mark.parametrize(
     ("response", "needle"),
     [
-        (answer((contract.PROBS, np.ones((1, 1, 1), np.float32))), "no FORWARD_SEQUENCES among the outputs"),
-        (answer((contract.FORWARD_SEQUENCES, np.array([[7]], np.float32))), "expected one INT32"),
-        (answer((contract.FORWARD_SEQUENCES, np.array([[7, 8]], np.int32))), "of 8 bytes"),
+        (answer((contract.FORWARD_TOKENS, scalar(7))), "no FORWARD_SEQUENCES among the outputs"),
+        (answer((contract.FORWARD_SEQUENCES, scalar(7))), "no FORWARD_TOKENS among the outputs"),
+        (answer((contract.FORWARD_SEQUENCES, scalar(7, np.float32)), (contract.FORWARD_TOKENS, scalar(7))),
+         "FORWARD_SEQUENCES is FP32 of 4 bytes, expected one INT32"),
+        (answer((contract.FORWARD_SEQUENCES, scalar(7)), (contract.FORWARD_TOKENS, np.array([[7, 8]], np.int32))),
+         "FORWARD_TOKENS is INT32 of 8 bytes"),
     ],
 )
-def test_a_missing_or_malformed_forward_sequences_is_malformed(response, needle):
+def test_a_missing_or_malformed_forward_is_malformed(response, needle):
     with pytest.raises(MalformedResponse, match=needle):
-        read_forward_sequences(response)
+        read_forward(response)
 
 
 def test_dense_rows_come_without_index_columns():

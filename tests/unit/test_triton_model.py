@@ -187,8 +187,9 @@ def test_one_bad_request_does_not_fail_its_batch(triton_model, model):
     assert len(responses) == len(batch)
     assert responses[0].error is None
     outputs = {t.name(): t for t in responses[0].output_tensors}
-    assert set(outputs) == {contract.LOGITS, contract.FORWARD_SEQUENCES}
+    assert set(outputs) == {contract.LOGITS, contract.FORWARD_SEQUENCES, contract.FORWARD_TOKENS}
     assert outputs[contract.FORWARD_SEQUENCES].as_numpy().tolist() == [[2]]  # 1 and 4; the others were refused
+    assert outputs[contract.FORWARD_TOKENS].as_numpy().tolist() == [[len(PROMPT) + 3]]
     tensor = outputs[contract.LOGITS]
     assert tensor.as_numpy().shape == (1, 2, V)
     np.testing.assert_allclose(tensor.as_numpy()[0], full_forward(model, PROMPT)[-2:], atol=1e-5)
@@ -228,8 +229,9 @@ def test_sampling_inputs_select_the_probs_outputs(triton_model, model):
     for response, params in zip(responses[:2], (SamplingParams(0.0), SamplingParams(0.8, top_p=0.9))):
         assert response.error is None
         outputs = {t.name(): t.as_numpy() for t in response.output_tensors}
-        assert set(outputs) == {contract.PROBS, contract.PROBS_INDEX, contract.FORWARD_SEQUENCES}
+        assert set(outputs) == {contract.PROBS, contract.PROBS_INDEX, contract.FORWARD_SEQUENCES, contract.FORWARD_TOKENS}
         assert outputs[contract.FORWARD_SEQUENCES].tolist() == [[2]]  # the third was refused before the forward
+        assert outputs[contract.FORWARD_TOKENS].tolist() == [[2 * len(PROMPT)]]
         rows = PackedRows.from_arrays(outputs[contract.PROBS][0], outputs[contract.PROBS_INDEX][0], V).dense()
         torch.testing.assert_close(rows, warp(expected, params), atol=1e-5, rtol=1e-4)
     assert responses[0].output_tensors[0].as_numpy().shape == (1, 2, 1)  # greedy: one entry per row
