@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import types
 
 import numpy as np
@@ -175,6 +176,14 @@ def metric(name: str, **labels: str) -> float:
     return sum(m.value for m in family.metrics if labels.items() <= m.labels.items())
 
 
+def settled(name: str, expected: float, timeout_s: float = 10.0) -> bool:
+    """Whether the metric reaches ``expected``: the model's thread updates metrics after a batch's answers."""
+    deadline = time.monotonic() + timeout_s
+    while metric(name) != expected and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return metric(name) == expected
+
+
 def test_one_bad_request_does_not_fail_its_batch(triton_model, model):
     batch = [
         triton_request(1, PROMPT, 0, 2, start=1),
@@ -287,8 +296,24 @@ def test_execute_queues_and_every_request_gets_one_final_response(triton_model, 
     follow_up = [triton_request(s, [3], len(PROMPT), 1) for s in (1, 2)]
     triton_model.execute(follow_up)
     assert all(r.sender.done.wait(10) for r in follow_up)
-    assert metric(contract.METRIC_FORWARDS) >= 2 and metric(contract.METRIC_FORWARD_SECONDS) > 0
     releases = [triton_request(s, [], 0, 0, end=1) for s in (1, 2)]
     triton_model.execute(releases)
     assert all(r.sender.done.wait(10) for r in releases)
-    assert metric(contract.METRIC_LIVE_SEQUENCES) == 0.0
+    assert settled(contract.METRIC_LIVE_SEQUENCES, 0.0)
+    assert metric(contract.METRIC_FORWARDS) >= 2 and metric(contract.METRIC_FORWARD_SECONDS) > 0
+
+
+def test_the_answers_go_out_before_the_metrics_are_updated(triton_model):
+    # Each metric update is a round trip to the Triton server: none may stand between a forward and its answers.
+    request = triton_request(1, PROMPT, 0, 1, start=1)
+    seen, send = [], request.sender.send
+
+    def recording_send(response: object = None, flags: int = 0) -> None:
+        seen.append((metric(contract.METRIC_FORWARDS), metric(contract.METRIC_REQUESTS, code="OK")))
+        send(response, flags)
+
+    request.sender.send = recording_send
+    triton_model.execute([request])
+    assert request.sender.done.wait(10)
+    assert settled(contract.METRIC_FORWARDS, 1.0) and metric(contract.METRIC_REQUESTS, code="OK") == 1.0
+    assert seen == [(0.0, 0.0)]
