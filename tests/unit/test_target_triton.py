@@ -210,36 +210,33 @@ async def test_the_release_is_end_on_the_stream():
     assert fake.released == [11]
 
 
-@asyncio_test
-async def test_a_broken_stream_is_released_on_a_stream_of_its_own():
+async def break_then_close(fake: FakeTriton, sequence_id: int) -> None:
+    """Score once, have the stream break under the second score, then close the session."""
     port = free_port()
-    async with fake_triton(port, FakeTriton(break_after=1)) as fake:
+    async with fake_triton(port, fake):
         client = TritonTargetClient(f"127.0.0.1:{port}")
         try:
-            session = await client.open(12, timeout=30.0)
+            session = await client.open(sequence_id, timeout=30.0)
             await session.score(0, [1, 2], 1, GREEDY)
             with pytest.raises(TargetConnectionLost):
                 await session.score(2, [3], 1, GREEDY)
             await session.close()
         finally:
             await client.close()
+
+
+@asyncio_test
+async def test_a_broken_stream_is_released_on_a_stream_of_its_own():
+    fake = FakeTriton(break_after=1)
+    await break_then_close(fake, 12)
     assert fake.flags[-1] == ("stream", False, True) and fake.released == [12]
     assert len(fake.deadlines) == 2  # the broken stream, then the release's own
 
 
 @asyncio_test
 async def test_a_release_triton_refuses_for_want_of_start_is_repeated_with_start_and_end():
-    port = free_port()
-    async with fake_triton(port, FakeTriton(break_after=1, forget=True)) as fake:
-        client = TritonTargetClient(f"127.0.0.1:{port}")
-        try:
-            session = await client.open(13, timeout=30.0)
-            await session.score(0, [1, 2], 1, GREEDY)
-            with pytest.raises(TargetConnectionLost):
-                await session.score(2, [3], 1, GREEDY)
-            await session.close()
-        finally:
-            await client.close()
+    fake = FakeTriton(break_after=1, forget=True)
+    await break_then_close(fake, 13)
     assert fake.flags[-2:] == [("stream", False, True), ("stream", True, True)] and fake.released == [13]
 
 
