@@ -101,7 +101,20 @@ class ServerReader:
         self._draft_channel = grpc.insecure_channel(draft_address)
         self._draft = draft_pb2_grpc.DraftServiceStub(self._draft_channel)
 
-    def triton(self) -> TritonCounters:
+    def triton(self, timeout_s: float = 5.0) -> TritonCounters:
+        """The counters once two readings in a row agree: the model updates its metrics after a batch's answers
+        went out, one counter at a time, so a reading taken right after the last answer can catch an update
+        halfway (the forwards counted, their sequences not yet). Call it when no generation is running."""
+        deadline = time.monotonic() + timeout_s
+        reading = self._read_triton()
+        while True:
+            time.sleep(0.02)
+            again = self._read_triton()
+            if again == reading or time.monotonic() > deadline:
+                return again
+            reading = again
+
+    def _read_triton(self) -> TritonCounters:
         return TritonCounters(*scrape(self._metrics_url, contract.METRIC_FORWARDS, contract.METRIC_FORWARD_SEQUENCES,
                                       contract.METRIC_FORWARD_SECONDS, contract.METRIC_BATCH_WAIT_SECONDS))
 
