@@ -33,7 +33,7 @@ from specdec.rows import PackedRows
 from specdec.sampling import SamplingParams, warp
 from target_service.config import TargetModelParams, TritonServerConfig
 from target_service.launcher import TritonServer
-from tests.integration.live import frozen_objects
+from tests.integration.live import frozen_objects, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -154,6 +154,11 @@ def live_sequences(triton: TritonServer) -> float:
     return sum(float(v) for v in values)
 
 
+def assert_live(triton: TritonServer, expected: int) -> None:
+    """The gauge reaches ``expected``: the model updates its metrics just after a batch's answers went out."""
+    wait_until(lambda: live_sequences(triton) == expected, f"{expected} live sequence(s)", timeout_s=5.0)
+
+
 def test_the_model_process_freezes_what_startup_left(triton):
     """The stub process holds torch and the model (specdec.gc_freeze): frozen once, after loading."""
     assert triton.log_path is not None
@@ -183,16 +188,16 @@ def test_append_and_rollback_match_a_fresh_sequence(client, forward):
 
 
 def test_release_brings_live_sequences_back_to_zero(client, triton):
-    assert live_sequences(triton) == 0
+    assert_live(triton, 0)
     sids = [new_sid(), new_sid()]
     for sid in sids:
         infer(client, sid, PROMPT[:2], 0, 1, start=True)
-    assert live_sequences(triton) == 2
+    assert_live(triton, 2)
     released = infer(client, sids[0], [], 0, 0, end=True)  # the release request of the contract
     assert released.shape == (1, 0, 49152)
-    assert live_sequences(triton) == 1
+    assert_live(triton, 1)
     infer(client, sids[1], [5], 2, 1, end=True)  # END on a normal request: logits, then dropped
-    assert live_sequences(triton) == 0
+    assert_live(triton, 0)
 
 
 def test_a_lost_sequence_is_recognisable(client):
@@ -234,7 +239,7 @@ def test_capacity_is_unavailable_with_a_capacity_message(client, triton):
     assert contract.classify_error(error.status(), error.message()) is contract.ErrorKind.CAPACITY
     for sid in sids:
         release(client, sid)
-    assert live_sequences(triton) == 0
+    assert_live(triton, 0)
 
 
 def test_unary_calls_are_refused_the_model_answers_on_streams(client):
@@ -337,7 +342,7 @@ def test_the_orchestrators_adapter_gets_the_warped_rows_packed(triton, client, p
     support = int(torch.count_nonzero(expected, dim=-1).max())
     assert support < 49152 / 2 and p.shape[1] <= 49152
     assert torch.equal(torch.nn.functional.pad(p.dense(), (0, 49152 - p.shape[1])), expected)
-    assert live_sequences(triton) == 0  # the adapter released its sequence
+    assert_live(triton, 0)  # the adapter released its sequence
 
 
 def test_a_model_that_cannot_load_fails_the_start_loudly(tmp_path):
