@@ -59,7 +59,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from specdec.rows import PackedRows, on_common_support
+from specdec.rows import PackedRows, on_common_support, pack_rows
 from specdec.sampling_params import SamplingParams
 
 __all__ = [
@@ -142,6 +142,16 @@ def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     if params.top_p < 1.0:
         x = _mask_top_p(x, params.top_p)
     return torch.softmax(x, dim=-1)  # [..., V]
+
+
+def warp_packed(logits: torch.Tensor, params: SamplingParams) -> tuple[np.ndarray, np.ndarray | None]:
+    """logits [N, V] -> ``pack_rows(warp(logits, params))``, the rows as they cross the wire. Greedy rows are
+    one-hot, so they pack to the value 1 at their argmax: built directly, without the [N, V] one-hot rows
+    and the scan for their support (about 0.4 ms of every greedy round on a 49k vocabulary, CPU)."""
+    if params.greedy and logits.dim() == 2 and logits.shape[0] > 0 and logits.shape[1] > 1:
+        top = torch.argmax(logits.to(torch.float32), dim=-1, keepdim=True)  # [N, 1], warp's tie rule
+        return np.ones((logits.shape[0], 1), dtype=np.float32), top.to(torch.int32).cpu().numpy()
+    return pack_rows(warp(logits, params))
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

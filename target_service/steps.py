@@ -21,8 +21,7 @@ import torch
 from specdec import target_contract as contract
 from specdec.engine import CausalLMEngine, StepItem
 from specdec.kv_cache import KVCache
-from specdec.rows import pack_rows
-from specdec.sampling import SamplingParams, warp
+from specdec.sampling import SamplingParams, warp_packed
 from specdec.sequences import CapacityError, Entry, SequenceNotFoundError, SequenceStore
 
 log = logging.getLogger(__name__)
@@ -129,7 +128,7 @@ def outputs(logits: torch.Tensor, params: SamplingParams | None) -> Outputs:
     if logits.shape[0] == 0:
         values, index = logits.cpu().numpy(), None
     else:
-        values, index = pack_rows(warp(logits, params))  # [N, M] each, or [N, V] and None when dense
+        values, index = warp_packed(logits, params)  # [N, M] each, or [N, V] and None when dense
     if index is None:
         index = np.zeros((values.shape[0], 0), dtype=np.int32)
     return {contract.PROBS: values[None], contract.PROBS_INDEX: index[None]}  # [1, N, M], [1, N, M | 0]

@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specdec.sampling import SamplingParams, sample, warp
+from specdec.rows import pack_rows
+from specdec.sampling import SamplingParams, sample, warp, warp_packed
 from tests import sampling_oracle as oracle
 from tests.fakes import gen, random_logits
 
@@ -163,6 +164,22 @@ def test_wide_vocab_top_p_matches_the_oracle(scale: float, top_p: float) -> None
         kept = [i for i, v in enumerate(expected) if v > 0]
         assert torch.nonzero(row_probs).flatten().tolist() == kept
         torch.testing.assert_close(row_probs.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("vocab", [2, 3, 1000])
+@pytest.mark.parametrize(
+    "params", [SamplingParams(temperature=0.0), SamplingParams(temperature=0.9, top_p=0.8, top_k=20)], ids=["greedy", "sampled"]
+)
+def test_warp_packed_is_warp_then_pack_rows(vocab: int, params: SamplingParams) -> None:
+    logits = torch.randint(-3, 3, (64, vocab), generator=gen(7)).to(torch.bfloat16)  # many ties, a narrow dtype
+    logits[0] = float("-inf")
+    logits[1, vocab // 2] = float("nan")  # argmax counts NaN as the largest, in warp and here alike
+    values, index = warp_packed(logits, params)
+    expected_values, expected_index = pack_rows(warp(logits, params))
+    assert values.dtype == expected_values.dtype and values.tobytes() == expected_values.tobytes()
+    assert (index is None) == (expected_index is None)
+    if index is not None:
+        assert index.dtype == expected_index.dtype and index.tobytes() == expected_index.tobytes()
 
 
 def test_warp_accepts_half_precision_and_extreme_temperature() -> None:
