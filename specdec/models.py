@@ -24,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from specdec.cpu_linear import pack_linears  # noqa: E402
 from specdec.filelock import file_lock  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -107,15 +108,20 @@ def load_model(
     dtype: str = "float32",
     keep_layers: Sequence[int] | None = None,
     cache_dir: Path | None = None,
+    packed_linears: bool = True,
 ) -> torch.nn.Module:
-    """Load a causal LM for inference, optionally cut down to ``keep_layers`` (a self-draft)."""
+    """Load a causal LM for inference, optionally cut down to ``keep_layers`` (a self-draft). On the CPU its
+    linear layers run on packed weights (`specdec.cpu_linear`) unless ``packed_linears`` is False."""
     from transformers import AutoModelForCausalLM
 
     folder = resolve_model_dir(spec, cache_dir)
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=parse_dtype(dtype))
     if keep_layers is not None:
         _keep_layers(model, keep_layers)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if packed_linears and (packed := pack_linears(model)):
+        log.info("%s: %d linear layers run on oneDNN-packed weights", spec, packed)
+    return model
 
 
 def _keep_layers(model: torch.nn.Module, keep: Sequence[int]) -> None:
