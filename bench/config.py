@@ -51,6 +51,7 @@ class BenchConfig:
     out_dir: str = "bench/out"
     quick: bool = False
     skip_peer: bool = False
+    stock_peer: bool = False  # the HF peer on stock PyTorch linears instead of the stack's packed ones
     sweep: bool = False  # run the self-draft sweep instead of the benchmark
     sweep_dtypes: tuple[str, ...] = ("float32", "bfloat16")
     sweep_ks: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
@@ -125,6 +126,8 @@ _HELP = {
     "out_dir": "where the tables (.md, .csv) and figures (.png) go",
     "quick": "smoke test: a tiny random model, 2 prompts per workload, a few tokens",
     "skip_peer": "do not run Hugging Face generate",
+    "stock_peer": "run Hugging Face generate on stock PyTorch linear layers (by default it gets the same "
+                  "oneDNN-packed weights as the stack: specdec/cpu_linear.py)",
     "sweep": "sweep SmolLM2 self-drafts (alpha, cost, ideal) instead",
     "sweep_dtypes": "--sweep: draft dtypes tried",
     "sweep_ks": "--sweep: Ks of the ideal",
