@@ -16,11 +16,6 @@ ended — and never for a sequence that took longer than that last time (it is d
 gone): those join whichever forward is next when they come. A lone caller never waits: its next request is
 the only one expected. A sequence that ended (END) is no longer expected.
 
-A batch that would start at once anyway (nothing running, nothing else queued, no sequence expected back)
-can run in the submitting thread (``submit(..., here=True)``): the model's ``execute()`` then answers it
-without waking the scheduler's thread, a hand-over that costs a lone caller a few tenths of a millisecond
-per round. One forward still runs at a time.
-
 Pure threading and a clock: no Triton, no torch (tests drive it with plain callables).
 """
 
@@ -79,31 +74,22 @@ class StepScheduler(Generic[T]):
         self._pending: list[Pending[T]] = []
         self._tracks: dict[int, _Track] = {}
         self._last_end = 0.0  # when the last forward ended
-        self._running = False  # a forward is under way (on the scheduler's thread or a submitter's)
         self._stopping = False
         self.stats = SchedulerStats()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, requests: Sequence[Pending[T]], *, here: bool = False) -> None:
-        """Queue requests (in their order) for the next forwards. With ``here``, a batch that would start at
-        once anyway runs in this thread before ``submit`` returns (the runner must then be safe to call
-        from it)."""
+    def submit(self, requests: Sequence[Pending[T]]) -> None:
+        """Queue requests (in their order) for the next forwards."""
         now = self._clock()
         with self._cond:
-            alone = not self._pending and not self._running and not self._stopping
             for request in requests:
                 request.arrived = now
                 track = self._tracks.get(request.sequence_id)
                 if track is not None:
                     track.slow = now - track.answered > self.max_wait_s
                 self._pending.append(request)
-            if not (here and alone and self._pending and not self._missing()):
-                self._cond.notify()
-                return
-            batch, self._pending = self._pending, []
-            self._running = True
-        self._execute(batch)
+            self._cond.notify()
 
     def stop(self, timeout_s: float = 10.0) -> list[T]:
         """Stop the thread after the forward under way; returns what was still queued (never run)."""
@@ -122,7 +108,7 @@ class StepScheduler(Generic[T]):
 
     def _next_batch(self) -> list[Pending[T]] | None:
         with self._cond:
-            while (not self._pending or self._running) and not self._stopping:
+            while not self._pending and not self._stopping:
                 self._cond.wait()
             if self._stopping:
                 return None
@@ -136,25 +122,16 @@ class StepScheduler(Generic[T]):
                 self.stats.gave_up += 1
             self.stats.waited_s += self._clock() - started
             batch, self._pending = self._pending, []
-            self._running = True
             return batch
 
     def _loop(self) -> None:
         while (batch := self._next_batch()) is not None:
-            self._execute(batch)
-
-    def _execute(self, batch: list[Pending[T]]) -> None:
-        """Run one batch (``_running`` set by the caller), then note when its sequences were answered."""
-        try:
-            self._run([p.item for p in batch])
-        except Exception:  # noqa: BLE001 - the runner answers its own requests; keep serving
-            log.exception("a batch failed")
-        finally:
+            try:
+                self._run([p.item for p in batch])
+            except Exception:  # noqa: BLE001 - the runner answers its own requests; keep serving
+                log.exception("a batch failed")
             now = self._clock()
             with self._cond:
-                self._running = False
-                if self._pending:  # queued meanwhile, held back by the forward under way
-                    self._cond.notify()
                 self._last_end = now
                 self.stats.forwards += 1
                 for p in batch:

@@ -158,8 +158,7 @@ class TargetModel:
         self._scheduler = StepScheduler(self._answer_batch, params.batch_wait_ms / 1e3, name="specdec-target-steps")
 
     def execute(self, requests: list[Any]) -> None:
-        """Decoupled: queue every request with its response sender; a malformed one is refused at once. A
-        batch the scheduler would start at once anyway (a lone caller's step) runs right here."""
+        """Decoupled: queue every request with its response sender; a malformed one is refused at once."""
         assert self._scheduler is not None, "initialize() first"
         queued = []
         for request in requests:
@@ -170,7 +169,7 @@ class TargetModel:
                 self._count([decoded])
                 continue
             queued.append(Pending(decoded.sequence_id, decoded.end, (decoded, sender)))
-        self._scheduler.submit(queued, here=True)  # a batch due at once is answered before execute returns
+        self._scheduler.submit(queued)
         return None
 
     def answer(self, requests: list[Any]) -> list[Any]:

@@ -24,13 +24,8 @@ class Recorder:
     def __init__(self, fail_first: bool = False) -> None:
         self.batches: queue.Queue[list[int]] = queue.Queue()
         self.fail_first = fail_first
-        self.threads: list[threading.Thread] = []  # the thread each batch ran on
-        self.hold: threading.Event | None = None  # set: each batch waits for it
 
     def __call__(self, items: list[int]) -> None:
-        self.threads.append(threading.current_thread())
-        if self.hold is not None:
-            self.hold.wait(PATIENT)
         self.batches.put(list(items))
         if self.fail_first:
             self.fail_first = False
@@ -40,8 +35,8 @@ class Recorder:
         return self.batches.get(timeout=timeout)
 
 
-def send(scheduler: StepScheduler, *sids: int, ends: bool = False, here: bool = False) -> None:
-    scheduler.submit([Pending(sid, ends, sid) for sid in sids], here=here)
+def send(scheduler: StepScheduler, *sids: int, ends: bool = False) -> None:
+    scheduler.submit([Pending(sid, ends, sid) for sid in sids])
 
 
 @pytest.fixture
@@ -128,40 +123,6 @@ def test_a_failing_batch_does_not_stop_the_loop_and_stop_returns_what_was_queued
     blocker.set()
     left = scheduler.stop()
     assert left in ([9], [])  # it never runs after stop, or it ran before stop took the lock
-
-
-def test_a_batch_that_would_start_at_once_runs_in_the_submitting_thread(make) -> None:
-    runner = Recorder()
-    scheduler = make(PATIENT, runner)
-    for _ in range(2):  # a lone caller: its batch is complete the moment it comes
-        send(scheduler, 7, here=True)
-        assert runner.batches.get_nowait() == [7]  # answered before submit returned
-        assert runner.threads[-1] is threading.current_thread()
-    send(scheduler, 7, ends=True, here=True)
-    assert runner.batches.get_nowait() == [7]
-    send(scheduler, 1, 2, here=True)  # 7 ended: nothing else is expected
-    assert sorted(runner.batches.get_nowait()) == [1, 2] and runner.threads[-1] is threading.current_thread()
-    send(scheduler, 1, here=True)  # 2 is expected back: this one is the scheduler's to hold
-    assert runner.batches.empty()
-    send(scheduler, 2, here=True)
-    assert sorted(runner.next()) == [1, 2] and runner.threads[-1] is not threading.current_thread()
-    assert scheduler.stats.forwards == 5 and scheduler.stats.gave_up == 0
-
-
-def test_one_forward_at_a_time_whichever_thread_runs_it(make) -> None:
-    runner = Recorder()
-    runner.hold = threading.Event()
-    scheduler = make(0.0, runner)
-    send(scheduler, 1)  # on the scheduler's thread, held there
-    deadline = time.monotonic() + 5
-    while not runner.threads and time.monotonic() < deadline:
-        time.sleep(0.01)
-    send(scheduler, 2, here=True)  # a forward is under way: queued, not run here
-    assert len(runner.threads) == 1 and runner.batches.empty()
-    runner.hold.set()
-    assert runner.next() == [1]
-    assert runner.next() == [2]
-    assert all(thread is not threading.current_thread() for thread in runner.threads)
 
 
 def test_max_wait_must_not_be_negative() -> None:
