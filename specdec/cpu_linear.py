@@ -11,7 +11,7 @@ now costs little more than one.
 Where: `specdec.models.load_model` packs every ``nn.Linear`` of a model it loads on the CPU (the target, the
 model drafter, the benchmark's Hugging Face peer alike), unless told not to. GPUs keep their own kernels.
 The packed copy replaces the weight (a tied output embedding keeps its input embedding, so that one weight
-is held twice). Numerics: the same products summed in another order, ~1e-4 on SmolLM2's logits; each row's
+is held twice). Row counts are bucketed (`bucket`), so oneDNN keeps a bounded set of kernels. Numerics: the same products summed in another order, ~1e-4 on SmolLM2's logits; each row's
 result does not depend on the other rows of the batch (tested on our shapes; MKL's does), so a sequence's
 rows are the same whether it runs alone or batched with others.
 """
@@ -34,6 +34,15 @@ def available(dtype: torch.dtype) -> bool:
     return dtype != torch.bfloat16 or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def bucket(rows: int) -> int:
+    """The row count a linear runs at: exact up to 16 (decode and verification steps), then rounded up to
+    4 sizes per power of two (at most 25% padding; 4 sizes per doubling of the prompt length)."""
+    if rows <= 16:
+        return rows
+    step = 1 << (rows.bit_length() - 3)  # a quarter of the power of two below rows
+    return -(-rows // step) * step
+
+
 class PackedLinear(torch.nn.Module):
     """``nn.Linear``'s forward on a weight packed for oneDNN; inference only (no gradients, no ``weight``)."""
 
@@ -46,10 +55,18 @@ class PackedLinear(torch.nn.Module):
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in_features] -> [..., out_features], as ``nn.Linear`` (same dtype rules: x must match)."""
+        """x [..., in_features] -> [..., out_features], as ``nn.Linear`` (same dtype rules: x must match).
+        The rows are zero-padded to `bucket` rows: oneDNN keeps a kernel per row count it has seen
+        (~1 MB each), so a server fed every prompt length would grow without bound."""
         if x.dtype != self.dtype:
             raise TypeError(f"expected {self.dtype} input, got {x.dtype}")
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        rows = x.reshape(-1, self.in_features)  # [N, in]
+        n = rows.shape[0]
+        padded = bucket(n)
+        if padded != n:
+            rows = torch.nn.functional.pad(rows, (0, 0, 0, padded - n))  # [padded, in]
+        out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")[:n]  # [N, out]
+        return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

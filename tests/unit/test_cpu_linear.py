@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from specdec.cpu_linear import PackedLinear, available, pack_linears
+from specdec.cpu_linear import PackedLinear, available, bucket, pack_linears
 from specdec.engine import CausalLMEngine, StepItem
 from specdec.models import load_model
 from specdec.tiny import save_tiny_llama
 from tests.fakes import gen
-
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -73,3 +72,18 @@ def test_nothing_is_packed_where_onednn_cannot_run(folder: Path) -> None:
     model = load_model(str(folder), packed_linears=False).to(torch.float64)
     assert pack_linears(model) == 0
     assert any(type(m) is torch.nn.Linear for m in model.modules())
+
+
+def test_row_counts_fall_into_few_buckets_with_little_padding() -> None:
+    sizes = [bucket(n) for n in range(1, 8193)]
+    assert sizes[:16] == list(range(1, 17))  # decode and verification steps run unpadded
+    assert all(n <= b <= 1.25 * n for n, b in enumerate(sizes, start=1))
+    assert sizes == sorted(sizes) and len(set(sizes)) == 52  # one oneDNN kernel per size, not per prompt length
+
+
+def test_padded_rows_give_the_unpadded_results() -> None:
+    linear = torch.nn.Linear(64, 96)
+    packed = PackedLinear(linear)
+    x = torch.randn(1, 37, 64, generator=gen(5))  # 37 rows run as 40
+    torch.testing.assert_close(packed(x), linear(x), atol=1e-4, rtol=1e-4)
+    assert torch.equal(packed(x)[0, :5], packed(x[:, :37])[0, :5])
