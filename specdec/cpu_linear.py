@@ -11,9 +11,10 @@ now costs little more than one.
 Where: `specdec.models.load_model` packs every ``nn.Linear`` of a model it loads on the CPU (the target, the
 model drafter, the benchmark's Hugging Face peer alike), unless told not to. GPUs keep their own kernels.
 The packed copy replaces the weight (a tied output embedding keeps its input embedding, so that one weight
-is held twice). Row counts are bucketed (`bucket`), so oneDNN keeps a bounded set of kernels. Numerics: the same products summed in another order, ~1e-4 on SmolLM2's logits; each row's
-result does not depend on the other rows of the batch (tested on our shapes; MKL's does), so a sequence's
-rows are the same whether it runs alone or batched with others.
+is held twice). Row counts are bucketed (`bucket`), so oneDNN keeps a bounded set of kernels. Numerics: the
+same products summed in another order, ~1e-4 on SmolLM2's logits; each row's result does not depend on the
+other rows of the batch (tested on our shapes; MKL's does), so a sequence's rows are the same whether it
+runs alone or batched with others.
 """
 
 from __future__ import annotations
