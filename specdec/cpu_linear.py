@@ -19,11 +19,7 @@ runs alone or batched with others.
 
 from __future__ import annotations
 
-import logging
-
 import torch
-
-log = logging.getLogger(__name__)
 
 _DTYPES = (torch.float32, torch.bfloat16)
 
@@ -74,15 +70,12 @@ class PackedLinear(torch.nn.Module):
 
 
 def pack_linears(model: torch.nn.Module) -> int:
-    """Replace every ``nn.Linear`` of a CPU model by a `PackedLinear`, in place; returns how many. Does
-    nothing (0) on another device, or a dtype or build oneDNN cannot run."""
-    parameters = list(model.parameters())
-    if not parameters or parameters[0].device.type != "cpu" or not available(parameters[0].dtype):
-        return 0
+    """Replace every ``nn.Linear`` on the CPU by a `PackedLinear`, in place; returns how many. Linears on
+    another device, or of a dtype this build and CPU cannot run packed, stay as they are."""
     replaced = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if type(child) is torch.nn.Linear and child.weight.dtype in _DTYPES:
+            if type(child) is torch.nn.Linear and child.weight.device.type == "cpu" and available(child.weight.dtype):
                 setattr(module, name, PackedLinear(child))
                 replaced += 1
     return replaced
