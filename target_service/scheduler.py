@@ -9,7 +9,7 @@ with Triton's own batcher: 8 generations in flight, 4 sequences per forward, a p
 a 65 ms forward). Triton's queue delay cannot tell a lone caller from a convoy: any delay is paid by every
 request, alone or not (bench/README.md, "Batching").
 
-So the model batches for itself (its Triton config is decoupled: ``execute()`` hands requests over).
+So the model batches for itself (its Triton config is decoupled: ``execute()`` only hands requests over).
 `StepScheduler` keeps, per sequence of the last forwards, when its answer went out. The next forward waits
 until every such sequence has sent its next request, for at most ``max_wait_s`` after the last forward
 ended — and never for a sequence that took longer than that last time (it is drafting with a model, or has
