@@ -11,11 +11,10 @@ START flag" = cache lost, "capacity:" = at capacity.
 Closing sends the release request (no tokens, NUM_LOGITS 0, END) on the stream, in order after every
 request already sent on it, even when the caller gave up mid-request (cancelled, deadline): a caller that
 gives up never cancels the stream (see `TritonTargetSession`). After a request failed, or if the stream
-itself broke (Triton restarted, the connection dropped), the release goes on a stream of its own (the model
-is decoupled: Triton answers it only on streams); if Triton
-no longer knows the sequence ("must specify the START flag"), it is repeated with START + END, which also
-clears a cache the model may still hold (never START + END on a sequence Triton knows: a "conflict" to
-Triton). A release is never cut short by our own impatience: ``close`` waits for its answer for
+itself broke (Triton restarted, the connection dropped), even with the release on its way, the release goes
+on a stream of its own (the model is decoupled: Triton answers it only on streams); if Triton no longer
+knows the sequence ("must specify the START flag"), it is repeated with START + END, which also clears a
+cache the model may still hold (never START + END on a sequence Triton knows: a "conflict" to Triton). A release is never cut short by our own impatience: ``close`` waits for its answer for
 ``_CLOSE_TIMEOUT_S``, and a slower answer (Triton busy) is awaited in the background for up to
 ``_RELEASE_TIMEOUT_S``; cancelling it would leave the cache to the model's idle TTL. A release that fails
 is logged as a warning.
@@ -117,7 +116,10 @@ def _rpc_error(exc: grpc.aio.AioRpcError, url: str) -> Exception:
         return DeadlineExceeded(f"target stream DEADLINE_EXCEEDED: {exc.details()}")
     if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return TargetCapacityExhausted(f"target stream RESOURCE_EXHAUSTED: {exc.details()}")
-    if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+    # Triton answers its own errors on the stream, in a response; a whole stream failing UNAVAILABLE, CANCELLED
+    # or INTERNAL is the transport: gRPC reports a reset HTTP/2 stream as INTERNAL ("Internal error from Core",
+    # seen when a connection is reset mid-stream), and the loop re-sends the prefix on a new stream.
+    if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL):
         return TargetConnectionLost(f"the stream to Triton at {url} broke: {exc.code().name}: {exc.details()}")
     return TargetError(f"target stream {exc.code().name}: {exc.details()}")
 
@@ -266,7 +268,9 @@ class TritonTargetSession:
         level = logging.INFO if gone else logging.WARNING
         if self._answered < self._sent:
             why = _describe(self._last_error)
-            self._log.log(level, "the target stream ended before the release was answered: %s", why)
+            self._log.log(level, "the target stream ended before the release was answered (%s); "
+                                 "releasing on a stream of its own", why)
+            await self._release_alone()  # the release may never have reached Triton
         elif self._last_error is not None:
             self._log.log(level, "releasing the target sequence failed: %s", _describe(self._last_error))
 

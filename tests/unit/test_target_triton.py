@@ -3,10 +3,11 @@
 Proves: an unreachable Triton fails a request with UNAVAILABLE "target (Triton at HOST:PORT) is
 unavailable: ..." after the bounded connect timeout, not the caller's whole deadline; once something
 listens there again the same client (channel) serves without being rebuilt; the caller's deadline reaches
-the stream as a gRPC deadline; a stream that breaks under a live sequence is TargetConnectionLost (the loop
-then re-sends the prefix); the release is END on the stream or (stream broken) on a stream of its own, with START + END if Triton
-forgot the sequence, and a slow
-release is finished in the background, never cancelled; Triton's "not serving" messages are UNAVAILABLE.
+the stream as a gRPC deadline; a stream that breaks under a live sequence (UNAVAILABLE, or INTERNAL for a
+reset HTTP/2 stream) is TargetConnectionLost (the loop then re-sends the prefix); the release is END on the
+stream or, if the stream broke (before or under the release), on a stream of its own, with START + END if
+Triton forgot the sequence; a slow release is finished in the background, never cancelled; Triton's "not
+serving" messages are UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -37,12 +38,14 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
     FORWARD_SEQUENCES) and a release with LOGITS [1, 0, V]; records each stream's deadline."""
 
     def __init__(self, break_after: int | None = None, release_delay_s: float = 0.0, delay_s: float = 0.0,
-                 forget: bool = False, forward_sequences: int = 3) -> None:
+                 forget: bool = False, forward_sequences: int = 3,
+                 break_code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
         self.deadlines: list[float | None] = []
         self.forward_sequences = forward_sequences  # what every scoring answer says its forward ran
         self.forget = forget  # Triton forgot every sequence: an END without START is refused
         self.requests = 0
-        self.break_after = break_after  # abort the stream with UNAVAILABLE after this many answers
+        self.break_after = break_after  # abort the stream with break_code after this many answers
+        self.break_code = break_code
         self.release_delay_s = release_delay_s  # answer release requests (END, no tokens) this late
         self.delay_s = delay_s  # answer other requests this late
         self.flags: list[tuple[str, bool, bool]] = []  # (how, START, END) of every request
@@ -54,7 +57,7 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
             self.requests += 1
             if self.break_after is not None and self.requests > self.break_after:
                 self.break_after = None  # once: the streams that follow work
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "Socket closed")
+                await context.abort(self.break_code, "Socket closed")
             if self.forget and request.parameters["sequence_end"].bool_param and \
                     not request.parameters["sequence_start"].bool_param:
                 self.flags.append(("stream", False, True))
@@ -231,6 +234,33 @@ async def test_a_broken_stream_is_released_on_a_stream_of_its_own():
     await break_then_close(fake, 12)
     assert fake.flags[-1] == ("stream", False, True) and fake.released == [12]
     assert len(fake.deadlines) == 2  # the broken stream, then the release's own
+
+
+@asyncio_test
+async def test_a_stream_reset_reported_as_internal_is_a_lost_connection():
+    """gRPC reports an HTTP/2 stream reset mid-call as INTERNAL ("Internal error from Core"): the stream is
+    gone, not the request, so the loop re-sends the prefix (seen in the fault tests: connections reset)."""
+    fake = FakeTriton(break_after=1, break_code=grpc.StatusCode.INTERNAL)
+    await break_then_close(fake, 14)
+    assert fake.flags[-1] == ("stream", False, True) and fake.released == [14]
+
+
+@asyncio_test
+async def test_a_stream_that_breaks_under_the_release_releases_on_a_stream_of_its_own():
+    """The release was sent on the stream, which then broke before answering: it may never have reached
+    Triton, so it goes again on a stream of its own (else the sequence stays live until the model's TTL)."""
+    port = free_port()
+    async with fake_triton(port, FakeTriton(break_after=2)) as fake:
+        client = TritonTargetClient(f"127.0.0.1:{port}")
+        try:
+            session = await client.open(15, timeout=30.0)
+            await session.score(0, [1, 2], 1, GREEDY)
+            await session.score(2, [3], 1, GREEDY)
+            await session.close()  # the release (the 3rd request) breaks the stream
+        finally:
+            await client.close()
+    assert fake.flags == [("stream", True, False), ("stream", False, False), ("stream", False, True)]
+    assert fake.released == [15] and len(fake.deadlines) == 2  # answered on the release's own stream
 
 
 @asyncio_test
