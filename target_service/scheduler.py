@@ -61,15 +61,16 @@ class SchedulerStats:
 
 
 class StepScheduler(Generic[T]):
-    """Collects requests from any thread (`submit`) and runs them in batches on its own thread (``run``)."""
+    """Collects requests from any thread (`submit`) and runs them in batches on its own thread (``run``),
+    which first calls ``on_start``."""
 
     def __init__(
         self, run: Callable[[list[T]], None], max_wait_s: float, clock: Callable[[], float] = time.monotonic,
-        name: str = "specdec-steps",
+        name: str = "specdec-steps", on_start: Callable[[], None] = lambda: None,
     ) -> None:
         if max_wait_s < 0:
             raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
-        self._run, self.max_wait_s, self._clock = run, max_wait_s, clock
+        self._run, self.max_wait_s, self._clock, self._on_start = run, max_wait_s, clock, on_start
         self._cond = threading.Condition()
         self._pending: list[Pending[T]] = []
         self._tracks: dict[int, _Track] = {}
@@ -125,6 +126,7 @@ class StepScheduler(Generic[T]):
             return batch
 
     def _loop(self) -> None:
+        self._on_start()  # on this thread, before any batch (per-thread settings such as OpenMP's thread count)
         while (batch := self._next_batch()) is not None:
             try:
                 self._run([p.item for p in batch])

@@ -120,6 +120,13 @@ class _Metrics:
         self._forwards[1] += sequences
 
 
+def _use_threads(threads: int) -> None:
+    """OpenMP's thread count is per calling thread (``torch.get_num_threads()`` reports the process-wide value
+    all the same): the thread that runs the forwards sets its own."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
 class TargetModel:
     """``TritonPythonModel`` minus the Triton imports: ``pb_utils`` is passed in (or a fake, in tests)."""
 
@@ -155,7 +162,8 @@ class TargetModel:
         self.store = SequenceStore(self.engine.new_cache, params.max_sequences, params.idle_ttl_s, clock=self._clock)
         labels = {"model": args.get("model_name", contract.MODEL_NAME), "instance": args.get("model_instance_name", "0")}
         self._metrics = _Metrics(self._pb, labels)
-        self._scheduler = StepScheduler(self._answer_batch, params.batch_wait_ms / 1e3, name="specdec-target-steps")
+        self._scheduler = StepScheduler(self._answer_batch, params.batch_wait_ms / 1e3, name="specdec-target-steps",
+                                        on_start=lambda: _use_threads(params.threads))
 
     def execute(self, requests: list[Any]) -> None:
         """Decoupled: queue every request with its response sender; a malformed one is refused at once."""

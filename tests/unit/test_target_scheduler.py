@@ -128,3 +128,18 @@ def test_a_failing_batch_does_not_stop_the_loop_and_stop_returns_what_was_queued
 def test_max_wait_must_not_be_negative() -> None:
     with pytest.raises(ValueError, match="max_wait_s"):
         StepScheduler(lambda items: None, -1.0)
+
+
+def test_on_start_runs_on_the_schedulers_thread_before_any_batch() -> None:
+    events: list[tuple[str, int]] = []
+    scheduler = StepScheduler(lambda items: events.append(("run", threading.get_ident())), PATIENT,
+                              on_start=lambda: events.append(("start", threading.get_ident())))  # fmt: skip
+    try:
+        send(scheduler, 1)
+        deadline = time.monotonic() + 5
+        while len(events) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        scheduler.stop()
+    assert [what for what, _ in events] == ["start", "run"]
+    assert events[0][1] == events[1][1] != threading.get_ident()

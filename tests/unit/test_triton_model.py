@@ -8,10 +8,12 @@ bytes, requests by code, output bytes, forwards and the sequences in them) curre
 
 from __future__ import annotations
 
+import ctypes
 import json
 import threading
 import time
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -317,3 +319,34 @@ def test_the_answers_go_out_before_the_metrics_are_updated(triton_model):
     assert request.sender.done.wait(10)
     assert settled(contract.METRIC_FORWARDS, 1.0) and metric(contract.METRIC_REQUESTS, code="OK") == 1.0
     assert seen == [(0.0, 0.0)]
+
+
+def _openmp_threads_here() -> int:
+    """The OpenMP team size a parallel region started on the calling thread gets (torch's own libgomp)."""
+    return ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libgomp.so.1")).omp_get_max_threads()
+
+
+def test_the_threads_parameter_holds_on_the_thread_that_runs_the_forwards(model, clock):
+    """OpenMP's thread count is per thread: set on the main thread only, a forward on the scheduler's thread
+    would run on every core (torch.get_num_threads() would still report the setting)."""
+    before = torch.get_num_threads()
+    target = TargetModel(fake_pb_utils(), engine=CausalLMEngine(model), clock=clock)
+    parameters = {"threads": {"string_value": "1"}}
+    target.initialize({"model_config": json.dumps({"parameters": parameters}), "model_name": "specdec_target"})
+    assert target.engine is not None
+    seen: list[int] = []
+    step = target.engine.step
+
+    def recording_step(items):
+        seen.append(_openmp_threads_here())
+        return step(items)
+
+    target.engine.step = recording_step  # type: ignore[method-assign]
+    try:
+        request = triton_request(1, PROMPT, 0, 1, start=1)
+        target.execute([request])
+        assert request.sender.done.wait(10)
+    finally:
+        target.finalize()
+        torch.set_num_threads(before)  # initialize() set the main thread's too
+    assert seen == [1]
