@@ -81,24 +81,28 @@ def test_a_generations_spread_over_both_replicas_of_each_pool(fleet: LocalStack)
 def test_b_killing_a_draft_and_a_triton_mid_run_loses_no_request(fleet: LocalStack) -> None:
     stack = fleet
     killed: list[str] = []
+    killer: list[threading.Thread] = []
 
     def kill_after_some(results: list[Result]) -> None:
-        if len(results) == 24 and not killed:
-            killed.append("pending")
+        if len(results) == 24 and not killer:
 
             def kill() -> None:
                 for name in (replica_name("draft", 1), replica_name("triton", 1)):
-                    stack.kill(name)
-                killed.append("done")
+                    stack.kill(name)  # returns once the process is gone (Triton's launcher cleans up first)
+                    killed.append(name)
 
-            threading.Thread(target=kill).start()
+            killer.append(threading.Thread(target=kill))
+            killer[0].start()
 
     results = asyncio.run(
         run_load(stack.address, 128, MIX, seed=12, on_result=kill_after_some, concurrency=CONCURRENCY)
     )
     print("\n" + summary("(b) draft-1 and triton-1 killed under load", results))
-    assert killed == ["pending", "done"], "the replicas were never killed"
+    assert killer, "the replicas were never killed"
+    killer[0].join(90)  # the load may end before Triton's launcher has finished cleaning up
+    assert killed == [replica_name("draft", 1), replica_name("triton", 1)]
     assert unexpected(results) == []  # no request lost
+    # Killed mid-run: generations on the dead Triton were re-sent to the other one.
     assert sum(r.stats.target_reprefills for r in results) > 0, "no generation was re-prefilled"
     dead_draft, dead_triton = stack.draft_addresses[1], stack.triton_urls[1]
     wait_until(lambda: counts(stack, "healthy", "draft").get(dead_draft) == 0, "the dead draft ejected", 30)
