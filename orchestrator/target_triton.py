@@ -16,8 +16,9 @@ on a stream of its own (the model is decoupled: Triton answers it only on stream
 knows the sequence ("must specify the START flag"), it is repeated with START + END, which also clears a
 cache the model may still hold (never START + END on a sequence Triton knows: a "conflict" to Triton). A release is never cut short by our own impatience: ``close`` waits for its answer for
 ``_CLOSE_TIMEOUT_S``, and a slower answer (Triton busy) is awaited in the background for up to
-``_RELEASE_TIMEOUT_S``; cancelling it would leave the cache to the model's idle TTL. A release that fails
-is logged as a warning.
+``_RELEASE_TIMEOUT_S``; cancelling it would leave the cache to the model's idle TTL. A release on a stream
+of its own waits for the channel to reconnect (within the same bound), so a Triton that was unreachable for
+a moment still gets it. A release that fails is logged as a warning.
 
 Reachability, so that a Triton that is down fails requests fast and a Triton that is back serves them at
 once, with nothing restarted here:
@@ -303,12 +304,14 @@ class TritonTargetSession:
 
 async def _one_request(stub: service_pb2_grpc.GRPCInferenceServiceStub, request: service_pb2.ModelInferRequest,
                        timeout: float) -> str:
-    """Send one request on a stream of its own; its error message ("" when it succeeded)."""
+    """Send one request on a stream of its own; its error message ("" when it succeeded). The call waits for
+    the channel to be ready (within ``timeout``): a release must reach a Triton that is unreachable for a
+    moment (connections reset, a network blip), or its sequence stays live there until the model's idle TTL."""
 
     async def requests() -> AsyncIterator[service_pb2.ModelInferRequest]:
         yield request
 
-    call = stub.ModelStreamInfer(requests(), timeout=timeout)
+    call = stub.ModelStreamInfer(requests(), timeout=timeout, wait_for_ready=True)
     try:
         async for response in call:
             return response.error_message

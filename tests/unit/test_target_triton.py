@@ -6,8 +6,8 @@ listens there again the same client (channel) serves without being rebuilt; the 
 the stream as a gRPC deadline; a stream that breaks under a live sequence (UNAVAILABLE, or INTERNAL for a
 reset HTTP/2 stream) is TargetConnectionLost (the loop then re-sends the prefix); the release is END on the
 stream or, if the stream broke (before or under the release), on a stream of its own, with START + END if
-Triton forgot the sequence; a slow release is finished in the background, never cancelled; Triton's "not
-serving" messages are UNAVAILABLE.
+Triton forgot the sequence, and waits for a Triton unreachable for a moment; a slow release is finished in
+the background, never cancelled; Triton's "not serving" messages are UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -261,6 +261,32 @@ async def test_a_stream_that_breaks_under_the_release_releases_on_a_stream_of_it
             await client.close()
     assert fake.flags == [("stream", True, False), ("stream", False, False), ("stream", False, True)]
     assert fake.released == [15] and len(fake.deadlines) == 2  # answered on the release's own stream
+
+
+@asyncio_test
+async def test_a_release_waits_for_a_triton_that_is_unreachable_for_a_moment():
+    """The stream broke and Triton cannot be reached right then (connections reset, a blip): the release on a
+    stream of its own waits for the channel to come back instead of failing at once, or the sequence would
+    stay live on Triton until the model's idle TTL."""
+    port = free_port()
+    fake = FakeTriton()
+    client = TritonTargetClient(f"127.0.0.1:{port}")
+    try:
+        async with fake_triton(port, fake):
+            session = await client.open(16, timeout=30.0)
+            await session.score(0, [1, 2], 1, GREEDY)
+        with pytest.raises(TargetConnectionLost):  # the server went away under the stream
+            await session.score(2, [3], 1, GREEDY)
+        await session.close()  # the release waits in the background
+        await asyncio.sleep(0.5)
+        async with fake_triton(port, fake):  # back on the same port
+            for _ in range(200):
+                if fake.released:
+                    break
+                await asyncio.sleep(0.02)
+    finally:
+        await client.close()
+    assert fake.released == [16] and fake.flags[-1] == ("stream", False, True)
 
 
 @asyncio_test
