@@ -14,11 +14,13 @@ gives up never cancels the stream (see `TritonTargetSession`). After a request f
 itself broke (Triton restarted, the connection dropped), even with the release on its way, the release goes
 on a stream of its own (the model is decoupled: Triton answers it only on streams); if Triton no longer
 knows the sequence ("must specify the START flag"), it is repeated with START + END, which also clears a
-cache the model may still hold (never START + END on a sequence Triton knows: a "conflict" to Triton). A release is never cut short by our own impatience: ``close`` waits for its answer for
-``_CLOSE_TIMEOUT_S``, and a slower answer (Triton busy) is awaited in the background for up to
-``_RELEASE_TIMEOUT_S``; cancelling it would leave the cache to the model's idle TTL. A release on a stream
-of its own waits for the channel to reconnect (within the same bound), so a Triton that was unreachable for
-a moment still gets it. A release that fails is logged as a warning.
+cache the model may still hold (never START + END on a sequence Triton knows: a "conflict" to Triton). A
+release is never cut short by our own impatience: ``close`` waits for its answer for ``_CLOSE_TIMEOUT_S``,
+and a slower answer (Triton busy) is awaited in the background for up to ``_RELEASE_TIMEOUT_S``; cancelling
+it would leave the cache to the model's idle TTL. A release on a stream of its own waits for the channel to
+reconnect and is tried again if that stream breaks too, within the same bound, so a Triton that was
+unreachable for a moment still gets it. A release that fails is logged (INFO when Triton was unreachable all
+along: its caches went with it, or its TTL ends them).
 
 Reachability, so that a Triton that is down fails requests fast and a Triton that is back serves them at
 once, with nothing restarted here:
@@ -69,6 +71,8 @@ log = logging.getLogger(__name__)
 
 _CLOSE_TIMEOUT_S = 2.0  # how long close() waits for the release's answer before leaving it to the background
 _RELEASE_TIMEOUT_S = 30.0  # how long a release may take at all
+_RETRY_PAUSE_S = 0.2  # between attempts of a release whose own stream broke
+_BROKEN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)  # a stream the transport failed (see _rpc_error)
 _STREAM_DEADLINE_MARGIN_S = _RELEASE_TIMEOUT_S  # the stream outlives the caller's deadline by this
 DEFAULT_CONNECT_TIMEOUT_S = 3.0
 # tritonclient's own message sizes plus a short reconnect backoff; keepalive stays off, as in tritonclient:
@@ -277,15 +281,22 @@ class TritonTargetSession:
 
     async def _release_alone(self) -> None:
         """The stream broke or a request on it failed: release on a stream of its own (the model is decoupled,
-        so Triton answers it only on a stream)."""
+        so Triton answers it only on a stream). A stream that breaks under it (a connection reset) is tried
+        again, all within ``_RELEASE_TIMEOUT_S``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _RELEASE_TIMEOUT_S
         start = False
         while True:
             request = triton_messages.release_request(self._model, self._sequence_id, start=start)
             try:
-                error = await _one_request(self._stub, request, _RELEASE_TIMEOUT_S)
+                error = await _one_request(self._stub, request, max(deadline - loop.time(), _RETRY_PAUSE_S))
             except grpc.aio.AioRpcError as exc:
-                kind = contract.classify_error(str(exc.code()), exc.details() or "")
+                if exc.code() in _BROKEN and loop.time() + _RETRY_PAUSE_S < deadline:
+                    await asyncio.sleep(_RETRY_PAUSE_S)
+                    continue
                 error = exc.details() or str(exc.code())
+                gone = exc.code() in (*_BROKEN, grpc.StatusCode.DEADLINE_EXCEEDED)  # unreachable all along
+                kind = contract.ErrorKind.UNAVAILABLE if gone else contract.classify_error(str(exc.code()), error)
             except Exception as exc:  # noqa: BLE001 - logged; the model's TTL is the backstop
                 self._log.warning("releasing the target sequence failed: %s", _describe(exc))
                 return

@@ -39,13 +39,14 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     def __init__(self, break_after: int | None = None, release_delay_s: float = 0.0, delay_s: float = 0.0,
                  forget: bool = False, forward_sequences: int = 3,
-                 break_code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
+                 break_code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE, breaks: int = 1) -> None:
         self.deadlines: list[float | None] = []
         self.forward_sequences = forward_sequences  # what every scoring answer says its forward ran
         self.forget = forget  # Triton forgot every sequence: an END without START is refused
         self.requests = 0
         self.break_after = break_after  # abort the stream with break_code after this many answers
         self.break_code = break_code
+        self.breaks = breaks  # how many requests, from break_after on, break their stream
         self.release_delay_s = release_delay_s  # answer release requests (END, no tokens) this late
         self.delay_s = delay_s  # answer other requests this late
         self.flags: list[tuple[str, bool, bool]] = []  # (how, START, END) of every request
@@ -56,7 +57,9 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
         async for request in request_iterator:
             self.requests += 1
             if self.break_after is not None and self.requests > self.break_after:
-                self.break_after = None  # once: the streams that follow work
+                self.breaks -= 1
+                if not self.breaks:
+                    self.break_after = None  # the streams that follow work
                 await context.abort(self.break_code, "Socket closed")
             if self.forget and request.parameters["sequence_end"].bool_param and \
                     not request.parameters["sequence_start"].bool_param:
@@ -261,6 +264,13 @@ async def test_a_stream_that_breaks_under_the_release_releases_on_a_stream_of_it
             await client.close()
     assert fake.flags == [("stream", True, False), ("stream", False, False), ("stream", False, True)]
     assert fake.released == [15] and len(fake.deadlines) == 2  # answered on the release's own stream
+
+
+@asyncio_test
+async def test_a_release_whose_own_stream_breaks_is_tried_again():
+    fake = FakeTriton(break_after=1, breaks=2)  # the second score breaks its stream, then the release's own
+    await break_then_close(fake, 17)
+    assert fake.released == [17] and len(fake.deadlines) == 3
 
 
 @asyncio_test
