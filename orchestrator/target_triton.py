@@ -72,7 +72,10 @@ log = logging.getLogger(__name__)
 _CLOSE_TIMEOUT_S = 2.0  # how long close() waits for the release's answer before leaving it to the background
 _RELEASE_TIMEOUT_S = 30.0  # how long a release may take at all
 _RETRY_PAUSE_S = 0.2  # between attempts of a release whose own stream broke
-_BROKEN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)  # a stream the transport failed (see _rpc_error)
+# Triton answers its own errors on the stream, in a response; a whole stream failing UNAVAILABLE or INTERNAL is
+# the transport: gRPC reports a reset HTTP/2 stream as INTERNAL ("Internal error from Core", seen when a
+# connection is reset mid-stream).
+_BROKEN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
 _STREAM_DEADLINE_MARGIN_S = _RELEASE_TIMEOUT_S  # the stream outlives the caller's deadline by this
 DEFAULT_CONNECT_TIMEOUT_S = 3.0
 # tritonclient's own message sizes plus a short reconnect backoff; keepalive stays off, as in tritonclient:
@@ -121,10 +124,7 @@ def _rpc_error(exc: grpc.aio.AioRpcError, url: str) -> Exception:
         return DeadlineExceeded(f"target stream DEADLINE_EXCEEDED: {exc.details()}")
     if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return TargetCapacityExhausted(f"target stream RESOURCE_EXHAUSTED: {exc.details()}")
-    # Triton answers its own errors on the stream, in a response; a whole stream failing UNAVAILABLE, CANCELLED
-    # or INTERNAL is the transport: gRPC reports a reset HTTP/2 stream as INTERNAL ("Internal error from Core",
-    # seen when a connection is reset mid-stream), and the loop re-sends the prefix on a new stream.
-    if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL):
+    if exc.code() in (*_BROKEN, grpc.StatusCode.CANCELLED):  # the loop re-sends the prefix on a new stream
         return TargetConnectionLost(f"the stream to Triton at {url} broke: {exc.code().name}: {exc.details()}")
     return TargetError(f"target stream {exc.code().name}: {exc.details()}")
 
