@@ -25,8 +25,8 @@ its own (`in_a_thread_of_its_own`): the pool it starts ends with it, and the for
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -44,18 +44,15 @@ def in_a_thread_of_its_own(work: Callable[[], T], name: str = "specdec-openmp-on
     """``work()`` on a new thread that ends with it (so do the OpenMP workers it started); its result, or the
     exception it raised. For torch work done once (loading a model) by a process whose forwards run on
     another thread."""
-    outcome: list[T] = []
-    failure: list[BaseException] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=name) as one:  # its exit joins the thread
+        return one.submit(work).result()
 
-    def run() -> None:
-        try:
-            outcome.append(work())
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the calling thread
-            failure.append(exc)
 
-    thread = threading.Thread(target=run, name=name, daemon=True)
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
-    return outcome[0]
+def use_threads_here(threads: int) -> None:
+    """Set the calling thread's torch/OpenMP thread count (0 = leave the default). OpenMP's count is per
+    thread, and ``torch.get_num_threads()`` reports the process-wide value all the same: the thread that runs
+    the forwards must set its own."""
+    if threads > 0:
+        import torch  # here: this module is imported to set GOMP_SPINCOUNT before torch loads
+
+        torch.set_num_threads(threads)

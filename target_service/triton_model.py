@@ -27,6 +27,7 @@ from specdec import target_contract as contract
 from specdec.engine import CausalLMEngine
 from specdec.kv_cache import KVCache
 from specdec.models import load_model, parse_layers
+from specdec.openmp import use_threads_here
 from specdec.sequences import SequenceStore
 from target_service.config import TargetModelParams
 from target_service.scheduler import Pending, StepScheduler
@@ -120,13 +121,6 @@ class _Metrics:
         self._forwards[1] += sequences
 
 
-def _use_threads(threads: int) -> None:
-    """OpenMP's thread count is per calling thread (``torch.get_num_threads()`` reports the process-wide value
-    all the same): the thread that runs the forwards sets its own."""
-    if threads > 0:
-        torch.set_num_threads(threads)
-
-
 class TargetModel:
     """``TritonPythonModel`` minus the Triton imports: ``pb_utils`` is passed in (or a fake, in tests)."""
 
@@ -163,7 +157,7 @@ class TargetModel:
         labels = {"model": args.get("model_name", contract.MODEL_NAME), "instance": args.get("model_instance_name", "0")}
         self._metrics = _Metrics(self._pb, labels)
         self._scheduler = StepScheduler(self._answer_batch, params.batch_wait_ms / 1e3, name="specdec-target-steps",
-                                        on_start=lambda: _use_threads(params.threads))
+                                        on_start=lambda: use_threads_here(params.threads))
 
     def execute(self, requests: list[Any]) -> None:
         """Decoupled: queue every request with its response sender; a malformed one is refused at once."""

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import torch
 
 from specdec.engine import CausalLMEngine, StepItem
+from specdec.openmp import use_threads_here
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,7 @@ class StepLoop:
         self._thread.join()
 
     def _loop(self, threads: int) -> None:
-        if threads > 0:
-            torch.set_num_threads(threads)  # OpenMP's thread count is per calling thread
+        use_threads_here(threads)  # OpenMP's thread count is per calling thread
         running: list[_Waiting] = []
         while True:
             with self._wake:
