@@ -19,6 +19,7 @@ import torch
 from specdec.proposal import Proposal
 from specdec.rows import PackedRows
 from specdec.sampling import SamplingParams
+from specdec.target_contract import Decode
 
 
 class ClientError(Exception):
@@ -130,6 +131,17 @@ class TargetSession(Protocol):
         probability 0.
 
         Raises TargetCacheLost, TargetCapacityExhausted, TargetUnavailable or TargetError."""
+        ...
+
+    async def decode(
+        self, keep_length: int, append_token_ids: Sequence[int], params: SamplingParams, decode: Decode
+    ) -> list[int]:
+        """Crop and feed as ``score`` does, then let the target sample up to ``decode.steps`` tokens on its
+        own (one forward each, each token fed to the next), drawn from its rows warped with ``params`` by
+        `specdec.round_draws` with no drafts, the noise of ``decode.seed`` at each token's position; it stops
+        after ``decode.stop_token``. Returns the 1..steps tokens; the cache then holds all but the last.
+
+        Raises as ``score`` does."""
         ...
 
     async def close(self) -> None:

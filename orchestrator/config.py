@@ -61,6 +61,11 @@ class OrchestratorConfig:
     draft_round_timeout_s: float = field(
         default=5.0, metadata={"help": "a draft round slower than this falls back to target-only (0 = no limit)"}
     )
+    target_steps: int = field(
+        default=8,
+        metadata={"help": "tokens the target decodes on its own in a round without drafts (speculation off): "
+                  "one request instead of one per token; 1 = every token is its own round"},
+    )
     max_target_reprefills: int = field(
         default=2, metadata={"help": "times per generation the target's lost cache is re-sent before failing"}
     )
@@ -125,6 +130,8 @@ class OrchestratorConfig:
             raise ValueError(f"k_probe_budget must be in (0, 1], got {self.k_probe_budget}")
         if not 1 <= self.default_max_new_tokens <= self.max_new_tokens_limit:
             raise ValueError("need 1 <= default_max_new_tokens <= max_new_tokens_limit")
+        if self.target_steps < 1:
+            raise ValueError(f"target_steps must be >= 1, got {self.target_steps}")
         if self.context_length < 0 or self.draft_round_timeout_s < 0 or self.max_target_reprefills < 0:
             raise ValueError("context_length, draft_round_timeout_s and max_target_reprefills must be >= 0")
         if self.draft_breaker_failures < 0 or self.draft_breaker_cooldown_s < 0:

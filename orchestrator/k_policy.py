@@ -32,6 +32,9 @@ The model (Leviathan et al. 2023, §3, with measured costs instead of assumed on
 * **Exploring.** A K that never changes measures one point of each cost curve, and the costs move with
   load; so while drafting, every ``explore_every``-th round runs a neighbouring K (one less, one more,
   alternately), which costs little near the optimum and keeps the slopes measured as they are now.
+* **Decoded rounds.** With speculation off the target decodes several tokens per round (the loop's
+  ``target_steps``): such a round is learnt from as that many one-token rounds (its time shared by its
+  tokens), so rate(0) is what target-only really costs per token, and the wait for a probe counts tokens.
 * **Probes.** After ``probe_rounds`` rounds with speculation off, one round runs with the K speculation
   would use, so a text that became predictable gets drafts again; each probe that does not pay doubles
   the wait, up to ``probe_rounds_max``. A probe costs what its drafting adds to a round (for a model draft
@@ -93,6 +96,7 @@ class RoundOutcome:
     other_s: float  # the rest of the round: the orchestrator's own work
     forward_sequences: int = 1  # sequences in the target forward that scored this round (1 = alone)
     forward_tokens: int = 0  # tokens that forward ran in all, this round's included (0 = not known: alone)
+    steps: int = 1  # tokens the target decoded on its own, one forward each (a K = 0 round's decode)
 
 
 class _Line:
@@ -178,9 +182,10 @@ class SharedEstimates:
         with self._lock:
             own = 1 + outcome.proposed
             forward = max(own, outcome.forward_tokens)
-            self._target.add(forward, outcome.target_s)
+            steps = max(1, outcome.steps)  # a decode's round trip is shared by its tokens
+            self._target.add(forward, outcome.target_s / steps)
             self._others.add(0, forward - own)
-            self._other.add(0, outcome.other_s)
+            self._other.add(0, outcome.other_s / steps)
             self._sharing.add(0, max(1, outcome.forward_sequences))
             if outcome.k > 0:
                 key = (drafter, mode)
@@ -260,6 +265,8 @@ class KPolicy:
         return min(math.ceil(rounds), self.settings.probe_rounds_max)
 
     def observe(self, outcome: RoundOutcome) -> None:
+        if outcome.steps > 1 and self._off:  # the wait for a probe counts tokens, however many a round decoded
+            self._off += outcome.steps - 1
         if outcome.k > 0:
             self._accepted.add(outcome.k, outcome.accepted)
             self._proposed.add(outcome.k, outcome.proposed)

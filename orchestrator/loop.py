@@ -10,12 +10,15 @@ and each service handles them before anything later on the same stream or model 
 
 K per round: fixed by the request, or chosen before each round by the generation's `KPolicy` from past
 rounds only (``orchestrator.k_policy``; K = 0 when drafting does not pay). The draft may propose fewer
-than K tokens (a lookup drafter whose match runs out; none at all makes a target-only round).
+than K tokens (a lookup drafter whose match runs out; none at all makes a target-only round). A round with
+K = 0 (or without a draft) asks the target to *decode* up to ``LoopSettings.target_steps`` tokens on its
+own, one forward each, sampled with this generation's own rule and noise (`specdec.round_draws`): the same
+tokens, without a round trip per token.
 
 Bookkeeping per round, with ``n`` of the proposed drafts accepted and ``L`` = tokens before the round: the
 target fed every draft, so its valid cache is ``L + n`` (the emitted last token is not fed yet); the
 draft's context is ``L`` (drafts are never part of it; a model drafter reuses the ones it fed itself). The
-next round crops each cache to its valid length and appends the tokens it has not seen, so a draft that
+next round crops each cache to its valid length (after a decode of m tokens the target holds ``L + m - 1``) and appends the tokens it has not seen, so a draft that
 sat out rounds (speculation off) catches up by appending what it missed.
 
 Failures: a failing draft (unreachable, too slow, its cache lost twice) turns the rest of the generation
@@ -60,6 +63,7 @@ from specdec.logs import SequenceLogger
 from specdec.proposal import Proposal
 from specdec.rows import PackedRows
 from specdec.sampling import RejectionResult
+from specdec.target_contract import Decode
 
 log = logging.getLogger(__name__)
 
@@ -162,16 +166,22 @@ class _Generation:
                 k = choice.k
                 proposal = await self._propose(k) if k > 0 else None
                 drafts = list(proposal.token_ids) if proposal is not None else []
-                p = await self._score(drafts)  # [len(drafts) + 1, V]
-                result = self._rejection_sample(drafts, proposal.q if proposal is not None else None, p)
+                steps = self._decode_steps(k, proposal, limit - emitted)
+                if steps:  # target-only: the target samples up to `steps` tokens on its own
+                    tokens = await self._decode(steps)
+                    accepted, fed = 0, len(tokens) - 1  # the target fed all but the last
+                else:
+                    p = await self._score(drafts)  # [len(drafts) + 1, V]
+                    result = self._rejection_sample(drafts, proposal.q if proposal is not None else None, p)
+                    tokens, accepted, fed = result.tokens, result.accepted, result.accepted
 
                 before = len(self.tokens)
-                self.target_valid = before + result.accepted
+                self.target_valid = before + fed
                 if proposal is not None:
                     self.draft_valid = before  # the draft's context: drafts are never part of it
-                self._count(choice, proposal, drafts, result.accepted, len(result.tokens))
+                self._count(choice, proposal, drafts, accepted, len(tokens))
 
-                new = result.tokens[: limit - emitted]
+                new = tokens[: limit - emitted]
                 finish = None
                 if request.eos_token_id is not None and request.eos_token_id in new:
                     new = new[: new.index(request.eos_token_id)]
@@ -181,7 +191,7 @@ class _Generation:
                 self.tokens.extend(new)
                 emitted += len(new)
                 round_ = Round(
-                    new, k, result.accepted, finish, stats,
+                    new, k, accepted, finish, stats,
                     draft_fallback=k > 0 and proposal is None, proposed=len(drafts),
                     speculation_off=choice.off, probe=choice.probe, seconds=time.monotonic() - round_started,
                     draft_s=stats.draft_time_s - draft_before, target_s=stats.target_time_s - target_before,
@@ -189,9 +199,10 @@ class _Generation:
                 if not round_.draft_fallback:
                     target = self.target_session
                     self.policy.observe(RoundOutcome(
-                        k, len(drafts), result.accepted, round_.draft_s, round_.target_s,
+                        k, len(drafts), accepted, round_.draft_s, round_.target_s,
                         max(0.0, round_.seconds - round_.draft_s - round_.target_s),
                         target.forward_sequences if target else 1, target.forward_tokens if target else 0,
+                        steps=len(tokens) if steps else 1,
                     ))  # fmt: skip
                 yield round_
                 if finish is not None:
@@ -205,6 +216,16 @@ class _Generation:
         if self.request.num_draft_tokens is not None:
             return Choice(max(0, min(self.request.num_draft_tokens, room)))
         return self.policy.choose(room)
+
+    def _decode_steps(self, k: int, proposal: Proposal | None, room: int) -> int:
+        """How many tokens the target decodes on its own this round: 0 = a scored round. A round without
+        drafts because K is 0 or the draft is out of the generation decodes up to ``target_steps`` tokens
+        (never past the limit); one whose drafter merely found nothing to propose is scored (the next
+        position may have a match)."""
+        target_steps = self.loop.settings.target_steps
+        if target_steps <= 1 or (k > 0 and proposal is not None):
+            return 0
+        return max(1, min(target_steps, room))
 
     def _count(self, choice: Choice, proposal: Proposal | None, drafts: list[int], accepted: int, emitted: int) -> None:
         stats = self.stats
@@ -323,7 +344,28 @@ class _Generation:
 
     async def _score(self, drafts: list[int]) -> torch.Tensor | PackedRows:
         """Warped target rows p [len(drafts) + 1, V] for the last positions of tokens[target_valid:] + drafts."""
-        num_logits = len(drafts) + 1
+        num_logits, params = len(drafts) + 1, self.request.params
+        p = await self._on_target(lambda session, keep, append: session.score(keep, append, num_logits, params), drafts)
+        if p.dim() != 2 or p.shape[0] != num_logits or p.shape[1] < 1:
+            raise TargetError(f"target returned rows {tuple(p.shape)}, expected [{num_logits}, V]")
+        return p
+
+    async def _decode(self, steps: int) -> list[int]:
+        """1..steps tokens the target samples on its own after tokens[target_valid:], with the round rule and
+        noise of this generation (`specdec.round_draws`); it stops early after the EOS token."""
+        request = self.request
+        eos = request.eos_token_id if request.eos_token_id is not None else -1
+        decode = Decode(steps, request.seed, request.reproducible, eos)
+        tokens = await self._on_target(
+            lambda session, keep, append: session.decode(keep, append, request.params, decode), []
+        )
+        if not 1 <= len(tokens) <= steps or min(tokens) < 0:
+            raise TargetError(f"target decoded {list(tokens)[:16]}, expected 1 to {steps} token ids")
+        return list(tokens)
+
+    async def _on_target(self, ask: Callable[[TargetSession, int, list[int]], Awaitable[T]], drafts: list[int]) -> T:
+        """``ask(session, keep, append)`` with append = tokens[target_valid:] + drafts: the session opened
+        first if need be, and the whole prefix re-sent under a new sequence id if the target lost it."""
         started = time.monotonic()
         try:
             while True:
@@ -334,15 +376,9 @@ class _Generation:
                     self.target_valid = 0
                 append = self.tokens[self.target_valid :] + drafts
                 try:
-                    p = await self._call_target(
-                        self.target_session.score(self.target_valid, append, num_logits, self.request.params)
-                    )
+                    return await self._call_target(ask(self.target_session, self.target_valid, append))
                 except TargetCacheLost as exc:
                     await self._reprefill_target(exc)
-                    continue
-                if p.dim() != 2 or p.shape[0] != num_logits or p.shape[1] < 1:
-                    raise TargetError(f"target returned rows {tuple(p.shape)}, expected [{num_logits}, V]")
-                return p
         finally:
             self.stats.target_time_s += time.monotonic() - started
 

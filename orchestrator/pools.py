@@ -27,7 +27,8 @@ Health checks go over each replica's own channel: grpc.health.v1 for drafts, KSe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import grpc
 import torch
@@ -49,6 +50,8 @@ from specdec.proposal import Proposal
 from specdec.rows import PackedRows
 from specdec.sampling import SamplingParams
 from specdec.tls import channel_options
+
+T = TypeVar("T")
 
 
 def _options(credentials: grpc.ChannelCredentials | None, server_name: str, address: Address) -> Sequence:
@@ -182,8 +185,17 @@ class PinnedTargetSession(_PinnedSession):
     async def score(
         self, keep_length: int, append_token_ids: Sequence[int], num_logits: int, params: SamplingParams
     ) -> torch.Tensor | PackedRows:
+        return await self._guard(self._inner.score(keep_length, append_token_ids, num_logits, params))
+
+    async def decode(
+        self, keep_length: int, append_token_ids: Sequence[int], params: SamplingParams, decode: contract.Decode
+    ) -> list[int]:
+        return await self._guard(self._inner.decode(keep_length, append_token_ids, params, decode))
+
+    async def _guard(self, call: Awaitable[T]) -> T:
+        """The replica's answer; a replica that broke is ejected, and the loop told to go elsewhere."""
         try:
-            return await self._inner.score(keep_length, append_token_ids, num_logits, params)
+            return await call
         except TargetConnectionLost as exc:
             self._pool.eject(self._replica, str(exc))
             raise

@@ -204,14 +204,42 @@ class TritonTargetSession:
     async def score(
         self, keep_length: int, append_token_ids: Sequence[int], num_logits: int, params: SamplingParams
     ) -> PackedRows:
-        if self._broken or self._closed or self._out_of_step:
-            raise TargetConnectionLost("the target stream is closed")
-        self._send(
-            triton_messages.score_request(
-                self._model, self._sequence_id, start=not self._started,
+        result = await self._ask(
+            lambda start: triton_messages.score_request(
+                self._model, self._sequence_id, start=start,
                 keep_length=keep_length, token_ids=append_token_ids, num_logits=num_logits, params=params,
             )
         )  # fmt: skip
+        try:
+            rows = triton_messages.read_probs(result)
+            self.forward_sequences, self.forward_tokens = triton_messages.read_forward(result)
+        except triton_messages.MalformedResponse as exc:
+            raise TargetError(f"target returned a malformed answer: {exc}") from None
+        return rows
+
+    async def decode(
+        self, keep_length: int, append_token_ids: Sequence[int], params: SamplingParams, decode: contract.Decode
+    ) -> list[int]:
+        result = await self._ask(
+            lambda start: triton_messages.decode_request(
+                self._model, self._sequence_id, start=start,
+                keep_length=keep_length, token_ids=append_token_ids, params=params, decode=decode,
+            )
+        )  # fmt: skip
+        try:
+            tokens = triton_messages.read_tokens(result, decode.steps)
+            self.forward_sequences, self.forward_tokens = triton_messages.read_forward(result)
+        except triton_messages.MalformedResponse as exc:
+            raise TargetError(f"target returned a malformed answer: {exc}") from None
+        return tokens
+
+    async def _ask(
+        self, build: Callable[[bool], service_pb2.ModelInferRequest]
+    ) -> service_pb2.ModelInferResponse:
+        """Send the request ``build(start)`` makes and wait for its answer (Triton's error raised)."""
+        if self._broken or self._closed or self._out_of_step:
+            raise TargetConnectionLost("the target stream is closed")
+        self._send(build(not self._started))
         try:
             result, error = await self._answers.get()
         except BaseException:  # the caller gave up (cancelled, deadline): its answer will come unread
@@ -222,12 +250,7 @@ class TritonTargetSession:
         if error is not None:
             raise error
         assert result is not None
-        try:
-            rows = triton_messages.read_probs(result)
-            self.forward_sequences, self.forward_tokens = triton_messages.read_forward(result)
-        except triton_messages.MalformedResponse as exc:
-            raise TargetError(f"target returned a malformed answer: {exc}") from None
-        return rows
+        return result
 
     def abandon(self, reason: str) -> None:
         """Give up on this stream (its replica stopped answering health checks): the request under way,

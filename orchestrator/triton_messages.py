@@ -18,11 +18,15 @@ from specdec import target_contract as contract
 from specdec.rows import PackedRows
 from specdec.sampling import SamplingParams
 
-_DATATYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int32): "INT32"}
+_DATATYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int32): "INT32", np.dtype(np.uint64): "UINT64"}
 _DTYPES = {name: dtype for dtype, name in _DATATYPES.items()}
 _SCORE_OUTPUTS = [
     service_pb2.ModelInferRequest.InferRequestedOutputTensor(name=n)
     for n in (contract.PROBS, contract.PROBS_INDEX, contract.FORWARD_SEQUENCES, contract.FORWARD_TOKENS)
+]
+_DECODE_OUTPUTS = [
+    service_pb2.ModelInferRequest.InferRequestedOutputTensor(name=n)
+    for n in (contract.TOKENS, contract.FORWARD_SEQUENCES, contract.FORWARD_TOKENS)
 ]
 # A release asks for nothing; LOGITS ([1, 0, V]) is the cheapest output to name.
 _RELEASE_OUTPUTS = [service_pb2.ModelInferRequest.InferRequestedOutputTensor(name=contract.LOGITS)]
@@ -83,6 +87,28 @@ def score_request(
     return _request(model, sequence_id, start, False, tensors, _SCORE_OUTPUTS)
 
 
+def decode_request(
+    model: str,
+    sequence_id: int,
+    *,
+    start: bool,
+    keep_length: int,
+    token_ids: Sequence[int],
+    params: SamplingParams,
+    decode: contract.Decode,
+) -> service_pb2.ModelInferRequest:
+    """Roll the cache back to ``keep_length``, append ``token_ids``, and let the model sample up to
+    ``decode.steps`` tokens itself (TOKENS), one forward each."""
+    tensors = [
+        (contract.INPUT_IDS, np.asarray(token_ids, dtype=np.int32).reshape(1, -1)),  # [1, T]
+        (contract.KEEP_LENGTH, _scalar(keep_length, np.int32)),
+        (contract.NUM_LOGITS, _scalar(1, np.int32)),
+        *contract.sampling_tensors(params),
+        *contract.decode_tensors(decode),
+    ]
+    return _request(model, sequence_id, start, False, tensors, _DECODE_OUTPUTS)
+
+
 def release_request(model: str, sequence_id: int, *, start: bool = False) -> service_pb2.ModelInferRequest:
     """END with no tokens: drop the sequence's cache. ``start`` also for a sequence Triton no longer knows."""
     tensors = [
@@ -127,8 +153,26 @@ def read_probs(response: service_pb2.ModelInferResponse) -> PackedRows:
         raise MalformedResponse(str(exc)) from None
 
 
+def read_tokens(response: service_pb2.ModelInferResponse, steps: int) -> list[int]:
+    """The TOKENS of a decode answer: 1..``steps`` token ids."""
+    position = next((i for i, t in enumerate(response.outputs) if t.name == contract.TOKENS), None)
+    if position is None:
+        raise MalformedResponse(f"no {contract.TOKENS} among the outputs {sorted(t.name for t in response.outputs)}")
+    tensor = response.outputs[position]
+    raw = response.raw_output_contents[position] if position < len(response.raw_output_contents) else b""
+    shape = list(tensor.shape)
+    if tensor.datatype != "INT32" or len(shape) != 2 or shape[0] != 1 or not 1 <= shape[1] <= steps:
+        raise MalformedResponse(f"{contract.TOKENS} is {tensor.datatype} {shape}, expected INT32 [1, 1..{steps}]")
+    if len(raw) != 4 * shape[1]:
+        raise MalformedResponse(f"{contract.TOKENS} holds {len(raw)} bytes, not the 4 × {shape} it claims")
+    tokens = np.frombuffer(raw, dtype=np.int32).tolist()
+    if min(tokens) < 0:
+        raise MalformedResponse(f"{contract.TOKENS} holds negative token ids: {tokens}")
+    return tokens
+
+
 def read_forward(response: service_pb2.ModelInferResponse) -> tuple[int, int]:
-    """FORWARD_SEQUENCES and FORWARD_TOKENS of a score answer: the sequences and tokens its forward ran."""
+    """FORWARD_SEQUENCES and FORWARD_TOKENS of a score or decode answer: the sequences and tokens its forward ran."""
     values = []
     for name in (contract.FORWARD_SEQUENCES, contract.FORWARD_TOKENS):
         position = next((i for i, t in enumerate(response.outputs) if t.name == name), None)

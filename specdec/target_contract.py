@@ -17,6 +17,12 @@ NUM_LOGITS (in)     INT32  [1, 1]        how many last appended positions to ret
 TEMPERATURE (in)    FP32   [1, 1]        optional: sampling settings; present = return PROBS, not
 TOP_K (in)          INT32  [1, 1]        LOGITS. Temperature 0 = greedy, top_k 0 and top_p 1 = off
 TOP_P (in)          FP32   [1, 1]        (their defaults when absent); refused if out of range
+DECODE_STEPS (in)   INT32  [1, 1]        optional, with TEMPERATURE and SEED: the model samples up to
+                                         this many tokens itself, one forward each, and answers TOKENS
+                                         instead of PROBS (NUM_LOGITS must be 1)
+SEED (in)           UINT64 [1, 1]        the generation's seed: each token's noise is (SEED, position)
+REPRODUCIBLE (in)   INT32  [1, 1]        optional, 1 = the coupled mode's Gumbel noise
+STOP_TOKEN (in)     INT32  [1, 1]        optional: stop decoding once this token is sampled (-1 = none)
 LOGITS (out)        FP32   [1, N, V]     without TEMPERATURE: raw logits of the last N = NUM_LOGITS
                                          positions
 PROBS (out)         FP32   [1, N, M]     with TEMPERATURE: those rows warped (``specdec.sampling.warp``)
@@ -27,13 +33,22 @@ PROBS_INDEX (out)   INT32  [1, N, M|0]   and packed (``specdec.rows.pack_rows``)
 FORWARD_SEQUENCES   INT32  [1, 1]        how many sequences the forward that answered this request
   (out)                                  ran (1 = alone), and how many tokens in all (this
 FORWARD_TOKENS      INT32  [1, 1]        request's included): what a longer request costs, and whom
-  (out)
+  (out)                                  (of the last forward, for a decode)
+TOKENS (out)        INT32  [1, n]        with DECODE_STEPS: the n (1..DECODE_STEPS) tokens sampled, the
+                                         last possibly STOP_TOKEN. The cache then holds every input token
+                                         and the first n - 1 sampled ones (the last is not fed yet)
 ==================  =====  ============  ==========================================================
 
 Why PROBS: the orchestrator needs the *warped* target distribution p, which under greedy, top-k or top-p
 has a support of one to a few hundred tokens out of V (49,152 for SmolLM2). Warping next to the model
 (on its GPU in production) and sending the support cuts a round's reply from (K+1)·V·4 bytes (≈ 1 MB at
 K = 4) to a few KB, and the orchestrator does no softmax of its own. The rows come back bit for bit.
+
+Why DECODE_STEPS: a round trip to the model costs about 2 ms on top of the forward (gRPC, Triton, the
+Python backend's IPC), paid by every token of a target-only generation. When speculation is off, the
+model runs several forwards per request and samples each token itself with ``specdec.round_draws``, the
+orchestrator's own rule and noise, so the tokens are the ones the orchestrator would have drawn from the
+same rows (vLLM's multi-step scheduling amortises its per-step overhead the same way).
 
 The sequence id is Triton's correlation id (``sequence_id=``, uint64, non-zero). ``sequence_start=True``
 on the first request (KEEP_LENGTH must be 0; on a live id it restarts the sequence), ``sequence_end=True``
@@ -81,6 +96,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -96,6 +112,11 @@ END = "END"  # control input, CONTROL_SEQUENCE_END; clients set it via sequence_
 TEMPERATURE = "TEMPERATURE"  # optional sampling inputs: present = PROBS + PROBS_INDEX instead of LOGITS
 TOP_K = "TOP_K"
 TOP_P = "TOP_P"
+DECODE_STEPS = "DECODE_STEPS"  # optional decode inputs: present = the model samples, answers TOKENS
+SEED = "SEED"
+REPRODUCIBLE = "REPRODUCIBLE"
+STOP_TOKEN = "STOP_TOKEN"
+TOKENS = "TOKENS"
 LOGITS = "LOGITS"
 PROBS = "PROBS"
 PROBS_INDEX = "PROBS_INDEX"
@@ -188,3 +209,50 @@ def sampling_from_tensors(read: Callable[[str], np.ndarray | None]) -> SamplingP
     if top_k != int(top_k):
         raise ValueError(f"{TOP_K} must be an integer, got {top_k}")
     return SamplingParams(temperature=float(values[TEMPERATURE]), top_k=int(top_k), top_p=float(values[TOP_P]))
+
+
+@dataclass(frozen=True)
+class Decode:
+    """A request's decode settings: sample up to ``steps`` tokens in the model (DECODE_STEPS)."""
+
+    steps: int
+    seed: int
+    reproducible: bool = False
+    stop_token: int = -1  # -1 = none
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"{DECODE_STEPS} must be >= 1, got {self.steps}")
+        if not 0 <= self.seed < 1 << 64:
+            raise ValueError(f"{SEED} must be an unsigned 64-bit integer, got {self.seed}")
+        if self.stop_token < -1:
+            raise ValueError(f"{STOP_TOKEN} must be a token id or -1, got {self.stop_token}")
+
+
+def decode_tensors(decode: Decode) -> list[tuple[str, np.ndarray]]:
+    """The decode settings as DECODE_STEPS, SEED, REPRODUCIBLE and STOP_TOKEN tensors ([1, 1] each)."""
+    return [
+        (DECODE_STEPS, np.array([[decode.steps]], dtype=np.int32)),
+        (SEED, np.array([[decode.seed]], dtype=np.uint64)),
+        (REPRODUCIBLE, np.array([[int(decode.reproducible)]], dtype=np.int32)),
+        (STOP_TOKEN, np.array([[decode.stop_token]], dtype=np.int32)),
+    ]
+
+
+def decode_from_tensors(read: Callable[[str], np.ndarray | None]) -> Decode | None:
+    """The decode settings a request carries, or None without DECODE_STEPS. ValueError, naming the tensor,
+    for a missing SEED or anything that is not one value in range."""
+    values: dict[str, int] = {}
+    for name, default in ((DECODE_STEPS, None), (SEED, None), (REPRODUCIBLE, 0), (STOP_TOKEN, -1)):
+        tensor = read(name)
+        if tensor is None:
+            if name == DECODE_STEPS:
+                return None
+            if default is None:
+                raise ValueError(f"{DECODE_STEPS} needs {name}")
+            values[name] = default
+            continue
+        if tensor.size != 1:
+            raise ValueError(f"{name} must hold one value, got shape {list(tensor.shape)}")
+        values[name] = int(tensor.reshape(-1)[0])
+    return Decode(values[DECODE_STEPS], values[SEED], bool(values[REPRODUCIBLE]), values[STOP_TOKEN])

@@ -80,14 +80,15 @@ class StepScheduler(Generic[T]):
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, requests: Sequence[Pending[T]]) -> None:
-        """Queue requests (in their order) for the next forwards."""
+    def submit(self, requests: Sequence[Pending[T]], *, continued: bool = False) -> None:
+        """Queue requests (in their order) for the next forwards. ``continued``: the runner puts back requests
+        that need another forward (a decode); that they are back at once says nothing about their caller."""
         now = self._clock()
         with self._cond:
             for request in requests:
                 request.arrived = now
                 track = self._tracks.get(request.sequence_id)
-                if track is not None:
+                if track is not None and not continued:
                     track.slow = now - track.answered > self.max_wait_s
                 self._pending.append(request)
             self._cond.notify()

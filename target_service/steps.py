@@ -3,7 +3,9 @@
 Why it exists: Triton's sequence batcher gives ``execute()`` up to ``max_batch_size`` requests from
 different sequences. `run_batch` answers all of them with **one** engine step (docs/architecture.md,
 "Batching"): each request rolls its sequence's KV cache back, appends its tokens and gets the rows of its
-last positions, warped and packed when it carries sampling settings. One bad request never fails its
+last positions, warped and packed when it carries sampling settings. A *decode* request (DECODE_STEPS)
+samples its token from its row with the orchestrator's own rule (`specdec.round_draws`) and, until it has
+its tokens, comes back as its own continuation for the next forward. One bad request never fails its
 neighbours: refusals come back per request as a `StepError`, and it never raises. Pure of Triton
 (``target_service.triton_model`` is the adapter), so unit tests drive it with a tiny model.
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -21,6 +23,8 @@ import torch
 from specdec import target_contract as contract
 from specdec.engine import CausalLMEngine, StepItem
 from specdec.kv_cache import KVCache
+from specdec.round_draws import draw_round
+from specdec.rows import PackedRows
 from specdec.sampling import SamplingParams, warp_packed
 from specdec.sequences import CapacityError, Entry, SequenceNotFoundError, SequenceStore
 
@@ -56,10 +60,17 @@ class StepRequest:
     start: bool  # CONTROL_SEQUENCE_START
     end: bool  # CONTROL_SEQUENCE_END
     params: SamplingParams | None = None  # with TEMPERATURE: answer PROBS warped by these, else LOGITS
+    decode: contract.Decode | None = None  # with DECODE_STEPS: sample tokens here, answer TOKENS
+    sampled: tuple[int, ...] = ()  # a decode's tokens from its earlier forwards
 
     @property
     def is_release(self) -> bool:
         return not self.token_ids and self.num_logits == 0
+
+    @property
+    def position(self) -> int:
+        """The position (index in the sequence) of the token its last row decides."""
+        return self.keep_length + len(self.token_ids)
 
 
 def _one_value(name: str, array: np.ndarray) -> int:
@@ -94,6 +105,7 @@ def read_request(sequence_id: int, read: Read) -> StepRequest:
         start=flag(contract.START),
         end=flag(contract.END),
         params=contract.sampling_from_tensors(read),
+        decode=contract.decode_from_tensors(read),
     )
 
 
@@ -116,6 +128,13 @@ def validate(request: StepRequest, vocab_size: int) -> None:
         return
     if not request.token_ids:
         raise ValueError("at least one token must be appended")
+    if request.decode is not None:
+        if request.params is None:
+            raise ValueError(f"{contract.DECODE_STEPS} needs the sampling settings ({contract.TEMPERATURE})")
+        if request.num_logits != 1:
+            raise ValueError(f"{contract.DECODE_STEPS} needs {contract.NUM_LOGITS} 1, got {request.num_logits}")
+        if request.decode.stop_token >= vocab_size:
+            raise ValueError(f"{contract.STOP_TOKEN} {request.decode.stop_token} is outside the vocabulary")
     bad = [t for t in request.token_ids if not 0 <= t < vocab_size]
     if bad:
         raise ValueError(f"token ids out of the vocabulary [0, {vocab_size}): {bad[:5]}")
@@ -132,6 +151,23 @@ def outputs(logits: torch.Tensor, params: SamplingParams | None) -> Outputs:
     if index is None:
         index = np.zeros((values.shape[0], 0), dtype=np.int32)
     return {contract.PROBS: values[None], contract.PROBS_INDEX: index[None]}  # [1, N, M], [1, N, M | 0]
+
+
+def decoded(logits: torch.Tensor, request: StepRequest, forward: Outputs) -> Outputs | StepRequest:
+    """A decode request's token from its row (logits [1, V]): its answer (TOKENS) when it has all its tokens
+    or sampled the stop token, else its continuation, which feeds that token in the next forward."""
+    assert request.decode is not None and request.params is not None
+    values, index = warp_packed(logits, request.params)
+    rows = PackedRows.from_arrays(values, index, logits.shape[-1])
+    decode = request.decode
+    token = draw_round(
+        [], None, rows, seed=decode.seed, greedy=request.params.greedy, reproducible=decode.reproducible,
+        first=request.position,
+    ).tokens[0]
+    sampled = (*request.sampled, token)
+    if len(sampled) < decode.steps and token != decode.stop_token:
+        return replace(request, token_ids=(token,), keep_length=request.position, start=False, sampled=sampled)
+    return {contract.TOKENS: np.array([sampled], dtype=np.int32), **forward}  # [1, n]
 
 
 def refusal(exc: Exception, sequence_id: int) -> StepError:
@@ -166,12 +202,15 @@ def run_batch(
     store: SequenceStore[KVCache],
     requests: Sequence[StepRequest | StepError],
     on_forward: Callable[[int], None] = lambda sequences: None,
-) -> list[Outputs | StepError]:
+) -> list[Outputs | StepError | StepRequest]:
     """Answer every request (a StepError given stays the answer) with one forward per wave of distinct
-    sequences (normally one), each answer with how many sequences and tokens its forward ran. A
-    release request (no tokens, NUM_LOGITS 0, END) drops the cache and returns [1, 0, V]; END on a normal request returns the rows, then drops the cache; END always drops it, even when
-    the request fails. ``on_forward(n)`` is told each forward's number of sequences (the metrics)."""
-    answers: list[Outputs | StepError] = list(requests)  # type: ignore[arg-type]
+    sequences (normally one), each answer with how many sequences and tokens its forward ran. A decode
+    request that needs more forwards is answered with its continuation (a StepRequest: run it in a later
+    batch). A release request (no tokens, NUM_LOGITS 0, END) drops the cache and returns [1, 0, V]; END on
+    a normal request returns the rows, then drops the cache (a decode's, after its last forward); END
+    always drops it, even when the request fails. ``on_forward(n)`` is told each forward's number of
+    sequences (the metrics)."""
+    answers: list[Outputs | StepError | StepRequest] = list(requests)  # type: ignore[arg-type]
     for wave in waves(requests):
         entries: dict[int, Entry[KVCache]] = {}
         items: list[tuple[int, StepItem]] = []
@@ -201,6 +240,8 @@ def run_batch(
                     request = requests[index]
                     if isinstance(result, ValueError):
                         answers[index] = refusal(result, request.sequence_id)
+                    elif request.decode is not None:
+                        answers[index] = decoded(result, request, forward)
                     else:
                         answers[index] = {**outputs(result, request.params), **forward}
         except Exception as exc:  # noqa: BLE001 - a failed forward fails its requests, never the server
@@ -211,7 +252,22 @@ def run_batch(
                 store.checkin(entry)
             for index in wave:
                 request = requests[index]
-                if request.end:
+                if request.end and not isinstance(answers[index], StepRequest):
                     store.release(request.sequence_id)
     return answers
 
+
+
+def run_to_completion(
+    engine: CausalLMEngine,
+    store: SequenceStore[KVCache],
+    requests: Sequence[StepRequest | StepError],
+    on_forward: Callable[[int], None] = lambda sequences: None,
+) -> list[Outputs | StepError]:
+    """`run_batch` until every decode has all its tokens: the answers, in order (for callers without a
+    scheduler to hand continuations to)."""
+    answers = run_batch(engine, store, requests, on_forward)
+    while pending := [i for i, answer in enumerate(answers) if isinstance(answer, StepRequest)]:
+        for i, answer in zip(pending, run_batch(engine, store, [answers[i] for i in pending], on_forward)):
+            answers[i] = answer
+    return answers  # type: ignore[return-value]

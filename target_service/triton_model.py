@@ -5,7 +5,7 @@
 queues it with its response sender on a `StepScheduler`, which decides what goes into each forward (the
 sequences of the last forward that are on their way back go in together: target_service/scheduler.py).
 The scheduler's thread answers a batch with `steps.run_batch` (the contract applied to the batched engine,
-one forward), sends each response as the request's final one, maps `StepError` codes to
+one forward; a decode that needs more forwards goes back to the scheduler for the next one), sends each response as the request's final one, maps `StepError` codes to
 ``pb_utils.TritonError`` codes and keeps the custom metrics current. ``pb_utils`` is passed in, so unit
 tests drive it with a fake; `answer` is the synchronous core they call.
 """
@@ -31,7 +31,7 @@ from specdec.openmp import use_threads_here
 from specdec.sequences import SequenceStore
 from target_service.config import TargetModelParams
 from target_service.scheduler import Pending, StepScheduler
-from target_service.steps import ErrorCode, Outputs, StepError, StepRequest, read_request, run_batch
+from target_service.steps import ErrorCode, Outputs, StepError, StepRequest, read_request, run_batch, run_to_completion
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,7 @@ class TargetModel:
         self.store: SequenceStore[KVCache] | None = None
         self._metrics: _Metrics | None = None
         self._scheduler: StepScheduler[tuple[StepRequest, Any]] | None = None
+        self._unreported_s = 0.0  # seconds of forwards not in the metrics yet
 
     def initialize(self, args: Mapping[str, str]) -> None:
         if not logging.getLogger().handlers:
@@ -175,9 +176,13 @@ class TargetModel:
         return None
 
     def answer(self, requests: list[Any]) -> list[Any]:
-        """Synchronously: answer one batch of Triton requests with one forward; the responses, in order."""
-        answers, seconds = self._run([self._read(r) for r in requests])
-        self._count(answers, seconds)
+        """Synchronously: answer one batch of Triton requests (one forward, more for decodes); the responses,
+        in order."""
+        assert self.engine is not None and self.store is not None and self._metrics is not None, "initialize() first"
+        started = time.perf_counter()
+        self.store.evict_idle()
+        answers = run_to_completion(self.engine, self.store, [self._read(r) for r in requests], self._metrics.forward)
+        self._count(answers, time.perf_counter() - started)
         return [self._respond(answer) for answer in answers]
 
     def finalize(self) -> None:
@@ -192,11 +197,24 @@ class TargetModel:
         """The scheduler's runner: one forward for the batch, each response sent as its request's last; the
         metrics after the answers (each update is a round trip to the Triton server)."""
         answers, seconds = self._run([request for request, _ in batch])
-        for (_, sender), answer in zip(batch, answers):
+        again = [
+            Pending(answer.sequence_id, answer.end, (answer, sender))
+            for (_, sender), answer in zip(batch, answers) if isinstance(answer, StepRequest)
+        ]  # fmt: skip
+        if again:  # decodes that need another forward: the next one, with whoever else is ready
+            assert self._scheduler is not None
+            self._scheduler.submit(again, continued=True)
+        done = [(sender, answer) for (_, sender), answer in zip(batch, answers) if not isinstance(answer, StepRequest)]
+        for sender, answer in done:
             self._send(sender, answer)
-        self._count(answers, seconds)
+        self._unreported_s += seconds
+        if done:  # a forward that only continued decodes answers nobody: its metrics wait for one that does
+            self._count([answer for _, answer in done], self._unreported_s)
+            self._unreported_s = 0.0
 
-    def _run(self, requests: list[StepRequest | StepError]) -> tuple[list[Outputs | StepError], float]:
+    def _run(
+        self, requests: list[StepRequest | StepError]
+    ) -> tuple[list[Outputs | StepError | StepRequest], float]:
         """The answers of one batch and the seconds it took."""
         assert self.engine is not None and self.store is not None and self._metrics is not None, "initialize() first"
         started = time.perf_counter()

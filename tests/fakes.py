@@ -24,7 +24,9 @@ from orchestrator.loop import SpeculativeLoop
 from orchestrator.server import OrchestratorServer, create_server
 from specdec import noise
 from specdec.proposal import Proposal
+from specdec.round_draws import draw_round
 from specdec.sampling import SamplingParams, sample_by_gumbel, warp
+from specdec.target_contract import Decode
 from specdec.v1 import generation_pb2, generation_pb2_grpc, sampling_pb2
 
 V = 16
@@ -105,6 +107,24 @@ class FakeTargetSession:
         n = len(self.cache)
         logits = torch.stack([client.model(self.cache[: j + 1]) for j in range(n - num_logits, n)])  # [num_logits, V]
         return warp(logits, params)  # as the Triton model does
+
+    async def decode(
+        self, keep_length: int, append_token_ids: Sequence[int], params: SamplingParams, decode: Decode
+    ) -> list[int]:
+        """As the Triton model decodes: one score per token (each recorded as a request), the token drawn by
+        the shared round rule at its position, fed in the next."""
+        tokens: list[int] = []
+        keep, append = keep_length, list(append_token_ids)
+        while True:
+            p = await self.score(keep, append, 1, params)
+            keep += len(append)
+            token = draw_round(
+                [], None, p, seed=decode.seed, greedy=params.greedy, reproducible=decode.reproducible, first=keep
+            ).tokens[0]
+            tokens.append(token)
+            if len(tokens) == decode.steps or token == decode.stop_token:
+                return tokens
+            append = [token]
 
     async def close(self) -> None:
         await asyncio.sleep(self.client.close_delay_s)
@@ -240,6 +260,13 @@ class _ReplicaTargetSession(FakeTargetSession):
         if self.client.down:
             raise TargetConnectionLost(f"the stream to Triton at {self.client.address} broke")
         return await super().score(keep_length, append_token_ids, num_logits, params)
+
+    async def decode(self, keep_length, append_token_ids, params, decode):  # noqa: ANN001, ANN201
+        from orchestrator.clients import TargetConnectionLost
+
+        if self.client.down:
+            raise TargetConnectionLost(f"the stream to Triton at {self.client.address} broke")
+        return await super().decode(keep_length, append_token_ids, params, decode)
 
     def abandon(self, reason: str) -> None:
         self.client.abandoned.append((self.sequence_id, reason))

@@ -29,6 +29,7 @@ from tritonclient.utils import InferenceServerException
 from orchestrator.target_triton import TritonTargetClient
 from specdec import target_contract as contract
 from specdec.models import load_model
+from specdec.round_draws import draw_round
 from specdec.rows import PackedRows
 from specdec.sampling import SamplingParams, warp
 from target_service.config import TargetModelParams, TritonServerConfig
@@ -343,6 +344,42 @@ def test_the_orchestrators_adapter_gets_the_warped_rows_packed(triton, client, p
     assert support < 49152 / 2 and p.shape[1] <= 49152
     assert torch.equal(torch.nn.functional.pad(p.dense(), (0, 49152 - p.shape[1])), expected)
     assert_live(triton, 0)  # the adapter released its sequence
+
+
+@pytest.mark.parametrize("reproducible", [False, True])
+def test_a_decode_through_the_adapter_gives_the_tokens_drawn_from_scored_rows(triton, client, reproducible):
+    # The real Triton decodes 6 tokens in one request (one forward each, through its scheduler); the orchestrator
+    # would draw the same tokens from the rows of 6 scored steps with the same rule and seed.
+    params, seed, steps = SamplingParams(temperature=0.9, top_p=0.95), 2**63 + 17, 6
+
+    async def both() -> tuple[list[int], list[int]]:
+        target = TritonTargetClient(triton.grpc_url)
+        try:
+            scored: list[int] = []
+            session = await target.open(new_sid(), timeout=60.0)
+            try:
+                keep, append = 0, list(PROMPT)
+                while len(scored) < steps:
+                    p = await session.score(keep, append, 1, params)
+                    keep += len(append)
+                    scored.append(draw_round([], None, p, seed=seed, greedy=False, reproducible=reproducible,
+                                             first=keep).tokens[0])
+                    append = scored[-1:]
+            finally:
+                await session.close()
+            session = await target.open(new_sid(), timeout=60.0)
+            try:
+                decoded = await session.decode(0, PROMPT, params, contract.Decode(steps, seed, reproducible))
+                assert session.forward_sequences == 1
+            finally:
+                await session.close()
+            return scored, decoded
+        finally:
+            await target.close()
+
+    scored, decoded = asyncio.run(both())
+    assert decoded == scored
+    assert_live(triton, 0)
 
 
 def test_a_model_that_cannot_load_fails_the_start_loudly(tmp_path):

@@ -149,3 +149,29 @@ def test_when_the_others_draft_as_this_one_does_a_token_still_costs_one_token():
     # fitted against the round's own tokens, it would pay four times for each token and turn off.
     chosen = play(fresh(), 200, accept=0.7, draft_per_token=0.0, sharing=4, mirrored=True)
     assert sum(k > 0 for k in chosen[20:]) / 180 > 0.9
+
+
+def test_a_decoded_round_counts_as_its_tokens_for_the_costs_and_the_wait_for_a_probe() -> None:
+    # With speculation off the target decodes m tokens per round: one round trip (hop) shared by m steps.
+    hop = 0.01
+
+    def decoded_rounds(policy: KPolicy, steps: int, rounds: int) -> list[int]:
+        chosen = []
+        for _ in range(rounds):
+            choice = policy.choose(limit=100)
+            chosen.append(choice.k)
+            if choice.k:  # a probe: one scored round, its draft all wrong
+                policy.observe(RoundOutcome(choice.k, choice.k, 0, 0.001, hop + target_time(1 + choice.k), 0.001))
+            else:
+                policy.observe(RoundOutcome(0, 0, 0, 0.0, hop + steps * STEP, 0.002 * steps, steps=steps))
+        return chosen
+
+    policy = fresh(probe_rounds=16, probe_rounds_max=16)
+    play(policy, 20, accept=0.0, draft_per_token=0.0)  # off by now
+    chosen = decoded_rounds(policy, 8, 12)
+    probes = [i for i, k in enumerate(chosen) if k]
+    # 16 tokens off (two decodes of 8), then a probe
+    assert probes and min(b - a for a, b in zip(probes, probes[1:])) == 3
+    # rate(0) is the decode's time per token: the hop and the orchestrator's time shared by its 8 steps
+    _, costs = policy.outlook(0)
+    assert costs[0] < STEP + hop / 2 + 0.002

@@ -126,6 +126,52 @@ async def test_target_only_k0():
 
 
 @asyncio_test
+async def test_target_only_rounds_decode_on_the_target_with_the_same_tokens():
+    # With target_steps, a K = 0 round is one decode: the target samples up to that many tokens itself (the
+    # fake, as the Triton model, scores one token per forward and draws with the shared round rule).
+    target = FakeTarget()
+    loop = SpeculativeLoop(target, FakeDraft(), LoopSettings(target_steps=4), new_sequence_id=ids())
+    rounds = await run(loop, request(num_draft_tokens=0, max_new_tokens=10))
+    out = output(rounds)
+    assert out == greedy_reference(10)
+    assert [len(r.token_ids) for r in rounds] == [4, 4, 2]  # never past the limit
+    # The next round's keep is every token but the last of the decode before: the target fed the rest.
+    starts = [req[1:3] for req in target.calls.requests if len(req[2]) > 1 or req[1] in (P + 3, P + 7)]
+    assert starts[0] == (0, list(PROMPT)) and (P + 3, out[3:4]) in starts and (P + 7, out[7:8]) in starts
+    assert rounds[-1].stats.rounds == 3 and rounds[-1].stats.rounds_by_k == [3]
+
+
+@pytest.mark.parametrize(("k", "reproducible"), [(0, False), (0, True), (None, True)])
+@asyncio_test
+async def test_a_seeded_generation_is_the_same_whoever_samples_its_target_only_tokens(k, reproducible):
+    # Each token's noise is keyed by (seed, position): a decode on the target draws what the loop would. (With
+    # auto K, which positions are drafted depends on the rounds; only the coupled mode makes that moot.)
+    params = SamplingParams(temperature=0.9, top_k=8, top_p=0.95)
+
+    async def sampled(target_steps: int) -> list[int]:
+        loop = SpeculativeLoop(FakeTarget(), FakeDraft(), LoopSettings(target_steps=target_steps))
+        req = request(params=params, seed=99, max_new_tokens=24, num_draft_tokens=k, reproducible=reproducible)
+        return output(await run(loop, req))
+
+    one = await sampled(1)
+    assert one == await sampled(8) == await sampled(3)
+    assert one != output(await run(SpeculativeLoop(FakeTarget(), None, LoopSettings(target_steps=8)),
+                                   request(params=params, seed=100, max_new_tokens=24, num_draft_tokens=0)))
+
+
+@asyncio_test
+async def test_a_decode_that_loses_the_target_cache_reprefills_and_stops_at_eos():
+    reference = greedy_reference(12)
+    eos = reference[6]
+    target = FakeTarget(fail_at={2: TargetCacheLost("evicted")})
+    loop = SpeculativeLoop(target, None, LoopSettings(target_steps=4), new_sequence_id=ids())
+    rounds = await run(loop, request(num_draft_tokens=0, max_new_tokens=12, eos_token_id=eos))
+    assert output(rounds) == reference[: reference.index(eos)] and rounds[-1].finish_reason is FinishReason.EOS
+    assert rounds[-1].stats.target_reprefills == 1 and len(target.calls.opened) == 2
+    assert sorted(target.calls.closed) == sorted(target.calls.opened)
+
+
+@asyncio_test
 async def test_max_new_tokens_limits_the_last_round():
     target, draft = FakeTarget(), FakeDraft(policy=agree_first(99))
     rounds = await run(SpeculativeLoop(target, draft, new_sequence_id=ids()), request(max_new_tokens=8))

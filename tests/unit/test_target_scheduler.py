@@ -143,3 +143,25 @@ def test_on_start_runs_on_the_schedulers_thread_before_any_batch() -> None:
         scheduler.stop()
     assert [what for what, _ in events] == ["start", "run"]
     assert events[0][1] == events[1][1] != threading.get_ident()
+
+
+def test_a_continued_request_does_not_make_its_sequence_late(make) -> None:
+    # A decode goes back to the scheduler at the end of a forward, later than max_wait after its last answer.
+    # That says nothing about its caller: once the decode is answered, its next request is still waited for.
+    continued: list[int] = []
+
+    def runner(items: list[int]) -> None:
+        recorder(items)
+        if items == [1] and not continued:
+            time.sleep(0.2)  # a forward longer than max_wait
+            continued.append(1)
+            scheduler.submit([Pending(1, False, 1)], continued=True)
+
+    recorder = Recorder()
+    scheduler = make(0.5, runner)
+    send(scheduler, 1)
+    assert recorder.next() == [1] and recorder.next() == [1]  # the continuation, at once
+    send(scheduler, 2)  # 1 is expected back: the next forward waits for it
+    time.sleep(0.05)
+    send(scheduler, 1)
+    assert sorted(recorder.next()) == [1, 2] and scheduler.stats.gave_up == 0

@@ -8,7 +8,7 @@ NOT_FOUND "no cache:", UNAVAILABLE "capacity:", INTERNAL without a traceback on 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -17,10 +17,11 @@ import torch
 
 from specdec import target_contract as contract
 from specdec.engine import CausalLMEngine
+from specdec.round_draws import draw_round
 from specdec.rows import PackedRows
 from specdec.sampling import SamplingParams, warp
 from specdec.sequences import SequenceStore
-from target_service.steps import ErrorCode, StepError, StepRequest, read_request, run_batch
+from target_service.steps import ErrorCode, StepError, StepRequest, read_request, run_batch, run_to_completion
 from tests.fakes import FakeClock, tiny_llama
 
 V = 64
@@ -312,3 +313,97 @@ def test_two_requests_of_one_sequence_in_a_batch_run_in_order(target, model):
     assert [(a[contract.FORWARD_SEQUENCES].item(), a[contract.FORWARD_TOKENS].item()) for a in answers[1:]] == [
         (1, 1), (1, 1)]  # a forward each
     assert 1 not in target.store
+
+
+# --- decodes (DECODE_STEPS): the model samples target-only tokens itself --------------------------------
+
+
+def decode_request(sid: int, ids: list[int], keep: int, steps: int, sampling=(0.9, 0, 0.95), *, seed: int = 11,
+                   reproducible: bool = False, stop: int = -1, start: bool = False, end: bool = False) -> StepRequest:
+    return replace(request(sid, ids, keep, 1, start=start, end=end, sampling=sampling),
+                   decode=contract.Decode(steps, seed, reproducible, stop))
+
+
+def scored_tokens(target: Target, sid: int, prompt: list[int], steps: int, sampling, *, seed: int,
+                  reproducible: bool) -> list[int]:
+    """What the orchestrator draws from one scored step per token: the rows, then the shared round rule."""
+    params = SamplingParams(sampling[0], int(sampling[1]), sampling[2])
+    tokens: list[int] = []
+    answer = target.step(request(sid, prompt, 0, 1, start=True, sampling=sampling))
+    while True:
+        rows = probs(answer)
+        position = len(prompt) + len(tokens)
+        tokens.append(draw_round([], None, rows, seed=seed, greedy=params.greedy, reproducible=reproducible,
+                                 first=position).tokens[0])
+        if len(tokens) == steps:
+            return tokens
+        answer = target.step(request(sid, [tokens[-1]], position, 1, sampling=sampling))
+
+
+@pytest.mark.parametrize("sampling", [(0.0, 0, 1.0), (0.9, 0, 0.95), (1.3, 7, 1.0)])
+@pytest.mark.parametrize("reproducible", [False, True])
+def test_a_decode_gives_the_tokens_the_orchestrator_draws_from_scored_steps(target, sampling, reproducible):
+    expected = scored_tokens(target, 1, PROMPT, 6, sampling, seed=1234, reproducible=reproducible)
+    forwards: list[int] = []
+    first = run_batch(target.engine, target.store, [decode_request(2, PROMPT, 0, 6, sampling, seed=1234,
+                                                                   reproducible=reproducible, start=True)],
+                      forwards.append)[0]
+    assert isinstance(first, StepRequest) and first.sampled == tuple(expected[:1])  # its continuation
+    [answer] = run_to_completion(target.engine, target.store, [first], forwards.append)
+    assert answer[contract.TOKENS].tolist() == [expected] and answer[contract.TOKENS].dtype == np.int32
+    assert forwards == [1] * 6  # a forward per token
+    # The cache holds every token but the last: feeding it next gives the rows of the whole text.
+    after = target.step(request(2, expected[-1:], len(PROMPT) + 5, 1))
+    np.testing.assert_allclose(ok(after)[0], full_forward(target.engine.model, PROMPT + expected)[-1:], atol=2e-5)
+
+
+def test_a_decode_stops_after_the_stop_token_and_an_end_releases_after_its_last_forward(target):
+    greedy = (0.0, 0, 1.0)
+    tokens = scored_tokens(target, 1, PROMPT, 5, greedy, seed=0, reproducible=False)
+    stop = tokens[2]
+    cut = tokens[: tokens.index(stop) + 1]
+    [answer] = run_to_completion(target.engine, target.store,
+                                 [decode_request(2, PROMPT, 0, 5, greedy, stop=stop, start=True, end=True)])
+    assert answer[contract.TOKENS].tolist() == [cut]
+    assert 2 not in target.store
+
+
+def test_decodes_and_scores_of_other_sequences_share_each_forward(model, clock):
+    engine = CausalLMEngine(model)
+    store = SequenceStore(engine.new_cache, 8, 60.0, clock=clock)
+    lone = Target(engine, SequenceStore(engine.new_cache, 8, 60.0, clock=clock))
+    expected = scored_tokens(lone, 9, PROMPT, 3, (0.9, 0, 0.95), seed=5, reproducible=False)
+    forwards: list[int] = []
+    batch = [decode_request(1, PROMPT, 0, 3, seed=5, start=True), request(2, PROMPT[:4], 0, 2, start=True)]
+    answers = run_batch(engine, store, batch, forwards.append)
+    assert isinstance(answers[0], StepRequest) and forwards == [2]
+    np.testing.assert_allclose(ok(answers[1])[0], full_forward(model, PROMPT[:4])[-2:], atol=2e-5)
+    [done] = run_to_completion(engine, store, [answers[0]], forwards.append)
+    assert done[contract.TOKENS].tolist() == [expected] and forwards == [2, 1, 1]
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        (dict(params=None), "needs the sampling settings"),
+        (dict(num_logits=2), "NUM_LOGITS 1"),
+        (dict(decode=contract.Decode(2, 1, False, V)), "outside the vocabulary"),
+    ],
+)
+def test_bad_decodes_are_invalid(target, change, needle):
+    bad = replace(decode_request(1, PROMPT, 0, 2, start=True), **change)
+    assert needle in err(target.step(bad), ErrorCode.INVALID_ARG)
+
+
+def test_decode_settings_are_read_from_their_tensors_and_need_a_seed():
+    tensors = {contract.INPUT_IDS: np.array([[1, 2]], dtype=np.int32), contract.KEEP_LENGTH: np.array([[0]]),
+               contract.NUM_LOGITS: np.array([[1]]), contract.TEMPERATURE: np.array([[0.5]], dtype=np.float32)}
+    decode = contract.Decode(4, (1 << 64) - 1, True, 7)
+    read = read_request(3, {**tensors, **dict(contract.decode_tensors(decode))}.get)
+    assert read.decode == decode
+    assert read_request(3, tensors.get).decode is None
+    without_seed = {**tensors, contract.DECODE_STEPS: np.array([[4]], dtype=np.int32)}
+    with pytest.raises(ValueError, match="DECODE_STEPS needs SEED"):
+        read_request(3, without_seed.get)
+    with pytest.raises(ValueError, match="DECODE_STEPS must be >= 1"):
+        read_request(3, {**without_seed, contract.DECODE_STEPS: np.array([[0]]), contract.SEED: np.array([[1]])}.get)

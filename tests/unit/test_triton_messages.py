@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2
 
-from orchestrator.triton_messages import MalformedResponse, read_forward, read_probs, release_request, score_request
+from orchestrator.triton_messages import (
+    MalformedResponse,
+    decode_request,
+    read_forward,
+    read_probs,
+    read_tokens,
+    release_request,
+    score_request,
+)
 from specdec import target_contract as contract
 from specdec.sampling import SamplingParams
 
@@ -18,7 +26,7 @@ Tensor = service_pb2.ModelInferResponse.InferOutputTensor
 
 
 def inputs_of(request: service_pb2.ModelInferRequest) -> dict[str, np.ndarray]:
-    dtypes = {"FP32": np.float32, "INT32": np.int32}
+    dtypes = {"FP32": np.float32, "INT32": np.int32, "UINT64": np.uint64}
     return {
         t.name: np.frombuffer(raw, dtype=dtypes[t.datatype]).reshape(tuple(t.shape))
         for t, raw in zip(request.inputs, request.raw_input_contents, strict=True)
@@ -138,3 +146,29 @@ GOOD_INDEX = np.zeros((1, 1, 1), dtype=np.int32)
 def test_a_malformed_answer_is_refused_with_its_reason(response, reason):
     with pytest.raises(MalformedResponse, match=reason):
         read_probs(response)
+
+
+def test_a_decode_request_carries_the_settings_seed_and_stop_token_and_asks_for_tokens():
+    params = SamplingParams(temperature=0.7, top_k=0, top_p=0.9)
+    decode = contract.Decode(steps=8, seed=2**64 - 1, reproducible=True, stop_token=2)
+    request = decode_request("m", 5, start=False, keep_length=10, token_ids=[4], params=params, decode=decode)
+    x = inputs_of(request)
+    assert flags_of(request) == (5, False, False) and x[contract.NUM_LOGITS].tolist() == [[1]]
+    assert x[contract.DECODE_STEPS].tolist() == [[8]] and x[contract.SEED].dtype == np.uint64
+    assert x[contract.SEED].tolist() == [[2**64 - 1]] and x[contract.REPRODUCIBLE].tolist() == [[1]]
+    assert x[contract.STOP_TOKEN].tolist() == [[2]] and x[contract.TOP_P][0, 0] == np.float32(0.9)
+    assert contract.decode_from_tensors(x.get) == decode  # what the model reads back
+    assert [o.name for o in request.outputs] == [contract.TOKENS, contract.FORWARD_SEQUENCES, contract.FORWARD_TOKENS]
+
+
+def test_decoded_tokens_are_read_and_a_malformed_answer_refused():
+    assert read_tokens(answer((contract.TOKENS, np.array([[7, 0, 9]], np.int32))), 3) == [7, 0, 9]
+    for tensors, needle in [
+        ((contract.TOKENS, np.array([[7, 0, 9]], np.int32)), r"expected INT32 \[1, 1..2\]"),
+        ((contract.TOKENS, np.zeros((1, 0), np.int32)), r"expected INT32 \[1, 1..2\]"),
+        ((contract.TOKENS, np.array([[1.0]], np.float32)), "is FP32"),
+        ((contract.TOKENS, np.array([[-1]], np.int32)), "negative token ids"),
+        ((contract.PROBS, np.ones((1, 1, 1), np.float32)), "no TOKENS among the outputs"),
+    ]:
+        with pytest.raises(MalformedResponse, match=needle):
+            read_tokens(answer(tensors), 2)

@@ -350,3 +350,22 @@ def test_the_threads_parameter_holds_on_the_thread_that_runs_the_forwards(model,
         target.finalize()
         torch.set_num_threads(before)  # initialize() set the main thread's too
     assert seen == [1]
+
+
+def test_a_decode_goes_back_to_the_scheduler_until_done_and_gets_one_response(triton_model, model):
+    sampling = dict(zip((contract.TEMPERATURE, contract.TOP_K, contract.TOP_P),
+                        (np.array([[0.0]], np.float32), np.array([[0]], np.int32), np.array([[1.0]], np.float32))))
+    decode = dict(contract.decode_tensors(contract.Decode(steps=5, seed=3)))
+    request = triton_request(1, PROMPT, 0, 1, start=1, **sampling, **decode)
+    other = triton_request(2, PROMPT[:3], 0, 1, start=1)
+    triton_model.execute([request, other])
+    assert request.sender.done.wait(10) and other.sender.done.wait(10)
+    ((response, flags),) = request.sender.sent  # one final response, after the fifth forward
+    assert flags == FINAL and response.error is None
+    tokens = {t.name(): t.as_numpy() for t in response.output_tensors}[contract.TOKENS]
+    greedy = list(PROMPT)
+    for _ in range(5):
+        greedy.append(int(np.argmax(full_forward(model, greedy)[-1])))
+    assert tokens.tolist() == [greedy[len(PROMPT):]]
+    assert settled(contract.METRIC_FORWARDS, 5.0)  # the other sequence rode along in the first
+    assert metric(contract.METRIC_REQUESTS, code="OK") == 2.0
