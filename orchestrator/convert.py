@@ -139,6 +139,8 @@ def stats_to_pb(stats: GenerationStats) -> generation_pb2.GenerationStats:
         rounds_by_k=stats.rounds_by_k,
         speculation_off_rounds=stats.speculation_off_rounds,
         probe_rounds=stats.probe_rounds,
+        decoded_rounds=stats.decoded_rounds,
+        decoded_tokens=stats.decoded_tokens,
         drafter=stats.drafter,
         seed=stats.seed,
         reproducible=stats.reproducible,

@@ -56,7 +56,9 @@ class GenerationStats:
     drafted_tokens: int = 0
     accepted_tokens: int = 0
     accepted_per_position: list[int] = field(default_factory=list)  # rounds accepting draft position i+1
-    emitted_tokens: int = 0  # accepted + one per round, before truncation at eos / the length limit
+    emitted_tokens: int = 0  # accepted + one per scored round + decoded, before truncation at eos / the limit
+    decoded_rounds: int = 0  # target-only rounds the target decoded on its own (several tokens per request)
+    decoded_tokens: int = 0  # the tokens they emitted
     draft_fallback_rounds: int = 0  # rounds that wanted drafts but ran target-only
     draft_fallback_reason: str = ""  # why the first of them did: "error" | "timeout" | "breaker_open" | "no_draft"
     target_reprefills: int = 0

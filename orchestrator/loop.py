@@ -179,7 +179,7 @@ class _Generation:
                 self.target_valid = before + fed
                 if proposal is not None:
                     self.draft_valid = before  # the draft's context: drafts are never part of it
-                self._count(choice, proposal, drafts, accepted, len(tokens))
+                self._count(choice, proposal, drafts, accepted, len(tokens), decoded=steps > 0)
 
                 new = tokens[: limit - emitted]
                 finish = None
@@ -227,9 +227,14 @@ class _Generation:
             return 0
         return max(1, min(target_steps, room))
 
-    def _count(self, choice: Choice, proposal: Proposal | None, drafts: list[int], accepted: int, emitted: int) -> None:
+    def _count(
+        self, choice: Choice, proposal: Proposal | None, drafts: list[int], accepted: int, emitted: int, decoded: bool
+    ) -> None:
         stats = self.stats
         stats.rounds += 1
+        if decoded:
+            stats.decoded_rounds += 1
+            stats.decoded_tokens += emitted
         stats.rounds_by_k[choice.k] += 1
         stats.drafted_tokens += len(drafts)
         stats.accepted_tokens += accepted

@@ -98,8 +98,10 @@ def check_stats(stats: generation_pb2.GenerationStats, k: int) -> list[str]:
     problems = []
     if stats.num_draft_tokens != k:
         problems.append(f"num_draft_tokens {stats.num_draft_tokens} != {k}")
-    if stats.emitted_tokens != stats.accepted_tokens + stats.rounds:
-        problems.append(f"emitted {stats.emitted_tokens} != accepted {stats.accepted_tokens} + rounds {stats.rounds}")
+    scored_rounds = stats.rounds - stats.decoded_rounds  # a scored round emits its accepted drafts and one more
+    if stats.emitted_tokens != stats.accepted_tokens + scored_rounds + stats.decoded_tokens:
+        problems.append(f"emitted {stats.emitted_tokens} != accepted {stats.accepted_tokens} + scored rounds "
+                        f"{scored_rounds} + decoded {stats.decoded_tokens}")
     if not 0.0 <= stats.acceptance_rate <= 1.0:
         problems.append(f"acceptance rate {stats.acceptance_rate}")
     if not stats.accepted_tokens <= stats.drafted_tokens <= k * (stats.rounds - stats.draft_fallback_rounds):

@@ -47,7 +47,8 @@ def check_stats(response: generation_pb2.GenerateResponse, k: int | None, drafte
     assert stats.auto_num_draft_tokens == (k is None) and stats.drafter == drafter
     k = stats.num_draft_tokens if k is None else k
     assert stats.num_draft_tokens == k
-    assert stats.emitted_tokens == stats.accepted_tokens + stats.rounds
+    assert stats.emitted_tokens == stats.accepted_tokens + stats.rounds - stats.decoded_rounds + stats.decoded_tokens
+    assert stats.decoded_rounds <= stats.decoded_tokens <= 8 * stats.decoded_rounds  # --target-steps 8
     assert sum(stats.rounds_by_k) == stats.rounds and len(stats.rounds_by_k) == k + 1
     # A round proposes at most its K tokens, fewer near the end (never past max_new_tokens) or when a lookup's
     # match runs out, none in fallback.
@@ -71,7 +72,8 @@ def check_stats(response: generation_pb2.GenerateResponse, k: int | None, drafte
 def test_greedy_speculative_equals_greedy_target_only(stub, prompt: str) -> None:
     baseline = generate(stub, prompt, k=0, temperature=0.0)
     check_stats(baseline, 0)
-    assert baseline.stats.rounds == baseline.stats.emitted_tokens  # one token per target call
+    # the target decodes 8 tokens per call (--target-steps), the last call to the limit or the end of sequence
+    assert baseline.stats.decoded_rounds == baseline.stats.rounds == math.ceil(baseline.stats.emitted_tokens / 8)
     assert len(baseline.token_ids) > 0
     for drafter, k in [("model", 1), *((d, k) for d in DRAFTERS for k in (4, None))]:
         speculative = generate(stub, prompt, k=k, drafter=drafter, temperature=0.0)
