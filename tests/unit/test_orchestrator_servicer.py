@@ -137,7 +137,8 @@ async def test_same_seed_same_text_and_target_only(tokenizer):
         base = await running.stub.Generate(req(max_new_tokens=16, num_draft_tokens=0, sampling=greedy))
         assert spec.token_ids == base.token_ids and spec.text == base.text
         assert base.stats.drafted_tokens == 0 and base.stats.rounds == 2  # the target decodes 8 tokens a round
-        assert (base.stats.decoded_rounds, base.stats.decoded_tokens, spec.stats.decoded_rounds) == (2, 16, 0)
+        assert (base.stats.decoded_rounds, base.stats.decoded_tokens) == (2, 16)
+        assert spec.stats.decoded_tokens <= 1  # only a last round with no room left to draft
 
 
 @asyncio_test
