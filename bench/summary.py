@@ -191,8 +191,8 @@ class ModelRow:
     speedup: Estimate
     acceptance: float
     tokens_per_round: float
-    c: float  # draft wait per drafted token / target wait per target-only round
-    v: float  # target wait per round at K / per target-only round
+    c: float  # draft wait per drafted token / target wait per target-only token
+    v: float  # target wait per round at K / per target-only token
     ideal: float
     efficiency: float
 
@@ -203,7 +203,8 @@ def model_rows(results: Results) -> list[ModelRow]:
     for mode in dict.fromkeys(r.mode for r in records):
         here = select(records, mode=mode)
         base = select(here, arm=TARGET_ONLY.label)
-        t0 = sum(r.target_ms for r in base) / max(sum(r.rounds for r in base), 1)
+        # What target-only costs per token as served (its rounds decode several tokens on the target each).
+        t0 = sum(r.target_ms for r in base) / max(sum(r.tokens for r in base), 1)
         alpha = results.alphas.get(mode, math.nan)
         for arm in arms_of(here):
             if arm == TARGET_ONLY.label:
@@ -232,8 +233,8 @@ def model_table(results: Results) -> Table:
                  ("mode", "arm", "vs target-only", "acceptance", "tokens/round", "E[tokens/round] from α", "c served",
                   "v(K) served", "ideal", "efficiency"), rows,
                  f"{alphas} (in-process, on the target-only outputs). *c served* = the orchestrator's wait on the "
-                 "draft per drafted token / its wait on Triton per target-only round; *v(K) served* = its wait on "
-                 "Triton per round at K / per target-only round; ideal = E[tokens/round] / (K·c + v(K)); "
+                 "draft per drafted token / its wait on Triton per target-only token; *v(K) served* = its wait on "
+                 "Triton per round at K / per target-only token; ideal = E[tokens/round] / (K·c + v(K)); "
                  "efficiency = measured / ideal (below 1 by what the orchestrator and the client hop cost). "
                  "*coupled*: the reproducible mode (draft and target share each position's noise).")
 
