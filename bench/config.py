@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
 from bench.workloads import WORKLOADS
+from orchestrator.config import OrchestratorConfig
 from specdec.models import SMOLLM2, SMOLLM2_SELF_DRAFT_LAYERS, parse_dtype, parse_layers
 from specdec.sampling import SamplingParams
 
@@ -31,7 +32,7 @@ class BenchConfig:
     readme_repeats: int = 6  # the README's two prompts, each this many times (other seeds when sampling)
     calibration_prompts: int = 2  # further prompts per workload on which the best fixed K is chosen
     max_new_tokens: int = 64
-    ks: tuple[int, ...] = (2, 4, 8)  # fixed Ks the calibration tries for the lookup drafters and HF
+    ks: tuple[int, ...] = (2, 4, 8, 16)  # fixed Ks the calibration tries for the lookup drafters and HF
     modes: tuple[str, ...] = MODES
     temperature: float = 0.8  # the sampling mode's settings (greedy uses temperature 0)
     top_p: float = 0.95
@@ -188,8 +189,9 @@ def validate(config: BenchConfig) -> None:
         raise ValueError("--calibration-prompts and --threads must be >= 0")
     if config.temperature <= 0:
         raise ValueError("--temperature is the sampling mode's (> 0); greedy is measured as its own mode")
-    if max(config.ks + config.model_ks) > 8:
-        raise ValueError("K is at most 8 (the orchestrator's default maximum)")
+    limit = OrchestratorConfig.max_num_draft_tokens
+    if max(config.ks + config.model_ks) > limit:
+        raise ValueError(f"K is at most {limit} (the orchestrator's default maximum)")
     parse_layers(config.draft_layers)
     parse_dtype(config.draft_dtype)
     config.sampling("sample")  # validates top-p / top-k

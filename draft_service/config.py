@@ -40,7 +40,7 @@ class DraftConfig:
     idle_ttl_s: float = field(default=300.0, metadata={"help": "evict a sequence's state after this many idle seconds"})
     max_num_draft_tokens: int = field(default=16, metadata={"help": "largest K a request may ask for"})
     hybrid_lookup: str = field(default="suffix", metadata={"help": "the model-free drafter hybrid asks first: ngram | suffix"})
-    ngram_min: int = field(default=2, metadata={"help": "ngram: the shortest suffix of the context to look up"})
+    ngram_min: int = field(default=1, metadata={"help": "ngram: the shortest suffix of the context to look up"})
     ngram_max: int = field(default=4, metadata={"help": "ngram: the longest suffix of the context to look up"})
     suffix_depth: int = field(default=8, metadata={"help": "suffix: the longest suffix indexed"})
     suffix_min_score: float = field(

@@ -37,7 +37,7 @@ class OrchestratorConfig:
         metadata={"help": "K when the request leaves it unset: 'auto' (chosen per round from measured acceptance "
                   "and costs, 0 when drafting does not pay) or a fixed number"},
     )
-    max_num_draft_tokens: int = field(default=8, metadata={"help": "largest K a request may ask for, and auto may choose"})
+    max_num_draft_tokens: int = field(default=16, metadata={"help": "largest K a request may ask for, and auto may choose"})
     k_probe_rounds: int = field(
         default=16, metadata={"help": "auto K: rounds with speculation off before one round tries drafting again"}
     )

@@ -59,7 +59,7 @@ GREEDY, SAMPLE = "greedy", "sample"
 class PolicySettings:
     """Bounds and pacing of the K policy."""
 
-    max_k: int = 8  # the largest K auto may choose
+    max_k: int = 16  # the largest K auto may choose
     probe_rounds: int = 16  # rounds with speculation off before a probe round
     probe_rounds_max: int = 256  # the longest wait between probes (each probe that does not pay doubles it)
     prior_rounds: float = 4.0  # how many rounds of a generation the process-wide prior weighs

@@ -32,7 +32,7 @@ class NgramDrafter:
 
     name = NAME
 
-    def __init__(self, min_n: int = 2, max_n: int = 4) -> None:
+    def __init__(self, min_n: int = 1, max_n: int = 4) -> None:
         if not 1 <= min_n <= max_n:
             raise ValueError(f"need 1 <= ngram min <= ngram max, got {min_n} and {max_n}")
         self.min_n, self.max_n = min_n, max_n

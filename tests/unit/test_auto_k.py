@@ -73,7 +73,7 @@ async def test_auto_k_is_reported_in_the_stats_and_the_metrics(tokenizer):
                        default_num_draft_tokens="auto", k_probe_rounds=4) as running:
         response = await running.stub.Generate(req(max_new_tokens=30, sampling=dict(temperature=0.0)))
         stats = response.stats
-        assert stats.auto_num_draft_tokens and stats.num_draft_tokens == 8
+        assert stats.auto_num_draft_tokens and stats.num_draft_tokens == 16  # --max-num-draft-tokens
         assert sum(stats.rounds_by_k) == stats.rounds and stats.speculation_off_rounds > 0
         chosen = metric_value(running, "specdec_orchestrator_chosen_k_count")
         assert chosen == stats.rounds

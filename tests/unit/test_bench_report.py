@@ -179,7 +179,7 @@ def test_flags_and_the_quick_budget() -> None:
     assert cfg.ks == (2, 8) and cfg.modes == ("sample",) and cfg.phases == ("load",)
     assert cfg.sampling("sample") == SamplingParams(temperature=0.8, top_p=0.9)
     assert cfg.sampling("greedy").greedy
-    for bad in (["--ks", "0,1"], ["--ks", "16"], ["--phases", "warp"], ["--workloads", "poetry"]):
+    for bad in (["--ks", "0,1"], ["--ks", "17"], ["--phases", "warp"], ["--workloads", "poetry"]):
         with pytest.raises(SystemExit):
             bench_config.parse_args(bad)
 

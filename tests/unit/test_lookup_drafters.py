@@ -77,11 +77,11 @@ def test_suffix_stops_when_the_index_is_unsure() -> None:
 
 def test_suffix_proposals_grow_with_the_match_length() -> None:
     drafter = suffix(min_score=0.0)
-    text = list(range(10, 30))
-    long_match = sequence(text + [0] + text[:6])  # a 6-token match: up to 2 x 6 tokens
-    assert ask(drafter, long_match, k=16) == tuple(text[6:18])
-    short_match = sequence(text + [0, 0] + text[:2])  # a 2-token match: up to 4
-    assert len(ask(drafter, short_match, k=16)) == 4
+    text = list(range(10, 50))
+    long_match = sequence(text + [0] + text[:5])  # a 5-token match: up to 4 x 5 tokens
+    assert ask(drafter, long_match, k=32) == tuple(text[5:25])
+    short_match = sequence(text + [0, 0] + text[:2])  # a 2-token match: up to 8
+    assert len(ask(drafter, short_match, k=32)) == 8
 
 
 def test_the_shared_cache_learns_finished_outputs_and_serves_other_sequences() -> None:

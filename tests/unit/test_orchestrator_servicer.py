@@ -51,7 +51,7 @@ BAD_REQUESTS = [
     ("top_p 0", dict(sampling=dict(top_p=0.0)), INVALID, "sampling.top_p"),
     ("top_p above 1", dict(sampling=dict(top_p=1.5)), INVALID, "sampling.top_p"),
     ("NaN top_p", dict(sampling=dict(top_p=math.nan)), INVALID, "sampling.top_p"),
-    ("K above the maximum", dict(num_draft_tokens=9), INVALID, "num_draft_tokens"),
+    ("K above the maximum", dict(num_draft_tokens=17), INVALID, "num_draft_tokens"),
     ("max_new_tokens 0", dict(max_new_tokens=0), INVALID, "max_new_tokens"),
     ("max_new_tokens above the limit", dict(max_new_tokens=1025), INVALID, "max_new_tokens: must be <= 1024"),
     ("max_new_tokens beyond the context", dict(max_new_tokens=CONTEXT), INVALID, "max_new_tokens: 64 does not fit"),
