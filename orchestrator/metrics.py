@@ -13,7 +13,8 @@ Names (Counters get ``_total`` from prometheus_client):
 - ``specdec_orchestrator_live_generations``: generations running now (gauge)
 - ``specdec_orchestrator_generations_total{outcome}``: finished generations, by finish reason or error kind
 - ``specdec_orchestrator_generation_seconds``: wall time per generation (histogram)
-- ``specdec_orchestrator_tokens_total{kind}``: prompt | drafted | accepted | emitted tokens
+- ``specdec_orchestrator_tokens_total{kind}``: prompt | drafted | accepted | emitted | decoded tokens (decoded:
+  emitted by target-only rounds the target decoded on its own)
 - ``specdec_orchestrator_rounds_total{mode}``: speculative | target_only | draft_fallback rounds
 - ``specdec_orchestrator_round_seconds{stage}``: per-round wall time, draft | target | orchestrator | total
 - ``specdec_orchestrator_acceptance_rate``: accepted / drafted per generation that drafted (histogram)
@@ -148,7 +149,7 @@ class OrchestratorMetrics:
     def observe_generation(self, outcome: str, stats: GenerationStats) -> None:
         self.generations.labels(outcome=outcome).inc()
         self.generation_seconds.observe(stats.total_time_s)
-        for kind in ("prompt", "drafted", "accepted", "emitted"):
+        for kind in ("prompt", "drafted", "accepted", "emitted", "decoded"):
             self.tokens.labels(kind=kind).inc(getattr(stats, f"{kind}_tokens"))
         if stats.drafted_tokens:
             self.acceptance_rate.observe(stats.acceptance_rate)

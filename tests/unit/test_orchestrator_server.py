@@ -148,6 +148,8 @@ async def test_metrics_count_requests_tokens_rounds_and_stages(tokenizer):
         assert metric_value(running, "specdec_orchestrator_tokens_total", {"kind": "emitted"}) == emitted
         accepted = sum(s.accepted_tokens for s in stats)
         assert metric_value(running, "specdec_orchestrator_tokens_total", {"kind": "accepted"}) == accepted
+        decoded = sum(s.decoded_tokens for s in stats)
+        assert decoded >= 10 and metric_value(running, "specdec_orchestrator_tokens_total", {"kind": "decoded"}) == decoded
         rounds = sum(s.rounds for s in stats)
         speculative = metric_value(running, "specdec_orchestrator_rounds_total", {"mode": "speculative"})
         target_only = metric_value(running, "specdec_orchestrator_rounds_total", {"mode": "target_only"})
