@@ -48,7 +48,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, service_pb2, service_pb2_grpc
@@ -68,6 +68,8 @@ from specdec.rows import PackedRows
 from specdec.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _CLOSE_TIMEOUT_S = 2.0  # how long close() waits for the release's answer before leaving it to the background
 _RELEASE_TIMEOUT_S = 30.0  # how long a release may take at all
@@ -204,39 +206,31 @@ class TritonTargetSession:
     async def score(
         self, keep_length: int, append_token_ids: Sequence[int], num_logits: int, params: SamplingParams
     ) -> PackedRows:
-        result = await self._ask(
+        return await self._ask(
             lambda start: triton_messages.score_request(
                 self._model, self._sequence_id, start=start,
                 keep_length=keep_length, token_ids=append_token_ids, num_logits=num_logits, params=params,
-            )
+            ),
+            triton_messages.read_probs,
         )  # fmt: skip
-        try:
-            rows = triton_messages.read_probs(result)
-            self.forward_sequences, self.forward_tokens = triton_messages.read_forward(result)
-        except triton_messages.MalformedResponse as exc:
-            raise TargetError(f"target returned a malformed answer: {exc}") from None
-        return rows
 
     async def decode(
         self, keep_length: int, append_token_ids: Sequence[int], params: SamplingParams, decode: contract.Decode
     ) -> list[int]:
-        result = await self._ask(
+        return await self._ask(
             lambda start: triton_messages.decode_request(
                 self._model, self._sequence_id, start=start,
                 keep_length=keep_length, token_ids=append_token_ids, params=params, decode=decode,
-            )
+            ),
+            lambda answer: triton_messages.read_tokens(answer, decode.steps),
         )  # fmt: skip
-        try:
-            tokens = triton_messages.read_tokens(result, decode.steps)
-            self.forward_sequences, self.forward_tokens = triton_messages.read_forward(result)
-        except triton_messages.MalformedResponse as exc:
-            raise TargetError(f"target returned a malformed answer: {exc}") from None
-        return tokens
 
     async def _ask(
-        self, build: Callable[[bool], service_pb2.ModelInferRequest]
-    ) -> service_pb2.ModelInferResponse:
-        """Send the request ``build(start)`` makes and wait for its answer (Triton's error raised)."""
+        self,
+        build: Callable[[bool], service_pb2.ModelInferRequest],
+        read: Callable[[service_pb2.ModelInferResponse], T],
+    ) -> T:
+        """Send the request ``build(start)`` makes, wait for its answer (Triton's error raised) and ``read`` it."""
         if self._broken or self._closed or self._out_of_step:
             raise TargetConnectionLost("the target stream is closed")
         self._send(build(not self._started))
@@ -250,7 +244,12 @@ class TritonTargetSession:
         if error is not None:
             raise error
         assert result is not None
-        return result
+        try:
+            answer = read(result)
+            self.forward_sequences, self.forward_tokens = triton_messages.read_forward(result)
+        except triton_messages.MalformedResponse as exc:
+            raise TargetError(f"target returned a malformed answer: {exc}") from None
+        return answer
 
     def abandon(self, reason: str) -> None:
         """Give up on this stream (its replica stopped answering health checks): the request under way,
