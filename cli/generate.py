@@ -44,7 +44,8 @@ def format_stats(stats: generation_pb2.GenerationStats, finish_reason: int) -> s
         f"= {stats.acceptance_rate:.2f}, per position {list(stats.accepted_per_position)} | "
         f"{stats.total_time_ms:.0f} ms = {per_token:.1f} ms/token (draft {stats.draft_time_ms:.0f}, "
         f"target {stats.target_time_ms:.0f}, orchestrator {stats.orchestrator_time_ms:.0f}) | "
-        f"draft fallback rounds {stats.draft_fallback_rounds}, target re-prefills {stats.target_reprefills}"
+        f"draft fallback rounds {stats.draft_fallback_rounds}, target re-prefills {stats.target_reprefills} | "
+        f"decoded by the target on its own: {stats.decoded_tokens} tokens in {stats.decoded_rounds} rounds"
     )
 
 
