@@ -198,3 +198,24 @@ def test_alpha_of_a_model_with_itself_is_one() -> None:
 def test_count_generated_stops_at_eos() -> None:
     assert count_generated([5, 6, 2, 2, 2], eos_token_id=2) == 3
     assert count_generated([5, 6, 7], eos_token_id=2) == 3
+
+
+def test_after_a_restart_the_bench_waits_until_a_generation_drafts_without_a_fallback(monkeypatch) -> None:
+    from bench import runner
+
+    class Systems:
+        def __init__(self, fallbacks: list[int]) -> None:
+            self.fallbacks, self.arms = fallbacks, []
+
+        def run(self, arm, prompt_ids, params, seed, max_new_tokens=None, **labels):  # noqa: ANN001, ANN201
+            self.arms.append(arm)
+            return Record(phase="warm-up", workload="", mode="greedy", arm=arm.label, item=-1, wall_ms=1.0, tokens=8,
+                          fallback_rounds=self.fallbacks.pop(0))
+
+    monkeypatch.setattr(runner.time, "sleep", lambda s: None)
+    config = bench_config.parse_args(["--quick"])
+    systems = Systems([1, 1, 0, 1])
+    runner._until_the_draft_answers(systems, config, [1, 2, 3])
+    assert len(systems.arms) == 3 and all(a.drafter == "suffix" and a.k for a in systems.arms)
+    with pytest.raises(RuntimeError, match="did not reach the restarted draft service"):
+        runner._until_the_draft_answers(Systems([1] * 5), config, [1, 2, 3], timeout_s=-1.0)
