@@ -257,7 +257,6 @@ def run_batch(
     return answers
 
 
-
 def run_to_completion(
     engine: CausalLMEngine,
     store: SequenceStore[KVCache],

@@ -178,11 +178,8 @@ class TargetModel:
     def answer(self, requests: list[Any]) -> list[Any]:
         """Synchronously: answer one batch of Triton requests (one forward, more for decodes); the responses,
         in order."""
-        assert self.engine is not None and self.store is not None and self._metrics is not None, "initialize() first"
-        started = time.perf_counter()
-        self.store.evict_idle()
-        answers = run_to_completion(self.engine, self.store, [self._read(r) for r in requests], self._metrics.forward)
-        self._count(answers, time.perf_counter() - started)
+        answers, seconds = self._run([self._read(r) for r in requests], run_to_completion)
+        self._count(answers, seconds)  # type: ignore[arg-type] - run to completion: no continuations
         return [self._respond(answer) for answer in answers]
 
     def finalize(self) -> None:
@@ -213,13 +210,13 @@ class TargetModel:
             self._unreported_s = 0.0
 
     def _run(
-        self, requests: list[StepRequest | StepError]
+        self, requests: list[StepRequest | StepError], run: Callable[..., list[Any]] = run_batch
     ) -> tuple[list[Outputs | StepError | StepRequest], float]:
-        """The answers of one batch and the seconds it took."""
+        """The answers of one batch (``run``: one forward, or `run_to_completion`) and the seconds it took."""
         assert self.engine is not None and self.store is not None and self._metrics is not None, "initialize() first"
         started = time.perf_counter()
         self.store.evict_idle()
-        answers = run_batch(self.engine, self.store, requests, self._metrics.forward)
+        answers = run(self.engine, self.store, requests, self._metrics.forward)
         return answers, time.perf_counter() - started
 
     def _count(self, answers: list[Outputs | StepError], seconds: float = 0.0) -> None:
