@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from specdec.config import parse_config
+from specdec.target_contract import MAX_LOOKUP
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,12 @@ class OrchestratorConfig:
         default=8,
         metadata={"help": "tokens the target decodes on its own in a round without drafts (speculation off): "
                   "one request instead of one per token; 1 = every token is its own round"},
+    )
+    target_lookup: int = field(
+        default=16,
+        metadata={"help": "in those rounds, draft tokens each target forward may also verify, looked up in the "
+                  "sequence's own tokens next to the model (specdec/lookup.py; not for requests with K = 0); "
+                  "0 = one token per forward"},
     )
     max_target_reprefills: int = field(
         default=2, metadata={"help": "times per generation the target's lost cache is re-sent before failing"}
@@ -132,6 +139,8 @@ class OrchestratorConfig:
             raise ValueError("need 1 <= default_max_new_tokens <= max_new_tokens_limit")
         if self.target_steps < 1:
             raise ValueError(f"target_steps must be >= 1, got {self.target_steps}")
+        if not 0 <= self.target_lookup <= MAX_LOOKUP:
+            raise ValueError(f"target_lookup must be in [0, {MAX_LOOKUP}], got {self.target_lookup}")
         if self.context_length < 0 or self.draft_round_timeout_s < 0 or self.max_target_reprefills < 0:
             raise ValueError("context_length, draft_round_timeout_s and max_target_reprefills must be >= 0")
         if self.draft_breaker_failures < 0 or self.draft_breaker_cooldown_s < 0:

@@ -13,7 +13,9 @@ rounds only (``orchestrator.k_policy``; K = 0 when drafting does not pay). The d
 than K tokens (a lookup drafter whose match runs out; none at all makes a target-only round). A round with
 K = 0 (or without a draft) asks the target to *decode* up to ``LoopSettings.target_steps`` tokens on its
 own, one forward each, sampled with this generation's own rule and noise (`specdec.round_draws`): the same
-tokens, without a round trip per token.
+tokens, without a round trip per token. Unless the request set K = 0, each of those forwards also verifies
+up to ``LoopSettings.target_lookup`` drafts the target looks up in the sequence's own tokens (`specdec.lookup`):
+speculation with no hop, which the K policy sees as a cheaper target-only token.
 
 Bookkeeping per round, with ``n`` of the proposed drafts accepted and ``L`` = tokens before the round: the
 target fed every draft, so its valid cache is ``L + n`` (the emitted last token is not fed yet); the
@@ -357,10 +359,12 @@ class _Generation:
 
     async def _decode(self, steps: int) -> list[int]:
         """1..steps tokens the target samples on its own after tokens[target_valid:], with the round rule and
-        noise of this generation (`specdec.round_draws`); it stops early after the EOS token."""
+        noise of this generation (`specdec.round_draws`); it stops early after the EOS token. Unless the
+        request turned speculation off (K = 0), its forwards also verify drafts looked up next to the model."""
         request = self.request
         eos = request.eos_token_id if request.eos_token_id is not None else -1
-        decode = Decode(steps, request.seed, request.reproducible, eos)
+        lookup = 0 if request.num_draft_tokens == 0 else self.loop.settings.target_lookup  # K = 0: speculation off
+        decode = Decode(steps, request.seed, request.reproducible, eos, lookup)
         tokens = await self._on_target(
             lambda session, keep, append: session.decode(keep, append, request.params, decode), []
         )

@@ -151,6 +151,7 @@ async def create_server(
     settings = LoopSettings(
         draft_round_timeout_s=config.draft_round_timeout_s,
         target_steps=config.target_steps,
+        target_lookup=config.target_lookup,
         max_target_reprefills=config.max_target_reprefills,
         breaker_failures=config.draft_breaker_failures,
         breaker_cooldown_s=config.draft_breaker_cooldown_s,

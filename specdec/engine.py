@@ -54,6 +54,7 @@ class _Segment:
     start: int  # cached positions before this step (= keep_length)
     count: int  # new tokens
     offset: int  # where its tokens sit in the packed row
+    token_ids: Sequence[int]
     mask: torch.Tensor | None  # [count, start + count] bool: new token i sees positions <= start + i
 
     @property
@@ -151,7 +152,7 @@ class CausalLMEngine:
             if count > 1:
                 rows = torch.arange(count, device=self.device).unsqueeze(1)
                 mask = torch.arange(start + count, device=self.device).unsqueeze(0) <= start + rows
-            segments.append(_Segment(item.cache, start, count, offset, mask))
+            segments.append(_Segment(item.cache, start, count, offset, item.token_ids, mask))
             ids.extend(item.token_ids)
             positions.extend(range(start, start + count))
             keep_rows.extend(range(offset + count - item.num_logits, offset + count))
@@ -171,6 +172,8 @@ class CausalLMEngine:
         logits = out.logits[0].float()  # [R, V]
         for segment in segments:
             segment.cache.length = segment.end
+            del segment.cache.ids[segment.start :]
+            segment.cache.ids.extend(segment.token_ids)
         for index, first, count in owners:
             results[index] = logits[first : first + count]
         return results

@@ -53,6 +53,7 @@ class KVCache:
         self.layout = layout
         self.length = 0
         self.buffer: torch.Tensor | None = None  # [layers, 2, kv_heads, capacity, head_dim]
+        self.ids: list[int] = []  # ids[:length]: the token ids of the cached positions (for prompt lookup)
 
     @property
     def capacity(self) -> int:

@@ -23,6 +23,9 @@ DECODE_STEPS (in)   INT32  [1, 1]        optional, with TEMPERATURE and SEED: th
 SEED (in)           UINT64 [1, 1]        the generation's seed: each token's noise is (SEED, position)
 REPRODUCIBLE (in)   INT32  [1, 1]        optional, 1 = the coupled mode's Gumbel noise
 STOP_TOKEN (in)     INT32  [1, 1]        optional: stop decoding once this token is sampled (-1 = none)
+LOOKUP (in)         INT32  [1, 1]        optional: each forward of the decode may also verify up to this
+                                         many draft tokens looked up in the sequence's own tokens
+                                         (``specdec.lookup``; 0 = none, one token per forward)
 LOGITS (out)        FP32   [1, N, V]     without TEMPERATURE: raw logits of the last N = NUM_LOGITS
                                          positions
 PROBS (out)         FP32   [1, N, M]     with TEMPERATURE: those rows warped (``specdec.sampling.warp``)
@@ -33,10 +36,12 @@ PROBS_INDEX (out)   INT32  [1, N, M|0]   and packed (``specdec.rows.pack_rows``)
 FORWARD_SEQUENCES   INT32  [1, 1]        how many sequences the forward that answered this request
   (out)                                  ran (1 = alone), and how many tokens in all (this
 FORWARD_TOKENS      INT32  [1, 1]        request's included): what a longer request costs, and whom
-  (out)                                  (of the last forward, for a decode)
+  (out)                                  (of the last forward, for a decode, without its
+                                         own looked-up drafts: it is learnt from per token)
 TOKENS (out)        INT32  [1, n]        with DECODE_STEPS: the n (1..DECODE_STEPS) tokens sampled, the
                                          last possibly STOP_TOKEN. The cache then holds every input token
-                                         and the first n - 1 sampled ones (the last is not fed yet)
+                                         and the first n - 1 sampled ones (the last is not fed yet),
+                                         and with LOOKUP perhaps positions beyond them (crop them)
 ==================  =====  ============  ==========================================================
 
 Why PROBS: the orchestrator needs the *warped* target distribution p, which under greedy, top-k or top-p
@@ -48,7 +53,9 @@ Why DECODE_STEPS: a round trip to the model costs about 2 ms on top of the forwa
 Python backend's IPC), paid by every token of a target-only generation. When speculation is off, the
 model runs several forwards per request and samples each token itself with ``specdec.round_draws``, the
 orchestrator's own rule and noise, so the tokens are the ones the orchestrator would have drawn from the
-same rows (vLLM's multi-step scheduling amortises its per-step overhead the same way).
+same rows (vLLM's multi-step scheduling amortises its per-step overhead the same way). With LOOKUP, each
+of those forwards also verifies what followed an earlier occurrence of the sequence's last tokens, with
+the same rule (a one-hot q): prompt lookup next to the model, at the cost of a few rows and no hop.
 
 The sequence id is Triton's correlation id (``sequence_id=``, uint64, non-zero). ``sequence_start=True``
 on the first request (KEEP_LENGTH must be 0; on a live id it restarts the sequence), ``sequence_end=True``
@@ -116,6 +123,8 @@ DECODE_STEPS = "DECODE_STEPS"  # optional decode inputs: present = the model sam
 SEED = "SEED"
 REPRODUCIBLE = "REPRODUCIBLE"
 STOP_TOKEN = "STOP_TOKEN"
+LOOKUP = "LOOKUP"
+MAX_LOOKUP = 64  # the most draft tokens a decode's forward may verify
 TOKENS = "TOKENS"
 LOGITS = "LOGITS"
 PROBS = "PROBS"
@@ -219,6 +228,7 @@ class Decode:
     seed: int
     reproducible: bool = False
     stop_token: int = -1  # -1 = none
+    lookup: int = 0  # draft tokens each forward may verify from the sequence's own tokens (0 = none)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -227,15 +237,18 @@ class Decode:
             raise ValueError(f"{SEED} must be an unsigned 64-bit integer, got {self.seed}")
         if self.stop_token < -1:
             raise ValueError(f"{STOP_TOKEN} must be a token id or -1, got {self.stop_token}")
+        if not 0 <= self.lookup <= MAX_LOOKUP:
+            raise ValueError(f"{LOOKUP} must be in [0, {MAX_LOOKUP}], got {self.lookup}")
 
 
 def decode_tensors(decode: Decode) -> list[tuple[str, np.ndarray]]:
-    """The decode settings as DECODE_STEPS, SEED, REPRODUCIBLE and STOP_TOKEN tensors ([1, 1] each)."""
+    """The decode settings as DECODE_STEPS, SEED, REPRODUCIBLE, STOP_TOKEN and LOOKUP tensors ([1, 1] each)."""
     return [
         (DECODE_STEPS, np.array([[decode.steps]], dtype=np.int32)),
         (SEED, np.array([[decode.seed]], dtype=np.uint64)),
         (REPRODUCIBLE, np.array([[int(decode.reproducible)]], dtype=np.int32)),
         (STOP_TOKEN, np.array([[decode.stop_token]], dtype=np.int32)),
+        (LOOKUP, np.array([[decode.lookup]], dtype=np.int32)),
     ]
 
 
@@ -243,7 +256,7 @@ def decode_from_tensors(read: Callable[[str], np.ndarray | None]) -> Decode | No
     """The decode settings a request carries, or None without DECODE_STEPS. ValueError, naming the tensor,
     for a missing SEED or anything that is not one value in range."""
     values: dict[str, int] = {}
-    for name, default in ((DECODE_STEPS, None), (SEED, None), (REPRODUCIBLE, 0), (STOP_TOKEN, -1)):
+    for name, default in ((DECODE_STEPS, None), (SEED, None), (REPRODUCIBLE, 0), (STOP_TOKEN, -1), (LOOKUP, 0)):
         tensor = read(name)
         if tensor is None:
             if name == DECODE_STEPS:
@@ -255,4 +268,4 @@ def decode_from_tensors(read: Callable[[str], np.ndarray | None]) -> Decode | No
         if tensor.size != 1:
             raise ValueError(f"{name} must hold one value, got shape {list(tensor.shape)}")
         values[name] = int(tensor.reshape(-1)[0])
-    return Decode(values[DECODE_STEPS], values[SEED], bool(values[REPRODUCIBLE]), values[STOP_TOKEN])
+    return Decode(values[DECODE_STEPS], values[SEED], bool(values[REPRODUCIBLE]), values[STOP_TOKEN], values[LOOKUP])

@@ -5,8 +5,9 @@ different sequences. `run_batch` answers all of them with **one** engine step (d
 "Batching"): each request rolls its sequence's KV cache back, appends its tokens and gets the rows of its
 last positions, warped and packed when it carries sampling settings. A *decode* request (DECODE_STEPS)
 samples its token from its row with the orchestrator's own rule (`specdec.round_draws`) and, until it has
-its tokens, comes back as its own continuation for the next forward. One bad request never fails its
-neighbours: refusals come back per request as a `StepError`, and it never raises. Pure of Triton
+its tokens, comes back as its own continuation for the next forward; with LOOKUP, each of its forwards also
+verifies the draft `specdec.lookup` finds in the sequence's own tokens, with the same rule. One bad
+request never fails its neighbours: refusals come back per request as a `StepError`, and it never raises. Pure of Triton
 (``target_service.triton_model`` is the adapter), so unit tests drive it with a tiny model.
 """
 
@@ -23,6 +24,7 @@ import torch
 from specdec import target_contract as contract
 from specdec.engine import CausalLMEngine, StepItem
 from specdec.kv_cache import KVCache
+from specdec.lookup import propose
 from specdec.round_draws import draw_round
 from specdec.rows import PackedRows
 from specdec.sampling import SamplingParams, warp_packed
@@ -153,20 +155,37 @@ def outputs(logits: torch.Tensor, params: SamplingParams | None) -> Outputs:
     return {contract.PROBS: values[None], contract.PROBS_INDEX: index[None]}  # [1, N, M], [1, N, M | 0]
 
 
-def decoded(logits: torch.Tensor, request: StepRequest, forward: Outputs) -> Outputs | StepRequest:
-    """A decode request's token from its row (logits [1, V]): its answer (TOKENS) when it has all its tokens
-    or sampled the stop token, else its continuation, which feeds that token in the next forward."""
+def lookup_drafts(request: StepRequest, cache: KVCache, max_length: int) -> tuple[int, ...]:
+    """The draft a decode's forward verifies besides its token: what `specdec.lookup` finds in the cache's
+    first ``keep_length`` tokens and the request's own, no more than its LOOKUP, the tokens it still needs
+    after this forward's last and the context's room allow; () for any other request."""
+    decode = request.decode
+    if decode is None or not decode.lookup or len(cache.ids) < request.keep_length:
+        return ()
+    room = min(decode.lookup, decode.steps - len(request.sampled) - 1, max_length - request.position)
+    if room < 1:
+        return ()
+    return propose([*cache.ids[: request.keep_length], *request.token_ids], room)
+
+
+def decoded(logits: torch.Tensor, request: StepRequest, drafts: Sequence[int], forward: Outputs) -> Outputs | StepRequest:
+    """A decode request's tokens from its rows (logits [1 + len(drafts), V]: its last token's, then each
+    draft's): the drafts it accepts and one more, drawn with the round rule. Its answer (TOKENS) when it
+    has all its tokens or sampled the stop token, else its continuation, which feeds the last one next."""
     assert request.decode is not None and request.params is not None
     values, index = warp_packed(logits, request.params)
     rows = PackedRows.from_arrays(values, index, logits.shape[-1])
     decode = request.decode
-    token = draw_round(
-        [], None, rows, seed=decode.seed, greedy=request.params.greedy, reproducible=decode.reproducible,
+    tokens = draw_round(  # q None: a looked-up draft is deterministic, its q one-hot
+        drafts, None, rows, seed=decode.seed, greedy=request.params.greedy, reproducible=decode.reproducible,
         first=request.position,
-    ).tokens[0]
-    sampled = (*request.sampled, token)
-    if len(sampled) < decode.steps and token != decode.stop_token:
-        return replace(request, token_ids=(token,), keep_length=request.position, start=False, sampled=sampled)
+    ).tokens
+    sampled = (*request.sampled, *tokens)[: decode.steps]
+    if decode.stop_token in sampled:
+        sampled = sampled[: sampled.index(decode.stop_token) + 1]
+    if len(sampled) < decode.steps and sampled[-1] != decode.stop_token:  # every token drawn was kept
+        return replace(request, token_ids=(sampled[-1],), keep_length=request.position + len(tokens) - 1,
+                       start=False, sampled=sampled)
     return {contract.TOKENS: np.array([sampled], dtype=np.int32), **forward}  # [1, n]
 
 
@@ -213,6 +232,7 @@ def run_batch(
     answers: list[Outputs | StepError | StepRequest] = list(requests)  # type: ignore[arg-type]
     for wave in waves(requests):
         entries: dict[int, Entry[KVCache]] = {}
+        drafts: dict[int, tuple[int, ...]] = {}
         items: list[tuple[int, StepItem]] = []
         for index in wave:
             request = requests[index]
@@ -227,7 +247,9 @@ def run_batch(
                 answers[index] = refusal(exc, request.sequence_id)
                 continue
             entries[index] = entry
-            items.append((index, StepItem(entry.state, request.keep_length, request.token_ids, request.num_logits)))
+            drafts[index] = lookup_drafts(request, entry.state, engine.max_length)
+            items.append((index, StepItem(entry.state, request.keep_length, request.token_ids + drafts[index],
+                                          request.num_logits + len(drafts[index]))))
         try:
             if items:
                 on_forward(len(items))
@@ -241,7 +263,8 @@ def run_batch(
                     if isinstance(result, ValueError):
                         answers[index] = refusal(result, request.sequence_id)
                     elif request.decode is not None:
-                        answers[index] = decoded(result, request, forward)
+                        own = {contract.FORWARD_TOKENS: forward[contract.FORWARD_TOKENS] - len(drafts[index])}
+                        answers[index] = decoded(result, request, drafts[index], {**forward, **own})
                     else:
                         answers[index] = {**outputs(result, request.params), **forward}
         except Exception as exc:  # noqa: BLE001 - a failed forward fails its requests, never the server

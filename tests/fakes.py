@@ -81,6 +81,7 @@ class Calls:
     opened: list[int] = field(default_factory=list)  # sequence ids
     requests: list[tuple] = field(default_factory=list)  # (sequence_id, keep, append, n)
     closed: list[int] = field(default_factory=list)  # sequence ids
+    decodes: list[Decode] = field(default_factory=list)  # the settings of every decode asked of the target
 
 
 class FakeTargetSession:
@@ -112,7 +113,9 @@ class FakeTargetSession:
         self, keep_length: int, append_token_ids: Sequence[int], params: SamplingParams, decode: Decode
     ) -> list[int]:
         """As the Triton model decodes: one score per token (each recorded as a request), the token drawn by
-        the shared round rule at its position, fed in the next."""
+        the shared round rule at its position, fed in the next. (It ignores LOOKUP, which changes no greedy
+        token: `tests/unit/test_target_steps.py` tests the model's lookups.)"""
+        self.client.calls.decodes.append(decode)
         tokens: list[int] = []
         keep, append = keep_length, list(append_token_ids)
         while True:

@@ -141,6 +141,15 @@ async def test_target_only_rounds_decode_on_the_target_with_the_same_tokens():
     assert rounds[-1].stats.rounds == 3 and rounds[-1].stats.rounds_by_k == [3]
 
 
+@pytest.mark.parametrize(("k", "lookup"), [(None, 6), (3, 6), (0, 0)])
+@asyncio_test
+async def test_decodes_look_up_drafts_next_to_the_target_unless_the_request_turned_speculation_off(k, lookup):
+    target = FakeTarget()
+    loop = SpeculativeLoop(target, None, LoopSettings(target_steps=4, target_lookup=6), new_sequence_id=ids())
+    await run(loop, request(num_draft_tokens=k, max_new_tokens=10))  # no draft: every round decodes
+    assert [d.lookup for d in target.calls.decodes] == [lookup] * 3
+
+
 @pytest.mark.parametrize(("k", "reproducible"), [(0, False), (0, True), (None, True)])
 @asyncio_test
 async def test_a_seeded_generation_is_the_same_whoever_samples_its_target_only_tokens(k, reproducible):

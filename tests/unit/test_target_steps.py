@@ -21,7 +21,15 @@ from specdec.round_draws import draw_round
 from specdec.rows import PackedRows
 from specdec.sampling import SamplingParams, warp
 from specdec.sequences import SequenceStore
-from target_service.steps import ErrorCode, StepError, StepRequest, read_request, run_batch, run_to_completion
+from target_service.steps import (
+    ErrorCode,
+    StepError,
+    StepRequest,
+    lookup_drafts,
+    read_request,
+    run_batch,
+    run_to_completion,
+)
 from tests.fakes import FakeClock, tiny_llama
 
 V = 64
@@ -407,3 +415,58 @@ def test_decode_settings_are_read_from_their_tensors_and_need_a_seed():
         read_request(3, without_seed.get)
     with pytest.raises(ValueError, match="DECODE_STEPS must be >= 1"):
         read_request(3, {**without_seed, contract.DECODE_STEPS: np.array([[0]]), contract.SEED: np.array([[1]])}.get)
+
+
+# --- decodes with LOOKUP: each forward also verifies a draft looked up in the sequence's own tokens --------
+
+LOOPING = [1, 2, 3, 1, 2, 3, 1, 2]  # the tiny model's greedy text from here repeats itself: lookups pay
+
+
+def recording_steps(engine: CausalLMEngine) -> list[list[int]]:
+    """Tokens fed per sequence in each forward of ``engine`` from now on."""
+    fed: list[list[int]] = []
+    step = engine.step
+
+    def recorded(items):
+        fed.append([len(item.token_ids) for item in items])
+        return step(items)
+
+    engine.step = recorded  # type: ignore[method-assign]
+    return fed
+
+
+@pytest.mark.parametrize(("sampling", "reproducible"), [((0.0, 0, 1.0), False), ((0.9, 0, 0.95), True)])
+def test_a_decode_with_lookup_gives_the_same_tokens_in_fewer_forwards(target, sampling, reproducible):
+    # Greedy, and the coupled mode: the tokens do not depend on the drafts, only on the rows (exactness).
+    # (The tiny random model's sampled text hardly repeats, so there its drafts are verified but rejected;
+    # its greedy text loops, and the drafts save forwards.)
+    expected = scored_tokens(target, 1, LOOPING, 20, sampling, seed=3, reproducible=reproducible)
+    fed = recording_steps(target.engine)
+    lookup = replace(decode_request(2, LOOPING, 0, 20, sampling, seed=3, reproducible=reproducible, start=True),
+                     decode=contract.Decode(20, 3, reproducible, -1, lookup=8))
+    [answer] = run_to_completion(target.engine, target.store, [lookup])
+    assert answer[contract.TOKENS].tolist() == [expected]
+    assert fed[0][0] > len(LOOPING)  # the first forward verified a draft with the prompt (its end repeats)
+    assert len(fed) < 20 if sampling[0] == 0 else len(fed) == 20
+    # The cache holds the prompt and all but the last token, whatever the rejected drafts left beyond.
+    after = target.step(request(2, expected[-1:], len(LOOPING) + 19, 1))
+    np.testing.assert_allclose(ok(after)[0], full_forward(target.engine.model, LOOPING + expected)[-1:], atol=2e-5)
+
+
+def test_lookup_drafts_stay_within_the_decode_and_the_context(target):
+    greedy = (0.0, 0, 1.0)
+    [first] = run_batch(target.engine, target.store, [decode_request(1, LOOPING, 0, 8, greedy, start=True)])
+    entry = target.store.checkout(1, start=False)
+    try:
+        cache = entry.state
+        assert cache.ids == LOOPING  # the engine keeps the ids of the cached positions
+        assert lookup_drafts(first, cache, 128) == ()  # no LOOKUP: no draft
+        # As if the first token had been 3: LOOPING + [3] repeats [1, 2, 3], followed by 1 2 3.
+        ask = replace(first, token_ids=(3,), sampled=(3,), decode=contract.Decode(8, 11, False, -1, lookup=16))
+        drafts = lookup_drafts(ask, cache, 128)
+        assert 1 <= len(drafts) <= 6  # 7 tokens still to come, one of them this forward's own draw
+        assert lookup_drafts(replace(ask, sampled=ask.sampled + (1,) * 6), cache, 128) == ()  # one token left
+        assert len(lookup_drafts(ask, cache, ask.position + 2)) == 2  # no further than the context length
+        assert lookup_drafts(replace(ask, keep_length=len(LOOPING) + 1), cache, 128) == ()  # beyond the cache
+    finally:
+        target.store.checkin(entry)

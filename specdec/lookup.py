@@ -1,0 +1,49 @@
+"""Prompt lookup next to the target: drafts from the sequence's own tokens, for a decode's next forward.
+
+Why it exists: a model-free drafter costs nothing to run, but in the draft service each of its rounds still
+pays two hops (orchestrator to draft, orchestrator to Triton). When the target decodes target-only tokens on
+its own (DECODE_STEPS), it holds the sequence's tokens already, so it can look up a draft itself and verify
+it in the same forward that samples the next token: speculation with no hop and no round of its own, as
+Hugging Face's ``prompt_lookup_num_tokens`` runs next to the model. The drafts are deterministic (q one-hot),
+so `specdec.round_draws` keeps the tokens exact under any sampling settings.
+
+The rule is the suffix drafter's on the sequence's own tokens (draft_service/drafters/suffix.py): find the
+earlier occurrence of the context's end with the longest match (up to ``max_match`` tokens; the most recent
+among equals) and propose what followed it, ``per_match`` tokens per matched token, at most ``max_tokens``.
+A one-token match earns a short draft, a long one a long draft: on open text most one-token matches are
+wrong, and each drafted token costs the forward a row (bench/README.md, "Design measurements").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+MAX_MATCH = 8  # longest match looked for, in tokens
+PER_MATCH = 4  # drafted tokens per matched token
+
+
+def propose(
+    context: Sequence[int] | np.ndarray, max_tokens: int, *, max_match: int = MAX_MATCH, per_match: int = PER_MATCH
+) -> tuple[int, ...]:
+    """Up to ``max_tokens`` draft tokens to follow ``context`` (prompt and tokens so far), or () without a match."""
+    tokens = np.asarray(context, dtype=np.int64)
+    if max_tokens < 1 or tokens.size < 2:
+        return ()
+    last = tokens.size - 1
+    ends = np.flatnonzero(tokens[:last] == tokens[last])  # earlier occurrences of the last token
+    if ends.size == 0:
+        return ()
+    matched = np.ones(ends.size, dtype=np.int64)  # how many tokens each occurrence matches, backwards
+    alive = np.ones(ends.size, dtype=bool)
+    for back in range(1, min(max_match, last)):
+        alive &= ends >= back
+        alive[alive] = tokens[ends[alive] - back] == tokens[last - back]
+        if not alive.any():
+            break
+        matched += alive
+    best = int(matched.max())
+    end = int(ends[np.flatnonzero(matched == best)[-1]])  # the most recent of the longest matches
+    count = min(max_tokens, per_match * best)
+    return tuple(int(t) for t in tokens[end + 1 : end + 1 + count])
