@@ -28,13 +28,19 @@ The model (Leviathan et al. 2023, §3, with measured costs instead of assumed on
   sequence). Alone (s = 1, X_o = 0) it is just its own time; under load speculation must pay for the
   others' wait, and a drafter that barely pays alone is turned off.
 * **Choice.** rate(K) = E[tokens | K] / (D(m̄) + T(X_o + 1 + m̄) + (s − 1) β m̄ + o) with m̄ = E[m | K],
-  rate(0) = 1 / (T(X_o + 1) + o). K = argmax; 0 unless the best K beats target-only by ``margin``.
+  rate(0) = 1 / c0 (below). K = argmax; 0 unless the best K beats target-only by ``margin``.
 * **Exploring.** A K that never changes measures one point of each cost curve, and the costs move with
   load; so while drafting, every ``explore_every``-th round runs a neighbouring K (one less, one more,
   alternately), which costs little near the optimum and keeps the slopes measured as they are now.
-* **Decoded rounds.** With speculation off the target decodes several tokens per round (the loop's
-  ``target_steps``): such a round is learnt from as that many one-token rounds (its time shared by its
-  tokens), so rate(0) is what target-only really costs per token, and the wait for a probe counts tokens.
+* **K = 0 is measured, not modelled.** With speculation off the target decodes several tokens per round
+  (the loop's ``target_steps``), each forward also verifying drafts it looks up itself (``target_lookup``):
+  neither the round trip nor those drafts fit the line of scored rounds. So rate(0) = 1 / c0, c0 being what
+  K = 0 rounds have cost per token (their whole time over their tokens), this generation's own smoothed
+  towards the process-wide figure per sampling mode (on text that repeats, the target's lookups make c0
+  well below a step), and scaled by T(X_o + 1) now over T(X_o + 1) when it was measured (under load the
+  forward it waits for grows with the others' drafts); T(X_o + 1) + o stands in until K = 0 has run. A
+  decoded round counts its tokens in the wait for a probe. While drafting, every ``4 * explore_every``-th round runs K = 0 when its rate is within
+  reach, so a generation measures its own c0.
 * **Probes.** After ``probe_rounds`` rounds with speculation off, one round runs with the K speculation
   would use, so a text that became predictable gets drafts again; each probe that does not pay doubles
   the wait, up to ``probe_rounds_max``. A probe costs what its drafting adds to a round (for a model draft
@@ -53,6 +59,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 GREEDY, SAMPLE = "greedy", "sample"
+_OFF_PRIOR_TOKENS = 8.0  # how many tokens of a generation's own K = 0 rounds the process-wide c0 weighs
+_WITHIN_REACH = 0.7  # K = 0 is explored while drafting only when its rate is at least this share of the best
 
 
 @dataclass(frozen=True)
@@ -124,6 +132,27 @@ class _Line:
         return max(0.0, my + slope * (x - mx))
 
 
+class _PerToken:
+    """Seconds per token over rounds, each weighing its tokens, and the other sequences' tokens per forward
+    while they ran; with ``decay``, older rounds weigh less."""
+
+    def __init__(self, decay: float = 1.0) -> None:
+        self.decay, self.seconds, self.tokens, self.others = decay, 0.0, 0.0, 0.0
+
+    def add(self, seconds: float, tokens: int, others: float) -> None:
+        d = self.decay
+        self.seconds, self.tokens = d * self.seconds + seconds, d * self.tokens + tokens
+        self.others = d * self.others + others * tokens
+
+    def blend(self, prior: tuple[float, float] | None, prior_tokens: float) -> tuple[float, float] | None:
+        """(seconds per token, others' tokens) pulled towards ``prior`` as if it were ``prior_tokens`` tokens
+        more; None when neither is known."""
+        if prior is None:
+            return (self.seconds / self.tokens, self.others / self.tokens) if self.tokens else None
+        weight = self.tokens + prior_tokens
+        return ((self.seconds + prior_tokens * prior[0]) / weight, (self.others + prior_tokens * prior[1]) / weight)
+
+
 @dataclass
 class _Counts:
     """Per draft position i (index i-1): rounds that reached it, and how many of those it paid."""
@@ -174,6 +203,7 @@ class SharedEstimates:
         self._draft: dict[str, _Line] = {}  # drafter -> seconds vs tokens proposed
         self._other = _Line(self._decay, prior=lambda mx, my: 0.0)
         self._sharing = _Line(self._decay, prior=lambda mx, my: 0.0)  # sequences per target forward
+        self._off: dict[str, _PerToken] = {}  # sampling mode -> what K = 0 rounds cost per token
 
     def _sharing_now(self) -> float:
         return max(1.0, self._sharing.at(0)) if self._sharing.known else 1.0
@@ -182,11 +212,14 @@ class SharedEstimates:
         with self._lock:
             own = 1 + outcome.proposed
             forward = max(own, outcome.forward_tokens)
-            steps = max(1, outcome.steps)  # a decode's round trip is shared by its tokens
-            self._target.add(forward, outcome.target_s / steps)
             self._others.add(0, forward - own)
-            self._other.add(0, outcome.other_s / steps)
             self._sharing.add(0, max(1, outcome.forward_sequences))
+            if outcome.k == 0:
+                off = self._off.setdefault(mode, _PerToken(self._decay))
+                off.add(outcome.target_s + outcome.other_s, max(1, outcome.steps), forward - own)
+            if outcome.steps <= 1:  # a scored round (a decode's round trip and lookups are not on the line)
+                self._target.add(forward, outcome.target_s)
+                self._other.add(0, outcome.other_s)
             if outcome.k > 0:
                 key = (drafter, mode)
                 self._accepted.setdefault(key, _Counts()).add(outcome.k, outcome.accepted, self._decay)
@@ -210,6 +243,9 @@ class SharedEstimates:
                 draft=[self._draft[drafter].at(m) if drafter in self._draft else 0.0 for m in range(k + 1)],
                 other=self._other.at(0) if self._other.known else 0.0,
                 sharing=self._sharing_now(),
+                others=others,
+                off=self._off[mode].blend(None, 0.0) if mode in self._off else None,
+                line=(self._target.at(0), self._target.at(1) - self._target.at(0)) if self._target.known else None,
             )
 
 
@@ -221,6 +257,19 @@ class _Snapshot:
     draft: list[float]  # D(m) for m = 0..max_k
     other: float
     sharing: float  # sequences per target forward, recently
+    others: float  # the other sequences' tokens per target forward, recently (X_o)
+    off: tuple[float, float] | None  # K = 0 rounds lately, process-wide: seconds per token, others' tokens
+    line: tuple[float, float] | None  # T(X) = line[0] + line[1] X, the scored rounds' fit (None: none yet)
+
+    def off_now(self, off: tuple[float, float], others_now: float) -> float:
+        """What a K = 0 round costs per token at today's load: its measured cost, scaled by how much longer
+        the target's forward is with the others' tokens now than when it was measured."""
+        seconds, others_then = off
+        if self.line is None:
+            return seconds
+        intercept, slope = self.line
+        then, now = intercept + slope * (others_then + 1), intercept + slope * (others_now + 1)
+        return seconds * now / then if then > 0 else seconds
 
 
 class KPolicy:
@@ -234,6 +283,7 @@ class KPolicy:
         self._off = 0  # rounds in a row with speculation off
         self._wait = self.settings.probe_rounds  # rounds off before the next probe
         self._drafting = 0  # rounds in a row with speculation on
+        self._own_off = _PerToken()  # this generation's K = 0 rounds
 
     def choose(self, limit: int) -> Choice:
         """K for the next round, at most ``limit`` (the tokens left to generate, minus one)."""
@@ -246,6 +296,8 @@ class KPolicy:
         if rates[best] > rates[0] * (1 + self.settings.margin):
             self._off, self._wait = 0, self.settings.probe_rounds
             self._drafting += 1
+            if self._drafting % (4 * self.settings.explore_every) == 0 and rates[0] > _WITHIN_REACH * rates[best]:
+                return Choice(0)  # K = 0 as it runs now (its lookups depend on this text): measure c0
             if self._drafting % self.settings.explore_every == 0:  # a neighbour: costs hardly anything near the
                 step = 1 if self._drafting // self.settings.explore_every % 2 else -1  # optimum, and measures
                 return Choice(min(max(best + step, 0), top))  # the cost's slope as it is now
@@ -267,6 +319,9 @@ class KPolicy:
     def observe(self, outcome: RoundOutcome) -> None:
         if outcome.steps > 1 and self._off:  # the wait for a probe counts tokens, however many a round decoded
             self._off += outcome.steps - 1
+        if outcome.k == 0:
+            others = max(0, outcome.forward_tokens - 1)
+            self._own_off.add(outcome.target_s + outcome.other_s, max(1, outcome.steps), others)
         if outcome.k > 0:
             self._accepted.add(outcome.k, outcome.accepted)
             self._proposed.add(outcome.k, outcome.proposed)
@@ -282,7 +337,9 @@ class KPolicy:
         weight = self.settings.prior_rounds
         accept = [self._accepted.rate(i, shared.accept[i], weight) for i in range(top)]
         propose = [self._proposed.rate(i, shared.propose[i], weight) for i in range(top)]
-        tokens, costs = [1.0], [shared.target[0] + shared.other]
+        off = self._own_off.blend(shared.off, _OFF_PRIOR_TOKENS)
+        tokens = [1.0]
+        costs = [shared.off_now(off, shared.others) if off is not None else shared.target[0] + shared.other]
         expected, reach, at_least, proposed = 1.0, 1.0, 1.0, 0.0
         others = max(0.0, shared.sharing - 1.0)  # the sequences a longer request slows down with it
         for k in range(1, top + 1):

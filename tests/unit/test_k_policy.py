@@ -175,3 +175,40 @@ def test_a_decoded_round_counts_as_its_tokens_for_the_costs_and_the_wait_for_a_p
     # rate(0) is the decode's time per token: the hop and the orchestrator's time shared by its 8 steps
     _, costs = policy.outlook(0)
     assert costs[0] < STEP + hop / 2 + 0.002
+
+
+def decoding_play(policy: KPolicy, rounds: int, accept: float, off_per_token: float, steps: int = 8,
+                  seed: int = 0) -> list[int]:
+    """A free drafter accepted with probability ``accept`` per token, scored rounds as in `play`; K = 0 rounds
+    are decodes of ``steps`` tokens that cost ``off_per_token`` each (the target's own lookups included)."""
+    rng = random.Random(seed)
+    chosen = []
+    for _ in range(rounds):
+        choice = policy.choose(limit=100)
+        chosen.append(choice.k)
+        if choice.k == 0:
+            policy.observe(RoundOutcome(0, 0, 0, 0.0, steps * off_per_token, 0.0, steps=steps))
+            continue
+        accepted = 0
+        while accepted < choice.k and rng.random() < accept:
+            accepted += 1
+        policy.observe(RoundOutcome(choice.k, choice.k, accepted, 0.0005, target_time(1 + choice.k), 0.001))
+    return chosen
+
+
+def test_k0_is_what_the_targets_decodes_measured_so_cheaper_decodes_turn_drafting_off() -> None:
+    # Drafting at 50 % acceptance gives ~2 tokens per 1.2-1.4 steps; target-only on a scored line would cost a
+    # step per token, so it drafts. But the target's decodes (their lookups paying) cost 0.5 step per token.
+    drafting = decoding_play(fresh(), 200, accept=0.5, off_per_token=1.2 * STEP)
+    assert sum(k > 0 for k in drafting[20:]) / 180 > 0.9
+    cheap = decoding_play(fresh(), 200, accept=0.5, off_per_token=0.5 * STEP)
+    assert cheap[40:].count(0) / 160 > 0.8
+
+
+def test_while_drafting_k0_is_explored_when_it_is_within_reach() -> None:
+    # Decodes that nearly match drafting: one K = 0 round every 4 * explore_every rounds measures them again.
+    chosen = decoding_play(fresh(explore_every=8), 200, accept=0.6, off_per_token=0.75 * STEP)
+    zeros = [i for i, k in enumerate(chosen) if k == 0 and i >= 60]  # once it has learnt the acceptance
+    assert zeros and all(b - a >= 32 for a, b in zip(zeros, zeros[1:]))
+    far = decoding_play(fresh(explore_every=8), 200, accept=0.95, off_per_token=2.0 * STEP)
+    assert far[40:].count(0) == 0  # target-only far behind: never explored
