@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from specdec.lookup import Acceptance
+
 _MIN_CAPACITY = 64
 
 
@@ -54,6 +56,7 @@ class KVCache:
         self.length = 0
         self.buffer: torch.Tensor | None = None  # [layers, 2, kv_heads, capacity, head_dim]
         self.ids: list[int] = []  # ids[:length]: the token ids of the cached positions (for prompt lookup)
+        self.lookup = Acceptance()  # whether its looked-up drafts pay
 
     @property
     def capacity(self) -> int:

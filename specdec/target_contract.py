@@ -155,6 +155,7 @@ METRIC_FORWARDS = "specdec_target_forwards_total"  # counter: forward passes; la
 METRIC_FORWARD_SEQUENCES = "specdec_target_forward_sequences_total"  # counter: sequences in those forwards
 METRIC_FORWARD_SECONDS = "specdec_target_forward_seconds_total"  # counter: seconds answering batches
 METRIC_BATCH_WAIT_SECONDS = "specdec_target_batch_wait_seconds_total"  # counter: forwards held back for stragglers
+METRIC_LOOKUP_TOKENS = "specdec_target_lookup_tokens_total"  # counter: decodes' looked-up drafts; label kind
 
 
 class ErrorKind(enum.Enum):

@@ -36,6 +36,10 @@ class TargetModelParams:
         default=20.0, metadata={"help": "how long the next forward may wait for sequences of the last one that are "
                                 "on their way back (never for a lone caller; target_service/scheduler.py)"}
     )
+    lookup_row_cost: float = field(
+        default=0.05, metadata={"help": "a forward's cost per extra row over its cost alone (SmolLM2 on a CPU ~0.05, "
+                                "a GPU far less): whether a decode's looked-up drafts pay in a batch (specdec/lookup.py)"}
+    )
     cache_dir: str = field(
         default="", metadata={"help": "converted models and the Triton copy ('' = $SPECDEC_CACHE_DIR or ~/.cache/specdec)"}
     )
@@ -45,6 +49,8 @@ class TargetModelParams:
         parse_layers(self.keep_layers)  # fail at load time, not at the first request
         if self.threads < 0 or self.max_sequences < 1 or self.idle_ttl_s <= 0 or self.batch_wait_ms < 0:
             raise ValueError("need threads >= 0, max_sequences >= 1, idle_ttl_s > 0 and batch_wait_ms >= 0")
+        if self.lookup_row_cost < 0:
+            raise ValueError(f"lookup_row_cost must be >= 0, got {self.lookup_row_cost}")
 
     @classmethod
     def from_model_config(cls, model_config: Mapping[str, Any]) -> TargetModelParams:

@@ -33,6 +33,7 @@ from specdec.sequences import CapacityError, Entry, SequenceNotFoundError, Seque
 log = logging.getLogger(__name__)
 
 Outputs = dict[str, np.ndarray]
+DEFAULT_ROW_COST = 0.05  # a forward's cost per extra row over its cost alone (SmolLM2 on this CPU: 1 ms / 19 ms)
 Read = Callable[[str], "np.ndarray | None"]
 
 
@@ -155,31 +156,41 @@ def outputs(logits: torch.Tensor, params: SamplingParams | None) -> Outputs:
     return {contract.PROBS: values[None], contract.PROBS_INDEX: index[None]}  # [1, N, M], [1, N, M | 0]
 
 
-def lookup_drafts(request: StepRequest, cache: KVCache, max_length: int) -> tuple[int, ...]:
+def lookup_drafts(request: StepRequest, cache: KVCache, max_length: int, sequences: int = 1,
+                  row_cost: float = DEFAULT_ROW_COST) -> tuple[int, ...]:
     """The draft a decode's forward verifies besides its token: what `specdec.lookup` finds in the cache's
     first ``keep_length`` tokens and the request's own, no more than its LOOKUP, the tokens it still needs
-    after this forward's last and the context's room allow; () for any other request."""
+    after this forward's last and the context's room allow, and only while the sequence's drafts pay in a
+    forward of ``sequences`` (`specdec.lookup.Acceptance`); () for any other request."""
     decode = request.decode
     if decode is None or not decode.lookup or len(cache.ids) < request.keep_length:
         return ()
     room = min(decode.lookup, decode.steps - len(request.sampled) - 1, max_length - request.position)
     if room < 1:
         return ()
-    return propose([*cache.ids[: request.keep_length], *request.token_ids], room)
+    drafts = propose([*cache.ids[: request.keep_length], *request.token_ids], room)
+    return drafts if drafts and cache.lookup.pays(sequences, row_cost) else ()
 
 
-def decoded(logits: torch.Tensor, request: StepRequest, drafts: Sequence[int], forward: Outputs) -> Outputs | StepRequest:
+def decoded(
+    logits: torch.Tensor, request: StepRequest, drafts: Sequence[int], forward: Outputs,
+    on_lookup: Callable[[int, int], None] = lambda drafted, accepted: None,
+) -> Outputs | StepRequest:
     """A decode request's tokens from its rows (logits [1 + len(drafts), V]: its last token's, then each
-    draft's): the drafts it accepts and one more, drawn with the round rule. Its answer (TOKENS) when it
-    has all its tokens or sampled the stop token, else its continuation, which feeds the last one next."""
+    draft's): the drafts it accepts and one more, drawn with the round rule (``on_lookup(drafted, accepted)``
+    is told, with drafts). Its answer (TOKENS) when it has all its tokens or sampled the stop token, else
+    its continuation, which feeds the last one next."""
     assert request.decode is not None and request.params is not None
     values, index = warp_packed(logits, request.params)
     rows = PackedRows.from_arrays(values, index, logits.shape[-1])
     decode = request.decode
-    tokens = draw_round(  # q None: a looked-up draft is deterministic, its q one-hot
+    result = draw_round(  # q None: a looked-up draft is deterministic, its q one-hot
         drafts, None, rows, seed=decode.seed, greedy=request.params.greedy, reproducible=decode.reproducible,
         first=request.position,
-    ).tokens
+    )
+    if drafts:
+        on_lookup(len(drafts), result.accepted)
+    tokens = result.tokens
     sampled = (*request.sampled, *tokens)[: decode.steps]
     if decode.stop_token in sampled:
         sampled = sampled[: sampled.index(decode.stop_token) + 1]
@@ -216,11 +227,21 @@ def waves(requests: Sequence[StepRequest | StepError]) -> list[list[int]]:
     return result
 
 
+def _recorded(cache: KVCache, on_lookup: Callable[[int, int], None]) -> Callable[[int, int], None]:
+    def looked_up(drafted: int, accepted: int) -> None:
+        cache.lookup.add(drafted, accepted)
+        on_lookup(drafted, accepted)
+
+    return looked_up
+
+
 def run_batch(
     engine: CausalLMEngine,
     store: SequenceStore[KVCache],
     requests: Sequence[StepRequest | StepError],
     on_forward: Callable[[int], None] = lambda sequences: None,
+    on_lookup: Callable[[int, int], None] = lambda drafted, accepted: None,
+    row_cost: float = DEFAULT_ROW_COST,
 ) -> list[Outputs | StepError | StepRequest]:
     """Answer every request (a StepError given stays the answer) with one forward per wave of distinct
     sequences (normally one), each answer with how many sequences and tokens its forward ran. A decode
@@ -228,7 +249,8 @@ def run_batch(
     batch). A release request (no tokens, NUM_LOGITS 0, END) drops the cache and returns [1, 0, V]; END on
     a normal request returns the rows, then drops the cache (a decode's, after its last forward); END
     always drops it, even when the request fails. ``on_forward(n)`` is told each forward's number of
-    sequences (the metrics)."""
+    sequences, ``on_lookup(drafted, accepted)`` each decode's looked-up drafts (the metrics); ``row_cost``:
+    a forward's cost per extra row over its cost alone (whether a lookup pays, `specdec.lookup.Acceptance`)."""
     answers: list[Outputs | StepError | StepRequest] = list(requests)  # type: ignore[arg-type]
     for wave in waves(requests):
         entries: dict[int, Entry[KVCache]] = {}
@@ -247,7 +269,7 @@ def run_batch(
                 answers[index] = refusal(exc, request.sequence_id)
                 continue
             entries[index] = entry
-            drafts[index] = lookup_drafts(request, entry.state, engine.max_length)
+            drafts[index] = lookup_drafts(request, entry.state, engine.max_length, len(wave), row_cost)
             items.append((index, StepItem(entry.state, request.keep_length, request.token_ids + drafts[index],
                                           request.num_logits + len(drafts[index]))))
         try:
@@ -264,7 +286,8 @@ def run_batch(
                         answers[index] = refusal(result, request.sequence_id)
                     elif request.decode is not None:
                         own = {contract.FORWARD_TOKENS: forward[contract.FORWARD_TOKENS] - len(drafts[index])}
-                        answers[index] = decoded(result, request, drafts[index], {**forward, **own})
+                        answers[index] = decoded(result, request, drafts[index], {**forward, **own},
+                                                 _recorded(entries[index].state, on_lookup))
                     else:
                         answers[index] = {**outputs(result, request.params), **forward}
         except Exception as exc:  # noqa: BLE001 - a failed forward fails its requests, never the server
@@ -285,11 +308,13 @@ def run_to_completion(
     store: SequenceStore[KVCache],
     requests: Sequence[StepRequest | StepError],
     on_forward: Callable[[int], None] = lambda sequences: None,
+    on_lookup: Callable[[int, int], None] = lambda drafted, accepted: None,
+    row_cost: float = DEFAULT_ROW_COST,
 ) -> list[Outputs | StepError]:
     """`run_batch` until every decode has all its tokens: the answers, in order (for callers without a
     scheduler to hand continuations to)."""
-    answers = run_batch(engine, store, requests, on_forward)
+    answers = run_batch(engine, store, requests, on_forward, on_lookup, row_cost)
     while pending := [i for i, answer in enumerate(answers) if isinstance(answer, StepRequest)]:
-        for i, answer in zip(pending, run_batch(engine, store, [answers[i] for i in pending], on_forward)):
+        for i, answer in zip(pending, run_batch(engine, store, [answers[i] for i in pending], on_forward, on_lookup, row_cost)):
             answers[i] = answer
     return answers  # type: ignore[return-value]

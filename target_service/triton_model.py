@@ -70,6 +70,9 @@ class _Metrics:
             "forward_seconds": family(contract.METRIC_FORWARD_SECONDS,
                                       "Seconds spent answering batches (forward, warping, packing)",
                                       pb.MetricFamily.COUNTER),
+            "lookup": family(contract.METRIC_LOOKUP_TOKENS,
+                             "Draft tokens decodes looked up in their own text (kind=drafted) and kept (kind=accepted)",
+                             pb.MetricFamily.COUNTER),
             "wait_seconds": family(contract.METRIC_BATCH_WAIT_SECONDS,
                                    "Seconds forwards were held back for sequences on their way back",
                                    pb.MetricFamily.COUNTER),
@@ -81,6 +84,9 @@ class _Metrics:
         self.forward_sequences = self._families["forward_sequences"].Metric(labels=labels)
         self.forward_seconds = self._families["forward_seconds"].Metric(labels=labels)
         self.wait_seconds = self._families["wait_seconds"].Metric(labels=labels)
+        self.lookup = {kind: self._families["lookup"].Metric(labels={**labels, "kind": kind})
+                       for kind in ("drafted", "accepted")}
+        self._lookup = [0, 0]  # drafted and accepted since the last update
         self._waited = 0.0  # the scheduler's cumulative wait, as last reported
         self._forwards = [0, 0]  # forwards and their sequences since the last update
         self._by_code: dict[str, Any] = {}
@@ -99,6 +105,10 @@ class _Metrics:
             self.forward_sequences.increment(float(self._forwards[1]))
             self._forwards = [0, 0]
         self.forward_seconds.increment(seconds)
+        if self._lookup[0]:
+            self.lookup["drafted"].increment(float(self._lookup[0]))
+            self.lookup["accepted"].increment(float(self._lookup[1]))
+            self._lookup = [0, 0]
         if waited > self._waited:
             self.wait_seconds.increment(waited - self._waited)
             self._waited = waited
@@ -114,6 +124,11 @@ class _Metrics:
             if float(kv_bytes) != self._gauges[1]:
                 self.kv_bytes.set(float(kv_bytes))
             self._gauges = (float(live), float(kv_bytes))
+
+    def looked_up(self, drafted: int, accepted: int) -> None:
+        """A decode's forward verified looked-up drafts: counted now, reported with the batch's update."""
+        self._lookup[0] += drafted
+        self._lookup[1] += accepted
 
     def forward(self, sequences: int) -> None:
         """A forward is starting: counted now, reported with the batch's update (no round trip here)."""
@@ -134,11 +149,13 @@ class TargetModel:
         self._metrics: _Metrics | None = None
         self._scheduler: StepScheduler[tuple[StepRequest, Any]] | None = None
         self._unreported_s = 0.0  # seconds of forwards not in the metrics yet
+        self._row_cost = TargetModelParams().lookup_row_cost
 
     def initialize(self, args: Mapping[str, str]) -> None:
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         params = TargetModelParams.from_model_config(json.loads(args["model_config"]))
+        self._row_cost = params.lookup_row_cost
         device = device_for(args)
         if params.threads > 0:
             torch.set_num_threads(params.threads)
@@ -216,7 +233,7 @@ class TargetModel:
         assert self.engine is not None and self.store is not None and self._metrics is not None, "initialize() first"
         started = time.perf_counter()
         self.store.evict_idle()
-        answers = run(self.engine, self.store, requests, self._metrics.forward)
+        answers = run(self.engine, self.store, requests, self._metrics.forward, self._metrics.looked_up, self._row_cost)
         return answers, time.perf_counter() - started
 
     def _count(self, answers: list[Outputs | StepError], seconds: float = 0.0) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from specdec.lookup import propose
+from specdec.lookup import Acceptance, propose
 
 
 def test_the_longest_match_wins_and_earns_per_match_tokens_per_matched_token() -> None:
@@ -36,3 +36,15 @@ def test_numpy_context_and_long_matches() -> None:
     # The last 8 tokens match most recently at the previous period, which only one period follows.
     assert propose(context, 16) == tuple(int(t) for t in context[:8])
     assert all(isinstance(t, int) for t in propose(context, 4))
+
+
+def test_drafts_pay_alone_and_need_a_higher_acceptance_in_a_bigger_forward() -> None:
+    record = Acceptance()  # starts at one half
+    assert record.pays(1, 0.05) and record.pays(16, 0.05)  # 0.5 > 0.05 alone, > 0.44 with 16
+    for _ in range(20):
+        record.add(4, 1)  # a quarter of its drafts accepted
+    assert 0.2 < record.rate() < 0.3
+    assert record.pays(1, 0.05) and record.pays(4, 0.05)  # above 5 % and 17 %
+    decisions = [record.pays(16, 0.05) for _ in range(18)]  # below 44 %: a retry every 8 forwards
+    assert decisions == ([False] * 8 + [True]) * 2
+    assert record.pays(16, 0.0)  # free rows always pay

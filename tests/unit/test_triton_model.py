@@ -369,3 +369,23 @@ def test_a_decode_goes_back_to_the_scheduler_until_done_and_gets_one_response(tr
     assert tokens.tolist() == [greedy[len(PROMPT):]]
     assert settled(contract.METRIC_FORWARDS, 5.0)  # the other sequence rode along in the first
     assert metric(contract.METRIC_REQUESTS, code="OK") == 2.0
+
+
+def test_a_decode_with_lookup_counts_its_drafted_and_accepted_tokens(triton_model, model):
+    sampling = dict(zip((contract.TEMPERATURE, contract.TOP_K, contract.TOP_P),
+                        (np.array([[0.0]], np.float32), np.array([[0]], np.int32), np.array([[1.0]], np.float32))))
+    looping = [1, 2, 3, 1, 2, 3, 1, 2]  # the tiny model's greedy text from here repeats itself
+    decode = dict(contract.decode_tensors(contract.Decode(steps=12, seed=3, lookup=8)))
+    request = triton_request(1, looping, 0, 1, start=1, **sampling, **decode)
+    triton_model.execute([request])
+    assert request.sender.done.wait(10)
+    ((response, _),) = request.sender.sent
+    tokens = {t.name(): t.as_numpy() for t in response.output_tensors}[contract.TOKENS]
+    greedy = list(looping)
+    for _ in range(12):
+        greedy.append(int(np.argmax(full_forward(model, greedy)[-1])))
+    assert tokens.tolist() == [greedy[len(looping):]]
+    forwards = metric(contract.METRIC_FORWARDS)
+    drafted = metric(contract.METRIC_LOOKUP_TOKENS, kind="drafted")
+    accepted = metric(contract.METRIC_LOOKUP_TOKENS, kind="accepted")
+    assert 0 < accepted <= drafted and forwards == 12 - accepted  # each accepted draft saved a forward
