@@ -32,15 +32,16 @@ The model (Leviathan et al. 2023, §3, with measured costs instead of assumed on
 * **Exploring.** A K that never changes measures one point of each cost curve, and the costs move with
   load; so while drafting, every ``explore_every``-th round runs a neighbouring K (one less, one more,
   alternately), which costs little near the optimum and keeps the slopes measured as they are now.
-* **K = 0 is measured, not modelled.** With speculation off the target decodes several tokens per round
-  (the loop's ``target_steps``), each forward also verifying drafts it looks up itself (``target_lookup``):
-  neither the round trip nor those drafts fit the line of scored rounds. So rate(0) = 1 / c0, c0 being what
-  K = 0 rounds have cost per token (their whole time over their tokens), this generation's own smoothed
-  towards the process-wide figure per sampling mode (on text that repeats, the target's lookups make c0
-  well below a step), and scaled by T(X_o + 1) now over T(X_o + 1) when it was measured (under load the
-  forward it waits for grows with the others' drafts); T(X_o + 1) + o stands in until K = 0 has run. A
-  decoded round counts its tokens in the wait for a probe. While drafting, every ``4 * explore_every``-th round runs K = 0 when its rate is within
-  reach, so a generation measures its own c0.
+* **K = 0, measured as well as modelled.** With speculation off the target decodes several tokens per
+  round (the loop's ``target_steps``; its time is learnt from as that many one-token rounds, so the line
+  holds what target-only costs per token), each forward also verifying drafts the target looks up itself
+  (``target_lookup``), which the line cannot know of. So the cost of a K = 0 token is the lower of the
+  line's, T(X_o + 1) + o, and c0: what this generation's K = 0 rounds cost per token, smoothed towards the
+  process-wide figure per sampling mode and scaled by T(X_o + 1) now over then (the load moves). On text
+  that repeats, the target's lookups put c0 well under a step; under load, where they are rarely worth a
+  row, the line's figure stands. A decoded round counts its tokens in the wait for a probe. While
+  drafting, every ``4 * explore_every``-th round runs K = 0 when its rate is within reach (and at the
+  first chance, before its own c0 is known), so a generation measures its own c0.
 * **Probes.** After ``probe_rounds`` rounds with speculation off, one round runs with the K speculation
   would use, so a text that became predictable gets drafts again; each probe that does not pay doubles
   the wait, up to ``probe_rounds_max``. A probe costs what its drafting adds to a round (for a model draft
@@ -104,7 +105,9 @@ class RoundOutcome:
     other_s: float  # the rest of the round: the orchestrator's own work
     forward_sequences: int = 1  # sequences in the target forward that scored this round (1 = alone)
     forward_tokens: int = 0  # tokens that forward ran in all, this round's included (0 = not known: alone)
-    steps: int = 1  # tokens the target decoded on its own, one forward each (a K = 0 round's decode)
+    steps: int = 1  # tokens the target decoded on its own (a K = 0 round's decode)
+    speculating: bool = True  # False for a request that set K = 0: its decodes skip the target's lookups, so
+    # its K = 0 rounds do not measure what auto's cost (c0)
 
 
 class _Line:
@@ -214,12 +217,12 @@ class SharedEstimates:
             forward = max(own, outcome.forward_tokens)
             self._others.add(0, forward - own)
             self._sharing.add(0, max(1, outcome.forward_sequences))
-            if outcome.k == 0:
+            if outcome.k == 0 and outcome.speculating:
                 off = self._off.setdefault(mode, _PerToken(self._decay))
                 off.add(outcome.target_s + outcome.other_s, max(1, outcome.steps), forward - own)
-            if outcome.steps <= 1:  # a scored round (a decode's round trip and lookups are not on the line)
-                self._target.add(forward, outcome.target_s)
-                self._other.add(0, outcome.other_s)
+            steps = max(1, outcome.steps)  # a decode's round trip is shared by its tokens
+            self._target.add(forward, outcome.target_s / steps)
+            self._other.add(0, outcome.other_s / steps)
             if outcome.k > 0:
                 key = (drafter, mode)
                 self._accepted.setdefault(key, _Counts()).add(outcome.k, outcome.accepted, self._decay)
@@ -296,7 +299,10 @@ class KPolicy:
         if rates[best] > rates[0] * (1 + self.settings.margin):
             self._off, self._wait = 0, self.settings.probe_rounds
             self._drafting += 1
-            if self._drafting % (4 * self.settings.explore_every) == 0 and rates[0] > _WITHIN_REACH * rates[best]:
+            if self._drafting % self.settings.explore_every == 0 and (
+                not self._own_off.tokens  # its own c0 unknown: the process-wide one is another text's
+                or self._drafting % (4 * self.settings.explore_every) == 0 and rates[0] > _WITHIN_REACH * rates[best]
+            ):
                 return Choice(0)  # K = 0 as it runs now (its lookups depend on this text): measure c0
             if self._drafting % self.settings.explore_every == 0:  # a neighbour: costs hardly anything near the
                 step = 1 if self._drafting // self.settings.explore_every % 2 else -1  # optimum, and measures
@@ -319,7 +325,7 @@ class KPolicy:
     def observe(self, outcome: RoundOutcome) -> None:
         if outcome.steps > 1 and self._off:  # the wait for a probe counts tokens, however many a round decoded
             self._off += outcome.steps - 1
-        if outcome.k == 0:
+        if outcome.k == 0 and outcome.speculating:
             others = max(0, outcome.forward_tokens - 1)
             self._own_off.add(outcome.target_s + outcome.other_s, max(1, outcome.steps), others)
         if outcome.k > 0:
@@ -339,7 +345,8 @@ class KPolicy:
         propose = [self._proposed.rate(i, shared.propose[i], weight) for i in range(top)]
         off = self._own_off.blend(shared.off, _OFF_PRIOR_TOKENS)
         tokens = [1.0]
-        costs = [shared.off_now(off, shared.others) if off is not None else shared.target[0] + shared.other]
+        modelled = shared.target[0] + shared.other  # T(X_o + 1) + o, the line's target-only token
+        costs = [modelled if off is None else min(shared.off_now(off, shared.others), modelled or math.inf)]
         expected, reach, at_least, proposed = 1.0, 1.0, 1.0, 0.0
         others = max(0.0, shared.sharing - 1.0)  # the sequences a longer request slows down with it
         for k in range(1, top + 1):

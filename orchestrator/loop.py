@@ -204,7 +204,7 @@ class _Generation:
                         k, len(drafts), accepted, round_.draft_s, round_.target_s,
                         max(0.0, round_.seconds - round_.draft_s - round_.target_s),
                         target.forward_sequences if target else 1, target.forward_tokens if target else 0,
-                        steps=len(tokens) if steps else 1,
+                        steps=len(tokens) if steps else 1, speculating=request.num_draft_tokens != 0,
                     ))  # fmt: skip
                 yield round_
                 if finish is not None:

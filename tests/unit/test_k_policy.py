@@ -207,8 +207,33 @@ def test_k0_is_what_the_targets_decodes_measured_so_cheaper_decodes_turn_draftin
 
 def test_while_drafting_k0_is_explored_when_it_is_within_reach() -> None:
     # Decodes that nearly match drafting: one K = 0 round every 4 * explore_every rounds measures them again.
-    chosen = decoding_play(fresh(explore_every=8), 200, accept=0.6, off_per_token=0.75 * STEP)
+    chosen = decoding_play(fresh(explore_every=8), 200, accept=0.75, off_per_token=0.7 * STEP)
     zeros = [i for i, k in enumerate(chosen) if k == 0 and i >= 60]  # once it has learnt the acceptance
     assert zeros and all(b - a >= 32 for a, b in zip(zeros, zeros[1:]))
     far = decoding_play(fresh(explore_every=8), 200, accept=0.95, off_per_token=2.0 * STEP)
     assert far[40:].count(0) == 0  # target-only far behind: never explored
+
+
+def test_k0_rounds_of_requests_that_turned_speculation_off_do_not_measure_c0() -> None:
+    shared = SharedEstimates(PolicySettings())
+    auto = KPolicy(shared, "suffix", GREEDY)
+    auto.observe(RoundOutcome(0, 0, 0, 0.0, 8 * 0.5 * STEP, 0.0, steps=8))  # auto's decode: lookups paid
+    fixed = KPolicy(shared, "suffix", GREEDY)
+    for _ in range(50):  # plain target-only decodes of requests with K = 0, under heavy load
+        fixed.observe(RoundOutcome(0, 0, 0, 0.0, 8 * 3 * STEP, 0.0, steps=8, speculating=False))
+    newcomer = KPolicy(shared, "suffix", GREEDY)
+    _, costs = newcomer.outlook(0)
+    assert costs[0] == pytest.approx(0.5 * STEP)
+
+
+def test_a_c0_measured_alone_follows_the_load_as_a_ratio_to_the_scored_line() -> None:
+    policy = fresh()
+    for _ in range(20):  # scored rounds alone: a token costs a step
+        policy.observe(RoundOutcome(1, 1, 0, 0.0, target_time(2), 0.0))
+    policy.observe(RoundOutcome(0, 0, 0, 0.0, 8 * 0.5 * STEP, 0.0, steps=8))  # decodes: half of that
+    alone = policy.outlook(0)[1][0]
+    assert alone == pytest.approx(0.5 * STEP, rel=0.1)
+    for _ in range(300):  # then 15 other sequences' tokens in every forward: the forward costs 2.5 steps
+        policy.observe(RoundOutcome(1, 1, 0, 0.0, target_time(17), 0.0, 16, 17))
+    loaded = policy.outlook(0)[1][0]
+    assert loaded == pytest.approx(0.5 * target_time(16), rel=0.15)  # the same ratio at today's load
