@@ -22,7 +22,8 @@ import numpy as np
 
 MAX_MATCH = 8  # longest match looked for, in tokens
 PER_MATCH = 4  # drafted tokens per matched token
-RETRY_EVERY = 8  # forwards without drafts, for a sequence whose drafts do not pay, before it tries again
+RETRY_EVERY = 8  # forwards without drafts, for a sequence whose drafts do not pay, before it tries one token
+MAX_ALLOWANCE = 1 << 30
 
 
 class Acceptance:
@@ -31,24 +32,28 @@ class Acceptance:
     A drafted token costs its forward a row, which every sequence in the forward waits for: with a forward
     costing ``a + b·rows``, a token costs the batch (a + b·n) / n and a row b, so a row pays when its chance
     of being accepted exceeds r·n / (1 + r·n), r = b / a (``row_cost``; this CPU's SmolLM2 ~0.05: 5 % alone,
-    30 % in a forward of 8, 44 % of 16; a GPU's rows are nearly free). The rate starts at one half, and a
-    sequence whose drafts do not pay tries again every ``RETRY_EVERY`` forwards, so it notices when its text
-    starts repeating. Deterministic, from past forwards only: exactness does not depend on it."""
+    30 % in a forward of 8, 44 % of 16; a GPU's rows are nearly free). The rate starts at a quarter (drafts
+    alone and among 4, not among 8), and a sequence whose drafts do not pay tries a one-token draft every
+    ``RETRY_EVERY`` forwards, so it notices when its text starts repeating. Deterministic, from past forwards only: exactness does not depend on it."""
 
     def __init__(self) -> None:
-        self.drafted, self.accepted, self.skipped = 2.0, 1.0, 0
+        self.drafted, self.accepted, self.skipped = 4.0, 1.0, 0
 
     def rate(self) -> float:
         return self.accepted / self.drafted
 
-    def pays(self, sequences: int, row_cost: float) -> bool:
-        """Whether this forward (of ``sequences``) should carry a draft of this sequence; counts the skips."""
+    def allowance(self, sequences: int, row_cost: float) -> int:
+        """How many draft tokens this forward (of ``sequences``) may carry for this sequence: any number while
+        its drafts pay, one every ``RETRY_EVERY`` forwards while they do not (a cheap test), else none."""
         load = row_cost * max(1, sequences)
-        if self.rate() >= load / (1 + load) or self.skipped >= RETRY_EVERY:
+        if self.rate() >= load / (1 + load):
             self.skipped = 0
-            return True
+            return MAX_ALLOWANCE
+        if self.skipped >= RETRY_EVERY:
+            self.skipped = 0
+            return 1
         self.skipped += 1
-        return False
+        return 0
 
     def add(self, drafted: int, accepted: int, decay: float = 0.9) -> None:
         self.drafted = decay * self.drafted + drafted

@@ -169,7 +169,7 @@ def lookup_drafts(request: StepRequest, cache: KVCache, max_length: int, sequenc
     if room < 1:
         return ()
     drafts = propose([*cache.ids[: request.keep_length], *request.token_ids], room)
-    return drafts if drafts and cache.lookup.pays(sequences, row_cost) else ()
+    return drafts[: cache.lookup.allowance(sequences, row_cost)] if drafts else ()
 
 
 def decoded(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from specdec.lookup import Acceptance, propose
+from specdec.lookup import MAX_ALLOWANCE, Acceptance, propose
 
 
 def test_the_longest_match_wins_and_earns_per_match_tokens_per_matched_token() -> None:
@@ -39,12 +39,15 @@ def test_numpy_context_and_long_matches() -> None:
 
 
 def test_drafts_pay_alone_and_need_a_higher_acceptance_in_a_bigger_forward() -> None:
-    record = Acceptance()  # starts at one half
-    assert record.pays(1, 0.05) and record.pays(16, 0.05)  # 0.5 > 0.05 alone, > 0.44 with 16
+    record = Acceptance()  # starts at a quarter
+    assert record.allowance(1, 0.05) == record.allowance(4, 0.05) == MAX_ALLOWANCE  # above 5 % and 17 %
+    assert record.allowance(16, 0.05) == 0  # below 44 %
     for _ in range(20):
-        record.add(4, 1)  # a quarter of its drafts accepted
-    assert 0.2 < record.rate() < 0.3
-    assert record.pays(1, 0.05) and record.pays(4, 0.05)  # above 5 % and 17 %
-    decisions = [record.pays(16, 0.05) for _ in range(18)]  # below 44 %: a retry every 8 forwards
-    assert decisions == ([False] * 8 + [True]) * 2
-    assert record.pays(16, 0.0)  # free rows always pay
+        record.add(4, 3)  # three quarters of its drafts accepted
+    assert record.rate() > 0.7 and record.allowance(16, 0.05) == MAX_ALLOWANCE
+    for _ in range(40):
+        record.add(4, 1)  # a quarter
+    assert 0.2 < record.rate() < 0.3 and record.allowance(4, 0.05) == MAX_ALLOWANCE
+    allowed = [record.allowance(16, 0.05) for _ in range(18)]  # below 44 %: one token every 8 forwards
+    assert allowed == ([0] * 8 + [1]) * 2
+    assert record.allowance(16, 0.0) == MAX_ALLOWANCE  # free rows always pay
