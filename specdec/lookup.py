@@ -34,7 +34,8 @@ class Acceptance:
     of being accepted exceeds r·n / (1 + r·n), r = b / a (``row_cost``; this CPU's SmolLM2 ~0.05: 5 % alone,
     30 % in a forward of 8, 44 % of 16; a GPU's rows are nearly free). The rate starts at a quarter (drafts
     alone and among 4, not among 8), and a sequence whose drafts do not pay tries a one-token draft every
-    ``RETRY_EVERY`` forwards, so it notices when its text starts repeating. Deterministic, from past forwards only: exactness does not depend on it."""
+    ``RETRY_EVERY`` forwards, so it notices when its text starts repeating. Deterministic, from past
+    forwards only: exactness does not depend on it."""
 
     def __init__(self) -> None:
         self.drafted, self.accepted, self.skipped = 4.0, 1.0, 0

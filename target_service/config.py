@@ -37,8 +37,9 @@ class TargetModelParams:
                                 "on their way back (never for a lone caller; target_service/scheduler.py)"}
     )
     lookup_row_cost: float = field(
-        default=0.05, metadata={"help": "a forward's cost per extra row over its cost alone (SmolLM2 on a CPU ~0.05, "
-                                "a GPU far less): whether a decode's looked-up drafts pay in a batch (specdec/lookup.py)"}
+        default=0.05,
+        metadata={"help": "a forward's cost per extra row over its cost alone (SmolLM2 on a CPU ~0.05, a GPU far "
+                  "less): whether a decode's looked-up drafts pay in a batch (specdec/lookup.py)"},
     )
     cache_dir: str = field(
         default="", metadata={"help": "converted models and the Triton copy ('' = $SPECDEC_CACHE_DIR or ~/.cache/specdec)"}

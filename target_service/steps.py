@@ -315,6 +315,7 @@ def run_to_completion(
     scheduler to hand continuations to)."""
     answers = run_batch(engine, store, requests, on_forward, on_lookup, row_cost)
     while pending := [i for i, answer in enumerate(answers) if isinstance(answer, StepRequest)]:
-        for i, answer in zip(pending, run_batch(engine, store, [answers[i] for i in pending], on_forward, on_lookup, row_cost)):
+        again = run_batch(engine, store, [answers[i] for i in pending], on_forward, on_lookup, row_cost)
+        for i, answer in zip(pending, again):
             answers[i] = answer
     return answers  # type: ignore[return-value]
