@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from specdec.config import parse_config
+from specdec.lookup import ROW_COST
 from specdec.models import parse_dtype, parse_layers
 
 INSTANCE_KINDS = ("KIND_CPU", "KIND_GPU")
@@ -37,7 +38,7 @@ class TargetModelParams:
                                 "on their way back (never for a lone caller; target_service/scheduler.py)"}
     )
     lookup_row_cost: float = field(
-        default=0.05,
+        default=ROW_COST,
         metadata={"help": "a forward's cost per extra row over its cost alone (SmolLM2 on a CPU ~0.05, a GPU far "
                   "less): whether a decode's looked-up drafts pay in a batch (specdec/lookup.py)"},
     )

@@ -24,7 +24,7 @@ import torch
 from specdec import target_contract as contract
 from specdec.engine import CausalLMEngine, StepItem
 from specdec.kv_cache import KVCache
-from specdec.lookup import propose
+from specdec.lookup import ROW_COST, propose
 from specdec.round_draws import draw_round
 from specdec.rows import PackedRows
 from specdec.sampling import SamplingParams, warp_packed
@@ -33,7 +33,6 @@ from specdec.sequences import CapacityError, Entry, SequenceNotFoundError, Seque
 log = logging.getLogger(__name__)
 
 Outputs = dict[str, np.ndarray]
-DEFAULT_ROW_COST = 0.05  # a forward's cost per extra row over its cost alone (SmolLM2 on this CPU: 1 ms / 19 ms)
 Read = Callable[[str], "np.ndarray | None"]
 
 
@@ -157,7 +156,7 @@ def outputs(logits: torch.Tensor, params: SamplingParams | None) -> Outputs:
 
 
 def lookup_drafts(request: StepRequest, cache: KVCache, max_length: int, sequences: int = 1,
-                  row_cost: float = DEFAULT_ROW_COST) -> tuple[int, ...]:
+                  row_cost: float = ROW_COST) -> tuple[int, ...]:
     """The draft a decode's forward verifies besides its token: what `specdec.lookup` finds in the cache's
     first ``keep_length`` tokens and the request's own, no more than its LOOKUP, the tokens it still needs
     after this forward's last and the context's room allow, and only while the sequence's drafts pay in a
@@ -241,7 +240,7 @@ def run_batch(
     requests: Sequence[StepRequest | StepError],
     on_forward: Callable[[int], None] = lambda sequences: None,
     on_lookup: Callable[[int, int], None] = lambda drafted, accepted: None,
-    row_cost: float = DEFAULT_ROW_COST,
+    row_cost: float = ROW_COST,
 ) -> list[Outputs | StepError | StepRequest]:
     """Answer every request (a StepError given stays the answer) with one forward per wave of distinct
     sequences (normally one), each answer with how many sequences and tokens its forward ran. A decode
@@ -309,7 +308,7 @@ def run_to_completion(
     requests: Sequence[StepRequest | StepError],
     on_forward: Callable[[int], None] = lambda sequences: None,
     on_lookup: Callable[[int, int], None] = lambda drafted, accepted: None,
-    row_cost: float = DEFAULT_ROW_COST,
+    row_cost: float = ROW_COST,
 ) -> list[Outputs | StepError]:
     """`run_batch` until every decode has all its tokens: the answers, in order (for callers without a
     scheduler to hand continuations to)."""

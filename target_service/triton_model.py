@@ -26,6 +26,7 @@ import torch
 from specdec import target_contract as contract
 from specdec.engine import CausalLMEngine
 from specdec.kv_cache import KVCache
+from specdec.lookup import ROW_COST
 from specdec.models import load_model, parse_layers
 from specdec.openmp import use_threads_here
 from specdec.sequences import SequenceStore
@@ -149,7 +150,7 @@ class TargetModel:
         self._metrics: _Metrics | None = None
         self._scheduler: StepScheduler[tuple[StepRequest, Any]] | None = None
         self._unreported_s = 0.0  # seconds of forwards not in the metrics yet
-        self._row_cost = TargetModelParams().lookup_row_cost
+        self._row_cost = ROW_COST  # until initialize() reads the model parameter
 
     def initialize(self, args: Mapping[str, str]) -> None:
         if not logging.getLogger().handlers:
