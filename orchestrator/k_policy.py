@@ -47,7 +47,9 @@ The model (Leviathan et al. 2023, §3, with measured costs instead of assumed on
   the wait, up to ``probe_rounds_max``. A probe costs what its drafting adds to a round (for a model draft
   on a CPU, several target steps, plus catching the draft's cache up), so the wait is also long enough
   that probes cost at most ``probe_budget`` of the time spent with speculation off: a free lookup probes
-  every ``probe_rounds``, an expensive draft rarely.
+  every ``probe_rounds``, an expensive draft rarely. (A probe whose lookup drafter finds nothing decodes
+  like a round off: the loop's doing; here it is a miss at every position, and the tokens it decoded count
+  towards the next wait.)
 
 Exactness is untouched: K depends only on past rounds, never on the current round's random draws.
 """
@@ -323,8 +325,8 @@ class KPolicy:
         return min(math.ceil(rounds), self.settings.probe_rounds_max)
 
     def observe(self, outcome: RoundOutcome) -> None:
-        if outcome.steps > 1 and self._off:  # the wait for a probe counts tokens, however many a round decoded
-            self._off += outcome.steps - 1
+        if outcome.steps > 1 and not self._drafting:  # the wait for a probe counts tokens, however many a round
+            self._off += outcome.steps - 1  # decoded (a probe whose drafter found nothing decodes too)
         if outcome.k == 0 and outcome.speculating:
             others = max(0, outcome.forward_tokens - 1)
             self._own_off.add(outcome.target_s + outcome.other_s, max(1, outcome.steps), others)

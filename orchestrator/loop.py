@@ -168,7 +168,7 @@ class _Generation:
                 k = choice.k
                 proposal = await self._propose(k) if k > 0 else None
                 drafts = list(proposal.token_ids) if proposal is not None else []
-                steps = self._decode_steps(k, proposal, limit - emitted)
+                steps = self._decode_steps(k, proposal, limit - emitted, choice.probe)
                 if steps:  # target-only: the target samples up to `steps` tokens on its own
                     tokens = await self._decode(steps)
                     accepted, fed = 0, len(tokens) - 1  # the target fed all but the last
@@ -219,13 +219,14 @@ class _Generation:
             return Choice(max(0, min(self.request.num_draft_tokens, room)))
         return self.policy.choose(room)
 
-    def _decode_steps(self, k: int, proposal: Proposal | None, room: int) -> int:
+    def _decode_steps(self, k: int, proposal: Proposal | None, room: int, probe: bool = False) -> int:
         """How many tokens the target decodes on its own this round: 0 = a scored round. A round without
         drafts because K is 0 or the draft is out of the generation decodes up to ``target_steps`` tokens
-        (never past the limit); one whose drafter merely found nothing to propose is scored (the next
-        position may have a match)."""
+        (never past the limit), and so does a probe whose drafter found nothing (speculation stays off: the
+        probe cost one draft call, not a round). A drafting round whose drafter merely found nothing to
+        propose is scored (the next position may have a match)."""
         target_steps = self.loop.settings.target_steps
-        if target_steps <= 1 or (k > 0 and proposal is not None):
+        if target_steps <= 1 or (k > 0 and proposal is not None and not (probe and not proposal.token_ids)):
             return 0
         return max(1, min(target_steps, room))
 

@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from orchestrator.k_policy import GREEDY, PolicySettings
-from orchestrator.loop import SpeculativeLoop
+from orchestrator.loop import LoopSettings, SpeculativeLoop
 from tests.fakes import (
     FakeDraft,
     FakeTarget,
@@ -43,6 +43,21 @@ async def test_a_draft_that_costs_more_than_it_saves_is_turned_off_and_probed():
     assert stats.speculation_off_rounds > stats.rounds / 2
     assert stats.probe_rounds >= 1 and stats.probe_rounds < 10
     assert stats.rounds_by_k[0] >= stats.speculation_off_rounds
+
+
+@asyncio_test
+async def test_a_probe_whose_drafter_finds_nothing_decodes_instead_of_scoring_one_token():
+    target, draft = FakeTarget(delay_s=0.004), FakeDraft(policy=lambda prefix, position: None)
+    policy = PolicySettings(probe_rounds=4, probe_budget=1.0)
+    settings = LoopSettings(target_steps=4)
+    loop = SpeculativeLoop(target, draft, new_sequence_id=ids(), policy=policy, settings=settings)
+    rounds = await run(loop, request(num_draft_tokens=None, max_new_tokens=80))
+    assert output(rounds) == greedy_reference(80)
+    probes = [r for r in rounds if r.probe]
+    assert len(probes) >= 2 and all(r.num_draft_tokens > 0 and r.proposed == 0 for r in probes)
+    assert all(len(r.token_ids) > 1 for r in probes)  # a decode (up to 4 tokens), not one scored token
+    drafting = [r for r in rounds if r.num_draft_tokens > 0 and not r.probe]
+    assert drafting and all(len(r.token_ids) == 1 for r in drafting)  # before it turned off: scored rounds
 
 
 @asyncio_test
