@@ -10,7 +10,8 @@ and each service handles them before anything later on the same stream or model 
 
 K per round: fixed by the request, or chosen before each round by the generation's `KPolicy` from past
 rounds only (``orchestrator.k_policy``; K = 0 when drafting does not pay). The draft may propose fewer
-than K tokens (a lookup drafter whose match runs out; none at all makes a target-only round). A round with
+than K tokens (a lookup drafter whose match runs out); none at all makes a target-only round: a decode
+under auto K, one scored token under a fixed K. A round with
 K = 0 (or without a draft) asks the target to *decode* up to ``LoopSettings.target_steps`` tokens on its
 own, one forward each, sampled with this generation's own rule and noise (`specdec.round_draws`): the same
 tokens, without a round trip per token. Unless the request set K = 0, each of those forwards also verifies
@@ -168,7 +169,7 @@ class _Generation:
                 k = choice.k
                 proposal = await self._propose(k) if k > 0 else None
                 drafts = list(proposal.token_ids) if proposal is not None else []
-                steps = self._decode_steps(k, proposal, limit - emitted, choice.probe)
+                steps = self._decode_steps(k, proposal, limit - emitted)
                 if steps:  # target-only: the target samples up to `steps` tokens on its own
                     tokens = await self._decode(steps)
                     accepted, fed = 0, len(tokens) - 1  # the target fed all but the last
@@ -215,20 +216,24 @@ class _Generation:
 
     def _choose(self, room: int) -> Choice:
         """This round's K: the request's, or the policy's; never more than ``room`` tokens."""
-        if self.request.num_draft_tokens is not None:
+        if self._fixed_k:
             return Choice(max(0, min(self.request.num_draft_tokens, room)))
         return self.policy.choose(room)
 
-    def _decode_steps(self, k: int, proposal: Proposal | None, room: int, probe: bool = False) -> int:
+    def _decode_steps(self, k: int, proposal: Proposal | None, room: int) -> int:
         """How many tokens the target decodes on its own this round: 0 = a scored round. A round without
-        drafts because K is 0 or the draft is out of the generation decodes up to ``target_steps`` tokens
-        (never past the limit), and so does a probe whose drafter found nothing (speculation stays off: the
-        probe cost one draft call, not a round). A drafting round whose drafter merely found nothing to
-        propose is scored (the next position may have a match)."""
+        drafts decodes up to ``target_steps`` tokens (never past the limit): K is 0, the draft is out of the
+        generation, or, with K chosen by the policy, the drafter found nothing to propose (the round cost one
+        draft call; the target's own lookups still run, and the policy counts a miss). Only a fixed K scores
+        a round whose drafter found nothing, so that the next position gets its K drafts asked for."""
         target_steps = self.loop.settings.target_steps
-        if target_steps <= 1 or (k > 0 and proposal is not None and not (probe and not proposal.token_ids)):
+        if target_steps <= 1 or k > 0 and proposal is not None and (proposal.token_ids or self._fixed_k):
             return 0
         return max(1, min(target_steps, room))
+
+    @property
+    def _fixed_k(self) -> bool:
+        return self.request.num_draft_tokens is not None
 
     def _count(
         self, choice: Choice, proposal: Proposal | None, drafts: list[int], accepted: int, emitted: int, decoded: bool

@@ -46,18 +46,21 @@ async def test_a_draft_that_costs_more_than_it_saves_is_turned_off_and_probed():
 
 
 @asyncio_test
-async def test_a_probe_whose_drafter_finds_nothing_decodes_instead_of_scoring_one_token():
-    target, draft = FakeTarget(delay_s=0.004), FakeDraft(policy=lambda prefix, position: None)
-    policy = PolicySettings(probe_rounds=4, probe_budget=1.0)
+async def test_a_drafter_that_finds_nothing_costs_auto_a_draft_call_not_a_one_token_round():
     settings = LoopSettings(target_steps=4)
-    loop = SpeculativeLoop(target, draft, new_sequence_id=ids(), policy=policy, settings=settings)
-    rounds = await run(loop, request(num_draft_tokens=None, max_new_tokens=80))
-    assert output(rounds) == greedy_reference(80)
-    probes = [r for r in rounds if r.probe]
-    assert len(probes) >= 2 and all(r.num_draft_tokens > 0 and r.proposed == 0 for r in probes)
-    assert all(len(r.token_ids) > 1 for r in probes)  # a decode (up to 4 tokens), not one scored token
-    drafting = [r for r in rounds if r.num_draft_tokens > 0 and not r.probe]
-    assert drafting and all(len(r.token_ids) == 1 for r in drafting)  # before it turned off: scored rounds
+    policy = PolicySettings(probe_rounds=4, probe_budget=1.0)
+    rounds_by_k = {}
+    for k in (None, 3):  # auto, then a fixed K
+        target, draft = FakeTarget(delay_s=0.004), FakeDraft(policy=lambda prefix, position: None)
+        loop = SpeculativeLoop(target, draft, new_sequence_id=ids(), policy=policy, settings=settings)
+        rounds = await run(loop, request(num_draft_tokens=k, max_new_tokens=80))
+        assert output(rounds) == greedy_reference(80)
+        rounds_by_k[k] = [r for r in rounds if r.num_draft_tokens > 0]
+        assert rounds_by_k[k] and all(r.proposed == 0 for r in rounds_by_k[k])
+    auto = rounds_by_k[None]
+    assert any(r.probe for r in auto) and any(not r.probe for r in auto)  # drafting rounds and probes alike
+    assert all(len(r.token_ids) > 1 for r in auto)  # each a decode (up to 4 tokens), not one scored token
+    assert all(len(r.token_ids) == 1 for r in rounds_by_k[3])  # a fixed K asks again at the next position
 
 
 @asyncio_test
