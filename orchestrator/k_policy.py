@@ -47,9 +47,12 @@ The model (Leviathan et al. 2023, §3, with measured costs instead of assumed on
   the wait, up to ``probe_rounds_max``. A probe costs what its drafting adds to a round (for a model draft
   on a CPU, several target steps, plus catching the draft's cache up), so the wait is also long enough
   that probes cost at most ``probe_budget`` of the time spent with speculation off: a free lookup probes
-  every ``probe_rounds``, an expensive draft rarely. (A probe whose lookup drafter finds nothing decodes
-  like a round off: the loop's doing; here it is a miss at every position, and the tokens it decoded count
-  towards the next wait.)
+  every ``probe_rounds``, an expensive draft rarely. Under load a probe also costs the others: the target
+  holds their forward for a sequence of the last one on its way back, and a probe comes back a draft call
+  later than the decoding sequences around it, so its price includes (s − 1) times its draft call's time.
+  (A round whose lookup drafter finds nothing decodes:
+  the loop's doing. Here it is a miss at every position, and a probe's decoded tokens count towards the
+  next wait.)
 
 Exactness is untouched: K depends only on past rounds, never on the current round's random draws.
 """
@@ -295,7 +298,7 @@ class KPolicy:
         top = min(self.settings.max_k, max(limit, 0))
         if top == 0:
             return Choice(0)
-        tokens, costs = self.outlook(top)
+        tokens, costs, holds = self._forecast(top)
         rates = [_rate(t, c) for t, c in zip(tokens, costs)]
         best = max(range(1, top + 1), key=lambda k: rates[k])
         if rates[best] > rates[0] * (1 + self.settings.margin):
@@ -312,7 +315,7 @@ class KPolicy:
             return Choice(best)
         self._drafting = 0
         self._off += 1
-        if self._off > max(self._wait, self._affordable_wait(costs[best] - costs[0], costs[0])):
+        if self._off > max(self._wait, self._affordable_wait(costs[best] - costs[0] + holds[best], costs[0])):
             self._off, self._wait = 0, min(2 * self._wait, self.settings.probe_rounds_max)
             return Choice(best, probe=True)  # one round as speculation would run it
         return Choice(0, off=True)
@@ -326,7 +329,7 @@ class KPolicy:
 
     def observe(self, outcome: RoundOutcome) -> None:
         if outcome.steps > 1 and not self._drafting:  # the wait for a probe counts tokens, however many a round
-            self._off += outcome.steps - 1  # decoded (a probe whose drafter found nothing decodes too)
+            self._off += outcome.steps - 1  # decoded (so does a probe whose drafter found nothing)
         if outcome.k == 0 and outcome.speculating:
             others = max(0, outcome.forward_tokens - 1)
             self._own_off.add(outcome.target_s + outcome.other_s, max(1, outcome.steps), others)
@@ -341,12 +344,20 @@ class KPolicy:
 
     def outlook(self, top: int) -> tuple[list[float], list[float]]:
         """Expected tokens of a round and its expected seconds, for K = 0..top (index K)."""
+        tokens, costs, _ = self._forecast(top)
+        return tokens, costs
+
+    def _forecast(self, top: int) -> tuple[list[float], list[float], list[float]]:
+        """`outlook`, and what a round's draft call holds the others up, s − 1 times its time (index K): the
+        target holds a forward for a sequence of the last one on its way back, and a round that drafts
+        among sequences that decode comes back a draft call later than they do. Sequences that all draft
+        wait for their draft calls side by side, so only a probe is charged it (it drafts among decoders)."""
         shared = self.shared.snapshot(self.drafter, self.mode)
         weight = self.settings.prior_rounds
         accept = [self._accepted.rate(i, shared.accept[i], weight) for i in range(top)]
         propose = [self._proposed.rate(i, shared.propose[i], weight) for i in range(top)]
         off = self._own_off.blend(shared.off, _OFF_PRIOR_TOKENS)
-        tokens = [1.0]
+        tokens, holds = [1.0], [0.0]
         modelled = shared.target[0] + shared.other  # T(X_o + 1) + o, the line's target-only token
         costs = [modelled if off is None else min(shared.off_now(off, shared.others), modelled or math.inf)]
         expected, reach, at_least, proposed = 1.0, 1.0, 1.0, 0.0
@@ -359,8 +370,10 @@ class KPolicy:
             tokens.append(expected)
             target = _interpolate(shared.target, proposed)
             extra = (target - shared.target[0]) * others  # the same wait, for each of the others
-            costs.append(_interpolate(shared.draft, proposed) + target + extra + shared.other)
-        return tokens, costs
+            drafting = _interpolate(shared.draft, proposed)
+            costs.append(drafting + target + extra + shared.other)
+            holds.append(drafting * others)
+        return tokens, costs, holds
 
 
 def _interpolate(values: list[float], x: float) -> float:

@@ -237,3 +237,18 @@ def test_a_c0_measured_alone_follows_the_load_as_a_ratio_to_the_scored_line() ->
         policy.observe(RoundOutcome(1, 1, 0, 0.0, target_time(17), 0.0, 16, 17))
     loaded = policy.outlook(0)[1][0]
     assert loaded == pytest.approx(0.5 * target_time(16), rel=0.15)  # the same ratio at today's load
+
+
+def test_under_load_a_probe_pays_for_the_others_wait_on_its_draft_call() -> None:
+    # A lookup that finds nothing: a probe adds no rows, only its draft call (5 ms). Alone that is cheap;
+    # among 15 decoding sequences, the target holds their forward for it: 75 ms, which the 2 % budget
+    # spreads over at least 0.075 / (0.02 * 0.126) ≈ 30 rounds off (a round off: a forward of 16, 0.126 s).
+    def first_gap(sharing: int) -> int:
+        policy = fresh(probe_rounds=4, probe_rounds_max=512, probe_budget=0.02)
+        chosen = play(policy, 300, accept=0.9, draft_per_token=0.0, hop=0.005, proposes=0.0, sharing=sharing)
+        drafted = next(i for i, k in enumerate(chosen) if k > 0)  # on the prior, before it learns
+        off = next(i for i, k in enumerate(chosen) if k == 0 and i > drafted)
+        return next(i for i, k in enumerate(chosen) if k > 0 and i > off) - off
+
+    alone, loaded = first_gap(1), first_gap(16)
+    assert alone <= 10 and loaded >= 30  # alone: 0.005 / (0.02 * 0.051) ≈ 5 rounds, or probe_rounds
