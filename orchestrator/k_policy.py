@@ -50,9 +50,8 @@ The model (Leviathan et al. 2023, §3, with measured costs instead of assumed on
   every ``probe_rounds``, an expensive draft rarely. Under load a probe also costs the others: the target
   holds their forward for a sequence of the last one on its way back, and a probe comes back a draft call
   later than the decoding sequences around it, so its price includes (s − 1) times its draft call's time.
-  (A round whose lookup drafter finds nothing decodes:
-  the loop's doing. Here it is a miss at every position, and a probe's decoded tokens count towards the
-  next wait.)
+  (A round whose lookup drafter finds nothing decodes: the loop's doing. Here it is a miss at every
+  position, and a probe's decoded tokens count towards the next wait.)
 
 Exactness is untouched: K depends only on past rounds, never on the current round's random draws.
 """

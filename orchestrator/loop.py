@@ -11,12 +11,12 @@ and each service handles them before anything later on the same stream or model 
 K per round: fixed by the request, or chosen before each round by the generation's `KPolicy` from past
 rounds only (``orchestrator.k_policy``; K = 0 when drafting does not pay). The draft may propose fewer
 than K tokens (a lookup drafter whose match runs out); none at all makes a target-only round: a decode
-under auto K, one scored token under a fixed K. A round with
-K = 0 (or without a draft) asks the target to *decode* up to ``LoopSettings.target_steps`` tokens on its
-own, one forward each, sampled with this generation's own rule and noise (`specdec.round_draws`): the same
-tokens, without a round trip per token. Unless the request set K = 0, each of those forwards also verifies
-up to ``LoopSettings.target_lookup`` drafts the target looks up in the sequence's own tokens (`specdec.lookup`):
-speculation with no hop, which the K policy sees as a cheaper target-only token.
+under auto K, one scored token under a fixed K. A round with K = 0 (or without a draft) asks the target
+to *decode* up to ``LoopSettings.target_steps`` tokens on its own, one forward each, sampled with this
+generation's own rule and noise (`specdec.round_draws`): the same tokens, without a round trip per token.
+Unless the request set K = 0, each of those forwards also verifies up to ``LoopSettings.target_lookup``
+drafts the target looks up in the sequence's own tokens (`specdec.lookup`): speculation with no hop, which
+the K policy sees as a cheaper target-only token.
 
 Bookkeeping per round, with ``n`` of the proposed drafts accepted and ``L`` = tokens before the round: the
 target fed every draft, so its valid cache is ``L + n`` (the emitted last token is not fed yet); the
