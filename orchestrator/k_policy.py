@@ -26,9 +26,13 @@ The model (Leviathan et al. 2023, §3, with measured costs instead of assumed on
   forward lately (FORWARD_SEQUENCES), a round is charged its own time plus (s − 1) β m: the marginal cost
   to everyone, so each generation's choice maximises what the whole batch gets (SmartSpec's goodput, per
   sequence). Alone (s = 1, X_o = 0) it is just its own time; under load speculation must pay for the
-  others' wait, and a drafter that barely pays alone is turned off.
-* **Choice.** rate(K) = E[tokens | K] / (D(m̄) + T(X_o + 1 + m̄) + (s − 1) β m̄ + o) with m̄ = E[m | K],
-  rate(0) = 1 / c0 (below). K = argmax; 0 unless the best K beats target-only by ``margin``.
+  others' wait, and a drafter that barely pays alone is turned off. The draft call holds the others up
+  too: the target holds its next forward for a sequence of the last one on its way back, and a round
+  that drafts comes back a draft call later than a sequence that decodes. Sequences that all draft wait
+  for their calls side by side; so with d the share of recent forwards spent decoding (every
+  generation's), a round is also charged (s − 1) d D(m̄).
+* **Choice.** rate(K) = E[tokens | K] / (D(m̄) + T(X_o + 1 + m̄) + (s − 1)(β m̄ + d D(m̄)) + o) with
+  m̄ = E[m | K], rate(0) = 1 / c0 (below). K = argmax; 0 unless the best K beats target-only by ``margin``.
 * **Exploring.** A K that never changes measures one point of each cost curve, and the costs move with
   load; so while drafting, every ``explore_every``-th round runs a neighbouring K (one less, one more,
   alternately), which costs little near the optimum and keeps the slopes measured as they are now.
@@ -47,11 +51,10 @@ The model (Leviathan et al. 2023, §3, with measured costs instead of assumed on
   the wait, up to ``probe_rounds_max``. A probe costs what its drafting adds to a round (for a model draft
   on a CPU, several target steps, plus catching the draft's cache up), so the wait is also long enough
   that probes cost at most ``probe_budget`` of the time spent with speculation off: a free lookup probes
-  every ``probe_rounds``, an expensive draft rarely. Under load a probe also costs the others: the target
-  holds their forward for a sequence of the last one on its way back, and a probe comes back a draft call
-  later than the decoding sequences around it, so its price includes (s − 1) times its draft call's time.
-  (A round whose lookup drafter finds nothing decodes: the loop's doing. Here it is a miss at every
-  position, and a probe's decoded tokens count towards the next wait.)
+  every ``probe_rounds``, an expensive draft rarely; among decoding sequences, a probe's price includes
+  their wait for its draft call, (s − 1) d D(m̄). (A round whose lookup drafter finds nothing decodes: the
+  loop's doing. Here it is a miss at every position, and a probe's decoded tokens count towards the next
+  wait.)
 
 Exactness is untouched: K depends only on past rounds, never on the current round's random draws.
 """
@@ -122,10 +125,10 @@ class _Line:
         self.decay, self.prior = decay, prior
         self.w = self.wx = self.wy = self.wxx = self.wxy = 0.0
 
-    def add(self, x: float, y: float) -> None:
-        d = self.decay
-        self.w, self.wx, self.wy = d * self.w + 1, d * self.wx + x, d * self.wy + y
-        self.wxx, self.wxy = d * self.wxx + x * x, d * self.wxy + x * y
+    def add(self, x: float, y: float, weight: float = 1.0) -> None:
+        d, w = self.decay, weight
+        self.w, self.wx, self.wy = d * self.w + w, d * self.wx + w * x, d * self.wy + w * y
+        self.wxx, self.wxy = d * self.wxx + w * x * x, d * self.wxy + w * x * y
 
     @property
     def known(self) -> bool:
@@ -210,6 +213,7 @@ class SharedEstimates:
         self._draft: dict[str, _Line] = {}  # drafter -> seconds vs tokens proposed
         self._other = _Line(self._decay, prior=lambda mx, my: 0.0)
         self._sharing = _Line(self._decay, prior=lambda mx, my: 0.0)  # sequences per target forward
+        self._decoding = _Line(self._decay, prior=lambda mx, my: 0.0)  # the share of forwards spent decoding
         self._off: dict[str, _PerToken] = {}  # sampling mode -> what K = 0 rounds cost per token
 
     def _sharing_now(self) -> float:
@@ -221,6 +225,7 @@ class SharedEstimates:
             forward = max(own, outcome.forward_tokens)
             self._others.add(0, forward - own)
             self._sharing.add(0, max(1, outcome.forward_sequences))
+            self._decoding.add(0, 1.0 if outcome.steps > 1 or outcome.k == 0 else 0.0, weight=max(1, outcome.steps))
             if outcome.k == 0 and outcome.speculating:
                 off = self._off.setdefault(mode, _PerToken(self._decay))
                 off.add(outcome.target_s + outcome.other_s, max(1, outcome.steps), forward - own)
@@ -250,6 +255,7 @@ class SharedEstimates:
                 draft=[self._draft[drafter].at(m) if drafter in self._draft else 0.0 for m in range(k + 1)],
                 other=self._other.at(0) if self._other.known else 0.0,
                 sharing=self._sharing_now(),
+                decoding=self._decoding.at(0) if self._decoding.known else 0.0,
                 others=others,
                 off=self._off[mode].blend(None, 0.0) if mode in self._off else None,
                 line=(self._target.at(0), self._target.at(1) - self._target.at(0)) if self._target.known else None,
@@ -264,6 +270,7 @@ class _Snapshot:
     draft: list[float]  # D(m) for m = 0..max_k
     other: float
     sharing: float  # sequences per target forward, recently
+    decoding: float  # the share of recent forwards (every generation's) spent decoding, not drafting
     others: float  # the other sequences' tokens per target forward, recently (X_o)
     off: tuple[float, float] | None  # K = 0 rounds lately, process-wide: seconds per token, others' tokens
     line: tuple[float, float] | None  # T(X) = line[0] + line[1] X, the scored rounds' fit (None: none yet)
@@ -297,7 +304,7 @@ class KPolicy:
         top = min(self.settings.max_k, max(limit, 0))
         if top == 0:
             return Choice(0)
-        tokens, costs, holds = self._forecast(top)
+        tokens, costs = self.outlook(top)
         rates = [_rate(t, c) for t, c in zip(tokens, costs)]
         best = max(range(1, top + 1), key=lambda k: rates[k])
         if rates[best] > rates[0] * (1 + self.settings.margin):
@@ -314,7 +321,7 @@ class KPolicy:
             return Choice(best)
         self._drafting = 0
         self._off += 1
-        if self._off > max(self._wait, self._affordable_wait(costs[best] - costs[0] + holds[best], costs[0])):
+        if self._off > max(self._wait, self._affordable_wait(costs[best] - costs[0], costs[0])):
             self._off, self._wait = 0, min(2 * self._wait, self.settings.probe_rounds_max)
             return Choice(best, probe=True)  # one round as speculation would run it
         return Choice(0, off=True)
@@ -343,20 +350,12 @@ class KPolicy:
 
     def outlook(self, top: int) -> tuple[list[float], list[float]]:
         """Expected tokens of a round and its expected seconds, for K = 0..top (index K)."""
-        tokens, costs, _ = self._forecast(top)
-        return tokens, costs
-
-    def _forecast(self, top: int) -> tuple[list[float], list[float], list[float]]:
-        """`outlook`, and what a round's draft call holds the others up, s − 1 times its time (index K): the
-        target holds a forward for a sequence of the last one on its way back, and a round that drafts
-        among sequences that decode comes back a draft call later than they do. Sequences that all draft
-        wait for their draft calls side by side, so only a probe is charged it (it drafts among decoders)."""
         shared = self.shared.snapshot(self.drafter, self.mode)
         weight = self.settings.prior_rounds
         accept = [self._accepted.rate(i, shared.accept[i], weight) for i in range(top)]
         propose = [self._proposed.rate(i, shared.propose[i], weight) for i in range(top)]
         off = self._own_off.blend(shared.off, _OFF_PRIOR_TOKENS)
-        tokens, holds = [1.0], [0.0]
+        tokens = [1.0]
         modelled = shared.target[0] + shared.other  # T(X_o + 1) + o, the line's target-only token
         costs = [modelled if off is None else min(shared.off_now(off, shared.others), modelled or math.inf)]
         expected, reach, at_least, proposed = 1.0, 1.0, 1.0, 0.0
@@ -370,9 +369,9 @@ class KPolicy:
             target = _interpolate(shared.target, proposed)
             extra = (target - shared.target[0]) * others  # the same wait, for each of the others
             drafting = _interpolate(shared.draft, proposed)
-            costs.append(drafting + target + extra + shared.other)
-            holds.append(drafting * others)
-        return tokens, costs, holds
+            holding = drafting * others * shared.decoding  # the decoding others wait for its draft call
+            costs.append(drafting + target + extra + holding + shared.other)
+        return tokens, costs
 
 
 def _interpolate(values: list[float], x: float) -> float:

@@ -252,3 +252,23 @@ def test_under_load_a_probe_pays_for_the_others_wait_on_its_draft_call() -> None
 
     alone, loaded = first_gap(1), first_gap(16)
     assert alone <= 10 and loaded >= 30  # alone: 0.005 / (0.02 * 0.051) ≈ 5 rounds, or probe_rounds
+
+
+def test_a_draft_call_holds_up_the_sequences_that_decode_not_those_that_draft() -> None:
+    # A lookup with a 5 ms call, accepted half the time, among 15 other sequences in every forward, on a
+    # target whose extra rows are nearly free. Among sequences that draft too (another generation), the
+    # calls overlap and drafting pays: it drafts. Among sequences that decode (8 tokens per round), each of
+    # its calls holds up 15 of them, 75 ms in all, more than a step: it stops.
+    def drafting_share(among_decoders: bool) -> float:
+        shared = SharedEstimates(PolicySettings())
+        me, other, chosen = KPolicy(shared, "model", GREEDY), KPolicy(shared, "ngram", GREEDY), []
+        for i in range(160):
+            if among_decoders:
+                other.observe(RoundOutcome(0, 0, 0, 0.0, 8 * target_time(16, per_token=0.01), 0.008, 16, 16, steps=8))
+            else:
+                other.observe(RoundOutcome(4, 4, 2, 0.005, target_time(20, per_token=0.01), 0.001, 16, 20))
+            chosen += play(me, 1, accept=0.5, draft_per_token=0.0, hop=0.005, per_token=0.01, sharing=16, seed=i)
+        return sum(k > 0 for k in chosen[60:]) / 100
+
+    assert drafting_share(among_decoders=False) > 0.8
+    assert drafting_share(among_decoders=True) < 0.2
