@@ -16,6 +16,7 @@ wrong, and each drafted token costs the forward a row (bench/README.md, "Design 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,6 +24,7 @@ import numpy as np
 MAX_MATCH = 8  # longest match looked for, in tokens
 PER_MATCH = 4  # drafted tokens per matched token
 RETRY_EVERY = 8  # forwards without drafts, for a sequence whose drafts do not pay, before it tries one token
+RETRY_BUDGET = 0.01  # and at least as many that those one-token tries add at most this share to a forward
 MAX_ALLOWANCE = 1 << 30
 ROW_COST = 0.05  # a forward's cost per extra row over its cost alone, by default (SmolLM2 on this CPU: 1 ms / 19 ms)
 
@@ -34,24 +36,32 @@ class Acceptance:
     costing ``a + b·rows``, a token costs the batch (a + b·n) / n and a row b, so a row pays when its chance
     of being accepted exceeds r·n / (1 + r·n), r = b / a (``row_cost``; this CPU's SmolLM2 ~0.05: 5 % alone,
     30 % in a forward of 8, 44 % of 16; a GPU's rows are nearly free). The rate starts at a quarter (drafts
-    alone and among 4, not among 8), and a sequence whose drafts do not pay tries a one-token draft every
-    ``RETRY_EVERY`` forwards, so it notices when its text starts repeating. Deterministic, from past
-    forwards only: exactness does not depend on it."""
+    alone and among 4, not among 8), and a sequence whose drafts do not pay tries a one-token draft now and
+    then, so it notices when its text starts repeating: every ``RETRY_EVERY`` forwards, and rarer in a big
+    forward, where each try's row costs all n sequences, so that the tries of all of them add at most
+    ``RETRY_BUDGET`` to its cost: every r·n / (RETRY_BUDGET·(1 + r·n)) forwards (8 alone, 29 among 8, 45
+    among 16 at r = 0.05; one try every 8 forwards had cost 5–13 % of the tokens/s among 16 on open text).
+    In a forward of several, a draft is also at most one token longer than twice the sequence's last
+    accepted run: a lucky try does not bring back drafts of 16 rows at once, and text that keeps repeating
+    doubles its drafts forward after forward (1, 3, 7, 15). Alone, rows are nearly free and drafts are as
+    long as the match allows. Deterministic, from past forwards only: exactness does not depend on it."""
 
     def __init__(self) -> None:
         self.drafted, self.accepted, self.skipped = 4.0, 1.0, 0
+        self.last = 0  # drafts accepted in the last forward that carried some
 
     def rate(self) -> float:
         return self.accepted / self.drafted
 
     def allowance(self, sequences: int, row_cost: float) -> int:
-        """How many draft tokens this forward (of ``sequences``) may carry for this sequence: any number while
-        its drafts pay, one every ``RETRY_EVERY`` forwards while they do not (a cheap test), else none."""
+        """How many draft tokens this forward (of ``sequences``) may carry for this sequence: while its drafts
+        pay, any number alone and up to 2 · its last accepted run + 1 among others; one now and then while
+        they do not (a cheap test, paced by the row's cost); else none."""
         load = row_cost * max(1, sequences)
         if self.rate() >= load / (1 + load):
             self.skipped = 0
-            return MAX_ALLOWANCE
-        if self.skipped >= RETRY_EVERY:
+            return MAX_ALLOWANCE if sequences <= 1 or load <= 0 else 2 * self.last + 1
+        if self.skipped >= max(RETRY_EVERY, math.ceil(load / (RETRY_BUDGET * (1 + load)))):
             self.skipped = 0
             return 1
         self.skipped += 1
@@ -60,6 +70,7 @@ class Acceptance:
     def add(self, drafted: int, accepted: int, decay: float = 0.9) -> None:
         self.drafted = decay * self.drafted + drafted
         self.accepted = decay * self.accepted + accepted
+        self.last = accepted
 
 
 def propose(

@@ -40,14 +40,29 @@ def test_numpy_context_and_long_matches() -> None:
 
 def test_drafts_pay_alone_and_need_a_higher_acceptance_in_a_bigger_forward() -> None:
     record = Acceptance()  # starts at a quarter
-    assert record.allowance(1, 0.05) == record.allowance(4, 0.05) == MAX_ALLOWANCE  # above 5 % and 17 %
+    assert record.allowance(1, 0.05) == MAX_ALLOWANCE  # above 5 %: alone, as long as the match allows
+    assert record.allowance(4, 0.05) == 1  # above 17 %: among others, one more than twice its last run (none)
     assert record.allowance(16, 0.05) == 0  # below 44 %
     for _ in range(20):
         record.add(4, 3)  # three quarters of its drafts accepted
-    assert record.rate() > 0.7 and record.allowance(16, 0.05) == MAX_ALLOWANCE
+    assert record.rate() > 0.7 and record.allowance(16, 0.05) == 7 and record.allowance(1, 0.05) == MAX_ALLOWANCE
     for _ in range(40):
         record.add(4, 1)  # a quarter
-    assert 0.2 < record.rate() < 0.3 and record.allowance(4, 0.05) == MAX_ALLOWANCE
-    allowed = [record.allowance(16, 0.05) for _ in range(18)]  # below 44 %: one token every 8 forwards
-    assert allowed == ([0] * 8 + [1]) * 2
+    assert 0.2 < record.rate() < 0.3 and record.allowance(4, 0.05) == 3
+    allowed = [record.allowance(16, 0.05) for _ in range(92)]  # below 44 %: a one-token try now and then,
+    assert allowed == ([0] * 45 + [1]) * 2  # its row's cost to the 16 kept under 1 %: every 45 forwards
     assert record.allowance(16, 0.0) == MAX_ALLOWANCE  # free rows always pay
+    for _ in range(40):
+        record.add(4, 0)  # nothing accepted: alone, below 5 %, it tries every 8 forwards
+    assert [record.allowance(1, 0.05) for _ in range(18)] == ([0] * 8 + [1]) * 2
+
+
+def test_among_others_drafts_grow_with_what_was_accepted() -> None:
+    record = Acceptance()
+    lengths = []
+    for _ in range(5):  # text that keeps repeating: every draft accepted
+        lengths.append(record.allowance(4, 0.05))
+        record.add(lengths[-1], lengths[-1])
+    assert lengths == [1, 3, 7, 15, 31]
+    record.add(8, 2)  # a miss after two: back to five tokens
+    assert record.allowance(4, 0.05) == 5 and record.allowance(4, 0.0) == MAX_ALLOWANCE  # free rows: no cap
