@@ -225,11 +225,11 @@ class SharedEstimates:
             forward = max(own, outcome.forward_tokens)
             self._others.add(0, forward - own)
             self._sharing.add(0, max(1, outcome.forward_sequences))
-            self._decoding.add(0, 1.0 if outcome.steps > 1 or outcome.k == 0 else 0.0, weight=max(1, outcome.steps))
+            steps = max(1, outcome.steps)  # a decode's forwards; its round trip is shared by its tokens
+            self._decoding.add(0, 1.0 if steps > 1 or outcome.k == 0 else 0.0, weight=steps)
             if outcome.k == 0 and outcome.speculating:
                 off = self._off.setdefault(mode, _PerToken(self._decay))
-                off.add(outcome.target_s + outcome.other_s, max(1, outcome.steps), forward - own)
-            steps = max(1, outcome.steps)  # a decode's round trip is shared by its tokens
+                off.add(outcome.target_s + outcome.other_s, steps, forward - own)
             self._target.add(forward, outcome.target_s / steps)
             self._other.add(0, outcome.other_s / steps)
             if outcome.k > 0:
