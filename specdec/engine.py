@@ -40,7 +40,7 @@ _PLAN = "specdec_step_plan"
 @dataclass(frozen=True)
 class StepItem:
     """One sequence's part of a step: crop ``cache`` to ``keep_length``, feed ``token_ids``, return the
-    logits of the last ``num_logits`` of them."""
+    logits of the last ``num_logits`` of them (0: none, a chunk of a longer prompt)."""
 
     cache: KVCache
     keep_length: int
@@ -191,8 +191,8 @@ class CausalLMEngine:
             raise ValueError("a sequence appears twice in one step")
         if count < 1:
             raise ValueError("at least one token must be appended")
-        if not 1 <= item.num_logits <= count:
-            raise ValueError(f"num_logits must be in [1, {count}] (tokens appended), got {item.num_logits}")
+        if not 0 <= item.num_logits <= count:
+            raise ValueError(f"num_logits must be in [0, {count}] (tokens appended), got {item.num_logits}")
         if not 0 <= item.keep_length <= cache.length:
             raise ValueError(f"keep_length {item.keep_length} exceeds the cached length {cache.length}")
         if item.keep_length + count > self.max_length:

@@ -37,6 +37,12 @@ class TargetModelParams:
         default=20.0, metadata={"help": "how long the next forward may wait for sequences of the last one that are "
                                 "on their way back (never for a lone caller; target_service/scheduler.py)"}
     )
+    max_forward_tokens: int = field(
+        default=256,
+        metadata={"help": "tokens one forward may run: a longer prompt, or several, is prefilled over several "
+                  "forwards beside the decodes in flight, never stalling them for longer (0 = no limit; "
+                  "target_service/steps.py, fit)"},
+    )
     lookup_row_cost: float = field(
         default=ROW_COST,
         metadata={"help": "a forward's cost per extra row over its cost alone (SmolLM2 on a CPU ~0.05, a GPU far "
@@ -51,6 +57,8 @@ class TargetModelParams:
         parse_layers(self.keep_layers)  # fail at load time, not at the first request
         if self.threads < 0 or self.max_sequences < 1 or self.idle_ttl_s <= 0 or self.batch_wait_ms < 0:
             raise ValueError("need threads >= 0, max_sequences >= 1, idle_ttl_s > 0 and batch_wait_ms >= 0")
+        if self.max_forward_tokens < 0:
+            raise ValueError(f"max_forward_tokens must be >= 0 (0 = no limit), got {self.max_forward_tokens}")
         if self.lookup_row_cost < 0:
             raise ValueError(f"lookup_row_cost must be >= 0, got {self.lookup_row_cost}")
 

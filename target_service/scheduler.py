@@ -82,7 +82,9 @@ class StepScheduler(Generic[T]):
 
     def submit(self, requests: Sequence[Pending[T]], *, continued: bool = False) -> None:
         """Queue requests (in their order) for the next forwards. ``continued``: the runner puts back requests
-        that need another forward (a decode); that they are back at once says nothing about their caller."""
+        that need another forward (a decode, the rest of a prompt, a request its last forward had no room
+        for); they go before every request that came meanwhile (they were first; a sequence's requests keep
+        their order), and that they are back at once says nothing about their caller."""
         now = self._clock()
         with self._cond:
             for request in requests:
@@ -90,7 +92,7 @@ class StepScheduler(Generic[T]):
                 track = self._tracks.get(request.sequence_id)
                 if track is not None and not continued:
                     track.slow = now - track.answered > self.max_wait_s
-                self._pending.append(request)
+            self._pending = [*requests, *self._pending] if continued else [*self._pending, *requests]
             self._cond.notify()
 
     def stop(self, timeout_s: float = 10.0) -> list[T]:

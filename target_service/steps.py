@@ -130,6 +130,9 @@ def validate(request: StepRequest, vocab_size: int) -> None:
         return
     if not request.token_ids:
         raise ValueError("at least one token must be appended")
+    if not 1 <= request.num_logits <= len(request.token_ids):
+        raise ValueError(f"num_logits must be in [1, {len(request.token_ids)}] (tokens appended), "
+                         f"got {request.num_logits}")
     if request.decode is not None:
         if request.params is None:
             raise ValueError(f"{contract.DECODE_STEPS} needs the sampling settings ({contract.TEMPERATURE})")
@@ -226,6 +229,43 @@ def waves(requests: Sequence[StepRequest | StepError]) -> list[list[int]]:
     return result
 
 
+def fit(requests: Sequence[StepRequest | StepError], wave: Sequence[int], budget: int,
+        put_off: set[int]) -> dict[int, int]:
+    """How many of its tokens each request of ``wave`` runs in this forward, for a forward of at most
+    ``budget`` tokens (0 = no limit): all of them, or the first part of a prompt (a chunk, never reaching the
+    positions whose rows it returns); a request put off to a later forward is not in the result. Requests
+    that are all rows (decodes, verifications, releases) always run whole; prompts share what is left,
+    first come first, and the first of them gets at least a quarter of the budget whatever the rows took,
+    so prompts always advance. A sequence put off or chunked here (``put_off`` collects it) runs nothing
+    more in this batch, so its requests keep their order.
+
+    Why: a forward costs what its tokens cost, and a long prompt in one forward stalls every decode in
+    flight behind it, for as long as the prompt takes (docs/architecture.md, "Batching")."""
+    runs: dict[int, int] = {}
+    live = [i for i in wave if isinstance(requests[i], StepRequest) and requests[i].sequence_id not in put_off]
+    used = 0
+    for index in live:  # rows first: they never wait for a prompt
+        request = requests[index]
+        if not budget or len(request.token_ids) <= request.num_logits:
+            runs[index] = len(request.token_ids)
+            used += runs[index]
+    first = True
+    for index in live:
+        if index in runs:
+            continue
+        request = requests[index]
+        count, room = len(request.token_ids), budget - used
+        if first:  # the oldest prompt advances however many rows there are
+            room, first = max(room, budget // 4, 1), False
+        take = count if count <= room else min(room, count - request.num_logits)
+        if take > 0:
+            runs[index] = take
+            used += take
+        if take < count:
+            put_off.add(request.sequence_id)
+    return runs
+
+
 def _recorded(cache: KVCache, on_lookup: Callable[[int, int], None]) -> Callable[[int, int], None]:
     def looked_up(drafted: int, accepted: int) -> None:
         cache.lookup.add(drafted, accepted)
@@ -241,6 +281,7 @@ def run_batch(
     on_forward: Callable[[int], None] = lambda sequences: None,
     on_lookup: Callable[[int, int], None] = lambda drafted, accepted: None,
     row_cost: float = ROW_COST,
+    budget: int = 0,
 ) -> list[Outputs | StepError | StepRequest]:
     """Answer every request (a StepError given stays the answer) with one forward per wave of distinct
     sequences (normally one), each answer with how many sequences and tokens its forward ran. A decode
@@ -249,15 +290,23 @@ def run_batch(
     a normal request returns the rows, then drops the cache (a decode's, after its last forward); END
     always drops it, even when the request fails. ``on_forward(n)`` is told each forward's number of
     sequences, ``on_lookup(drafted, accepted)`` each decode's looked-up drafts (the metrics); ``row_cost``:
-    a forward's cost per extra row over its cost alone (whether a lookup pays, `specdec.lookup.Acceptance`)."""
+    a forward's cost per extra row over its cost alone (whether a lookup pays, `specdec.lookup.Acceptance`).
+    ``budget``: the tokens a forward may run (0 = no limit, `fit`); a prompt that does not fit is answered
+    with its continuation too (the rest of its tokens, or all of them when it was put off)."""
     answers: list[Outputs | StepError | StepRequest] = list(requests)  # type: ignore[arg-type]
+    put_off: set[int] = set()
     for wave in waves(requests):
+        runs = fit(requests, wave, budget, put_off)
+        spare = budget - sum(runs.values()) if budget else None  # rows left for looked-up drafts
         entries: dict[int, Entry[KVCache]] = {}
         drafts: dict[int, tuple[int, ...]] = {}
+        chunks: dict[int, StepRequest] = {}  # what is left of a prompt run in part
         items: list[tuple[int, StepItem]] = []
         for index in wave:
             request = requests[index]
             assert isinstance(request, StepRequest)
+            if index not in runs:
+                continue  # put off: its answer is itself, for a later forward
             try:
                 validate(request, engine.vocab_size)
                 if request.is_release:
@@ -268,7 +317,15 @@ def run_batch(
                 answers[index] = refusal(exc, request.sequence_id)
                 continue
             entries[index] = entry
-            drafts[index] = lookup_drafts(request, entry.state, engine.max_length, len(wave), row_cost)
+            if (take := runs[index]) < len(request.token_ids):
+                chunks[index] = replace(request, token_ids=request.token_ids[take:],
+                                        keep_length=request.keep_length + take, start=False)
+                items.append((index, StepItem(entry.state, request.keep_length, request.token_ids[:take], 0)))
+                continue
+            drafts[index] = lookup_drafts(request, entry.state, engine.max_length, len(runs), row_cost)
+            if spare is not None:
+                drafts[index] = drafts[index][: max(spare, 0)]
+                spare -= len(drafts[index])
             items.append((index, StepItem(entry.state, request.keep_length, request.token_ids + drafts[index],
                                           request.num_logits + len(drafts[index]))))
         try:
@@ -283,6 +340,8 @@ def run_batch(
                     request = requests[index]
                     if isinstance(result, ValueError):
                         answers[index] = refusal(result, request.sequence_id)
+                    elif index in chunks:
+                        answers[index] = chunks[index]
                     elif request.decode is not None:
                         own = {contract.FORWARD_TOKENS: forward[contract.FORWARD_TOKENS] - len(drafts[index])}
                         answers[index] = decoded(result, request, drafts[index], {**forward, **own},
@@ -309,12 +368,13 @@ def run_to_completion(
     on_forward: Callable[[int], None] = lambda sequences: None,
     on_lookup: Callable[[int, int], None] = lambda drafted, accepted: None,
     row_cost: float = ROW_COST,
+    budget: int = 0,
 ) -> list[Outputs | StepError]:
-    """`run_batch` until every decode has all its tokens: the answers, in order (for callers without a
-    scheduler to hand continuations to)."""
-    answers = run_batch(engine, store, requests, on_forward, on_lookup, row_cost)
+    """`run_batch` until every decode has all its tokens and every prompt ran: the answers, in order (for
+    callers without a scheduler to hand continuations to)."""
+    answers = run_batch(engine, store, requests, on_forward, on_lookup, row_cost, budget)
     while pending := [i for i, answer in enumerate(answers) if isinstance(answer, StepRequest)]:
-        again = run_batch(engine, store, [answers[i] for i in pending], on_forward, on_lookup, row_cost)
+        again = run_batch(engine, store, [answers[i] for i in pending], on_forward, on_lookup, row_cost, budget)
         for i, answer in zip(pending, again):
             answers[i] = answer
     return answers  # type: ignore[return-value]

@@ -150,13 +150,15 @@ class TargetModel:
         self._metrics: _Metrics | None = None
         self._scheduler: StepScheduler[tuple[StepRequest, Any]] | None = None
         self._unreported_s = 0.0  # seconds of forwards not in the metrics yet
-        self._row_cost = ROW_COST  # until initialize() reads the model parameter
+        self._row_cost = ROW_COST  # until initialize() reads the model parameters
+        self._budget = 0
 
     def initialize(self, args: Mapping[str, str]) -> None:
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         params = TargetModelParams.from_model_config(json.loads(args["model_config"]))
         self._row_cost = params.lookup_row_cost
+        self._budget = params.max_forward_tokens
         device = device_for(args)
         if params.threads > 0:
             torch.set_num_threads(params.threads)
@@ -234,7 +236,8 @@ class TargetModel:
         assert self.engine is not None and self.store is not None and self._metrics is not None, "initialize() first"
         started = time.perf_counter()
         self.store.evict_idle()
-        answers = run(self.engine, self.store, requests, self._metrics.forward, self._metrics.looked_up, self._row_cost)
+        answers = run(self.engine, self.store, requests, self._metrics.forward, self._metrics.looked_up, self._row_cost,
+                      self._budget)
         return answers, time.perf_counter() - started
 
     def _count(self, answers: list[Outputs | StepError], seconds: float = 0.0) -> None:

@@ -71,6 +71,20 @@ def test_a_ragged_batch_equals_each_sequence_alone(engine: CausalLMEngine, model
     assert [c.length for c in batched] == [8, 13, 42, 13, 3]
 
 
+def test_a_prompt_fed_in_chunks_beside_others_equals_it_fed_at_once(engine: CausalLMEngine,
+                                                                     model: LlamaForCausalLM) -> None:
+    prompt = torch.randint(0, 64, (30,), generator=torch.Generator().manual_seed(5)).tolist()
+    chunked, other = engine.new_cache(), engine.new_cache()
+    engine.extend(other, 0, [1, 2, 3], 1)
+    first = engine.step([StepItem(chunked, 0, prompt[:12], 0), StepItem(other, 3, [4], 1)])
+    assert first[0].shape == (0, 64) and first[1].shape == (1, 64)  # a chunk returns no rows
+    engine.step([StepItem(other, 4, [5], 1), StepItem(chunked, 12, prompt[12:25], 0)])
+    (last,) = engine.step([StepItem(chunked, 25, prompt[25:], 2)])
+    torch.testing.assert_close(last, full_logits(model, prompt, 2), **TOL)
+    assert chunked.length == 30 and chunked.ids == prompt
+    torch.testing.assert_close(engine.extend(other, 5, [6], 1), full_logits(model, [1, 2, 3, 4, 5, 6], 1), **TOL)
+
+
 def test_a_refused_item_leaves_its_batch_alone(engine: CausalLMEngine, model: LlamaForCausalLM) -> None:
     good, bad = engine.new_cache(), engine.new_cache()
     engine.step([StepItem(good, 0, [1, 2], 1), StepItem(bad, 0, [3], 1)])
@@ -86,7 +100,7 @@ def test_a_refused_item_leaves_its_batch_alone(engine: CausalLMEngine, model: Ll
     [
         (0, [], 1, "at least one token"),
         (0, [1, 2], 3, "num_logits must be in"),
-        (0, [1, 2], 0, "num_logits must be in"),
+        (0, [1, 2], -1, "num_logits must be in"),
         (3, [1], 1, "exceeds the cached length 2"),
         (-1, [1], 1, "exceeds the cached length"),
         (2, list(range(255)), 1, "exceed the context length 256"),

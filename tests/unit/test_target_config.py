@@ -66,6 +66,7 @@ def test_the_launcher_renders_every_field():
         "max_sequences": "5",
         "idle_ttl_s": "20",
         "batch_wait_ms": "20",
+        "max_forward_tokens": "256",
         "lookup_row_cost": "0.05",
         "cache_dir": "/cache",
     }

@@ -165,3 +165,23 @@ def test_a_continued_request_does_not_make_its_sequence_late(make) -> None:
     time.sleep(0.05)
     send(scheduler, 1)
     assert sorted(recorder.next()) == [1, 2] and scheduler.stats.gave_up == 0
+
+
+def test_what_a_forward_puts_back_goes_before_what_came_meanwhile(make) -> None:
+    # The rest of a prompt, a decode's next step, a request its forward had no room for: they were first, and
+    # a release that came for one of their sequences meanwhile must not run before them.
+    gate = threading.Event()
+
+    def runner(items: list[int]) -> None:
+        recorder(items)
+        if items == [1, 2]:
+            gate.wait(PATIENT)  # 3 and 4 arrive during this forward
+            scheduler.submit([Pending(2, False, 2), Pending(1, False, 1)], continued=True)
+
+    recorder = Recorder()
+    scheduler = make(0.0, runner)
+    send(scheduler, 1, 2)
+    assert recorder.next() == [1, 2]
+    send(scheduler, 3, 4)
+    gate.set()
+    assert recorder.next() == [2, 1, 3, 4]

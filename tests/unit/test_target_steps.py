@@ -25,6 +25,7 @@ from target_service.steps import (
     ErrorCode,
     StepError,
     StepRequest,
+    fit,
     lookup_drafts,
     read_request,
     run_batch,
@@ -321,6 +322,65 @@ def test_two_requests_of_one_sequence_in_a_batch_run_in_order(target, model):
     assert [(a[contract.FORWARD_SEQUENCES].item(), a[contract.FORWARD_TOKENS].item()) for a in answers[1:]] == [
         (1, 1), (1, 1)]  # a forward each
     assert 1 not in target.store
+
+
+# --- a forward's token budget: prompts in chunks beside the rows in flight --------------------------------
+
+
+LONG = [(7 * i + 3) % V for i in range(40)]  # a prompt longer than the budgets below
+
+
+def test_fit_runs_rows_whole_and_shares_what_is_left_among_prompts_first_come_first():
+    batch = [request(1, LONG, 0, 1, start=True), request(2, [4], 9, 1), request(3, LONG[:10], 0, 1, start=True),
+             request(4, DRAFTS, 3, 4), request(5, LONG[:5], 0, 1, start=True)]
+    put_off: set[int] = set()
+    assert fit(batch, range(5), 24, put_off) == {0: 19, 1: 1, 3: 4}  # rows 1 + 4, then 19 of the first prompt
+    assert put_off == {1, 3, 5}  # chunked or put off: nothing more of them in this batch
+    assert fit(batch, range(5), 0, set()) == {0: 40, 1: 1, 2: 10, 3: 4, 4: 5}  # no limit
+    assert fit(batch, range(5), 100, set()) == {0: 40, 1: 1, 2: 10, 3: 4, 4: 5}  # 60 fit
+    assert fit(batch, range(5), 50, set()) == {0: 40, 1: 1, 2: 5, 3: 4}  # the second prompt in part, the third waits
+    # a chunk never reaches the positions whose rows it returns; the oldest prompt always advances
+    assert fit([request(1, LONG[:6], 0, 4, start=True)], [0], 4, set()) == {0: 2}
+    rows = [request(s, DRAFTS, 3, 4) for s in range(10, 16)]  # 24 rows: more than the budget
+    assert fit([*rows, request(1, LONG, 0, 1, start=True)], range(7), 16, set())[6] == 4  # a quarter of it
+    # a sequence chunked in an earlier forward of the batch runs nothing more in it
+    assert fit([request(2, [4], 9, 1)], [0], 16, {2}) == {}
+
+
+def test_a_prompt_over_the_budget_runs_in_chunks_beside_the_rows_and_ends_with_its_own_rows(model, clock):
+    engine = CausalLMEngine(model)
+    store = SequenceStore(engine.new_cache, 8, 60.0, clock=clock)
+    run_batch(engine, store, [request(2, PROMPT, 0, 1, start=True)])
+    forwards: list[int] = []
+    first = run_batch(engine, store, [request(1, LONG, 0, 2, start=True, end=True), request(2, [9], 6, 1)],
+                      forwards.append, budget=16)
+    assert isinstance(first[0], StepRequest) and first[0].keep_length == 15 and not first[0].start
+    np.testing.assert_allclose(ok(first[1])[0], full_forward(model, PROMPT + [9])[-1:], atol=2e-5)  # not held up
+    assert first[1][contract.FORWARD_TOKENS].item() == 16 and 1 in store  # END waits for the last chunk
+    [done] = run_to_completion(engine, store, [first[0]], forwards.append, budget=16)
+    assert forwards == [2, 1, 1]  # 15 + 1, then 16, then the last 9 with the two rows
+    np.testing.assert_allclose(ok(done)[0], full_forward(model, LONG)[-2:], atol=2e-5)
+    assert 1 not in store  # released after its answer
+
+
+def test_a_request_put_off_keeps_its_sequence_in_order_and_a_chunked_decode_prompt_still_decodes(model, clock):
+    engine = CausalLMEngine(model)
+    store = SequenceStore(engine.new_cache, 8, 60.0, clock=clock)
+    batch = [request(1, LONG[:24], 0, 1, start=True), request(2, LONG[:30], 0, 1, start=True),
+             request(2, [9], 30, 1, end=True)]
+    answers = run_batch(engine, store, batch, budget=24)
+    assert answers[1:] == batch[1:] and 2 not in store  # no room: both put off whole, in order, END not applied
+    np.testing.assert_allclose(ok(answers[0])[0], full_forward(model, LONG[:24])[-1:], atol=2e-5)
+    done = run_to_completion(engine, store, answers[1:], budget=24)
+    np.testing.assert_allclose(ok(done[0])[0], full_forward(model, LONG[:30])[-1:], atol=2e-5)
+    np.testing.assert_allclose(ok(done[1])[0], full_forward(model, LONG[:30] + [9])[-1:], atol=2e-5)
+    assert 2 not in store
+    lone = Target(engine, SequenceStore(engine.new_cache, 8, 60.0, clock=clock))
+    expected = scored_tokens(lone, 9, LONG, 3, (0.9, 0, 0.95), seed=5, reproducible=False)
+    forwards: list[int] = []
+    [decoded] = run_to_completion(engine, store, [decode_request(3, LONG, 0, 3, seed=5, start=True)], forwards.append,
+                                  budget=16)
+    assert decoded[contract.TOKENS].tolist() == [expected] and len(forwards) == 3 + 2  # 16 + 16 + 8, then 2 more
 
 
 # --- decodes (DECODE_STEPS): the model samples target-only tokens itself --------------------------------

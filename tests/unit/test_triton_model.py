@@ -389,3 +389,22 @@ def test_a_decode_with_lookup_counts_its_drafted_and_accepted_tokens(triton_mode
     drafted = metric(contract.METRIC_LOOKUP_TOKENS, kind="drafted")
     accepted = metric(contract.METRIC_LOOKUP_TOKENS, kind="accepted")
     assert 0 < accepted <= drafted and forwards == 12 - accepted  # each accepted draft saved a forward
+
+
+def test_a_prompt_over_max_forward_tokens_is_prefilled_over_several_forwards_and_answered_once(model, clock):
+    target = TargetModel(fake_pb_utils(), engine=CausalLMEngine(model), clock=clock)
+    parameters = {"max_forward_tokens": {"string_value": "4"}}
+    target.initialize({"model_config": json.dumps({"parameters": parameters}), "model_name": "specdec_target"})
+    try:
+        long, short = triton_request(1, PROMPT * 2, 0, 2, start=1, end=1), triton_request(2, PROMPT[:3], 0, 1, start=1)
+        target.execute([long, short])
+        assert long.sender.done.wait(10) and short.sender.done.wait(10)
+        for request, ids, n in ((long, PROMPT * 2, 2), (short, PROMPT[:3], 1)):
+            ((response, flags),) = request.sender.sent
+            assert flags == FINAL and response.error is None
+            np.testing.assert_allclose(response.output_tensors[0].as_numpy()[0], full_forward(model, ids)[-n:],
+                                       atol=1e-5)
+        # 4 tokens a forward, first come first: 4, 4, the last 4 with its 2 rows, then the short prompt's 3
+        assert settled(contract.METRIC_FORWARDS, 4.0) and settled(contract.METRIC_LIVE_SEQUENCES, 1.0)
+    finally:
+        target.finalize()
