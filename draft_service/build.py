@@ -55,7 +55,7 @@ def build_core(
     loop = drafter_model = None
     if config.loads_model:
         loop = StepLoop(CausalLMEngine(model if model is not None else load_draft_model(config)), config.threads,
-                        on_forward)
+                        on_forward, config.max_forward_tokens)
         drafter_model = ModelDrafter(loop)
     lookups_needed = set(names) | ({config.hybrid_lookup} if "hybrid" in names else set())
     ngram = NgramDrafter(config.ngram_min, config.ngram_max) if "ngram" in lookups_needed else None

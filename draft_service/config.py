@@ -39,6 +39,11 @@ class DraftConfig:
     )
     idle_ttl_s: float = field(default=300.0, metadata={"help": "evict a sequence's state after this many idle seconds"})
     max_num_draft_tokens: int = field(default=16, metadata={"help": "largest K a request may ask for"})
+    max_forward_tokens: int = field(
+        default=256,
+        metadata={"help": "model drafter: tokens one forward may run; a longer prompt is caught up over several "
+                  "forwards beside the other streams' drafting (0 = no limit; specdec/forward_budget.py)"},
+    )
     hybrid_lookup: str = field(default="suffix", metadata={"help": "the model-free drafter hybrid asks first: ngram | suffix"})
     ngram_min: int = field(default=1, metadata={"help": "ngram: the shortest suffix of the context to look up"})
     ngram_max: int = field(default=4, metadata={"help": "ngram: the longest suffix of the context to look up"})
@@ -70,6 +75,7 @@ class DraftConfig:
             (self.max_sequences >= 1, f"max_sequences must be >= 1, got {self.max_sequences}"),
             (self.idle_ttl_s > 0, f"idle_ttl_s must be > 0, got {self.idle_ttl_s}"),
             (self.max_num_draft_tokens >= 1, f"max_num_draft_tokens must be >= 1, got {self.max_num_draft_tokens}"),
+            (self.max_forward_tokens >= 0, f"max_forward_tokens must be >= 0 (0 = no limit), got {self.max_forward_tokens}"),
             (self.grace_s >= 0, f"grace_s must be >= 0, got {self.grace_s}"),
             (self.hybrid_lookup in LOOKUPS, f"hybrid_lookup must be one of {list(LOOKUPS)}, got {self.hybrid_lookup!r}"),
             (1 <= self.ngram_min <= self.ngram_max, "need 1 <= ngram_min <= ngram_max"),

@@ -23,6 +23,7 @@ import torch
 
 from specdec import target_contract as contract
 from specdec.engine import CausalLMEngine, StepItem
+from specdec.forward_budget import share
 from specdec.kv_cache import KVCache
 from specdec.lookup import ROW_COST, propose
 from specdec.round_draws import draw_round
@@ -231,38 +232,18 @@ def waves(requests: Sequence[StepRequest | StepError]) -> list[list[int]]:
 
 def fit(requests: Sequence[StepRequest | StepError], wave: Sequence[int], budget: int,
         put_off: set[int]) -> dict[int, int]:
-    """How many of its tokens each request of ``wave`` runs in this forward, for a forward of at most
-    ``budget`` tokens (0 = no limit): all of them, or the first part of a prompt (a chunk, never reaching the
-    positions whose rows it returns); a request put off to a later forward is not in the result. Requests
-    that are all rows (decodes, verifications, releases) always run whole; prompts share what is left,
-    first come first, and the first of them gets at least a quarter of the budget whatever the rows took,
-    so prompts always advance. A sequence put off or chunked here (``put_off`` collects it) runs nothing
-    more in this batch, so its requests keep their order.
-
-    Why: a forward costs what its tokens cost, and a long prompt in one forward stalls every decode in
-    flight behind it, for as long as the prompt takes (docs/architecture.md, "Batching")."""
-    runs: dict[int, int] = {}
+    """How many of its tokens each request of ``wave`` runs in this forward of at most ``budget`` tokens
+    (0 = no limit; the rule is `specdec.forward_budget.share`): all of them, or the first part of a prompt.
+    A request put off to a later forward is not in the result. A sequence put off or chunked here
+    (``put_off`` collects it) runs nothing more in this batch, so its requests keep their order."""
     live = [i for i in wave if isinstance(requests[i], StepRequest) and requests[i].sequence_id not in put_off]
-    used = 0
-    for index in live:  # rows first: they never wait for a prompt
-        request = requests[index]
-        if not budget or len(request.token_ids) <= request.num_logits:
-            runs[index] = len(request.token_ids)
-            used += runs[index]
-    first = True
-    for index in live:
-        if index in runs:
-            continue
-        request = requests[index]
-        count, room = len(request.token_ids), budget - used
-        if first:  # the oldest prompt advances however many rows there are
-            room, first = max(room, budget // 4, 1), False
-        take = count if count <= room else min(room, count - request.num_logits)
-        if take > 0:
+    sizes = [(len(requests[i].token_ids), requests[i].num_logits) for i in live]  # type: ignore[union-attr]
+    runs: dict[int, int] = {}
+    for index, (tokens, _), take in zip(live, sizes, share(sizes, budget)):
+        if take is not None:
             runs[index] = take
-            used += take
-        if take < count:
-            put_off.add(request.sequence_id)
+        if take is None or take < tokens:
+            put_off.add(requests[index].sequence_id)  # type: ignore[union-attr]
     return runs
 
 

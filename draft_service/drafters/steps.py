@@ -8,7 +8,9 @@ arrives mid-draft of others joins at the next step. Each stream still waits for 
 per-stream order of rounds and the release of a sequence after its last round are unchanged.
 
 A job is a generator: it yields `StepItem`s, receives each one's logits (or the ValueError that refused
-it), and returns its result; `StepLoop.run` blocks the calling thread until then.
+it), and returns its result; `StepLoop.run` blocks the calling thread until then. A forward runs at most
+``budget`` tokens (`specdec.forward_budget`): a job's long item (a prompt caught up) runs in chunks over
+several forwards beside the others' draft steps, and the job gets its logits after the last chunk.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any, TypeVar
 import torch
 
 from specdec.engine import CausalLMEngine, StepItem
+from specdec.forward_budget import share
 from specdec.openmp import use_threads_here
 
 log = logging.getLogger(__name__)
@@ -51,10 +54,12 @@ class StepLoop:
     """Batches the steps of concurrent jobs over one engine; ``on_forward(n)`` hears each forward's size."""
 
     def __init__(
-        self, engine: CausalLMEngine, threads: int = 0, on_forward: Callable[[int], None] = lambda sequences: None
+        self, engine: CausalLMEngine, threads: int = 0, on_forward: Callable[[int], None] = lambda sequences: None,
+        budget: int = 0,
     ) -> None:
         self.engine = engine
         self._on_forward = on_forward
+        self._budget = budget
         self._arrived: list[_Waiting] = []
         self._wake = threading.Condition()
         self._stopping = False
@@ -93,11 +98,36 @@ class StepLoop:
             running += [waiting for waiting in arrived if waiting.advance(None)]
             if not running:
                 continue
-            items = [waiting.item for waiting in running]
+            now = [(waiting, take) for waiting, take in zip(running, self._share(running)) if take is not None]
+            items = [_first(waiting.item, take) for waiting, take in now]
             try:
                 self._on_forward(len(items))
                 results: list[Any] = self.engine.step(items)
             except Exception as exc:  # noqa: BLE001 - a failed forward fails the jobs in it, not the loop
                 log.exception("a draft forward of %d sequences failed", len(items))
                 results = [exc] * len(items)
-            running = [waiting for waiting, result in zip(running, results) if waiting.advance(result)]
+            done: set[int] = set()
+            for (waiting, take), item, result in zip(now, items, results):
+                if item is not waiting.item and not isinstance(result, BaseException):  # a chunk: the rest next
+                    waiting.item = _rest(waiting.item, take)
+                elif not waiting.advance(result):
+                    done.add(id(waiting))
+            running = [waiting for waiting in running if id(waiting) not in done]
+
+    def _share(self, running: list[_Waiting]) -> list[int | None]:
+        items = [waiting.item for waiting in running]
+        return share([(len(item.token_ids), item.num_logits) for item in items], self._budget)  # type: ignore[union-attr]
+
+
+def _first(item: StepItem | None, take: int) -> StepItem:
+    """The item, or its first ``take`` tokens as a chunk (no logits)."""
+    assert item is not None
+    if take == len(item.token_ids):
+        return item
+    return StepItem(item.cache, item.keep_length, item.token_ids[:take], 0)
+
+
+def _rest(item: StepItem | None, take: int) -> StepItem:
+    """What is left of the item after its first ``take`` tokens ran."""
+    assert item is not None
+    return StepItem(item.cache, item.keep_length + take, item.token_ids[take:], item.num_logits)

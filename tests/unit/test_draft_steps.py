@@ -7,6 +7,7 @@ rows equal those of the same round run alone.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -87,3 +88,48 @@ def test_a_failing_job_fails_alone_and_the_loop_goes_on(model) -> None:
         loop.stop()
     with pytest.raises(RuntimeError, match="stopping"):
         loop.run(job(good, 0))
+
+
+def test_a_long_prompt_is_caught_up_in_chunks_beside_the_other_streams_steps(model) -> None:
+    loop = StepLoop(CausalLMEngine(model), threads=1, budget=8)
+    engine, step = loop.engine, loop.engine.step
+    prompt = [(5 * i + 1) % 64 for i in range(30)]
+    expected = engine.extend(engine.new_cache(), 0, prompt, 2)
+    forwards: list[list[tuple[int, int]]] = []  # per forward: (tokens, logits) of each item
+    engine.step = lambda items: forwards.append([(len(i.token_ids), i.num_logits) for i in items]) or step(items)
+    try:
+        chunked = engine.new_cache()
+        held, go = threading.Event(), threading.Event()
+
+        def blocker():  # holds the loop until both jobs below are queued, so they start in the same forward
+            yield StepItem(engine.new_cache(), 0, [1], 1)
+            held.set()
+            go.wait(10)
+
+        def stepper():  # another stream, drafting one token a forward
+            cache = engine.new_cache()
+            for i in range(10):
+                yield StepItem(cache, i, [1 + i], 1)
+            return cache.length
+
+        def catch_up():
+            return (yield StepItem(chunked, 0, prompt, 2))
+
+        results: dict[str, object] = {}
+        threads = [threading.Thread(target=lambda: loop.run(blocker()))]
+        threads += [threading.Thread(target=lambda n=n, job=job: results.__setitem__(n, loop.run(job())))
+                    for n, job in (("stepper", stepper), ("catch_up", catch_up))]
+        threads[0].start()
+        assert held.wait(10)
+        for thread in threads[1:]:
+            thread.start()
+        time.sleep(0.2)  # both queued while the loop is held
+        go.set()
+        for thread in threads:
+            thread.join(10)
+        torch.testing.assert_close(results["catch_up"], expected, atol=2e-5, rtol=1e-4)
+        assert results["stepper"] == 10 and chunked.length == 30
+        assert forwards[1:6] == [[(1, 1), (7, 0)]] * 4 + [[(1, 1), (2, 2)]]  # 7 + 7 + 7 + 7, then 2 with its rows
+        assert all(sum(tokens for tokens, _ in forward) <= 8 for forward in forwards)
+    finally:
+        loop.stop()
