@@ -148,11 +148,16 @@ def refused(call, *args, **kwargs) -> InferenceServerException:
     return info.value
 
 
-def live_sequences(triton: TritonServer) -> float:
+def metric_sum(triton: TritonServer, name: str) -> float:
+    """A metric of the model, summed over its labels (it must be exported)."""
     text = urllib.request.urlopen(triton.metrics_url, timeout=10).read().decode()
-    values = re.findall(rf"^{contract.METRIC_LIVE_SEQUENCES}\{{[^}}]*\}} (\S+)$", text, re.MULTILINE)
-    assert values, f"{contract.METRIC_LIVE_SEQUENCES} not exported on {triton.metrics_url}"
+    values = re.findall(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.MULTILINE)
+    assert values, f"{name} not exported on {triton.metrics_url}"
     return sum(float(v) for v in values)
+
+
+def live_sequences(triton: TritonServer) -> float:
+    return metric_sum(triton, contract.METRIC_LIVE_SEQUENCES)
 
 
 def assert_live(triton: TritonServer, expected: int) -> None:
@@ -173,6 +178,17 @@ def test_start_matches_an_in_process_forward(client, forward):
     assert logits.shape == (1, 3, 49152)
     np.testing.assert_allclose(logits[0], forward(PROMPT)[-3:], atol=ATOL)
     release(client, sid)
+
+
+def test_a_prompt_over_the_forward_budget_is_prefilled_in_chunks_and_matches_one_forward(client, forward, triton):
+    budget = TargetModelParams().max_forward_tokens
+    ids = [(37 * i + 11) % 49152 for i in range(budget + 44)]
+    before = metric_sum(triton, contract.METRIC_FORWARDS)
+    logits = infer(client, new_sid(), ids, 0, 2, start=True, end=True)
+    np.testing.assert_allclose(logits[0], forward(ids)[-2:], atol=ATOL)
+    wait_until(lambda: metric_sum(triton, contract.METRIC_FORWARDS) == before + 2,
+               "two forwards: the budget's tokens, then the rest", timeout_s=5.0)
+    assert_live(triton, 0)
 
 
 def test_append_and_rollback_match_a_fresh_sequence(client, forward):
