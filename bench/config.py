@@ -42,7 +42,8 @@ class BenchConfig:
     model_prompts: int = 6  # prompts of the model draft's phase (from readme + open)
     concurrency: tuple[int, ...] = (1, 4, 8, 16)
     load_workloads: tuple[str, ...] = ("code-edit", "open")
-    load_generations: int = 16  # generations per (workload, K, concurrency): at least 2 waves of 8
+    load_generations: int = 16  # generations per (workload, K, concurrency) and round: at least 2 waves of 8
+    load_rounds: int = 2  # each load cell runs this many times, arms in turn, the order reversed every round
     cancel_generations: int = 32  # the cancellation run after the load phase (16 in flight)
     two_pass_prompts: int = 12  # HumanEval prompts the suffix cache sees twice
     target_model: str = SMOLLM2
@@ -117,7 +118,9 @@ _HELP = {
     "model_prompts": "prompts of the model draft's phase",
     "concurrency": "generations in flight in the load phase",
     "load_workloads": "workloads of the load phase",
-    "load_generations": "generations per load cell (at least the concurrency)",
+    "load_generations": "generations per load cell and round (at least the concurrency)",
+    "load_rounds": "rounds of every load cell: the arms take turns, in reverse order every other round, so that "
+                   "the machine's drift falls on all of them alike",
     "cancel_generations": "generations of the cancellation run (16 in flight, each cancelled at a random time)",
     "two_pass_prompts": "HumanEval prompts the suffix cache sees twice",
     "target_model": "'smollm2' or a local HF model folder",
@@ -182,7 +185,7 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
 def validate(config: BenchConfig) -> None:
     """Raise ValueError for settings no run could honour."""
     for name in ("prompts_per_workload", "readme_repeats", "max_new_tokens", "model_prompts", "load_generations",
-                 "cancel_generations", "two_pass_prompts", "sweep_prompts", "cost_trials"):
+                 "load_rounds", "cancel_generations", "two_pass_prompts", "sweep_prompts", "cost_trials"):
         if getattr(config, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if config.calibration_prompts < 0 or config.threads < 0:

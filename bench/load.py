@@ -42,6 +42,14 @@ class Cell:
     forwards: float  # Triton's forward passes meanwhile
     forward_sequences: float  # sequences in them
 
+    @classmethod
+    def merged(cls, cells: Sequence[Cell]) -> Cell:
+        """One cell from the rounds of the same (workload, arm, concurrency): their sums."""
+        first = cells[0]
+        return cls(first.workload, first.arm, first.concurrency, sum(c.generations for c in cells),
+                   sum(c.tokens for c in cells), sum(c.wall_s for c in cells), sum(c.forwards for c in cells),
+                   sum(c.forward_sequences for c in cells))
+
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.wall_s if self.wall_s > 0 else float("nan")
@@ -53,10 +61,11 @@ class Cell:
 
 def run_cell(stub: generation_pb2_grpc.GenerationServiceStub, servers: client.ServerReader, arm: Arm,
              params: SamplingParams, prompts: Sequence[Sequence[int]], concurrency: int, generations: int,
-             max_new_tokens: int, seed: int, workload: str, mode: str) -> tuple[Cell, list[Record]]:
-    """``generations`` generations (prompts in turn) with ``concurrency`` in flight."""
+             max_new_tokens: int, seed: int, workload: str, mode: str, first: int = 0) -> tuple[Cell, list[Record]]:
+    """``generations`` generations (prompts in turn, items ``first``, ``first`` + 1, ...) with ``concurrency``
+    in flight."""
     jobs: queue.SimpleQueue[int] = queue.SimpleQueue()
-    for i in range(generations):
+    for i in range(first, first + generations):
         jobs.put(i)
     records: list[Record] = []
     lock = threading.Lock()

@@ -190,13 +190,17 @@ def _load_phase(stub: generation_pb2_grpc.GenerationServiceStub, servers: client
         arms = [TARGET_ONLY, Arm(SPECDEC, "suffix", results.best.get((workload, "greedy", "suffix"), config.ks[-1])),
                 Arm(SPECDEC, "suffix", None)]
         for concurrency in config.concurrency:
-            for arm in arms:
-                generations = max(config.load_generations, 2 * concurrency)
-                cell, records = load.run_cell(stub, servers, arm, params, prompts, concurrency, generations,
-                                              config.max_new_tokens, config.seed, workload, "greedy")
-                results.cells.append(cell)
-                results.records += records
-                progress(f"load {workload} c={concurrency}")
+            generations = max(config.load_generations, 2 * concurrency)
+            rounds: dict[str, list[load.Cell]] = {arm.label: [] for arm in arms}
+            for r in range(config.load_rounds):  # arms in turn, reversed every other round: drift falls on all
+                for arm in arms if r % 2 == 0 else arms[::-1]:
+                    cell, records = load.run_cell(stub, servers, arm, params, prompts, concurrency, generations,
+                                                  config.max_new_tokens, config.seed, workload, "greedy",
+                                                  first=r * generations)
+                    rounds[arm.label].append(cell)
+                    results.records += records
+                    progress(f"load {workload} c={concurrency}")
+            results.cells += [load.Cell.merged(cells) for cells in rounds.values()]
     workload = config.load_workloads[0]
     results.cancel = load.cancel_run(
         stub, servers, [Arm(SPECDEC, "suffix", None), Arm(SPECDEC, "model", max(config.model_ks))], params, [i.prompt_ids for i in items[workload][0]],

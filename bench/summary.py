@@ -276,7 +276,9 @@ def load_table(results: Results) -> Table:
     return Table("Load: aggregate tokens/s with c generations in flight (greedy)",
                  ("workload", "arm", "c", "generations", "tokens/s", "vs c=1", "p50 ms/token", "p99 ms/token",
                   "sequences/forward", "vs target-only"), rows,
-                 "tokens/s = the cell's tokens / its wall time; ms/token = each generation's wall time / its tokens; "
+                 "Each cell ran in rounds, the arms taking turns (reversed every other round), so the machine's drift "
+                 "falls on every arm alike; tokens/s = the cell's tokens / its wall time over its rounds; "
+                 "ms/token = each generation's wall time / its tokens; "
                  "sequences/forward from the Triton model's counters; *vs target-only*: tokens/s over target-only's at "
                  "the same c, interval from a paired bootstrap over the generations.")
 

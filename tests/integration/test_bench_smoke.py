@@ -68,14 +68,19 @@ def test_every_phase_workload_and_arm_is_measured(records: list[dict[str, str]])
         assert int(r["fallback_rounds"]) == 0 and int(r["reprefills"]) == 0
 
 
-def test_load_cells_cover_every_concurrency(quick_run: tuple[Path, str]) -> None:
+def test_load_cells_cover_every_concurrency_in_rounds(quick_run: tuple[Path, str],
+                                                    records: list[dict[str, str]]) -> None:
     with (quick_run[0] / "load.csv").open() as handle:
         cells = list(csv.DictReader(handle))
     assert {(c["arm"], int(c["concurrency"])) for c in cells} >= {
         (arm, c) for arm in ("target-only", "suffix auto") for c in (1, 4)}
-    for cell in cells:
-        assert int(cell["generations"]) >= int(cell["concurrency"]) and float(cell["tokens_per_s"]) > 0
+    for cell in cells:  # --quick: 2 rounds of max(4, 2c) generations, the same items for every arm
+        generations = 2 * max(4, 2 * int(cell["concurrency"]))
+        assert int(cell["generations"]) == generations and float(cell["tokens_per_s"]) > 0
         assert 1.0 <= float(cell["sequences_per_forward"]) <= int(cell["concurrency"])
+        items = [int(r["item"]) for r in records if (r["phase"], r["arm"], r["concurrency"]) == (
+            "load", cell["arm"], cell["concurrency"])]
+        assert sorted(items) == list(range(generations))
 
 
 def test_properties_that_hold_whatever_the_timings(quick_run: tuple[Path, str]) -> None:
