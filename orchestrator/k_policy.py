@@ -48,7 +48,10 @@ The model (Leviathan et al. 2023, §3, with measured costs instead of assumed on
   first chance, before its own c0 is known), so a generation measures its own c0.
 * **Probes.** After ``probe_rounds`` rounds with speculation off, one round runs with the K speculation
   would use, so a text that became predictable gets drafts again; each probe that does not pay doubles
-  the wait, up to ``probe_rounds_max``. A probe costs what its drafting adds to a round (for a model draft
+  the wait, up to ``probe_rounds_max``. The wait counts every generation's rounds off with the drafter
+  and sampling mode (`SharedEstimates.off_rounds`), and whichever generation's round ends it probes:
+  generations shorter than the wait (a few tokens each) still probe, where a count per generation never
+  reached it and a drafter that once stopped paying stayed off for good. A probe costs what its drafting adds to a round (for a model draft
   on a CPU, several target steps, plus catching the draft's cache up), so the wait is also long enough
   that probes cost at most ``probe_budget`` of the time spent with speculation off: a free lookup probes
   every ``probe_rounds``, an expensive draft rarely; among decoding sequences, a probe's price includes
@@ -215,6 +218,7 @@ class SharedEstimates:
         self._sharing = _Line(self._decay, prior=lambda mx, my: 0.0)  # sequences per target forward
         self._decoding = _Line(self._decay, prior=lambda mx, my: 0.0)  # the share of forwards spent decoding
         self._off: dict[str, _PerToken] = {}  # sampling mode -> what K = 0 rounds cost per token
+        self._probes: dict[tuple[str, str], list[int]] = {}  # (drafter, mode) -> [rounds off since a probe, wait]
 
     def _sharing_now(self) -> float:
         return max(1.0, self._sharing.at(0)) if self._sharing.known else 1.0
@@ -240,6 +244,24 @@ class SharedEstimates:
                 # forwards); a lookup's proposals vary in length, and the fit finds its flat cost.
                 line = self._draft.setdefault(drafter, _Line(self._decay, prior=lambda mx, my: my / (mx + 1)))
                 line.add(outcome.proposed, outcome.draft_s)
+
+    def off_rounds(self, drafter: str, mode: str, rounds: int = 1, affordable: int | None = None) -> bool:
+        """Count ``rounds`` with speculation off, every generation's (the wait for a probe is process-wide, so
+        generations shorter than it still probe); with ``affordable``, whether this round is a probe: once
+        the count exceeds both the wait (``probe_rounds``, doubled by each probe since speculation last ran,
+        up to ``probe_rounds_max``) and ``affordable``. The count starts again at a probe."""
+        with self._lock:
+            clock = self._probes.setdefault((drafter, mode), [0, self.settings.probe_rounds])
+            clock[0] += rounds
+            if affordable is None or clock[0] <= max(clock[1], affordable):
+                return False
+            clock[0], clock[1] = 0, min(2 * clock[1], self.settings.probe_rounds_max)
+            return True
+
+    def speculating(self, drafter: str, mode: str) -> None:
+        """A generation drafts with this drafter: the next wait for a probe is the shortest again."""
+        with self._lock:
+            self._probes[(drafter, mode)] = [0, self.settings.probe_rounds]
 
     def snapshot(self, drafter: str, mode: str) -> _Snapshot:
         with self._lock:
@@ -294,8 +316,6 @@ class KPolicy:
         self.settings = shared.settings
         self._accepted = _Counts()  # this generation's own rounds
         self._proposed = _Counts()
-        self._off = 0  # rounds in a row with speculation off
-        self._wait = self.settings.probe_rounds  # rounds off before the next probe
         self._drafting = 0  # rounds in a row with speculation on
         self._own_off = _PerToken()  # this generation's K = 0 rounds
 
@@ -308,7 +328,8 @@ class KPolicy:
         rates = [_rate(t, c) for t, c in zip(tokens, costs)]
         best = max(range(1, top + 1), key=lambda k: rates[k])
         if rates[best] > rates[0] * (1 + self.settings.margin):
-            self._off, self._wait = 0, self.settings.probe_rounds
+            if not self._drafting:
+                self.shared.speculating(self.drafter, self.mode)
             self._drafting += 1
             if self._drafting % self.settings.explore_every == 0 and (
                 not self._own_off.tokens  # its own c0 unknown: the process-wide one is another text's
@@ -320,9 +341,8 @@ class KPolicy:
                 return Choice(min(max(best + step, 0), top))  # the cost's slope as it is now
             return Choice(best)
         self._drafting = 0
-        self._off += 1
-        if self._off > max(self._wait, self._affordable_wait(costs[best] - costs[0], costs[0])):
-            self._off, self._wait = 0, min(2 * self._wait, self.settings.probe_rounds_max)
+        affordable = self._affordable_wait(costs[best] - costs[0], costs[0])
+        if self.shared.off_rounds(self.drafter, self.mode, affordable=affordable):
             return Choice(best, probe=True)  # one round as speculation would run it
         return Choice(0, off=True)
 
@@ -335,7 +355,8 @@ class KPolicy:
 
     def observe(self, outcome: RoundOutcome) -> None:
         if outcome.steps > 1 and not self._drafting:  # the wait for a probe counts tokens, however many a round
-            self._off += outcome.steps - 1  # decoded (so does a probe whose drafter found nothing)
+            self.shared.off_rounds(self.drafter, self.mode, outcome.steps - 1)  # decoded (so does a probe whose
+            # drafter found nothing); a probe comes at a choice
         if outcome.k == 0 and outcome.speculating:
             others = max(0, outcome.forward_tokens - 1)
             self._own_off.add(outcome.target_s + outcome.other_s, max(1, outcome.steps), others)

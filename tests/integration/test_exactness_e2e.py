@@ -119,9 +119,7 @@ def g_tests_of(tokens: np.ndarray, joint: np.ndarray) -> list[GTest]:
     return tests
 
 
-CASES = [  # (drafter, warp, K (None = auto), coupled); auto with a lookup drafter, which auto keeps drafting
-    # when it runs alone (among decoding callers, a draft call is charged the wait it holds them up, and auto
-    # may not draft enough to reject anything: test_k_policy covers that)
+CASES = [  # (drafter, warp, K (None = auto: `draw_with_auto`), coupled)
     ("model", "temperature0.9", 3, False),
     ("model", "top_k3", 1, False),
     ("ngram", "temperature0.9", 3, False),
@@ -135,8 +133,10 @@ CASES = [  # (drafter, warp, K (None = auto), coupled); auto with a lookup draft
 @pytest.mark.parametrize(("drafter", "warp_name", "k", "coupled"), CASES)
 def test_generations_through_the_stack_follow_the_exact_target(tiny, drafter, warp_name, k, coupled) -> None:
     params, length = WARPS[warp_name], (k or 3) + 1
-    callers = 1 if k is None else CALLERS
-    tokens, stats = draw(tiny.stack.address, tiny.prompt, params, k, drafter, coupled, length, callers=callers)
+    if k is None:
+        tokens, stats = draw_with_auto(tiny, params, drafter, coupled, length)
+    else:
+        tokens, stats = draw(tiny.stack.address, tiny.prompt, params, k, drafter, coupled, length)
     tests = g_tests_of(tokens, exact_joint(tiny.model, tiny.prompt, params, length))
     drafted = sum(s.drafted_tokens for s in stats)
     accepted = sum(s.accepted_tokens for s in stats)
@@ -151,6 +151,37 @@ def test_generations_through_the_stack_follow_the_exact_target(tiny, drafter, wa
         assert np.count_nonzero(by_k) >= 2, f"auto ran a single K: {by_k.tolist()}"
 
 
+def with_orchestrator(stack, work, sample_round=None, **settings):  # noqa: ANN001, ANN201
+    """``work(address)`` against an orchestrator of our own on the stack's Triton and draft service
+    (``settings`` over the defaults; ``sample_round`` replaces the round rule), run in a thread while it
+    serves."""
+    config = OrchestratorConfig(port=0, draft_address=stack.draft_address, triton_url=stack.triton_url,
+                                tokenizer=stack.config.target_model, **settings)
+    rule = {} if sample_round is None else {"sample_round": sample_round}
+
+    async def serve() -> object:
+        server, port = await create_server(config, tokenizer=load_tokenizer(stack.config.target_model), **rule)
+        try:
+            return await asyncio.to_thread(work, f"127.0.0.1:{port}")
+        finally:
+            await server.stop(None)
+
+    return asyncio.run(serve())
+
+
+def draw_with_auto(tiny, params: SamplingParams, drafter: str, coupled: bool, length: int):  # noqa: ANN001, ANN201
+    """Auto K's generations, where it drafts. In the stack's defaults a generation of 4 tokens is one decode
+    round on the target (its lookups included) and a draft call cannot pay, so auto rightly never drafts and
+    tests nothing here. With one token per target round and no target lookups, a lookup drafter that has
+    seen the text pays, and auto drafts with Ks that change between rounds. The drafter first sees the text
+    at a fixed K, as traffic would have shown it (a lookup drafter learns from the rounds it drafts)."""
+    def work(address: str):  # noqa: ANN202
+        draw(address, tiny.prompt, params, 3, drafter, coupled, length, n=N // 8)
+        return draw(address, tiny.prompt, params, None, drafter, coupled, length, callers=1)
+
+    return with_orchestrator(tiny.stack, work, target_steps=1, target_lookup=0)
+
+
 def always_accept(drafts, q, p, request, first) -> RejectionResult:  # noqa: ANN001
     """The negative control's round rule: every draft accepted, then the target's own draw after them."""
     rows = p.dense() if isinstance(p, PackedRows) else p  # [K+1, V]
@@ -159,24 +190,11 @@ def always_accept(drafts, q, p, request, first) -> RejectionResult:  # noqa: ANN
 
 
 def test_the_negative_control_through_the_same_stack_is_rejected(tiny) -> None:
-    stack, params, k = tiny.stack, WARPS["temperature0.9"], 3
-    config = OrchestratorConfig(
-        port=0, draft_address=stack.draft_address, triton_url=stack.triton_url, tokenizer=stack.config.target_model,
-        draft_round_timeout_s=0,
+    params, k = WARPS["temperature0.9"], 3
+    tokens = with_orchestrator(
+        tiny.stack, lambda address: draw(address, tiny.prompt, params, k, "model", False, k + 1, n=N // 2)[0],
+        sample_round=always_accept, draft_round_timeout_s=0,
     )
-
-    async def serve_and_draw() -> np.ndarray:
-        server, port = await create_server(
-            config, tokenizer=load_tokenizer(stack.config.target_model), sample_round=always_accept
-        )
-        try:
-            return await asyncio.to_thread(
-                lambda: draw(f"127.0.0.1:{port}", tiny.prompt, params, k, "model", False, k + 1, n=N // 2)[0]
-            )
-        finally:
-            await server.stop(None)
-
-    tokens = asyncio.run(serve_and_draw())
     tests = g_tests_of(tokens, exact_joint(tiny.model, tiny.prompt, params, k + 1))
     text = report("negative control (accept every draft) through the stack", tests)
     assert min(t.pvalue for t in tests) < P_THRESHOLD, text

@@ -68,6 +68,21 @@ def test_speculation_off_probes_with_backoff_and_resumes_when_it_pays() -> None:
     assert resumed[-20:].count(0) <= 2  # a neighbour of K = 1 may be 0 now and then
 
 
+def test_generations_shorter_than_the_wait_still_probe_and_resume_when_it_pays() -> None:
+    # The wait for a probe is process-wide: generations of 3 rounds each, on a drafter that stopped paying,
+    # probe now and then between them (one generation's own count would never reach the wait), and once
+    # the text is predictable again a probe sees it and the next generations draft from their first round.
+    shared = SharedEstimates(PolicySettings(probe_rounds=4, probe_rounds_max=16))
+    first = KPolicy(shared, "model", GREEDY)
+    play(first, 60, accept=0.02, draft_per_token=0.0, hop=0.002)  # it stops paying: speculation off
+    short = [play(KPolicy(shared, "model", GREEDY), 3, accept=0.02, draft_per_token=0.0, hop=0.002, seed=i)
+             for i in range(40)]
+    assert 3 <= sum(1 for ks in short for k in ks if k) <= 20  # probes, backing off to 1 in 17 rounds
+    later = [play(KPolicy(shared, "model", GREEDY), 3, accept=0.95, draft_per_token=0.0, hop=0.002, seed=i)
+             for i in range(40)]
+    assert all(ks[0] > 0 for ks in later[-10:])
+
+
 def test_an_expensive_draft_probes_rarely_a_cheap_one_often() -> None:
     def probe_gaps(draft_per_token: float) -> list[int]:
         policy = fresh(probe_rounds=4, probe_rounds_max=512, probe_budget=0.02)
