@@ -48,10 +48,11 @@ The model (Leviathan et al. 2023, §3, with measured costs instead of assumed on
   first chance, before its own c0 is known), so a generation measures its own c0.
 * **Probes.** After ``probe_rounds`` rounds with speculation off, one round runs with the K speculation
   would use, so a text that became predictable gets drafts again; each probe that does not pay doubles
-  the wait, up to ``probe_rounds_max``. The wait counts every generation's rounds off with the drafter
-  and sampling mode (`SharedEstimates.off_rounds`), and whichever generation's round ends it probes:
-  generations shorter than the wait (a few tokens each) still probe, where a count per generation never
-  reached it and a drafter that once stopped paying stayed off for good. A probe costs what its drafting adds to a round (for a model draft
+  the wait, up to ``probe_rounds_max``. Generations shorter than that wait (a few tokens each) never
+  reach it, and a drafter the process-wide figures once judged not to pay would stay off for them for
+  good; so every generation's rounds off with the drafter and sampling mode are counted too
+  (`SharedEstimates.off_rounds`), and once they exceed ``probe_rounds_max`` since the last probe, the
+  round that gets there probes, whichever generation's. A probe costs what its drafting adds to a round (for a model draft
   on a CPU, several target steps, plus catching the draft's cache up), so the wait is also long enough
   that probes cost at most ``probe_budget`` of the time spent with speculation off: a free lookup probes
   every ``probe_rounds``, an expensive draft rarely; among decoding sequences, a probe's price includes
@@ -218,7 +219,7 @@ class SharedEstimates:
         self._sharing = _Line(self._decay, prior=lambda mx, my: 0.0)  # sequences per target forward
         self._decoding = _Line(self._decay, prior=lambda mx, my: 0.0)  # the share of forwards spent decoding
         self._off: dict[str, _PerToken] = {}  # sampling mode -> what K = 0 rounds cost per token
-        self._probes: dict[tuple[str, str], list[int]] = {}  # (drafter, mode) -> [rounds off since a probe, wait]
+        self._probes: dict[tuple[str, str], int] = {}  # (drafter, mode) -> every generation's rounds off since a probe
 
     def _sharing_now(self) -> float:
         return max(1.0, self._sharing.at(0)) if self._sharing.known else 1.0
@@ -245,23 +246,25 @@ class SharedEstimates:
                 line = self._draft.setdefault(drafter, _Line(self._decay, prior=lambda mx, my: my / (mx + 1)))
                 line.add(outcome.proposed, outcome.draft_s)
 
-    def off_rounds(self, drafter: str, mode: str, rounds: int = 1, affordable: int | None = None) -> bool:
-        """Count ``rounds`` with speculation off, every generation's (the wait for a probe is process-wide, so
-        generations shorter than it still probe); with ``affordable``, whether this round is a probe: once
-        the count exceeds both the wait (``probe_rounds``, doubled by each probe since speculation last ran,
-        up to ``probe_rounds_max``) and ``affordable``. The count starts again at a probe."""
+    def off_rounds(self, drafter: str, mode: str, rounds: int = 1, affordable: int | None = None,
+                   due: bool = False) -> bool:
+        """Count ``rounds`` with speculation off, every generation's; with ``affordable`` (a choice), whether
+        this round probes: when the generation's own wait says so (``due``), or when every generation's rounds
+        off since the last probe exceed both ``probe_rounds_max`` and ``affordable``, so that generations
+        shorter than their own wait still probe now and then. A probe starts the count again."""
         with self._lock:
-            clock = self._probes.setdefault((drafter, mode), [0, self.settings.probe_rounds])
-            clock[0] += rounds
-            if affordable is None or clock[0] <= max(clock[1], affordable):
-                return False
-            clock[0], clock[1] = 0, min(2 * clock[1], self.settings.probe_rounds_max)
-            return True
+            key = (drafter, mode)
+            count = self._probes.get(key, 0) + rounds
+            if affordable is not None and (due or count > max(self.settings.probe_rounds_max, affordable)):
+                self._probes[key] = 0
+                return True
+            self._probes[key] = count
+            return False
 
     def speculating(self, drafter: str, mode: str) -> None:
-        """A generation drafts with this drafter: the next wait for a probe is the shortest again."""
+        """A generation drafts with this drafter: its rounds off start again from none."""
         with self._lock:
-            self._probes[(drafter, mode)] = [0, self.settings.probe_rounds]
+            self._probes[(drafter, mode)] = 0
 
     def snapshot(self, drafter: str, mode: str) -> _Snapshot:
         with self._lock:
@@ -316,6 +319,8 @@ class KPolicy:
         self.settings = shared.settings
         self._accepted = _Counts()  # this generation's own rounds
         self._proposed = _Counts()
+        self._off = 0  # rounds in a row with speculation off
+        self._wait = self.settings.probe_rounds  # rounds off before the next probe
         self._drafting = 0  # rounds in a row with speculation on
         self._own_off = _PerToken()  # this generation's K = 0 rounds
 
@@ -328,6 +333,7 @@ class KPolicy:
         rates = [_rate(t, c) for t, c in zip(tokens, costs)]
         best = max(range(1, top + 1), key=lambda k: rates[k])
         if rates[best] > rates[0] * (1 + self.settings.margin):
+            self._off, self._wait = 0, self.settings.probe_rounds
             if not self._drafting:
                 self.shared.speculating(self.drafter, self.mode)
             self._drafting += 1
@@ -341,8 +347,11 @@ class KPolicy:
                 return Choice(min(max(best + step, 0), top))  # the cost's slope as it is now
             return Choice(best)
         self._drafting = 0
+        self._off += 1
         affordable = self._affordable_wait(costs[best] - costs[0], costs[0])
-        if self.shared.off_rounds(self.drafter, self.mode, affordable=affordable):
+        if self.shared.off_rounds(self.drafter, self.mode, affordable=affordable,
+                                  due=self._off > max(self._wait, affordable)):
+            self._off, self._wait = 0, min(2 * self._wait, self.settings.probe_rounds_max)
             return Choice(best, probe=True)  # one round as speculation would run it
         return Choice(0, off=True)
 
@@ -355,8 +364,8 @@ class KPolicy:
 
     def observe(self, outcome: RoundOutcome) -> None:
         if outcome.steps > 1 and not self._drafting:  # the wait for a probe counts tokens, however many a round
-            self.shared.off_rounds(self.drafter, self.mode, outcome.steps - 1)  # decoded (so does a probe whose
-            # drafter found nothing); a probe comes at a choice
+            self._off += outcome.steps - 1  # decoded (so does a probe whose drafter found nothing)
+            self.shared.off_rounds(self.drafter, self.mode, outcome.steps - 1)
         if outcome.k == 0 and outcome.speculating:
             others = max(0, outcome.forward_tokens - 1)
             self._own_off.add(outcome.target_s + outcome.other_s, max(1, outcome.steps), others)

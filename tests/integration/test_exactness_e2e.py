@@ -170,16 +170,17 @@ def with_orchestrator(stack, work, sample_round=None, **settings):  # noqa: ANN0
 
 
 def draw_with_auto(tiny, params: SamplingParams, drafter: str, coupled: bool, length: int):  # noqa: ANN001, ANN201
-    """Auto K's generations, where it drafts. In the stack's defaults a generation of 4 tokens is one decode
-    round on the target (its lookups included) and a draft call cannot pay, so auto rightly never drafts and
-    tests nothing here. With one token per target round and no target lookups, a lookup drafter that has
-    seen the text pays, and auto drafts with Ks that change between rounds. The drafter first sees the text
-    at a fixed K, as traffic would have shown it (a lookup drafter learns from the rounds it drafts)."""
+    """Auto K's generations, with Ks that change between rounds. With the tiny model a draft call costs more
+    than a target round, so auto rightly keeps speculation off and only probes; here it runs one token per
+    target round without the target's lookups, and probes every 9 rounds off (counted over all
+    generations: each is 4 rounds), whatever a probe costs. The drafter first sees the text at a fixed K,
+    as traffic would have shown it (a lookup drafter learns from the rounds it drafts)."""
     def work(address: str):  # noqa: ANN202
         draw(address, tiny.prompt, params, 3, drafter, coupled, length, n=N // 8)
         return draw(address, tiny.prompt, params, None, drafter, coupled, length, callers=1)
 
-    return with_orchestrator(tiny.stack, work, target_steps=1, target_lookup=0)
+    return with_orchestrator(tiny.stack, work, target_steps=1, target_lookup=0, k_probe_rounds=4,
+                             k_probe_rounds_max=8, k_probe_budget=1.0)
 
 
 def always_accept(drafts, q, p, request, first) -> RejectionResult:  # noqa: ANN001
