@@ -52,13 +52,13 @@ The model (Leviathan et al. 2023, §3, with measured costs instead of assumed on
   reach it, and a drafter the process-wide figures once judged not to pay would stay off for them for
   good; so every generation's rounds off with the drafter and sampling mode are counted too
   (`SharedEstimates.off_rounds`), and once they exceed ``probe_rounds_max`` since the last probe, the
-  round that gets there probes, whichever generation's. A probe costs what its drafting adds to a round (for a model draft
-  on a CPU, several target steps, plus catching the draft's cache up), so the wait is also long enough
-  that probes cost at most ``probe_budget`` of the time spent with speculation off: a free lookup probes
-  every ``probe_rounds``, an expensive draft rarely; among decoding sequences, a probe's price includes
-  their wait for its draft call, (s − 1) d D(m̄). (A round whose lookup drafter finds nothing decodes: the
-  loop's doing. Here it is a miss at every position, and a probe's decoded tokens count towards the next
-  wait.)
+  round that gets there probes, whichever generation's. A probe costs what its drafting adds to a round
+  (for a model draft on a CPU, several target steps, plus catching the draft's cache up), so the wait is
+  also long enough that probes cost at most ``probe_budget`` of the time spent with speculation off: a
+  free lookup probes every ``probe_rounds``, an expensive draft rarely; among decoding sequences, a
+  probe's price includes their wait for its draft call, (s − 1) d D(m̄). (A round whose lookup drafter
+  finds nothing decodes: the loop's doing. Here it is a miss at every position, and a probe's decoded
+  tokens count towards the next wait.)
 
 Exactness is untouched: K depends only on past rounds, never on the current round's random draws.
 """
@@ -219,7 +219,7 @@ class SharedEstimates:
         self._sharing = _Line(self._decay, prior=lambda mx, my: 0.0)  # sequences per target forward
         self._decoding = _Line(self._decay, prior=lambda mx, my: 0.0)  # the share of forwards spent decoding
         self._off: dict[str, _PerToken] = {}  # sampling mode -> what K = 0 rounds cost per token
-        self._probes: dict[tuple[str, str], int] = {}  # (drafter, mode) -> every generation's rounds off since a probe
+        self._probes: dict[tuple[str, str], int] = {}  # (drafter, mode) -> all rounds off since the last probe
 
     def _sharing_now(self) -> float:
         return max(1.0, self._sharing.at(0)) if self._sharing.known else 1.0

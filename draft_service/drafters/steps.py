@@ -115,8 +115,12 @@ class StepLoop:
             running = [waiting for waiting in running if id(waiting) not in done]
 
     def _share(self, running: list[_Waiting]) -> list[int | None]:
-        items = [waiting.item for waiting in running]
-        return share([(len(item.token_ids), item.num_logits) for item in items], self._budget)  # type: ignore[union-attr]
+        """What each running job's item runs in the next forward (`specdec.forward_budget.share`)."""
+        sizes = []
+        for waiting in running:
+            assert waiting.item is not None  # a running job always has its next item
+            sizes.append((len(waiting.item.token_ids), waiting.item.num_logits))
+        return share(sizes, self._budget)
 
 
 def _first(item: StepItem | None, take: int) -> StepItem:
