@@ -64,9 +64,8 @@ class OrchestratorConfig:
     )
     target_steps: int = field(
         default=8,
-        metadata={"help": "forwards the target runs on its own in a round without drafts (speculation off), a "
-                  "token each and its accepted lookups: one request instead of one per token; 1 = every token "
-                  "is its own round"},
+        metadata={"help": "tokens the target decodes on its own in a round without drafts (speculation off): "
+                  "one request instead of one per token; 1 = every token is its own round"},
     )
     target_lookup: int = field(
         default=16,

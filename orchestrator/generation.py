@@ -105,7 +105,7 @@ class LoopSettings:
     """How the loop reacts to slow or failing dependencies."""
 
     draft_round_timeout_s: float = 0.0  # a slower draft round falls back to target-only; 0 = no limit
-    target_steps: int = 1  # forwards the target runs on its own in a round without drafts (1 = scored rounds)
+    target_steps: int = 1  # tokens the target decodes on its own in a round without drafts (1 = scored rounds)
     target_lookup: int = 0  # draft tokens each forward of such a decode may verify (specdec.lookup); 0 = none
     max_target_reprefills: int = 2  # lost target caches re-sent per generation before failing UNAVAILABLE
     max_draft_reprefills: int = 1  # lost draft caches re-sent per generation before falling back

@@ -37,9 +37,9 @@ The model (Leviathan et al. 2023, §3, with measured costs instead of assumed on
   load; so while drafting, every ``explore_every``-th round runs a neighbouring K (one less, one more,
   alternately), which costs little near the optimum and keeps the slopes measured as they are now.
 * **K = 0, measured as well as modelled.** With speculation off the target decodes several tokens per
-  round (in the loop's ``target_steps`` forwards; its time is learnt from as one one-token round per token
-  it brought, so the line holds what target-only costs per token), each forward also verifying drafts the
-  target looks up itself (``target_lookup``), which the line cannot know of. So the cost of a K = 0 token is the lower of the
+  round (the loop's ``target_steps``; its time is learnt from as that many one-token rounds, so the line
+  holds what target-only costs per token), each forward also verifying drafts the target looks up itself
+  (``target_lookup``), which the line cannot know of. So the cost of a K = 0 token is the lower of the
   line's, T(X_o + 1) + o, and c0: what this generation's K = 0 rounds cost per token, smoothed towards the
   process-wide figure per sampling mode and scaled by T(X_o + 1) now over then (the load moves). On text
   that repeats, the target's lookups put c0 well under a step; under load, where they are rarely worth a

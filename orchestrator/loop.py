@@ -12,12 +12,11 @@ K per round: fixed by the request, or chosen before each round by the generation
 rounds only (``orchestrator.k_policy``; K = 0 when drafting does not pay). The draft may propose fewer
 than K tokens (a lookup drafter whose match runs out); none at all makes a target-only round: a decode
 under auto K, one scored token under a fixed K. A round with K = 0 (or without a draft) asks the target
-to *decode* on its own in up to ``LoopSettings.target_steps`` forwards, a token each, sampled with this
+to *decode* up to ``LoopSettings.target_steps`` tokens on its own, one forward each, sampled with this
 generation's own rule and noise (`specdec.round_draws`): the same tokens, without a round trip per token.
 Unless the request set K = 0, each of those forwards also verifies up to ``LoopSettings.target_lookup``
 drafts the target looks up in the sequence's own tokens (`specdec.lookup`): speculation with no hop, which
-the K policy sees as a cheaper target-only token. Such a round is bounded by its forwards, not its tokens
-(up to the generation's limit), so an accepted draft is never cut at the round's end.
+the K policy sees as a cheaper target-only token.
 
 Bookkeeping per round, with ``n`` of the proposed drafts accepted and ``L`` = tokens before the round: the
 target fed every draft, so its valid cache is ``L + n`` (the emitted last token is not fed yet); the
@@ -170,9 +169,9 @@ class _Generation:
                 k = choice.k
                 proposal = await self._propose(k) if k > 0 else None
                 drafts = list(proposal.token_ids) if proposal is not None else []
-                steps = self._decode_forwards(k, proposal, limit - emitted)
-                if steps:  # target-only: the target samples tokens on its own, in up to `steps` forwards
-                    tokens = await self._decode(steps, limit - emitted)
+                steps = self._decode_steps(k, proposal, limit - emitted)
+                if steps:  # target-only: the target samples up to `steps` tokens on its own
+                    tokens = await self._decode(steps)
                     accepted, fed = 0, len(tokens) - 1  # the target fed all but the last
                 else:
                     p = await self._score(drafts)  # [len(drafts) + 1, V]
@@ -221,9 +220,9 @@ class _Generation:
             return Choice(max(0, min(self.request.num_draft_tokens, room)))
         return self.policy.choose(room)
 
-    def _decode_forwards(self, k: int, proposal: Proposal | None, room: int) -> int:
-        """How many forwards the target runs on its own this round: 0 = a scored round. A round without
-        drafts decodes in up to ``target_steps`` forwards (never past the limit): K is 0, the draft is out of the
+    def _decode_steps(self, k: int, proposal: Proposal | None, room: int) -> int:
+        """How many tokens the target decodes on its own this round: 0 = a scored round. A round without
+        drafts decodes up to ``target_steps`` tokens (never past the limit): K is 0, the draft is out of the
         generation, or, with K chosen by the policy, the drafter found nothing to propose (the round cost one
         draft call; the target's own lookups still run, and the policy counts a miss). Only a fixed K scores
         a round whose drafter found nothing, so that the next position gets its K drafts asked for."""
@@ -364,22 +363,19 @@ class _Generation:
             raise TargetError(f"target returned rows {tuple(p.shape)}, expected [{num_logits}, V]")
         return p
 
-    async def _decode(self, forwards: int, room: int) -> list[int]:
-        """The tokens the target samples on its own after tokens[target_valid:] in up to ``forwards`` forwards
-        (no more than ``room``), with the round rule and noise of this generation (`specdec.round_draws`); it
-        stops early after the EOS token. Unless the request turned speculation off (K = 0), its forwards also
-        verify drafts looked up next to the model, so a forward may bring several tokens: the round is bounded
-        by its forwards (its time), not its tokens, and a draft accepted near its end is not cut short."""
+    async def _decode(self, steps: int) -> list[int]:
+        """1..steps tokens the target samples on its own after tokens[target_valid:], with the round rule and
+        noise of this generation (`specdec.round_draws`); it stops early after the EOS token. Unless the
+        request turned speculation off (K = 0), its forwards also verify drafts looked up next to the model."""
         request = self.request
         eos = request.eos_token_id if request.eos_token_id is not None else -1
         lookup = 0 if request.num_draft_tokens == 0 else self.loop.settings.target_lookup  # K = 0: speculation off
-        decode = Decode(room, request.seed, request.reproducible, eos, lookup, forwards)
+        decode = Decode(steps, request.seed, request.reproducible, eos, lookup)
         tokens = await self._on_target(
             lambda session, keep, append: session.decode(keep, append, request.params, decode), []
         )
-        most = room if lookup else forwards
-        if not 1 <= len(tokens) <= most or min(tokens) < 0:
-            raise TargetError(f"target decoded {list(tokens)[:16]}, expected 1 to {most} token ids")
+        if not 1 <= len(tokens) <= steps or min(tokens) < 0:
+            raise TargetError(f"target decoded {list(tokens)[:16]}, expected 1 to {steps} token ids")
         return list(tokens)
 
     async def _on_target(self, ask: Callable[[TargetSession, int, list[int]], Awaitable[T]], drafts: list[int]) -> T:

@@ -18,11 +18,8 @@ TEMPERATURE (in)    FP32   [1, 1]        optional: sampling settings; present = 
 TOP_K (in)          INT32  [1, 1]        LOGITS. Temperature 0 = greedy, top_k 0 and top_p 1 = off
 TOP_P (in)          FP32   [1, 1]        (their defaults when absent); refused if out of range
 DECODE_STEPS (in)   INT32  [1, 1]        optional, with TEMPERATURE and SEED: the model samples up to
-                                         this many tokens itself and answers TOKENS instead of PROBS
-                                         (NUM_LOGITS must be 1)
-DECODE_FORWARDS     INT32  [1, 1]        optional: in at most this many forwards (0 or absent: one
-  (in)                                   forward per token, DECODE_STEPS of them). A forward samples one
-                                         token, and with LOOKUP also the looked-up drafts it accepts
+                                         this many tokens itself, one forward each, and answers TOKENS
+                                         instead of PROBS (NUM_LOGITS must be 1)
 SEED (in)           UINT64 [1, 1]        the generation's seed: each token's noise is (SEED, position)
 REPRODUCIBLE (in)   INT32  [1, 1]        optional, 1 = the coupled mode's Gumbel noise
 STOP_TOKEN (in)     INT32  [1, 1]        optional: stop decoding once this token is sampled (-1 = none)
@@ -59,9 +56,6 @@ orchestrator's own rule and noise, so the tokens are the ones the orchestrator w
 same rows (vLLM's multi-step scheduling amortises its per-step overhead the same way). With LOOKUP, each
 of those forwards also verifies what followed an earlier occurrence of the sequence's last tokens, with
 the same rule (a one-hot q): prompt lookup next to the model, at the cost of a few rows and no hop.
-DECODE_FORWARDS bounds such a request by its forwards, not its tokens: DECODE_STEPS is then the most the
-caller can take (its room before the length limit), so a draft accepted near the end of the request is
-not cut at a token count (on text that repeats, a round of 8 forwards brings 8 to 100 tokens).
 
 The sequence id is Triton's correlation id (``sequence_id=``, uint64, non-zero). ``sequence_start=True``
 on the first request (KEEP_LENGTH must be 0; on a live id it restarts the sequence), ``sequence_end=True``
@@ -126,7 +120,6 @@ TEMPERATURE = "TEMPERATURE"  # optional sampling inputs: present = PROBS + PROBS
 TOP_K = "TOP_K"
 TOP_P = "TOP_P"
 DECODE_STEPS = "DECODE_STEPS"  # optional decode inputs: present = the model samples, answers TOKENS
-DECODE_FORWARDS = "DECODE_FORWARDS"
 SEED = "SEED"
 REPRODUCIBLE = "REPRODUCIBLE"
 STOP_TOKEN = "STOP_TOKEN"
@@ -230,15 +223,13 @@ def sampling_from_tensors(read: Callable[[str], np.ndarray | None]) -> SamplingP
 
 @dataclass(frozen=True)
 class Decode:
-    """A request's decode settings: sample up to ``steps`` tokens in the model (DECODE_STEPS), in at most
-    ``forwards`` forwards (DECODE_FORWARDS; 0 = ``steps``)."""
+    """A request's decode settings: sample up to ``steps`` tokens in the model (DECODE_STEPS)."""
 
     steps: int
     seed: int
     reproducible: bool = False
     stop_token: int = -1  # -1 = none
     lookup: int = 0  # draft tokens each forward may verify from the sequence's own tokens (0 = none)
-    forwards: int = 0  # forwards at most (0 = steps: one token each without lookups)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -249,25 +240,16 @@ class Decode:
             raise ValueError(f"{STOP_TOKEN} must be a token id or -1, got {self.stop_token}")
         if not 0 <= self.lookup <= MAX_LOOKUP:
             raise ValueError(f"{LOOKUP} must be in [0, {MAX_LOOKUP}], got {self.lookup}")
-        if self.forwards < 0:
-            raise ValueError(f"{DECODE_FORWARDS} must be >= 0, got {self.forwards}")
-
-    @property
-    def max_forwards(self) -> int:
-        """The forwards the decode may run: ``forwards``, or ``steps`` when it is 0."""
-        return self.forwards or self.steps
 
 
 def decode_tensors(decode: Decode) -> list[tuple[str, np.ndarray]]:
-    """The decode settings as DECODE_STEPS, SEED, REPRODUCIBLE, STOP_TOKEN, LOOKUP and DECODE_FORWARDS tensors
-    ([1, 1] each)."""
+    """The decode settings as DECODE_STEPS, SEED, REPRODUCIBLE, STOP_TOKEN and LOOKUP tensors ([1, 1] each)."""
     return [
         (DECODE_STEPS, np.array([[decode.steps]], dtype=np.int32)),
         (SEED, np.array([[decode.seed]], dtype=np.uint64)),
         (REPRODUCIBLE, np.array([[int(decode.reproducible)]], dtype=np.int32)),
         (STOP_TOKEN, np.array([[decode.stop_token]], dtype=np.int32)),
         (LOOKUP, np.array([[decode.lookup]], dtype=np.int32)),
-        (DECODE_FORWARDS, np.array([[decode.forwards]], dtype=np.int32)),
     ]
 
 
@@ -275,8 +257,7 @@ def decode_from_tensors(read: Callable[[str], np.ndarray | None]) -> Decode | No
     """The decode settings a request carries, or None without DECODE_STEPS. ValueError, naming the tensor,
     for a missing SEED or anything that is not one value in range."""
     values: dict[str, int] = {}
-    for name, default in ((DECODE_STEPS, None), (SEED, None), (REPRODUCIBLE, 0), (STOP_TOKEN, -1), (LOOKUP, 0),
-                          (DECODE_FORWARDS, 0)):
+    for name, default in ((DECODE_STEPS, None), (SEED, None), (REPRODUCIBLE, 0), (STOP_TOKEN, -1), (LOOKUP, 0)):
         tensor = read(name)
         if tensor is None:
             if name == DECODE_STEPS:
@@ -288,5 +269,4 @@ def decode_from_tensors(read: Callable[[str], np.ndarray | None]) -> Decode | No
         if tensor.size != 1:
             raise ValueError(f"{name} must hold one value, got shape {list(tensor.shape)}")
         values[name] = int(tensor.reshape(-1)[0])
-    return Decode(values[DECODE_STEPS], values[SEED], bool(values[REPRODUCIBLE]), values[STOP_TOKEN], values[LOOKUP],
-                  values[DECODE_FORWARDS])
+    return Decode(values[DECODE_STEPS], values[SEED], bool(values[REPRODUCIBLE]), values[STOP_TOKEN], values[LOOKUP])

@@ -65,7 +65,6 @@ class StepRequest:
     params: SamplingParams | None = None  # with TEMPERATURE: answer PROBS warped by these, else LOGITS
     decode: contract.Decode | None = None  # with DECODE_STEPS: sample tokens here, answer TOKENS
     sampled: tuple[int, ...] = ()  # a decode's tokens from its earlier forwards
-    forwards: int = 0  # and how many forwards those were
 
     @property
     def is_release(self) -> bool:
@@ -182,8 +181,8 @@ def decoded(
 ) -> Outputs | StepRequest:
     """A decode request's tokens from its rows (logits [1 + len(drafts), V]: its last token's, then each
     draft's): the drafts it accepts and one more, drawn with the round rule (``on_lookup(drafted, accepted)``
-    is told, with drafts). Its answer (TOKENS) when it has all its tokens, sampled the stop token or ran all
-    its forwards, else its continuation, which feeds the last one next."""
+    is told, with drafts). Its answer (TOKENS) when it has all its tokens or sampled the stop token, else
+    its continuation, which feeds the last one next."""
     assert request.decode is not None and request.params is not None
     values, index = warp_packed(logits, request.params)
     rows = PackedRows.from_arrays(values, index, logits.shape[-1])
@@ -198,10 +197,9 @@ def decoded(
     sampled = (*request.sampled, *tokens)[: decode.steps]
     if decode.stop_token in sampled:
         sampled = sampled[: sampled.index(decode.stop_token) + 1]
-    forwards = request.forwards + 1
-    if len(sampled) < decode.steps and sampled[-1] != decode.stop_token and forwards < decode.max_forwards:
+    if len(sampled) < decode.steps and sampled[-1] != decode.stop_token:  # every token drawn was kept
         return replace(request, token_ids=(sampled[-1],), keep_length=request.position + len(tokens) - 1,
-                       start=False, sampled=sampled, forwards=forwards)  # every token drawn was kept
+                       start=False, sampled=sampled)
     return {contract.TOKENS: np.array([sampled], dtype=np.int32), **forward}  # [1, n]
 
 

@@ -125,8 +125,8 @@ class FakeTargetSession:
                 [], None, p, seed=decode.seed, greedy=params.greedy, reproducible=decode.reproducible, first=keep
             ).tokens[0]
             tokens.append(token)
-            if len(tokens) in (decode.steps, decode.max_forwards) or token == decode.stop_token:
-                return tokens  # without lookups, a forward brings one token
+            if len(tokens) == decode.steps or token == decode.stop_token:
+                return tokens
             append = [token]
 
     async def close(self) -> None:

@@ -148,8 +148,6 @@ async def test_decodes_look_up_drafts_next_to_the_target_unless_the_request_turn
     loop = SpeculativeLoop(target, None, LoopSettings(target_steps=4, target_lookup=6), new_sequence_id=ids())
     await run(loop, request(num_draft_tokens=k, max_new_tokens=10))  # no draft: every round decodes
     assert [d.lookup for d in target.calls.decodes] == [lookup] * 3
-    # Each round is bounded by its forwards; its tokens only by the generation's room, which lookups may fill.
-    assert [(d.forwards, d.steps) for d in target.calls.decodes] == [(4, 10), (4, 6), (2, 2)]
 
 
 @pytest.mark.parametrize(("k", "reproducible"), [(0, False), (0, True), (None, True)])

@@ -466,17 +466,15 @@ def test_bad_decodes_are_invalid(target, change, needle):
 def test_decode_settings_are_read_from_their_tensors_and_need_a_seed():
     tensors = {contract.INPUT_IDS: np.array([[1, 2]], dtype=np.int32), contract.KEEP_LENGTH: np.array([[0]]),
                contract.NUM_LOGITS: np.array([[1]]), contract.TEMPERATURE: np.array([[0.5]], dtype=np.float32)}
-    for decode in (contract.Decode(4, (1 << 64) - 1, True, 7), contract.Decode(30, 5, False, -1, 16, forwards=4)):
-        read = read_request(3, {**tensors, **dict(contract.decode_tensors(decode))}.get)
-        assert read.decode == decode
+    decode = contract.Decode(4, (1 << 64) - 1, True, 7)
+    read = read_request(3, {**tensors, **dict(contract.decode_tensors(decode))}.get)
+    assert read.decode == decode
     assert read_request(3, tensors.get).decode is None
     without_seed = {**tensors, contract.DECODE_STEPS: np.array([[4]], dtype=np.int32)}
     with pytest.raises(ValueError, match="DECODE_STEPS needs SEED"):
         read_request(3, without_seed.get)
     with pytest.raises(ValueError, match="DECODE_STEPS must be >= 1"):
         read_request(3, {**without_seed, contract.DECODE_STEPS: np.array([[0]]), contract.SEED: np.array([[1]])}.get)
-    with pytest.raises(ValueError, match="DECODE_FORWARDS must be >= 0"):
-        read_request(3, {**without_seed, contract.SEED: np.array([[1]]), contract.DECODE_FORWARDS: np.array([[-1]])}.get)
 
 
 # --- decodes with LOOKUP: each forward also verifies a draft looked up in the sequence's own tokens --------
@@ -513,23 +511,6 @@ def test_a_decode_with_lookup_gives_the_same_tokens_in_fewer_forwards(target, sa
     # The cache holds the prompt and all but the last token, whatever the rejected drafts left beyond.
     after = target.step(request(2, expected[-1:], len(LOOPING) + 19, 1))
     np.testing.assert_allclose(ok(after)[0], full_forward(target.engine.model, LOOPING + expected)[-1:], atol=2e-5)
-
-
-@pytest.mark.parametrize("lookup", [0, 8])
-def test_a_decode_runs_at_most_its_forwards_and_with_lookup_keeps_every_token_they_accept(target, lookup):
-    # DECODE_FORWARDS bounds the forwards, DECODE_STEPS the tokens: without lookups a forward brings one
-    # token; with them, the looping text's drafts bring several, none cut at a token count, and every token
-    # is still the one the scored steps give (the round rule's, greedy).
-    greedy = (0.0, 0, 1.0)
-    expected = scored_tokens(target, 1, LOOPING, 30, greedy, seed=3, reproducible=False)
-    fed = recording_steps(target.engine)
-    ask = replace(decode_request(2, LOOPING, 0, 30, greedy, seed=3, start=True),
-                  decode=contract.Decode(30, 3, False, -1, lookup=lookup, forwards=6))
-    [answer] = run_to_completion(target.engine, target.store, [ask])
-    tokens = answer[contract.TOKENS][0].tolist()
-    assert len(fed) == 6
-    assert tokens == expected[: len(tokens)]
-    assert len(tokens) == 6 if not lookup else len(tokens) > 6  # (12: its last two forwards accept 3 drafts each)
 
 
 def test_lookup_drafts_stay_within_the_decode_and_the_context(target):

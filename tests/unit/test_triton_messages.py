@@ -150,14 +150,13 @@ def test_a_malformed_answer_is_refused_with_its_reason(response, reason):
 
 def test_a_decode_request_carries_the_settings_seed_and_stop_token_and_asks_for_tokens():
     params = SamplingParams(temperature=0.7, top_k=0, top_p=0.9)
-    decode = contract.Decode(steps=8, seed=2**64 - 1, reproducible=True, stop_token=2, lookup=16, forwards=3)
+    decode = contract.Decode(steps=8, seed=2**64 - 1, reproducible=True, stop_token=2)
     request = decode_request("m", 5, start=False, keep_length=10, token_ids=[4], params=params, decode=decode)
     x = inputs_of(request)
     assert flags_of(request) == (5, False, False) and x[contract.NUM_LOGITS].tolist() == [[1]]
     assert x[contract.DECODE_STEPS].tolist() == [[8]] and x[contract.SEED].dtype == np.uint64
     assert x[contract.SEED].tolist() == [[2**64 - 1]] and x[contract.REPRODUCIBLE].tolist() == [[1]]
     assert x[contract.STOP_TOKEN].tolist() == [[2]] and x[contract.TOP_P][0, 0] == np.float32(0.9)
-    assert x[contract.LOOKUP].tolist() == [[16]] and x[contract.DECODE_FORWARDS].tolist() == [[3]]
     assert contract.decode_from_tensors(x.get) == decode  # what the model reads back
     assert [o.name for o in request.outputs] == [contract.TOKENS, contract.FORWARD_SEQUENCES, contract.FORWARD_TOKENS]
 
