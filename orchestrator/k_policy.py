@@ -51,8 +51,8 @@ The model (Leviathan et al. 2023, §3, with measured costs instead of assumed on
   the wait, up to ``probe_rounds_max``. Generations shorter than that wait (a few tokens each) never
   reach it, and a drafter the process-wide figures once judged not to pay would stay off for them for
   good; so every generation's rounds off with the drafter and sampling mode are counted too
-  (`SharedEstimates.off_rounds`), and once they exceed ``probe_rounds_max`` since the last probe, the
-  round that gets there probes, whichever generation's. A probe costs what its drafting adds to a round
+  (`SharedEstimates.off_rounds`, `probe_now`), and once they exceed ``probe_rounds_max`` since the last
+  probe, the round that gets there probes, whichever generation's. A probe costs what its drafting adds to a round
   (for a model draft on a CPU, several target steps, plus catching the draft's cache up), so the wait is
   also long enough that probes cost at most ``probe_budget`` of the time spent with speculation off: a
   free lookup probes every ``probe_rounds``, an expensive draft rarely; among decoding sequences, a
@@ -246,20 +246,22 @@ class SharedEstimates:
                 line = self._draft.setdefault(drafter, _Line(self._decay, prior=lambda mx, my: my / (mx + 1)))
                 line.add(outcome.proposed, outcome.draft_s)
 
-    def off_rounds(self, drafter: str, mode: str, rounds: int = 1, affordable: int | None = None,
-                   due: bool = False) -> bool:
-        """Count ``rounds`` with speculation off, every generation's; with ``affordable`` (a choice), whether
-        this round probes: when the generation's own wait says so (``due``), or when every generation's rounds
-        off since the last probe exceed both ``probe_rounds_max`` and ``affordable``, so that generations
-        shorter than their own wait still probe now and then. A probe starts the count again."""
+    def off_rounds(self, drafter: str, mode: str, rounds: int) -> None:
+        """Count ``rounds`` with speculation off (every generation's) towards the next probe."""
+        with self._lock:
+            self._probes[(drafter, mode)] = self._probes.get((drafter, mode), 0) + rounds
+
+    def probe_now(self, drafter: str, mode: str, affordable: int, due: bool) -> bool:
+        """A round off is chosen: count it, and whether it probes instead. It does when the generation's own
+        wait says so (``due``), or when every generation's rounds off since the last probe exceed both
+        ``probe_rounds_max`` and ``affordable``, so that generations shorter than their own wait still probe
+        now and then. A probe starts the count again."""
         with self._lock:
             key = (drafter, mode)
-            count = self._probes.get(key, 0) + rounds
-            if affordable is not None and (due or count > max(self.settings.probe_rounds_max, affordable)):
-                self._probes[key] = 0
-                return True
-            self._probes[key] = count
-            return False
+            count = self._probes.get(key, 0) + 1
+            probe = due or count > max(self.settings.probe_rounds_max, affordable)
+            self._probes[key] = 0 if probe else count
+            return probe
 
     def speculating(self, drafter: str, mode: str) -> None:
         """A generation drafts with this drafter: its rounds off start again from none."""
@@ -349,8 +351,7 @@ class KPolicy:
         self._drafting = 0
         self._off += 1
         affordable = self._affordable_wait(costs[best] - costs[0], costs[0])
-        if self.shared.off_rounds(self.drafter, self.mode, affordable=affordable,
-                                  due=self._off > max(self._wait, affordable)):
+        if self.shared.probe_now(self.drafter, self.mode, affordable, due=self._off > max(self._wait, affordable)):
             self._off, self._wait = 0, min(2 * self._wait, self.settings.probe_rounds_max)
             return Choice(best, probe=True)  # one round as speculation would run it
         return Choice(0, off=True)

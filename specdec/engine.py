@@ -54,12 +54,17 @@ class _Segment:
     start: int  # cached positions before this step (= keep_length)
     count: int  # new tokens
     token_ids: Sequence[int]
-    mask: torch.Tensor | None  # [count, start + count] bool: new token i sees positions <= start + i
-    causal: bool  # no history: SDPA's own causal mask stands for ``mask`` (none to build and expand per layer)
+    mask: torch.Tensor | None  # [count, start + count] bool (with history): token i sees positions <= start + i
 
     @property
     def end(self) -> int:
         return self.start + self.count
+
+    @property
+    def causal(self) -> bool:
+        """Several tokens and no history: SDPA's own causal mask stands for ``mask`` (none to build and
+        expand per layer)."""
+        return self.count > 1 and self.start == 0
 
 
 class _StepPlan:
@@ -101,7 +106,8 @@ class _StepPlan:
             F.scaled_dot_product_attention(  # [1, H, count, D]
                 q, k, v, attn_mask=s.mask, is_causal=s.causal, scale=scaling, enable_gqa=True
             )
-            for s, q, k, v in zip(self.segments, query.split(self.counts, dim=2), self.keys[layer], self.values[layer])
+            for s, q, k, v in zip(self.segments, query.split(self.counts, dim=2), self.keys[layer],
+                                  self.values[layer])
         ]
         return (attended[0] if len(attended) == 1 else torch.cat(attended, dim=2)).transpose(1, 2)
 
@@ -167,8 +173,7 @@ class CausalLMEngine:
             if count > 1 and start > 0:
                 rows = torch.arange(count, device=self.device).unsqueeze(1)
                 mask = torch.arange(start + count, device=self.device).unsqueeze(0) <= start + rows
-            causal = count > 1 and start == 0
-            segments.append(_Segment(item.cache, start, count, item.token_ids, mask, causal))
+            segments.append(_Segment(item.cache, start, count, item.token_ids, mask))
             ids.extend(item.token_ids)
             positions.extend(range(start, start + count))
             keep_rows.extend(range(offset + count - item.num_logits, offset + count))
