@@ -32,7 +32,6 @@ from pathlib import Path
 from draft_service.drafters import needs_model, parse_drafters
 from specdec import models
 from specdec import target_contract as contract
-from specdec.openmp import short_spin
 from specdec.procs import Process, children_named, free_port, wait_grpc_healthy, wait_triton_ready
 
 log = logging.getLogger(__name__)
@@ -260,7 +259,6 @@ class LocalStack:
 
 def child_env() -> dict[str, str]:
     env = dict(os.environ)
-    short_spin(env)  # OpenMP threads that let go of the cores between rounds (specdec.openmp)
     env["HF_HUB_OFFLINE"] = "1"
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env

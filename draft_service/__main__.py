@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import os
 
-from specdec.openmp import short_spin
+from specdec.openmp import DRAFT_SPINCOUNT, set_spin
 
-short_spin(os.environ)  # before anything imports torch, which loads OpenMP (specdec.openmp)
+set_spin(os.environ, DRAFT_SPINCOUNT)  # before anything imports torch, which loads OpenMP (specdec.openmp)
 
 import logging  # noqa: E402
 import signal  # noqa: E402

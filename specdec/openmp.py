@@ -1,17 +1,22 @@
 """Torch's OpenMP threads in model processes that share CPU cores: how long they spin, and which thread owns them.
 
 Why it exists: torch's CPU wheels use GNU OpenMP (libgomp). After every parallel region its threads
-busy-wait for ``GOMP_SPINCOUNT`` iterations (300,000 by default) before sleeping, so the next region
-starts without a wake-up. In our stack the draft and the target take turns: when one finishes a round,
-its OpenMP threads keep spinning on cores that the other model, the orchestrator and the gRPC threads
-need right then. 20,000 keeps a forward's parallel regions back to back and lets go of the core within
-tens of microseconds after it; 2,000 is too short (threads fall asleep between the layers' regions). The
-measurements behind the choice are in bench/README.md, "Design measurements".
+busy-wait for ``GOMP_SPINCOUNT`` iterations before sleeping, so the next region starts without a wake-up;
+a region that finds them asleep pays a futex wake-up per worker, which on a virtual machine can cost more
+than the region itself. How long the count lasts depends on the CPU and on how far apart a forward's
+regions are, so the two model processes get different counts for different reasons:
+
+* **The target** (`TARGET_SPINCOUNT`, libgomp's own default, 300,000): its forwards are most of a round and
+  its regions must stay back to back. 20,000 was enough on one machine and let the workers fall asleep
+  between a forward's regions on another, where the Triton model then ran 7 % slower per token than the
+  same model in-process (bench/README.md, "Design measurements").
+* **The draft service** (`DRAFT_SPINCOUNT`, 20,000): its model drafter takes turns with the target, and
+  its workers must let go of the cores right after a draft, before the target's forward starts.
 
 libgomp reads the variable once, when it loads (with torch), so it must be in the environment a model
-process starts with: `cli.stack` and the Triton launcher put it in their children's environment, and
-``python -m draft_service`` sets it for itself before importing torch. A value already set wins. GPU
-models barely use OpenMP; the setting is harmless there.
+process starts with: the Triton launcher puts the target's in its children's environment, and
+``python -m draft_service`` sets its own before importing torch. A value already set wins (an operator's,
+for every process). GPU models barely use OpenMP; the setting is harmless there.
 
 Which thread owns them: libgomp gives every thread that starts a parallel region a pool of worker threads of
 its own, kept until that thread ends. Once a process has more libgomp threads than cores, libgomp stops
@@ -32,12 +37,13 @@ from typing import TypeVar
 T = TypeVar("T")
 
 SPINCOUNT_VARIABLE = "GOMP_SPINCOUNT"
-DEFAULT_SPINCOUNT = "20000"
+TARGET_SPINCOUNT = "300000"
+DRAFT_SPINCOUNT = "20000"
 
 
-def short_spin(env: MutableMapping[str, str]) -> None:
-    """Set GOMP_SPINCOUNT in ``env`` unless it is set already."""
-    env.setdefault(SPINCOUNT_VARIABLE, DEFAULT_SPINCOUNT)
+def set_spin(env: MutableMapping[str, str], count: str) -> None:
+    """Set GOMP_SPINCOUNT in ``env`` to ``count`` unless it is set already."""
+    env.setdefault(SPINCOUNT_VARIABLE, count)
 
 
 def in_a_thread_of_its_own(work: Callable[[], T], name: str = "specdec-openmp-once") -> T:

@@ -43,7 +43,7 @@ from types import TracebackType
 
 from specdec import target_contract as contract
 from specdec.filelock import file_lock
-from specdec.openmp import short_spin
+from specdec.openmp import TARGET_SPINCOUNT, set_spin
 from specdec.procs import free_port, kill_group, wait_triton_ready
 from target_service.config import TritonServerConfig
 
@@ -139,7 +139,7 @@ def triton_env(base: dict[str, str] | None = None) -> dict[str, str]:
     package_root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
     env["HF_HUB_OFFLINE"] = "1"
-    short_spin(env)  # the model's OpenMP threads let go of the cores between rounds (specdec.openmp)
+    set_spin(env, TARGET_SPINCOUNT)  # the model's OpenMP threads keep a forward's regions back to back (specdec.openmp)
     return env
 
 

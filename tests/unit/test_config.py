@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from specdec.config import env_name, parse_config
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,14 +36,21 @@ def test_flags_override_env_which_overrides_defaults(monkeypatch: pytest.MonkeyP
     assert parse_config(_Config, [], env_prefix="SPECDEC_OTHER_") == _Config(port=11)
 
 
-def test_model_processes_start_with_a_short_openmp_spin_unless_one_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_model_process_starts_with_its_own_openmp_spin_unless_one_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
     from cli.stack import child_env
+    from specdec.openmp import DRAFT_SPINCOUNT, TARGET_SPINCOUNT
     from target_service.launcher import triton_env
 
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
-    assert child_env()["GOMP_SPINCOUNT"] == triton_env()["GOMP_SPINCOUNT"] == "20000"
-    monkeypatch.setenv("GOMP_SPINCOUNT", "300000")  # an operator's own value wins
-    assert child_env()["GOMP_SPINCOUNT"] == triton_env()["GOMP_SPINCOUNT"] == "300000"
+    assert "GOMP_SPINCOUNT" not in child_env()  # the stack leaves it to each service
+    assert triton_env()["GOMP_SPINCOUNT"] == TARGET_SPINCOUNT
+    draft = subprocess.run(  # the draft service sets its own as its entry point is imported, before torch
+        [sys.executable, "-c", "import os, draft_service.__main__; print(os.environ['GOMP_SPINCOUNT'])"],
+        capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120,
+    )
+    assert draft.stdout.split()[-1] == DRAFT_SPINCOUNT != TARGET_SPINCOUNT
+    monkeypatch.setenv("GOMP_SPINCOUNT", "12345")  # an operator's own value wins
+    assert child_env()["GOMP_SPINCOUNT"] == triton_env()["GOMP_SPINCOUNT"] == "12345"
 
 
 @dataclasses.dataclass(frozen=True)
