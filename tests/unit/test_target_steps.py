@@ -466,9 +466,9 @@ def test_bad_decodes_are_invalid(target, change, needle):
 def test_decode_settings_are_read_from_their_tensors_and_need_a_seed():
     tensors = {contract.INPUT_IDS: np.array([[1, 2]], dtype=np.int32), contract.KEEP_LENGTH: np.array([[0]]),
                contract.NUM_LOGITS: np.array([[1]]), contract.TEMPERATURE: np.array([[0.5]], dtype=np.float32)}
-    decode = contract.Decode(4, (1 << 64) - 1, True, 7)
-    read = read_request(3, {**tensors, **dict(contract.decode_tensors(decode))}.get)
-    assert read.decode == decode
+    for decode in (contract.Decode(4, (1 << 64) - 1, True, 7), contract.Decode(30, 5, False, -1, lookup=16)):
+        read = read_request(3, {**tensors, **dict(contract.decode_tensors(decode))}.get)
+        assert read.decode == decode
     assert read_request(3, tensors.get).decode is None
     without_seed = {**tensors, contract.DECODE_STEPS: np.array([[4]], dtype=np.int32)}
     with pytest.raises(ValueError, match="DECODE_STEPS needs SEED"):
