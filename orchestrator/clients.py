@@ -137,7 +137,8 @@ class TargetSession(Protocol):
         self, keep_length: int, append_token_ids: Sequence[int], params: SamplingParams, decode: Decode
     ) -> list[int]:
         """Crop and feed as ``score`` does, then let the target sample up to ``decode.steps`` tokens on its
-        own (one forward each, each token fed to the next), drawn from its rows warped with ``params`` by
+        own (each token fed to the next; a forward brings one, or several when ``decode.lookup`` lets it verify
+        looked-up drafts), drawn from its rows warped with ``params`` by
         `specdec.round_draws` with no drafts, the noise of ``decode.seed`` at each token's position; it stops
         after ``decode.stop_token``. Returns the 1..steps tokens; the cache then holds all but the last.
 

@@ -12,8 +12,8 @@ K per round: fixed by the request, or chosen before each round by the generation
 rounds only (``orchestrator.k_policy``; K = 0 when drafting does not pay). The draft may propose fewer
 than K tokens (a lookup drafter whose match runs out); none at all makes a target-only round: a decode
 under auto K, one scored token under a fixed K. A round with K = 0 (or without a draft) asks the target
-to *decode* up to ``LoopSettings.target_steps`` tokens on its own, one forward each, sampled with this
-generation's own rule and noise (`specdec.round_draws`): the same tokens, without a round trip per token.
+to *decode* up to ``LoopSettings.target_steps`` tokens on its own, a forward per token or fewer (below), sampled
+with this generation's own rule and noise (`specdec.round_draws`): the same tokens, without a round trip per token.
 Unless the request set K = 0, each of those forwards also verifies up to ``LoopSettings.target_lookup``
 drafts the target looks up in the sequence's own tokens (`specdec.lookup`): speculation with no hop, which
 the K policy sees as a cheaper target-only token.

@@ -98,7 +98,8 @@ def decode_request(
     decode: contract.Decode,
 ) -> service_pb2.ModelInferRequest:
     """Roll the cache back to ``keep_length``, append ``token_ids``, and let the model sample up to
-    ``decode.steps`` tokens itself (TOKENS), one forward each."""
+    ``decode.steps`` tokens itself (TOKENS): a forward each, or fewer when ``decode.lookup``
+    drafts are accepted."""
     tensors = [
         (contract.INPUT_IDS, np.asarray(token_ids, dtype=np.int32).reshape(1, -1)),  # [1, T]
         (contract.KEEP_LENGTH, _scalar(keep_length, np.int32)),

@@ -18,7 +18,8 @@ TEMPERATURE (in)    FP32   [1, 1]        optional: sampling settings; present = 
 TOP_K (in)          INT32  [1, 1]        LOGITS. Temperature 0 = greedy, top_k 0 and top_p 1 = off
 TOP_P (in)          FP32   [1, 1]        (their defaults when absent); refused if out of range
 DECODE_STEPS (in)   INT32  [1, 1]        optional, with TEMPERATURE and SEED: the model samples up to
-                                         this many tokens itself, one forward each, and answers TOKENS
+                                         this many tokens itself (a forward each, fewer with LOOKUP)
+                                         and answers TOKENS
                                          instead of PROBS (NUM_LOGITS must be 1)
 SEED (in)           UINT64 [1, 1]        the generation's seed: each token's noise is (SEED, position)
 REPRODUCIBLE (in)   INT32  [1, 1]        optional, 1 = the coupled mode's Gumbel noise
