@@ -54,8 +54,9 @@ def build_core(
     names = config.drafter_names
     loop = drafter_model = None
     if config.loads_model:
-        loop = StepLoop(CausalLMEngine(model if model is not None else load_draft_model(config)), config.threads,
-                        on_forward, config.max_forward_tokens)
+        engine = CausalLMEngine(model if model is not None else load_draft_model(config), config.max_sequences,
+                                config.kv_slot_tokens)
+        loop = StepLoop(engine, config.threads, on_forward, config.max_forward_tokens)
         drafter_model = ModelDrafter(loop)
     lookups_needed = set(names) | ({config.hybrid_lookup} if "hybrid" in names else set())
     ngram = NgramDrafter(config.ngram_min, config.ngram_max) if "ngram" in lookups_needed else None

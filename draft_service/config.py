@@ -44,6 +44,13 @@ class DraftConfig:
         metadata={"help": "model drafter: tokens one forward may run; a longer prompt is caught up over several "
                   "forwards beside the other streams' drafting (0 = no limit; specdec/forward_budget.py)"},
     )
+    kv_slot_tokens: int = field(
+        default=512,
+        metadata={"help": "model drafter: positions per pooled KV slot; max_sequences slots in one tensor, and the "
+                  "streams that fit draft together, one attention call per layer; allocated at start: "
+                  "max_sequences x this x the model's KV bytes per token, so size it to a GPU's memory (0 = no pool; "
+                  "specdec/kv_cache.py)"},
+    )
     hybrid_lookup: str = field(default="suffix", metadata={"help": "the model-free drafter hybrid asks first: ngram | suffix"})
     ngram_min: int = field(default=1, metadata={"help": "ngram: the shortest suffix of the context to look up"})
     ngram_max: int = field(default=4, metadata={"help": "ngram: the longest suffix of the context to look up"})
@@ -77,6 +84,7 @@ class DraftConfig:
             (self.max_num_draft_tokens >= 1, f"max_num_draft_tokens must be >= 1, got {self.max_num_draft_tokens}"),
             (self.max_forward_tokens >= 0,
              f"max_forward_tokens must be >= 0 (0 = no limit), got {self.max_forward_tokens}"),
+            (self.kv_slot_tokens >= 0, f"kv_slot_tokens must be >= 0 (0 = no pool), got {self.kv_slot_tokens}"),
             (self.grace_s >= 0, f"grace_s must be >= 0, got {self.grace_s}"),
             (self.hybrid_lookup in LOOKUPS, f"hybrid_lookup must be one of {list(LOOKUPS)}, got {self.hybrid_lookup!r}"),
             (1 <= self.ngram_min <= self.ngram_max, "need 1 <= ngram_min <= ngram_max"),

@@ -10,9 +10,12 @@ How: the step's tokens are packed into one row ``[1, T]`` with each token's own 
 so every linear layer runs once over all of them. Attention is the only per-sequence part: the model's
 attention calls `ragged_attention` (registered with transformers' ``AttentionInterface`` under
 ``specdec_ragged``), which writes each sequence's new keys and values into its `KVCache` in place and
-attends its queries to a view of that cache, with a causal mask over the new tokens. A step's cost grows
-with its new tokens (and the attention over each sequence's own history), never with copies of caches.
-Without a step plan (plain ``model(...)`` or ``generate``) the same model falls back to SDPA unchanged.
+attends its queries to a view of that cache, with a causal mask over the new tokens. The sequences that
+decode one token each and hold a slot of the engine's `KVPool` attend together, in one call per layer over
+the pool's slots (a view; each row masked to its own slot's length); the others (prompts, verifications,
+caches outside the pool) attend one call each. A step's cost grows with its new tokens (and the attention
+over each sequence's own history), never with copies of caches. Without a step plan (plain
+``model(...)`` or ``generate``) the same model falls back to SDPA unchanged.
 
 Supported: decoder-only models whose attention modules go through transformers' attention interface and
 carry a ``layer_idx`` (Llama, Mistral without a sliding window, Qwen2, ... ; SmolLM2 is a Llama).
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from specdec.kv_cache import KVCache, KVLayout
+from specdec.kv_cache import KVCache, KVLayout, KVPool
 
 log = logging.getLogger(__name__)
 
@@ -70,29 +73,33 @@ class _Segment:
 class _StepPlan:
     """What `ragged_attention` needs to know about the step in flight.
 
-    A step of n sequences calls attention once per layer per sequence, so beside the attention itself the
-    batch pays each call's Python and dispatch overhead. The views a call needs (each sequence's new
-    positions and its context, per layer) are therefore cut once per step rather than once per layer, and a
-    layer runs two scatters of the new keys and values (``_foreach_copy_``), an SDPA per sequence and one
-    concatenation: a decode forward of 8 SmolLM2 sequences ~4 % faster than with the slicing done per layer
-    (bench/README.md, "Design measurements")."""
+    A step of n sequences calls attention once per layer per sequence outside the pool, so beside the
+    attention itself the batch pays each call's Python and dispatch overhead. The views a call needs (each
+    sequence's new positions and its context, per layer) are therefore cut once per step rather than once
+    per layer, and a layer runs two scatters of the new keys and values (``_foreach_copy_``), one SDPA for
+    the pooled decodes, an SDPA per other sequence, and one assembly of the rows: a decode forward of 8
+    SmolLM2 sequences ~4 % faster than with the slicing done per layer (bench/README.md, "Design
+    measurements")."""
 
-    def __init__(self, segments: list[_Segment]) -> None:
-        self.segments = segments
+    def __init__(self, segments: list[_Segment], pool: KVPool | None) -> None:
         self.counts = [s.count for s in segments]
+        self.offsets = [sum(self.counts[:i]) for i in range(len(segments))]  # each segment's first row
         layers = segments[0].cache.layout.layers
         self.new_keys: list[list[torch.Tensor]] = [[] for _ in range(layers)]  # per layer: each [Hkv, count, D]
         self.new_values: list[list[torch.Tensor]] = [[] for _ in range(layers)]
-        self.keys: list[list[torch.Tensor]] = [[] for _ in range(layers)]  # per layer: each [1, Hkv, end, D]
-        self.values: list[list[torch.Tensor]] = [[] for _ in range(layers)]
         for s in segments:
-            buffer = s.cache.buffer  # [layers, 2, Hkv, capacity, D]
-            context, new = buffer[:, :, :, : s.end], buffer[:, :, :, s.start : s.end]
-            for layer, views in enumerate(zip(new[:, 0].unbind(0), new[:, 1].unbind(0),
-                                              context[:, 0:1].unbind(0), context[:, 1:2].unbind(0))):
-                new_key, new_value, key, value = views
+            new = s.cache.buffer[:, :, :, s.start : s.end]  # [layers, 2, Hkv, count, D]
+            for layer, (new_key, new_value) in enumerate(zip(new[:, 0].unbind(0), new[:, 1].unbind(0))):
                 self.new_keys[layer].append(new_key)
                 self.new_values[layer].append(new_value)
+        self.pooled = _PooledDecodes.of(segments, self.offsets, pool)
+        self.alone = [i for i, s in enumerate(segments) if self.pooled is None or not self.pooled.holds(s)]
+        self.keys: list[list[torch.Tensor]] = [[] for _ in range(layers)]  # per layer: each [1, Hkv, end, D]
+        self.values: list[list[torch.Tensor]] = [[] for _ in range(layers)]
+        self.segments = [segments[i] for i in self.alone]
+        for s in self.segments:
+            context = s.cache.buffer[:, :, :, : s.end]  # [layers, 2, Hkv, end, D]
+            for layer, (key, value) in enumerate(zip(context[:, 0:1].unbind(0), context[:, 1:2].unbind(0))):
                 self.keys[layer].append(key)
                 self.values[layer].append(value)
 
@@ -102,14 +109,78 @@ class _StepPlan:
         """query [1, H, T, D], key/value [1, Hkv, T, D] for the packed new tokens -> output [1, T, H, D]."""
         torch._foreach_copy_(self.new_keys[layer], key[0].split(self.counts, dim=1))
         torch._foreach_copy_(self.new_values[layer], value[0].split(self.counts, dim=1))
+        queries = query.split(self.counts, dim=2)
         attended = [
             F.scaled_dot_product_attention(  # [1, H, count, D]
-                q, k, v, attn_mask=s.mask, is_causal=s.causal, scale=scaling, enable_gqa=True
+                queries[i], k, v, attn_mask=s.mask, is_causal=s.causal, scale=scaling, enable_gqa=True
             )
-            for s, q, k, v in zip(self.segments, query.split(self.counts, dim=2), self.keys[layer],
-                                  self.values[layer])
+            for i, s, k, v in zip(self.alone, self.segments, self.keys[layer], self.values[layer])
         ]
-        return (attended[0] if len(attended) == 1 else torch.cat(attended, dim=2)).transpose(1, 2)
+        if self.pooled is None:
+            return (attended[0] if len(attended) == 1 else torch.cat(attended, dim=2)).transpose(1, 2)
+        pooled = self.pooled.attend(layer, query, scaling)  # [n, H, D]
+        if not attended:
+            return pooled.unsqueeze(0)
+        out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, H, D]
+        out.index_copy_(0, self.pooled.rows, pooled)
+        for i, s, rows in zip(self.alone, self.segments, attended):
+            out[self.offsets[i] : self.offsets[i] + s.count] = rows[0].transpose(0, 1)
+        return out.unsqueeze(0)
+
+
+class _PooledDecodes:
+    """The step's one-token decodes whose caches are slots of the engine's `KVPool`, attended in one call.
+
+    Their queries attend to the pool's slots ``first..last`` at once (a view of the pool, no copy): row i
+    masked to its own slot's first ``end`` positions (the mask holds -inf elsewhere; a slot of the span that
+    decodes nothing in this step gets a zero query that sees its position 0, and its row is dropped). Grouped-
+    query attention without repeating the keys: a KV head's query heads are rows of one query (head h reads
+    KV head h // rep, as transformers' ``repeat_kv``). Built once per step, used by every layer."""
+
+    def __init__(self, pool: KVPool, decodes: list[tuple[int, _Segment]]) -> None:
+        slots = [s.cache.slot for _, s in decodes]
+        first, last = min(slots), max(slots)
+        width = max(s.end for _, s in decodes)
+        device = pool.tensor.device
+        self._held = {id(s) for _, s in decodes}
+        self.count, self.span = len(decodes), last - first + 1
+        self.rows = torch.tensor([offset for offset, _ in decodes], device=device)  # their rows in the step
+        self.places = [slot - first for slot in slots]  # their places in the span
+        self._places = torch.tensor(self.places, device=device)
+        self.dense = self.places == list(range(self.span))  # the span is exactly these, in this order
+        ends = torch.ones(self.span, dtype=torch.long, device=device)
+        ends[self._places] = torch.tensor([s.end for _, s in decodes], device=device)
+        hidden = torch.arange(width, device=device) >= ends[:, None]  # [span, width]
+        self.mask = torch.zeros(self.span, 1, 1, width, dtype=pool.tensor.dtype, device=device)  # [span, 1, 1, width]
+        self.mask.masked_fill_(hidden[:, None, None, :], float("-inf"))
+        self.keys = pool.tensor[:, 0, first : last + 1, :, :width]  # [layers, span, Hkv, width, D]
+        self.values = pool.tensor[:, 1, first : last + 1, :, :width]
+
+    @classmethod
+    def of(cls, segments: list[_Segment], offsets: list[int], pool: KVPool | None) -> _PooledDecodes | None:
+        """The pooled decodes of a step, or None when fewer than two (one sequence attends as cheaply alone)."""
+        if pool is None:
+            return None
+        decodes = [(offset, s) for offset, s in zip(offsets, segments)
+                   if s.count == 1 and s.cache.pool is pool and s.cache.slot is not None]
+        return cls(pool, decodes) if len(decodes) >= 2 else None
+
+    def holds(self, segment: _Segment) -> bool:
+        return id(segment) in self._held
+
+    def attend(self, layer: int, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
+        """query [1, H, T, D] of the whole step -> the pooled decodes' outputs [n, H, D], in step order."""
+        heads, dim = query.shape[1], query.shape[3]
+        kv_heads = self.keys.shape[2]
+        q = query[0].index_select(1, self.rows).transpose(0, 1).reshape(self.count, kv_heads, heads // kv_heads, dim)
+        if not self.dense:
+            spread = q.new_zeros(self.span, *q.shape[1:])
+            q = spread.index_copy_(0, self._places, q)
+        keys, values = self.keys[layer], self.values[layer]  # [span, Hkv, width, D]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, scale=scaling)  # [span, Hkv, rep, D]
+        if not self.dense:
+            out = out.index_select(0, self._places)
+        return out.reshape(self.count, heads, dim)
 
 
 def ragged_attention(
@@ -135,9 +206,14 @@ AttentionInterface.register(ATTENTION, ragged_attention)
 class CausalLMEngine:
     """Runs steps of one causal LM over per-sequence `KVCache`s. Not thread-safe: one step at a time."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, slots: int = 0, slot_tokens: int = 0) -> None:
+        """``slots`` x ``slot_tokens``: the `KVPool` its caches take slots of (0: none, each cache its own)."""
         self.model = model
         self.layout = KVLayout.of(model)
+        self.pool = KVPool(self.layout, slots, slot_tokens) if slots and slot_tokens else None
+        if self.pool is not None:
+            log.info("KV pool: %d slots of %d positions, %.0f MB on %s (on a CPU resident as slots are used)",
+                     slots, slot_tokens, slots * slot_tokens * self.layout.bytes_per_token / 2**20, self.layout.device)
         self.device = self.layout.device
         self.vocab_size: int = int(model.config.vocab_size)
         self.max_length: int = self.layout.max_length
@@ -149,7 +225,7 @@ class CausalLMEngine:
         model.config._attn_implementation = ATTENTION
 
     def new_cache(self) -> KVCache:
-        return KVCache(self.layout)
+        return KVCache(self.layout, self.pool)
 
     @torch.inference_mode()
     def step(self, items: Sequence[StepItem]) -> list[torch.Tensor | ValueError]:
@@ -188,7 +264,7 @@ class CausalLMEngine:
             position_ids=torch.tensor([positions], dtype=torch.long, device=self.device),  # [1, T]
             use_cache=False,
             logits_to_keep=torch.tensor(keep_rows, dtype=torch.long, device=self.device),  # [R]
-            **{_PLAN: _StepPlan(segments)},
+            **{_PLAN: _StepPlan(segments, self.pool)},
         )
         logits = out.logits[0].float()  # [R, V]
         for segment in segments:

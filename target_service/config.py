@@ -43,6 +43,13 @@ class TargetModelParams:
                   "forwards beside the decodes in flight, never stalling them for longer (0 = no limit; "
                   "target_service/steps.py, fit)"},
     )
+    kv_slot_tokens: int = field(
+        default=512,
+        metadata={"help": "positions per pooled KV slot: the model holds max_sequences slots in one tensor, and the "
+                  "sequences that fit decode together, one attention call per layer; allocated at start: "
+                  "max_sequences x this x the model's KV bytes per token, so size it to a GPU's memory (0 = no pool; "
+                  "specdec/kv_cache.py)"},
+    )
     lookup_row_cost: float = field(
         default=ROW_COST,
         metadata={"help": "a forward's cost per extra row over its cost alone (SmolLM2 on a CPU ~0.05, a GPU far "
@@ -59,6 +66,8 @@ class TargetModelParams:
             raise ValueError("need threads >= 0, max_sequences >= 1, idle_ttl_s > 0 and batch_wait_ms >= 0")
         if self.max_forward_tokens < 0:
             raise ValueError(f"max_forward_tokens must be >= 0 (0 = no limit), got {self.max_forward_tokens}")
+        if self.kv_slot_tokens < 0:
+            raise ValueError(f"kv_slot_tokens must be >= 0 (0 = no pool), got {self.kv_slot_tokens}")
         if self.lookup_row_cost < 0:
             raise ValueError(f"lookup_row_cost must be >= 0, got {self.lookup_row_cost}")
 

@@ -168,7 +168,7 @@ class TargetModel:
                 params.model, device=device, dtype=params.dtype, keep_layers=parse_layers(params.keep_layers),
                 cache_dir=Path(params.cache_dir) if params.cache_dir else None,
             )
-            self.engine = CausalLMEngine(model)
+            self.engine = CausalLMEngine(model, params.max_sequences, params.kv_slot_tokens)
             log.info(
                 "loaded %s (%s, layers %s) on %s in %.1f s; torch threads %d, capacity %d, idle TTL %.0f s",
                 params.model, params.dtype, params.keep_layers or "all", device,

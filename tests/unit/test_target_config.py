@@ -67,6 +67,7 @@ def test_the_launcher_renders_every_field():
         "idle_ttl_s": "20",
         "batch_wait_ms": "20",
         "max_forward_tokens": "256",
+        "kv_slot_tokens": "512",
         "lookup_row_cost": "0.05",
         "cache_dir": "/cache",
     }
