@@ -5,7 +5,7 @@ statistical tests and the benchmark's quick mode need a real causal LM with a KV
 same path as the real model (``specdec.models.load_model(folder)``), but not a good one: these load in
 milliseconds, are deterministic for a seed, and have short contexts so overflow is testable.
 
-* `save_tiny_llama`: token ids only (no tokenizer), vocabulary 64, 2 layers; sharp random weights, so
+* `tiny_llama` (in memory) and `save_tiny_llama`: token ids only (no tokenizer), vocabulary 64, 2 layers; sharp random weights, so
   greedy/argmax tests mean something and sampled tokens depend on the context.
 * `save_tiny_llama_with_tokenizer`: a byte-level tokenizer (any text encodes), vocabulary 272, 4 layers,
   an end-of-sequence token that is practically never sampled, so generations run to their length; the
@@ -27,11 +27,10 @@ TINY_DRAFT_LAYERS = "0,2-3"  # a layer-skip self-draft of the tokenizer model
 _SPECIALS = ("<unk>", "<s>", "</s>")
 
 
-def save_tiny_llama(folder: Path | str, seed: int = 0, with_tokenizer: bool = False, **overrides: Any) -> Path:
-    """A seeded random Llama (vocab 64, 2 layers, hidden 32, 256 positions) saved into ``folder``;
-    ``overrides`` change LlamaConfig fields. ``with_tokenizer`` adds a word-level tokenizer with one word per
-    token id ("t0", "t1", ...) and no end-of-sequence token, so a server can decode any output and
-    generations always run to their length (the statistical tests through the stack). Returns the folder."""
+def tiny_llama(seed: int = 0, **overrides: Any):  # noqa: ANN201 - a transformers LlamaForCausalLM
+    """A seeded random Llama in memory, in eval mode: vocab 64, 2 layers, hidden 32, 256 positions, and
+    weights sharp enough that a wrong position, mask or head shows in its logits; ``overrides`` change
+    LlamaConfig fields."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     settings: dict[str, Any] = dict(
@@ -40,7 +39,6 @@ def save_tiny_llama(folder: Path | str, seed: int = 0, with_tokenizer: bool = Fa
         tie_word_embeddings=False,
     )
     settings.update(overrides)
-    folder = Path(folder)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(LlamaConfig(**settings))
@@ -49,6 +47,15 @@ def save_tiny_llama(folder: Path | str, seed: int = 0, with_tokenizer: bool = Fa
             for param in model.parameters():
                 if param.dim() >= 2:
                     param.normal_(0.0, 0.5)
+    return model.eval()
+
+
+def save_tiny_llama(folder: Path | str, seed: int = 0, with_tokenizer: bool = False, **overrides: Any) -> Path:
+    """`tiny_llama` saved into ``folder``. ``with_tokenizer`` adds a word-level tokenizer with one word per
+    token id ("t0", "t1", ...) and no end-of-sequence token, so a server can decode any output and
+    generations always run to their length (the statistical tests through the stack). Returns the folder."""
+    folder = Path(folder)
+    model = tiny_llama(seed, **overrides)
     model.save_pretrained(str(folder))
     if with_tokenizer:
         _word_tokenizer(model.config.vocab_size).save_pretrained(str(folder))

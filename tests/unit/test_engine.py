@@ -9,26 +9,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from specdec.engine import CausalLMEngine, StepItem
 from specdec.kv_cache import KVCache
+from specdec.tiny import tiny_llama
 
 TOL = dict(atol=2e-5, rtol=2e-5)
 
 
 @pytest.fixture(scope="module")
 def model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-    )
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.5)  # sharp enough that a wrong position or mask shows
-    return model
+    return tiny_llama(num_attention_heads=4, num_key_value_heads=2)
 
 
 @pytest.fixture(scope="module")

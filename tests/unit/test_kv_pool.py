@@ -12,11 +12,12 @@ import gc
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from specdec import engine as engine_module
 from specdec.engine import CausalLMEngine, StepItem
 from specdec.kv_cache import KVCache, KVPool
+from specdec.tiny import tiny_llama
 
 TOL = dict(atol=2e-5, rtol=2e-5)
 SLOTS, SLOT_TOKENS = 4, 48
@@ -24,16 +25,7 @@ SLOTS, SLOT_TOKENS = 4, 48
 
 @pytest.fixture(scope="module")
 def model() -> LlamaForCausalLM:
-    torch.manual_seed(1)
-    config = LlamaConfig(
-        vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
-    )  # 3 query heads per KV head: a wrong head grouping shows
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.5)
-    return model
+    return tiny_llama(seed=1, hidden_size=48, num_attention_heads=6, num_key_value_heads=2)  # 3 heads per KV head
 
 
 @pytest.fixture
