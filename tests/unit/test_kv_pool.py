@@ -107,6 +107,20 @@ def test_pooled_rows_equal_the_rows_of_an_engine_without_a_pool(pooled: CausalLM
             torch.testing.assert_close(got, want, **TOL)
 
 
+def test_a_prompt_attends_alone_beside_pooled_decodes(pooled: CausalLMEngine, model: LlamaForCausalLM,
+                                                      pooled_calls: list[int]) -> None:
+    a, b, c = histories(6, 7, 40, seed=11)
+    caches = [pooled.new_cache() for _ in range(3)]
+    pooled.step([StepItem(caches[0], 0, a, 1), StepItem(caches[1], 0, b, 1)])
+    pooled_calls.clear()
+    items = [StepItem(caches[0], 6, [1], 1), StepItem(caches[2], 0, c, 2), StepItem(caches[1], 7, [2], 1)]
+    results = pooled.step(items)
+    assert pooled_calls == [2, 2] and caches[2].slot == 2  # the prompt holds a slot but attends alone
+    for result, want in zip(results, (full_logits(model, a + [1], 1), full_logits(model, c, 2),
+                                      full_logits(model, b + [2], 1))):
+        torch.testing.assert_close(result, want, **TOL)
+
+
 def test_a_sequence_that_outgrows_its_slot_keeps_its_history_and_frees_the_slot(pooled: CausalLMEngine,
                                                                                model: LlamaForCausalLM) -> None:
     cache = pooled.new_cache()
