@@ -23,6 +23,7 @@ carry a ``layer_idx`` (Llama, Mistral without a sliding window, Qwen2, ... ; Smo
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -83,7 +84,7 @@ class _StepPlan:
 
     def __init__(self, segments: list[_Segment], pool: KVPool | None) -> None:
         self.counts = [s.count for s in segments]
-        self.offsets = [sum(self.counts[:i]) for i in range(len(segments))]  # each segment's first row
+        self.offsets = list(itertools.accumulate(self.counts, initial=0))[:-1]  # each segment's first row
         layers = segments[0].cache.layout.layers
         self.new_keys: list[list[torch.Tensor]] = [[] for _ in range(layers)]  # per layer: each [Hkv, count, D]
         self.new_values: list[list[torch.Tensor]] = [[] for _ in range(layers)]
@@ -145,9 +146,9 @@ class _PooledDecodes:
         self._held = {id(s) for _, s in decodes}
         self.count, self.span = len(decodes), last - first + 1
         self.rows = torch.tensor([offset for offset, _ in decodes], device=device)  # their rows in the step
-        self.places = [slot - first for slot in slots]  # their places in the span
-        self._places = torch.tensor(self.places, device=device)
-        self.dense = self.places == list(range(self.span))  # the span is exactly these, in this order
+        places = [slot - first for slot in slots]  # their places in the span
+        self._places = torch.tensor(places, device=device)
+        self.dense = places == list(range(self.span))  # the span is exactly these, in this order
         ends = torch.ones(self.span, dtype=torch.long, device=device)
         ends[self._places] = torch.tensor([s.end for _, s in decodes], device=device)
         hidden = torch.arange(width, device=device) >= ends[:, None]  # [span, width]

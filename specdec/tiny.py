@@ -5,8 +5,8 @@ statistical tests and the benchmark's quick mode need a real causal LM with a KV
 same path as the real model (``specdec.models.load_model(folder)``), but not a good one: these load in
 milliseconds, are deterministic for a seed, and have short contexts so overflow is testable.
 
-* `tiny_llama` (in memory) and `save_tiny_llama`: token ids only (no tokenizer), vocabulary 64, 2 layers; sharp random weights, so
-  greedy/argmax tests mean something and sampled tokens depend on the context.
+* `tiny_llama` (in memory) and `save_tiny_llama`: token ids only (no tokenizer), vocabulary 64, 2 layers;
+  sharp random weights, so greedy/argmax tests mean something and sampled tokens depend on the context.
 * `save_tiny_llama_with_tokenizer`: a byte-level tokenizer (any text encodes), vocabulary 272, 4 layers,
   an end-of-sequence token that is practically never sampled, so generations run to their length; the
   benchmark's quick mode and every test that sends text use it. ``TINY_DRAFT_LAYERS`` cuts it down to a
