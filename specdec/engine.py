@@ -94,11 +94,11 @@ class _StepPlan:
                 self.new_keys[layer].append(new_key)
                 self.new_values[layer].append(new_value)
         self.pooled = _PooledDecodes.of(segments, self.offsets, pool)
-        self.alone = [i for i, s in enumerate(segments) if self.pooled is None or not self.pooled.holds(s)]
+        # The segments that attend on their own, with their index in the step.
+        self.alone = [(i, s) for i, s in enumerate(segments) if self.pooled is None or not self.pooled.holds(s)]
         self.keys: list[list[torch.Tensor]] = [[] for _ in range(layers)]  # per layer: each [1, Hkv, end, D]
         self.values: list[list[torch.Tensor]] = [[] for _ in range(layers)]
-        self.segments = [segments[i] for i in self.alone]
-        for s in self.segments:
+        for _, s in self.alone:
             context = s.cache.buffer[:, :, :, : s.end]  # [layers, 2, Hkv, end, D]
             for layer, (key, value) in enumerate(zip(context[:, 0:1].unbind(0), context[:, 1:2].unbind(0))):
                 self.keys[layer].append(key)
@@ -115,7 +115,7 @@ class _StepPlan:
             F.scaled_dot_product_attention(  # [1, H, count, D]
                 queries[i], k, v, attn_mask=s.mask, is_causal=s.causal, scale=scaling, enable_gqa=True
             )
-            for i, s, k, v in zip(self.alone, self.segments, self.keys[layer], self.values[layer])
+            for (i, s), k, v in zip(self.alone, self.keys[layer], self.values[layer])
         ]
         if self.pooled is None:
             return (attended[0] if len(attended) == 1 else torch.cat(attended, dim=2)).transpose(1, 2)
@@ -124,7 +124,7 @@ class _StepPlan:
             return pooled.unsqueeze(0)
         out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [T, H, D]
         out.index_copy_(0, self.pooled.rows, pooled)
-        for i, s, rows in zip(self.alone, self.segments, attended):
+        for (i, s), rows in zip(self.alone, attended):
             out[self.offsets[i] : self.offsets[i] + s.count] = rows[0].transpose(0, 1)
         return out.unsqueeze(0)
 
