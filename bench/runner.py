@@ -98,7 +98,9 @@ def run_benchmark(config: BenchConfig, started: float) -> dict[str, Path]:
     needed |= {"readme", "open"} if "model" in config.phases else set()
     needed |= {"humaneval"} if "two-pass" in config.phases else set()
     items = {w: workload_items(config, tokenizer, w) for w in workloads.WORKLOADS if w in needed}
-    target = models.load_model(config.target_model, cache_dir=cache_dir, packed_linears=not config.stock_peer)
+    # The HF peer runs its model's own code (q, k, v and gate, up as separate linears), on the stack's kernels.
+    target = models.load_model(config.target_model, cache_dir=cache_dir, packed_linears=not config.stock_peer,
+                               fused_projections=False)
     peer = None if config.skip_peer else Peer(target, tokenizer.eos_token_id, tokenizer.pad_token_id)
     freeze_startup_objects(log)  # no full collection of the model's objects inside a timed generation
     out_dir = Path(config.out_dir)
@@ -279,8 +281,10 @@ def _settings(config: BenchConfig, items: dict[str, tuple[list[Item], list[Item]
         "suffix cache": "off, except in the two-pass phase (so a prompt measured under several arms cannot feed "
                         "its own later runs)",
         "threads": f"{config.threads} torch threads per model (in-process, Triton model, draft service)",
-        "linear kernels": "oneDNN-packed weights in the stack; the HF peer "
-                          + ("on stock PyTorch linears" if config.stock_peer else "the same (specdec/cpu_linear.py)"),
+        "linear kernels": "oneDNN-packed weights in the stack, q/k/v and gate/up fused (specdec/fused_linears.py); "
+                          "the HF peer runs its model's own code, "
+                          + ("on stock PyTorch linears" if config.stock_peer else "on the same packed kernels "
+                             "(specdec/cpu_linear.py)"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "wall time": f"{time.monotonic() - started:.0f} s",
     }

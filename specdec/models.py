@@ -26,6 +26,7 @@ import torch  # noqa: E402
 
 from specdec.cpu_linear import pack_linears  # noqa: E402
 from specdec.filelock import file_lock  # noqa: E402
+from specdec.fused_linears import fuse_projections  # noqa: E402
 from specdec.openmp import in_a_thread_of_its_own  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -110,20 +111,23 @@ def load_model(
     keep_layers: Sequence[int] | None = None,
     cache_dir: Path | None = None,
     packed_linears: bool = True,
+    fused_projections: bool = True,
 ) -> torch.nn.Module:
     """Load a causal LM for inference, optionally cut down to ``keep_layers`` (a self-draft). On the CPU its
-    linear layers run on packed weights (`specdec.cpu_linear`) unless ``packed_linears`` is False.
+    linear layers run on packed weights (`specdec.cpu_linear`) unless ``packed_linears`` is False; the
+    projections that read one input run as one linear (`specdec.fused_linears`) unless ``fused_projections``
+    is False (the benchmark's Hugging Face peer keeps its model's own code).
 
     The loading runs on a thread of its own, which ends with it (`specdec.openmp.in_a_thread_of_its_own`):
     the OpenMP workers its parallel regions start would otherwise outlive it and slow every forward that
     runs on another thread by half."""
     return in_a_thread_of_its_own(
-        lambda: _load_model(spec, device, dtype, keep_layers, cache_dir, packed_linears), name="specdec-load-model"
+        lambda: _load_model(spec, device, dtype, keep_layers, cache_dir, packed_linears, fused_projections), name="specdec-load-model"
     )
 
 
 def _load_model(spec: str, device: str, dtype: str, keep_layers: Sequence[int] | None, cache_dir: Path | None,
-                packed_linears: bool) -> torch.nn.Module:
+                packed_linears: bool, fused_projections: bool) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     folder = resolve_model_dir(spec, cache_dir)
@@ -131,6 +135,8 @@ def _load_model(spec: str, device: str, dtype: str, keep_layers: Sequence[int] |
     if keep_layers is not None:
         _keep_layers(model, keep_layers)
     model = model.to(device).eval()
+    if fused_projections and (fused := fuse_projections(model)):
+        log.info("%s: %d groups of projections run as one linear each", spec, fused)
     if packed_linears and (packed := pack_linears(model)):
         log.info("%s: %d linear layers run on oneDNN-packed weights", spec, packed)
     return model
