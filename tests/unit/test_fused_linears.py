@@ -1,7 +1,10 @@
 """Fused projections (`specdec.fused_linears`): the model computes what it did before, whatever the order of
-the calls; the group keeps nothing between steps; only matching groups are fused; packing packs each once."""
+the calls; the group keeps nothing between steps; only matching groups are fused; packing packs each once;
+`load_model` fuses the stack's models and leaves the benchmark peer's alone when told."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +12,8 @@ import torch
 from specdec.cpu_linear import PackedLinear, pack_linears
 from specdec.engine import CausalLMEngine
 from specdec.fused_linears import FusedProjection, fuse_projections
-from specdec.tiny import tiny_llama
+from specdec.models import load_model
+from specdec.tiny import save_tiny_llama, tiny_llama
 from tests.fakes import gen
 
 
@@ -93,3 +97,16 @@ def test_a_fused_model_gives_the_logits_and_the_engine_rows_it_gave_before() -> 
         engine.extend(cache, 0, ids[0, :8].tolist(), 1)
         rows.append(engine.extend(cache, 6, ids[0, 6:].tolist(), 5))  # a roll-back and a 5-token verification
     torch.testing.assert_close(rows[1], rows[0], atol=1e-5, rtol=1e-5)
+
+
+def test_load_model_fuses_unless_told_not_to(tmp_path: Path) -> None:
+    folder = str(save_tiny_llama(tmp_path, seed=7))
+    fused, plain = load_model(folder), load_model(folder, fused_projections=False)
+    attention = fused.model.layers[0].self_attn
+    assert isinstance(attention.q_proj, FusedProjection)
+    assert isinstance(fused.model.layers[0].mlp.up_proj, FusedProjection)
+    assert attention.q_proj.group is attention.v_proj.group and isinstance(attention.q_proj.group.linear, PackedLinear)
+    assert isinstance(plain.model.layers[0].self_attn.q_proj, PackedLinear)  # the HF peer's way: packed, not fused
+    ids = torch.randint(0, fused.config.vocab_size, (1, 9), generator=gen(8))
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
