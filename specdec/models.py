@@ -122,7 +122,8 @@ def load_model(
     the OpenMP workers its parallel regions start would otherwise outlive it and slow every forward that
     runs on another thread by half."""
     return in_a_thread_of_its_own(
-        lambda: _load_model(spec, device, dtype, keep_layers, cache_dir, packed_linears, fused_projections), name="specdec-load-model"
+        lambda: _load_model(spec, device, dtype, keep_layers, cache_dir, packed_linears, fused_projections),
+        name="specdec-load-model",
     )
 
 
