@@ -37,9 +37,10 @@ class _Group(torch.nn.Module):
         super().__init__()
         first = linears[0].weight
         self.members = len(linears)
-        self.linear = torch.nn.Linear(first.shape[1], sum(m.out_features for m in linears),
-                                      bias=any(m.bias is not None for m in linears), device=first.device,
-                                      dtype=first.dtype)
+        # skip_init: the weights are copied in below, so a big model's load does not draw random ones first
+        self.linear = torch.nn.utils.skip_init(torch.nn.Linear, first.shape[1], sum(m.out_features for m in linears),
+                                               bias=any(m.bias is not None for m in linears), device=first.device,
+                                               dtype=first.dtype)
         with torch.no_grad():
             self.linear.weight.copy_(torch.cat([m.weight for m in linears]))
             if self.linear.bias is not None:
