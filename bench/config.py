@@ -46,6 +46,7 @@ class BenchConfig:
     load_rounds: int = 2  # each load cell runs this many times, arms in turn, the order reversed every round
     cancel_generations: int = 32  # the cancellation run after the load phase (16 in flight)
     two_pass_prompts: int = 12  # HumanEval prompts the suffix cache sees twice
+    history_prompts: int = 32  # other HumanEval problems the suffix cache serves before the two passes
     target_model: str = SMOLLM2
     draft_layers: str = SMOLLM2_SELF_DRAFT_LAYERS  # the model drafter: the target's weights cut down
     draft_dtype: str = "float32"
@@ -123,6 +124,9 @@ _HELP = {
                    "the machine's drift falls on all of them alike",
     "cancel_generations": "generations of the cancellation run (16 in flight, each cancelled at a random time)",
     "two_pass_prompts": "HumanEval prompts the suffix cache sees twice",
+    "history_prompts": "other HumanEval problems (never measured) the two-pass phase's fresh draft service serves "
+                       "first, as a running service has served others before (0: the passes start from an empty "
+                       "cache)",
     "target_model": "'smollm2' or a local HF model folder",
     "draft_layers": "layers the model drafter keeps ('' = all)",
     "draft_dtype": "the model drafter's weights dtype",
@@ -173,7 +177,8 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
         config = replace(
             config, prompts_per_workload=2, readme_repeats=1, calibration_prompts=1, max_new_tokens=8, ks=(2, 4),
             model_ks=(1,), model_prompts=2, concurrency=(1, 4), load_workloads=("code-edit",), load_generations=4,
-            cancel_generations=8, two_pass_prompts=2, sweep_ks=(1, 2), sweep_prompts=2, cost_trials=3,
+            cancel_generations=8, two_pass_prompts=2, history_prompts=2, sweep_ks=(1, 2), sweep_prompts=2,
+            cost_trials=3,
         )
     try:
         validate(config)
@@ -188,8 +193,8 @@ def validate(config: BenchConfig) -> None:
                  "load_rounds", "cancel_generations", "two_pass_prompts", "sweep_prompts", "cost_trials"):
         if getattr(config, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-    if config.calibration_prompts < 0 or config.threads < 0:
-        raise ValueError("--calibration-prompts and --threads must be >= 0")
+    if config.calibration_prompts < 0 or config.threads < 0 or config.history_prompts < 0:
+        raise ValueError("--calibration-prompts, --threads and --history-prompts must be >= 0")
     if config.temperature <= 0:
         raise ValueError("--temperature is the sampling mode's (> 0); greedy is measured as its own mode")
     limit = OrchestratorConfig.max_num_draft_tokens

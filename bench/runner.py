@@ -6,7 +6,8 @@ start the real stack as `specdec serve` does (Triton, the draft service offering
 orchestrator; free ports, logs under the output folder), with the suffix drafter's cross-request cache
 off so that a prompt measured under several arms cannot feed its own later runs; then the phases —
 single stream per workload (calibration, then every arm interleaved), the model draft, load, and the
-suffix cache's two passes (the draft service restarted with its cache on) — and finally the report.
+suffix cache's phase (the draft service restarted with its cache on: a serving history of other HumanEval
+problems, then the measured ones twice) — and finally the report.
 ``--sweep`` instead ranks self-drafts; ``--quick`` does the whole benchmark on a tiny random model in
 seconds (the CI smoke test).
 """
@@ -30,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from bench import client, load, single, sweep, theory, workloads
-from bench.arms import SPECDEC, TARGET_ONLY, Arm
+from bench.arms import HF, PROMPT_LOOKUP, SPECDEC, TARGET_ONLY, Arm
 from bench.config import DRAFTERS, BenchConfig, parse_args
 from bench.goals import goals
 from bench.peer import Peer
@@ -71,13 +72,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _prompt_ids(config: BenchConfig, tokenizer, workload: str, count: int) -> list[list[int]]:  # noqa: ANN001
+    ids = workloads.token_ids(tokenizer, workloads.prompts(workload, tokenizer, count))
+    return [prompt[-_QUICK_PROMPT_TOKENS:] for prompt in ids] if config.quick else ids
+
+
 def workload_items(config: BenchConfig, tokenizer, workload: str) -> tuple[list[Item], list[Item]]:  # noqa: ANN001
     """(measured items, calibration items) of a workload; the README's prompts are measured repeatedly."""
     count = config.prompts_per_workload
     extra = 0 if workload == "readme" else config.calibration_prompts
-    ids = workloads.token_ids(tokenizer, workloads.prompts(workload, tokenizer, count + extra))
-    if config.quick:
-        ids = [prompt[-_QUICK_PROMPT_TOKENS:] for prompt in ids]
+    ids = _prompt_ids(config, tokenizer, workload, count + extra)
     if workload == "readme":
         measured = [Item(p * config.readme_repeats + r, tuple(prompt), config.seed + p * config.readme_repeats + r)
                     for p, prompt in enumerate(ids) for r in range(config.readme_repeats)]
@@ -89,6 +93,14 @@ def workload_items(config: BenchConfig, tokenizer, workload: str) -> tuple[list[
     return items[:count], items[count:count + extra]
 
 
+def history_items(config: BenchConfig, tokenizer) -> list[Item]:  # noqa: ANN001
+    """The suffix cache phase's serving history: ``history_prompts`` HumanEval problems after the measured
+    and calibration ones (never measured, never calibrated on)."""
+    skip = config.prompts_per_workload + config.calibration_prompts
+    ids = _prompt_ids(config, tokenizer, "humaneval", skip + config.history_prompts)[skip:]
+    return [Item(skip + i, tuple(prompt), config.seed + skip + i) for i, prompt in enumerate(ids)]
+
+
 def run_benchmark(config: BenchConfig, started: float) -> dict[str, Path]:
     from cli.stack import LocalStack, StackConfig
 
@@ -98,6 +110,7 @@ def run_benchmark(config: BenchConfig, started: float) -> dict[str, Path]:
     needed |= {"readme", "open"} if "model" in config.phases else set()
     needed |= {"humaneval"} if "two-pass" in config.phases else set()
     items = {w: workload_items(config, tokenizer, w) for w in workloads.WORKLOADS if w in needed}
+    history = history_items(config, tokenizer) if "two-pass" in config.phases else []
     # The HF peer runs its model's own code (q, k, v and gate, up as separate linears), on the stack's kernels.
     target = models.load_model(config.target_model, cache_dir=cache_dir, packed_linears=not config.stock_peer,
                                fused_projections=False)
@@ -129,12 +142,12 @@ def run_benchmark(config: BenchConfig, started: float) -> dict[str, Path]:
             if "load" in config.phases:
                 _load_phase(stub, servers, config, items, results, systems, progress)
             if "two-pass" in config.phases:
-                _two_pass(running, systems, servers, config, items, results, progress)
+                _two_pass(running, systems, servers, config, items, history, results, progress)
         finally:
             servers.close()
             bar.close()
     _warn_fallbacks(results)
-    results.settings = _settings(config, items, started)
+    results.settings = _settings(config, items, history, started)
     title = (f"{'tiny random model' if config.quick else config.target_model}, {config.max_new_tokens} new tokens, "
              f"{platform.machine()} x{os.cpu_count()}")
     paths = write_report(results, out_dir, title)
@@ -154,6 +167,7 @@ def _single_phases(systems: Systems, config: BenchConfig, items: dict[str, tuple
                    results: Results, progress: single.Progress) -> None:
     calibrate = set(config.load_workloads) if "load" in config.phases else set()
     calibrate |= set(config.workloads) if "single" in config.phases else set()
+    calibrate |= {"humaneval"} if "two-pass" in config.phases else set()  # its fixed K and HF's
     for workload in workloads.WORKLOADS:
         if workload in calibrate and items[workload][1]:
             records = single.calibrate(systems, config, workload, items[workload][1], progress)
@@ -212,18 +226,28 @@ def _load_phase(stub: generation_pb2_grpc.GenerationServiceStub, servers: client
 
 
 def _two_pass(running, systems: Systems, servers: client.ServerReader, config: BenchConfig,  # noqa: ANN001
-              items: dict[str, tuple[list[Item], list[Item]]], results: Results, progress: single.Progress) -> None:
+              items: dict[str, tuple[list[Item], list[Item]]], history: Sequence[Item], results: Results,
+              progress: single.Progress) -> None:
+    """The suffix drafter's cross-request cache, greedy, at its calibrated fixed K: a fresh draft service
+    with its cache on serves ``history`` (other HumanEval problems, as a running service has answered
+    others before), then the measured problems twice. Pass 1, each problem met for the first time, runs
+    beside target-only and HF prompt lookup at its calibrated K; pass 2 finds pass 1's outputs."""
     running.restart("draft", env={key: None for key in _NO_SUFFIX_CACHE})  # a fresh draft service, cache on
     chosen = items["humaneval"][0][: config.two_pass_prompts]
-    warm = items["open"][0][0].prompt_ids if "open" in items else chosen[0].prompt_ids
+    unmeasured = [*history[:1], *items.get("open", ([], []))[0][:1]]  # the warm-ups must not feed a measured prompt
+    warm = unmeasured[0].prompt_ids if unmeasured else chosen[0].prompt_ids
     _until_the_draft_answers(systems, config, warm)
-    single.warm_up(systems, config, [Arm(SPECDEC, "suffix", max(config.ks))], warm)
     k = results.best.get(("humaneval", "greedy", "suffix"), max(config.ks))
-    first = single.two_pass(systems, config, chosen, k, progress, passes=(1,))
+    suffix = Arm(SPECDEC, "suffix", k)
+    single.warm_up(systems, config, [suffix], warm)
+    results.records += single.cache_pass(systems, config, history, [suffix], "history", progress)
+    results.suffix_cache["history"] = _cache_reading(servers)
+    hf_k = results.best.get(("humaneval", "greedy", PROMPT_LOOKUP))
+    peer = [Arm(HF, PROMPT_LOOKUP, hf_k)] if systems.peer is not None and hf_k else []
+    results.records += single.cache_pass(systems, config, chosen, [TARGET_ONLY, suffix, *peer], "pass 1", progress)
     results.suffix_cache["pass 1"] = _cache_reading(servers)
-    second = single.two_pass(systems, config, chosen, k, progress, passes=(2,))
+    results.records += single.cache_pass(systems, config, chosen, [TARGET_ONLY, suffix], "pass 2", progress)
     results.suffix_cache["pass 2"] = _cache_reading(servers)
-    results.records += first + second
 
 
 def _until_the_draft_answers(systems: Systems, config: BenchConfig, prompt_ids: Sequence[int],
@@ -269,7 +293,8 @@ def run_sweep(config: BenchConfig) -> dict[str, Path]:
     return sweep.write_sweep(rows, target_costs, settings, Path(config.out_dir))
 
 
-def _settings(config: BenchConfig, items: dict[str, tuple[list[Item], list[Item]]], started: float) -> dict[str, str]:
+def _settings(config: BenchConfig, items: dict[str, tuple[list[Item], list[Item]]], history: Sequence[Item],
+              started: float) -> dict[str, str]:
     sizes = ", ".join(f"{w} {len(m)} measured + {len(c)} calibration" for w, (m, c) in items.items())
     return {
         "target": "tiny random Llama (quick mode)" if config.quick else config.target_model,
@@ -279,7 +304,7 @@ def _settings(config: BenchConfig, items: dict[str, tuple[list[Item], list[Item]
         "modes": ", ".join(f"{m} ({config.sampling(m)})" for m in config.modes),
         "fixed Ks calibrated": ", ".join(map(str, config.ks)),
         "suffix cache": "off, except in the two-pass phase (so a prompt measured under several arms cannot feed "
-                        "its own later runs)",
+                        f"its own later runs); there, on, after a history of {len(history)} other HumanEval problems",
         "threads": f"{config.threads} torch threads per model (in-process, Triton model, draft service)",
         "linear kernels": "oneDNN-packed weights in the stack, q/k/v and gate/up fused (specdec/fused_linears.py); "
                           "the HF peer runs its model's own code, "

@@ -6,7 +6,8 @@ measured afterwards: choosing on the measured prompts would flatter the fixed Ks
 prompt runs under every arm in turn — target-only, each drafter at its chosen K and at auto, HF plain and
 HF prompt lookup at its chosen K — so the machine's drift over minutes hits every arm alike and each
 speedup is a paired comparison. Also here: the model draft's phase (its fixed Ks, the coupled mode
-against the modified rejection sampling, α for the ideal) and the suffix cache's two passes.
+against the modified rejection sampling, α for the ideal) and the suffix cache's serving history and two
+passes.
 """
 
 from __future__ import annotations
@@ -94,20 +95,20 @@ def model_phase(systems: Systems, config: BenchConfig, items: Sequence[Item], pr
     return _interleave(systems, config, "model", "readme+open", items, lambda mode: model_arms(config, mode), progress)
 
 
-def two_pass(systems: Systems, config: BenchConfig, items: Sequence[Item], k: int, progress: Progress,
-             passes: Sequence[int] = (1, 2)) -> list[Record]:
-    """The suffix drafter (greedy, its best fixed K) over the same HumanEval prompts, pass after pass, from a
-    fresh cache, with target-only beside each for scale: a later pass finds the earlier passes' outputs in
-    the cache. A fixed K, because the cache learns from the sequences the draft service sees, and under
-    auto a generation whose speculation stays off is never sent there."""
+def cache_pass(systems: Systems, config: BenchConfig, items: Sequence[Item], arms: Sequence[Arm], phase: str,
+               progress: Progress) -> list[Record]:
+    """Greedy generations of HumanEval ``items``, each under ``arms`` in turn, labelled ``phase``: the suffix
+    cache phase's serving history and its passes (`bench.runner`). The cache learns from the sequences the
+    draft service sees, so its arm drafts at a fixed K (under auto, a generation whose speculation stays
+    off is never sent there), and only one arm per item may feed it: a second would find the first's
+    output of the same prompt."""
     records = []
     params = config.sampling("greedy")
-    for pass_number in passes:
-        for item in items:
-            for arm in (TARGET_ONLY, Arm(SPECDEC, "suffix", k)):
-                records.append(systems.run(arm, item.prompt_ids, params, item.seed, phase=f"pass {pass_number}",
-                                           workload="humaneval", mode="greedy", item=item.index))
-                progress(f"two-pass {pass_number}")
+    for item in items:
+        for arm in arms:
+            records.append(systems.run(arm, item.prompt_ids, params, item.seed, phase=phase, workload="humaneval",
+                                       mode="greedy", item=item.index))
+            progress(phase)
     return records
 
 

@@ -4,7 +4,7 @@ random model, the HF peer, every phase and the report, run as a user runs it (py
 No timing asserts: this is the smoke test that keeps the benchmark from rotting. It fails if the run fails,
 if a phase, workload, arm or figure is missing, or if a property that holds whatever the timings does not:
 greedy output identical to target-only for every drafter, no sequence left behind after the cancellations,
-the suffix cache learning in the two-pass phase, every load cell measured.
+the suffix cache learning from its serving history and the first pass, every load cell measured.
 """
 
 from __future__ import annotations
@@ -53,7 +53,12 @@ def test_outputs_exist_and_are_announced(quick_run: tuple[Path, str]) -> None:
 
 def test_every_phase_workload_and_arm_is_measured(records: list[dict[str, str]]) -> None:
     phases = {r["phase"] for r in records}
-    assert {"calibration", "single", "model", "load", "pass 1", "pass 2"} <= phases
+    assert {"calibration", "single", "model", "load", "history", "pass 1", "pass 2"} <= phases
+    first_pass = {r["arm"] for r in records if r["phase"] == "pass 1"}
+    assert "target-only" in first_pass and any(a.startswith("suffix K=") for a in first_pass) and any(
+        a.startswith("HF prompt lookup") for a in first_pass)
+    measured = {r["item"] for r in records if r["phase"] in ("single", "calibration") and r["workload"] == "humaneval"}
+    assert measured and not measured & {r["item"] for r in records if r["phase"] == "history"}
     for workload in WORKLOADS:
         for mode in ("greedy", "sample"):
             arms = {r["arm"] for r in records if (r["phase"], r["workload"], r["mode"]) == ("single", workload, mode)}
@@ -92,8 +97,11 @@ def test_properties_that_hold_whatever_the_timings(quick_run: tuple[Path, str]) 
     no_leak = next(line for line in goals if "zero live sequences" in line)
     assert no_leak.rstrip().endswith("| yes |"), no_leak
     two_pass = text[text.index("### The suffix drafter's cross-request cache"):]
+    history = next(line for line in two_pass.splitlines() if line.startswith("| history: "))
     first = next(line for line in two_pass.splitlines() if line.startswith("| pass 1 |"))
-    assert int(first.split("|")[5].replace(",", "")) > 0  # the cache learnt from the first pass
+    learnt = [int(row.split("|")[6].replace(",", "")) for row in (history, first)]
+    assert 0 < learnt[0] <= learnt[1]  # the cache learnt from the history and kept it through the first pass
+    assert any("after serving 2 other problems (pass 1) vs HF's best" in line for line in goals)
 
 
 def test_quick_sweep_ranks_every_draft(tmp_path: Path) -> None:

@@ -107,6 +107,33 @@ def test_goals_report_measured_figures_and_whether_they_are_met() -> None:
     assert summary.greedy_matches(results.records) == (11, 12)
 
 
+def test_suffix_cache_phase_table_and_goals() -> None:
+    """History, then pass 1 beside target-only and HF prompt lookup, then pass 2: each pass's figures, the
+    cache readings after each stage, and the two goals computed from them."""
+    def he(arm: Arm, item: int, ms: float, phase: str) -> Record:
+        return rec(arm, item, ms, phase=phase, workload="humaneval", accepted=1, drafted=4)
+
+    records = [he(SUFFIX4, 20 + i, 30.0, "history") for i in range(3)]
+    for i in range(4):
+        records += [he(TARGET_ONLY, i, 60.0, "pass 1"), he(SUFFIX4, i, 30.0, "pass 1"), he(LOOKUP4, i, 40.0, "pass 1")]
+    for i in range(4):
+        records += [he(TARGET_ONLY, i, 60.0, "pass 2"), he(SUFFIX4, i, 20.0, "pass 2")]
+    results = summary.Results(records=records, suffix_cache_bound=1000,
+                              suffix_cache={"history": (10, 4000), "pass 1": (30, 12000), "pass 2": (31, 12400)})
+    table = summary.two_pass_table(results)
+    assert table.headers[3] == "vs HF prompt lookup 4"
+    history, first, second, ratio = table.rows
+    assert history[0] == "history: 3 other problems" and history[5:] == (10, 0.004)
+    assert first[2].value == pytest.approx(2.0) and first[3].value == pytest.approx(40 / 30) and first[5] == 30
+    assert second[2].value == pytest.approx(3.0) and second[3] == "–"
+    assert ratio[2].value == pytest.approx(1.5)
+    checked = {g.text: g for g in goals.goals(results)}
+    warm = checked["humaneval, greedy: suffix K=4 after serving 3 other problems (pass 1) vs HF's best "
+                   "(HF prompt lookup 4)"]
+    assert warm.value.value == pytest.approx(40 / 30) and warm.met
+    assert checked["suffix cache: pass 2 vs pass 1 tokens/s"].value.value == pytest.approx(1.5)
+
+
 def test_model_rows_take_costs_as_served_and_compute_the_ideal() -> None:
     records = []
     for i in range(3):
