@@ -72,6 +72,8 @@ class TritonCounters:
     forward_sequences: float = 0.0  # sequences in those forwards
     forward_s: float = 0.0  # the model answering batches (forward, warping, packing)
     wait_s: float = 0.0  # forwards held back for sequences on their way back
+    lookup_drafted: float = 0.0  # draft tokens the target looked up for decodes (specdec.lookup)
+    lookup_accepted: float = 0.0  # and of those, accepted
 
     def __sub__(self, other: TritonCounters) -> TritonCounters:
         return TritonCounters(*(a - b for a, b in zip(astuple(self), astuple(other))))
@@ -116,7 +118,9 @@ class ServerReader:
 
     def _read_triton(self) -> TritonCounters:
         return TritonCounters(*scrape(self._metrics_url, contract.METRIC_FORWARDS, contract.METRIC_FORWARD_SEQUENCES,
-                                      contract.METRIC_FORWARD_SECONDS, contract.METRIC_BATCH_WAIT_SECONDS))
+                                      contract.METRIC_FORWARD_SECONDS, contract.METRIC_BATCH_WAIT_SECONDS,
+                                      f"{contract.METRIC_LOOKUP_TOKENS}{{kind=drafted}}",
+                                      f"{contract.METRIC_LOOKUP_TOKENS}{{kind=accepted}}"))
 
     def occupancy(self) -> Occupancy:
         live, kv = scrape(self._metrics_url, contract.METRIC_LIVE_SEQUENCES, contract.METRIC_KV_BYTES)
@@ -144,7 +148,8 @@ class ServerReader:
 
 
 def scrape(url: str, *names: str) -> tuple[float, ...]:
-    """The sums over labels of the named Prometheus samples at ``url`` (counters: their ``_total`` sample)."""
+    """The sums over labels of the named Prometheus samples at ``url`` (counters: their ``_total`` sample); a
+    name may end in ``{label=value}`` for the samples with that label only."""
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(url, timeout=10) as response:  # loopback only
@@ -152,6 +157,8 @@ def scrape(url: str, *names: str) -> tuple[float, ...]:
     totals = dict.fromkeys(names, 0.0)
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name in totals:
-                totals[sample.name] += sample.value
+            keys = [sample.name, *(f"{sample.name}{{{label}={value}}}" for label, value in sample.labels.items())]
+            for key in keys:
+                if key in totals:
+                    totals[key] += sample.value
     return tuple(totals.values())

@@ -42,8 +42,9 @@ class BenchConfig:
     model_prompts: int = 6  # prompts of the model draft's phase (from readme + open)
     concurrency: tuple[int, ...] = (1, 4, 8, 16)
     load_workloads: tuple[str, ...] = ("code-edit", "open")
-    load_generations: int = 16  # generations per (workload, K, concurrency) and round: at least 2 waves of 8
-    load_rounds: int = 2  # each load cell runs this many times, arms in turn, the order reversed every round
+    load_generations: int = 8  # generations per (workload, K, concurrency) and round (at least 2 waves of c)
+    load_rounds: int = 4  # each load cell runs this many times, arms in turn, the order reversed every round: the
+    # rounds are the unit its intervals come from (bench/stats.py), so more of shorter ones beat fewer long ones
     cancel_generations: int = 32  # the cancellation run after the load phase (16 in flight)
     two_pass_prompts: int = 12  # HumanEval prompts the suffix cache sees twice
     history_prompts: int = 32  # other HumanEval problems the suffix cache serves before the two passes
@@ -119,7 +120,7 @@ _HELP = {
     "model_prompts": "prompts of the model draft's phase",
     "concurrency": "generations in flight in the load phase",
     "load_workloads": "workloads of the load phase",
-    "load_generations": "generations per load cell and round (at least the concurrency)",
+    "load_generations": "generations per load cell and round (at least twice the concurrency)",
     "load_rounds": "rounds of every load cell: the arms take turns, in reverse order every other round, so that "
                    "the machine's drift falls on all of them alike",
     "cancel_generations": "generations of the cancellation run (16 in flight, each cancelled at a random time)",
@@ -177,7 +178,7 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
         config = replace(
             config, prompts_per_workload=2, readme_repeats=1, calibration_prompts=1, max_new_tokens=8, ks=(2, 4),
             model_ks=(1,), model_prompts=2, concurrency=(1, 4), load_workloads=("code-edit",), load_generations=4,
-            cancel_generations=8, two_pass_prompts=2, history_prompts=2, sweep_ks=(1, 2), sweep_prompts=2,
+            load_rounds=2, cancel_generations=8, two_pass_prompts=2, history_prompts=2, sweep_ks=(1, 2), sweep_prompts=2,
             cost_trials=3,
         )
     try:

@@ -41,14 +41,27 @@ class Cell:
     wall_s: float  # first call to last answer
     forwards: float  # Triton's forward passes meanwhile
     forward_sequences: float  # sequences in them
+    forward_s: float = 0.0  # the model answering them (Triton's counter)
+    wait_s: float = 0.0  # forwards held back for sequences on their way back
+    lookup_drafted: float = 0.0  # draft tokens the target looked up for decodes
+    lookup_accepted: float = 0.0  # and of those, accepted
+    rounds: int = 1  # the rounds merged into it, each of generations / rounds (items r * that, ...)
 
     @classmethod
     def merged(cls, cells: Sequence[Cell]) -> Cell:
         """One cell from the rounds of the same (workload, arm, concurrency): their sums."""
         first = cells[0]
-        return cls(first.workload, first.arm, first.concurrency, sum(c.generations for c in cells),
-                   sum(c.tokens for c in cells), sum(c.wall_s for c in cells), sum(c.forwards for c in cells),
-                   sum(c.forward_sequences for c in cells))
+        return cls(first.workload, first.arm, first.concurrency,
+                   *(sum(getattr(c, name) for c in cells) for name in _SUMMED), rounds=len(cells))
+
+    def round_of(self, item: int) -> int:
+        """The round a generation of this cell ran in (``first=r * generations`` in `run_cell`)."""
+        return item // max(1, self.generations // self.rounds)
+
+    @property
+    def busy(self) -> float:
+        """The share of the wall time the Triton model spent answering batches."""
+        return self.forward_s / self.wall_s if self.wall_s > 0 else float("nan")
 
     @property
     def tokens_per_s(self) -> float:
@@ -57,6 +70,10 @@ class Cell:
     @property
     def sequences_per_forward(self) -> float:
         return self.forward_sequences / self.forwards if self.forwards else float("nan")
+
+
+_SUMMED = ("generations", "tokens", "wall_s", "forwards", "forward_sequences", "forward_s", "wait_s",
+           "lookup_drafted", "lookup_accepted")
 
 
 def run_cell(stub: generation_pb2_grpc.GenerationServiceStub, servers: client.ServerReader, arm: Arm,
@@ -92,7 +109,8 @@ def run_cell(stub: generation_pb2_grpc.GenerationServiceStub, servers: client.Se
     spent = servers.triton() - before
     records.sort(key=lambda r: r.item)
     cell = Cell(workload, arm.label, concurrency, len(records), sum(r.tokens for r in records), wall_s,
-                spent.forwards, spent.forward_sequences)
+                spent.forwards, spent.forward_sequences, spent.forward_s, spent.wait_s, spent.lookup_drafted,
+                spent.lookup_accepted)
     log.info("load %s %s c=%d: %.1f tok/s, %.2f sequences per forward", workload, arm.label, concurrency,
              cell.tokens_per_s, cell.sequences_per_forward)
     return cell, records

@@ -4,7 +4,12 @@ Why this module exists: a speedup measured on a dozen prompts is an estimate; ho
 depends on how much the prompts differ (a code edit copies more than another) and on the machine's noise.
 Every ratio the report prints carries a 95% interval from the same procedure: resample the prompts (items)
 with replacement, recompute both arms' aggregate rates on the same resampled items (pairing removes what
-the prompts share), take the 2.5th and 97.5th percentiles of the ratio. Pure numpy; deterministic.
+the prompts share), take the 2.5th and 97.5th percentiles of the ratio. Deterministic.
+
+Generations that run at the same time share their noise: a load round's generations all meet the machine
+as it was during that round (this VM's speed moves 10-20 % over seconds), so resampling them one by one
+treats one draw of the machine as many and gives intervals several times too narrow (bench/README.md,
+"Load"). Their ratios take the round as the unit instead (`clustered_ratio`).
 """
 
 from __future__ import annotations
@@ -65,6 +70,30 @@ def paired_ratio(
     ratios = (ta[picks].sum(1) / sa[picks].sum(1)) / (tb[picks].sum(1) / sb[picks].sum(1))
     low, high = np.percentile(ratios, [2.5, 97.5])
     return Estimate(value, float(low), float(high))
+
+
+def clustered_ratio(
+    a: Sequence[tuple[float, float]], b: Sequence[tuple[float, float]], clusters: Sequence[int]
+) -> Estimate:
+    """rate(a) / rate(b), with a 95% interval from the spread of the ratios cluster by cluster (``clusters[i]``:
+    item i's, e.g. its load round): a t-interval on their logs, n - 1 degrees of freedom, around the pooled
+    ratio. No interval from fewer than two clusters."""
+    if not len(a) == len(b) == len(clusters):
+        raise ValueError(f"paired samples and clusters need equal lengths, got {len(a)}, {len(b)}, {len(clusters)}")
+    if not a:
+        return NONE
+    ta, sa = np.asarray(a, dtype=float).T
+    tb, sb = np.asarray(b, dtype=float).T
+    value = rate(ta, sa) / rate(tb, sb)
+    groups = np.asarray(clusters)
+    logs = [math.log(rate(ta[groups == g], sa[groups == g]) / rate(tb[groups == g], sb[groups == g]))
+            for g in np.unique(groups)]
+    if len(logs) < 2:
+        return Estimate(value, math.nan, math.nan)
+    from scipy.stats import t
+
+    half = float(t.ppf(0.975, len(logs) - 1)) * float(np.std(logs, ddof=1)) / math.sqrt(len(logs))
+    return Estimate(value, value * math.exp(-half), value * math.exp(half))
 
 
 def percentile(values: Sequence[float], q: float) -> float:

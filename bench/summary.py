@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from bench.arms import HF_PLAIN, PROMPT_LOOKUP, TARGET_ONLY, Record
 from bench.load import CancelRun, Cell
 from bench.single import LOOKUP_DRAFTERS
-from bench.stats import NONE, Estimate, paired_ratio, percentile, rate
+from bench.stats import NONE, Estimate, clustered_ratio, paired_ratio, percentile, rate
 from specdec.speedup import expected_tokens_per_round
 
 TableCell = object  # str, int, float or Estimate
@@ -292,16 +292,27 @@ def load_table(results: Results) -> Table:
                  "falls on every arm alike; tokens/s = the cell's tokens / its wall time over its rounds; "
                  "ms/token = each generation's wall time / its tokens; "
                  "sequences/forward from the Triton model's counters; *vs target-only*: tokens/s over target-only's at "
-                 "the same c, interval from a paired bootstrap over the generations.")
+                 "the same c, its interval from the spread of that ratio round by round (a t-interval; a round's "
+                 "generations share the machine's state, so resampling them one by one would understate it).")
 
 
 def load_ratio(results: Results, workload: str, arm_a: str, arm_b: str, concurrency: int) -> Estimate:
     """Throughput ratio of two arms at one concurrency: per-generation (tokens, wall) pairs by position,
     so the ratio is of Σtokens/Σwall — by Little's law the same ratio as the cells' throughputs when
-    both keep c generations in flight."""
+    both keep c generations in flight. Its interval comes from the rounds (`stats.clustered_ratio`): the
+    generations of a round share the machine's state, the rounds do not."""
     if arm_a == arm_b:
         return Estimate(1.0, 1.0, 1.0)
-    return paired(select(results.records, phase="load", workload=workload, concurrency=concurrency), arm_a, arm_b)
+    here = select(results.records, phase="load", workload=workload, concurrency=concurrency)
+    a = {r.item: (r.tokens, r.wall_ms) for r in select(here, arm=arm_a)}
+    b = {r.item: (r.tokens, r.wall_ms) for r in select(here, arm=arm_b)}
+    cell = next((c for c in results.cells if (c.workload, c.arm, c.concurrency) == (workload, arm_a, concurrency)),
+                None)
+    items = sorted(set(a) & set(b))
+    if not items:
+        return NONE
+    rounds = [cell.round_of(i) if cell is not None else 0 for i in items]
+    return clustered_ratio([a[i] for i in items], [b[i] for i in items], rounds)
 
 
 def cancel_table(results: Results) -> Table:

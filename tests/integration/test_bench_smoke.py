@@ -83,6 +83,10 @@ def test_load_cells_cover_every_concurrency_in_rounds(quick_run: tuple[Path, str
         generations = 2 * max(4, 2 * int(cell["concurrency"]))
         assert int(cell["generations"]) == generations and float(cell["tokens_per_s"]) > 0
         assert 1.0 <= float(cell["sequences_per_forward"]) <= int(cell["concurrency"])
+        assert int(cell["rounds"]) == 2 and float(cell["forward_s"]) > 0 and 0 < float(cell["busy"]) <= 1
+        assert 0 <= float(cell["lookup_accepted"]) <= float(cell["lookup_drafted"])
+        if cell["arm"] == "target-only":  # K = 0: its decodes never look up drafts on the target
+            assert float(cell["lookup_drafted"]) == 0
         items = [int(r["item"]) for r in records if (r["phase"], r["arm"], r["concurrency"]) == (
             "load", cell["arm"], cell["concurrency"])]
         assert sorted(items) == list(range(generations))

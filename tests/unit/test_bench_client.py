@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 
+from bench import client
 from bench.client import ServerReader, TritonCounters
 
 
@@ -28,3 +31,14 @@ def test_counters_that_never_settle_are_returned_at_the_deadline(monkeypatch: py
         assert reader.triton(timeout_s=0.1).forwards >= 2
     finally:
         reader.close()
+
+
+def test_scrape_sums_over_labels_or_reads_one_label(monkeypatch: pytest.MonkeyPatch) -> None:
+    text = (b"# TYPE specdec_target_lookup_tokens counter\n"
+            b'specdec_target_lookup_tokens_total{model="target",instance="0",kind="drafted"} 19\n'
+            b'specdec_target_lookup_tokens_total{model="target",instance="1",kind="drafted"} 4\n'
+            b'specdec_target_lookup_tokens_total{model="target",instance="0",kind="accepted"} 1\n')
+    monkeypatch.setattr(client.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(text))
+    name = "specdec_target_lookup_tokens_total"
+    assert client.scrape("http://127.0.0.1:1/metrics", name, f"{name}{{kind=drafted}}", f"{name}{{kind=accepted}}",
+                         f"{name}{{kind=none}}") == (24.0, 23.0, 1.0, 0.0)

@@ -17,7 +17,7 @@ from bench.arms import HF, HF_PLAIN, PROMPT_LOOKUP, SPECDEC, TARGET_ONLY, Arm, R
 from bench.client import Occupancy
 from bench.load import CancelRun, Cell
 from bench.peer import count_generated
-from bench.stats import paired_ratio, rate
+from bench.stats import clustered_ratio, paired_ratio, rate
 from specdec.sampling import SamplingParams
 from specdec.speedup import expected_tokens_per_round
 
@@ -53,6 +53,25 @@ def test_paired_ratio_is_the_ratio_of_aggregate_rates_with_an_interval_around_it
     with pytest.raises(ValueError, match="equal lengths"):
         paired_ratio(a, b[:2])
     assert math.isnan(paired_ratio([], []).value)
+
+
+def test_clustered_ratio_takes_its_interval_from_the_rounds_not_the_generations() -> None:
+    # Two rounds, 8 generations each: within a round every generation of arm a runs 0.8x or 1.25x arm b's
+    # time (the machine's state that round), so generation by generation the ratio looks certain.
+    b = [(64, 1.0)] * 16
+    a = [(64, 0.8)] * 8 + [(64, 1.25)] * 8
+    rounds = [0] * 8 + [1] * 8
+    estimate = clustered_ratio(a, b, rounds)
+    assert estimate.value == pytest.approx(rate([64] * 16, [0.8] * 8 + [1.25] * 8) / 64)
+    assert estimate.low < 0.5 and estimate.high > 2.0  # two rounds that disagree: t with one degree of freedom
+    narrow = paired_ratio(a, b)
+    assert narrow.high - narrow.low < estimate.high - estimate.low  # what the bootstrap over generations says
+    steady = clustered_ratio([(64, 0.5)] * 16, b, rounds)  # rounds that agree: no spread
+    assert (steady.value, steady.low, steady.high) == pytest.approx((2.0, 2.0, 2.0))
+    alone = clustered_ratio(a, b, [0] * 16)
+    assert math.isnan(alone.low) and math.isnan(alone.high)
+    with pytest.raises(ValueError, match="equal lengths"):
+        clustered_ratio(a, b, rounds[:3])
 
 
 def test_calibration_picks_the_fastest_fixed_k() -> None:
@@ -156,7 +175,7 @@ def load_results() -> summary.Results:
             results.records += records
             wall = sum(r.wall_ms for r in records) / 1e3 / c
             results.cells.append(Cell("code-edit", arm.label, c, len(records), sum(r.tokens for r in records), wall,
-                                      forwards=100.0, forward_sequences=100.0 * min(c, 6)))
+                                      forwards=100.0, forward_sequences=100.0 * min(c, 6), rounds=2 if c > 1 else 1))
     idle = Occupancy(0, 0, 0, 0, 0, 0)
     results.cancel = CancelRun(8, 4, 6, 2, 0, idle, Occupancy(4, 1e6, 3, 2e5, 0, 0), idle, 0.5)
     return results
@@ -169,6 +188,8 @@ def test_load_table_and_goals() -> None:
     assert rows[("target-only", 8)][6] == pytest.approx(90.0)  # p50 ms/token
     assert rows[("target-only", 8)][8] == pytest.approx(6.0)  # sequences per forward
     assert rows[("suffix auto", 8)][9].value == pytest.approx(2.0)  # vs target-only at the same c
+    assert (rows[("suffix auto", 8)][9].low, rows[("suffix auto", 8)][9].high) == pytest.approx((2.0, 2.0))  # 2 rounds
+    assert math.isnan(rows[("suffix auto", 1)][9].low)  # one round: no interval from its spread
     checked = {g.text: g for g in goals.goals(results)}
     assert checked["load code-edit, target-only: tokens/s at c=8 vs c=1"].value.value == pytest.approx(320 / 90)
     latency = checked["load code-edit, target-only: p50 ms/token at c=8 vs c=1 (at most 2)"]
