@@ -193,6 +193,30 @@ def test_a_decoded_round_counts_as_its_tokens_for_the_costs_and_the_wait_for_a_p
     assert costs[0] < STEP + hop / 2 + 0.002
 
 
+def test_a_generation_probes_on_its_own_only_while_its_wait_is_left_to_use_what_it_finds() -> None:
+    shared = SharedEstimates(PolicySettings(probe_rounds=16, probe_rounds_max=256))
+    play(KPolicy(shared, "model", GREEDY), 20, accept=0.0, draft_per_token=0.0)  # the drafter does not pay
+
+    def generation(tokens: int) -> list[int]:
+        """Decodes of 8 tokens while speculation is off; a probe's one draft token is rejected."""
+        policy, chosen, left = KPolicy(shared, "model", GREEDY), [], tokens
+        while left > 0:
+            choice = policy.choose(limit=left - 1)
+            chosen.append(choice.k)
+            if choice.k:
+                policy.observe(RoundOutcome(choice.k, choice.k, 0, 0.001, target_time(1 + choice.k), 0.001))
+                left -= 1
+            else:
+                policy.observe(RoundOutcome(0, 0, 0, 0.0, 8 * STEP, 0.002 * 8, steps=8))
+                left -= 8
+        return chosen
+
+    # 16 tokens off make a probe due at the third round; a 32-token generation has 15 left then, too few
+    assert generation(32) == [0, 0, 0, 0]
+    longer = generation(64)  # 47 left: it probes there
+    assert longer[:2] == [0, 0] and longer[2] > 0
+
+
 def decoding_play(policy: KPolicy, rounds: int, accept: float, off_per_token: float, steps: int = 8,
                   seed: int = 0) -> list[int]:
     """A free drafter accepted with probability ``accept`` per token, scored rounds as in `play`; K = 0 rounds
