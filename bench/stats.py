@@ -51,6 +51,13 @@ def rate(tokens: Sequence[float], seconds: Sequence[float]) -> float:
     return float(np.sum(tokens)) / total if total > 0 else math.nan
 
 
+def _pooled(a: Sequence[tuple[float, float]], b: Sequence[tuple[float, float]]) -> tuple[np.ndarray, ...]:
+    """Both arms' tokens and seconds as arrays, and rate(a) / rate(b) over all items."""
+    ta, sa = np.asarray(a, dtype=float).T
+    tb, sb = np.asarray(b, dtype=float).T
+    return ta, sa, tb, sb, rate(ta, sa) / rate(tb, sb)
+
+
 def paired_ratio(
     a: Sequence[tuple[float, float]], b: Sequence[tuple[float, float]], resamples: int = RESAMPLES, seed: int = 0
 ) -> Estimate:
@@ -60,9 +67,7 @@ def paired_ratio(
         raise ValueError(f"paired samples need equal lengths, got {len(a)} and {len(b)}")
     if not a:
         return NONE
-    ta, sa = np.asarray(a, dtype=float).T
-    tb, sb = np.asarray(b, dtype=float).T
-    value = rate(ta, sa) / rate(tb, sb)
+    ta, sa, tb, sb, value = _pooled(a, b)
     if len(a) == 1:
         return Estimate(value, math.nan, math.nan)
     rng = np.random.default_rng(seed)
@@ -82,9 +87,7 @@ def clustered_ratio(
         raise ValueError(f"paired samples and clusters need equal lengths, got {len(a)}, {len(b)}, {len(clusters)}")
     if not a:
         return NONE
-    ta, sa = np.asarray(a, dtype=float).T
-    tb, sb = np.asarray(b, dtype=float).T
-    value = rate(ta, sa) / rate(tb, sb)
+    ta, sa, tb, sb, value = _pooled(a, b)
     groups = np.asarray(clusters)
     logs = [math.log(rate(ta[groups == g], sa[groups == g]) / rate(tb[groups == g], sb[groups == g]))
             for g in np.unique(groups)]
