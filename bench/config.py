@@ -178,8 +178,8 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
         config = replace(
             config, prompts_per_workload=2, readme_repeats=1, calibration_prompts=1, max_new_tokens=8, ks=(2, 4),
             model_ks=(1,), model_prompts=2, concurrency=(1, 4), load_workloads=("code-edit",), load_generations=4,
-            load_rounds=2, cancel_generations=8, two_pass_prompts=2, history_prompts=2, sweep_ks=(1, 2), sweep_prompts=2,
-            cost_trials=3,
+            load_rounds=2, cancel_generations=8, two_pass_prompts=2, history_prompts=2, sweep_ks=(1, 2),
+            sweep_prompts=2, cost_trials=3,
         )
     try:
         validate(config)

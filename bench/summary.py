@@ -47,16 +47,23 @@ def select(records: Iterable[Record], **match: object) -> list[Record]:
     return [r for r in records if all(getattr(r, k) == v for k, v in match.items())]
 
 
-def paired(records: Sequence[Record], arm_a: str, arm_b: str, **match: object) -> Estimate:
-    """tokens/s of arm a over arm b on the items both ran (matched by workload, concurrency and item, so
-    figures pooled over workloads pair correctly too)."""
+def matched(records: Sequence[Record], arm_a: str, arm_b: str, **match: object) -> tuple[
+        list[tuple[str, int, int]], list[tuple[int, float]], list[tuple[int, float]]]:
+    """The items both arms ran (workload, concurrency, item: figures pooled over workloads pair correctly
+    too), and each arm's (tokens, wall ms) on them, in the same order."""
     def key(r: Record) -> tuple[str, int, int]:
         return (r.workload, r.concurrency, r.item)
 
     a = {key(r): (r.tokens, r.wall_ms) for r in select(records, arm=arm_a, **match)}
     b = {key(r): (r.tokens, r.wall_ms) for r in select(records, arm=arm_b, **match)}
     items = sorted(set(a) & set(b))
-    return paired_ratio([a[i] for i in items], [b[i] for i in items]) if items else NONE
+    return items, [a[i] for i in items], [b[i] for i in items]
+
+
+def paired(records: Sequence[Record], arm_a: str, arm_b: str, **match: object) -> Estimate:
+    """tokens/s of arm a over arm b on the items both ran (`matched`)."""
+    items, a, b = matched(records, arm_a, arm_b, **match)
+    return paired_ratio(a, b) if items else NONE
 
 
 def tokens_per_s(records: Sequence[Record]) -> float:
@@ -303,16 +310,12 @@ def load_ratio(results: Results, workload: str, arm_a: str, arm_b: str, concurre
     generations of a round share the machine's state, the rounds do not."""
     if arm_a == arm_b:
         return Estimate(1.0, 1.0, 1.0)
-    here = select(results.records, phase="load", workload=workload, concurrency=concurrency)
-    a = {r.item: (r.tokens, r.wall_ms) for r in select(here, arm=arm_a)}
-    b = {r.item: (r.tokens, r.wall_ms) for r in select(here, arm=arm_b)}
-    cell = next((c for c in results.cells if (c.workload, c.arm, c.concurrency) == (workload, arm_a, concurrency)),
-                None)
-    items = sorted(set(a) & set(b))
+    items, a, b = matched(results.records, arm_a, arm_b, phase="load", workload=workload, concurrency=concurrency)
     if not items:
         return NONE
-    rounds = [cell.round_of(i) if cell is not None else 0 for i in items]
-    return clustered_ratio([a[i] for i in items], [b[i] for i in items], rounds)
+    cell = next((c for c in results.cells if (c.workload, c.arm, c.concurrency) == (workload, arm_a, concurrency)),
+                None)
+    return clustered_ratio(a, b, [cell.round_of(item) if cell is not None else 0 for _, _, item in items])
 
 
 def cancel_table(results: Results) -> Table:
