@@ -51,8 +51,8 @@ class Cell:
     def merged(cls, cells: Sequence[Cell]) -> Cell:
         """One cell from the rounds of the same (workload, arm, concurrency): their sums."""
         first = cells[0]
-        return cls(first.workload, first.arm, first.concurrency,
-                   *(sum(getattr(c, name) for c in cells) for name in _SUMMED), rounds=len(cells))
+        return cls(first.workload, first.arm, first.concurrency, rounds=len(cells),
+                   **{name: sum(getattr(c, name) for c in cells) for name in _SUMMED})
 
     def round_of(self, item: int) -> int:
         """The round a generation of this cell ran in (``first=r * generations`` in `run_cell`)."""

@@ -285,8 +285,7 @@ def load_table(results: Results) -> Table:
     for cell in results.cells:
         records = select(results.records, phase="load", workload=cell.workload, arm=cell.arm,
                          concurrency=cell.concurrency)
-        one = next((c for c in results.cells if (c.workload, c.arm, c.concurrency) == (cell.workload, cell.arm, 1)),
-                   None)
+        one = cell_of(results, cell.workload, cell.arm, 1)
         per_token = [r.wall_ms / r.tokens for r in records if r.tokens]
         versus = load_ratio(results, cell.workload, cell.arm, TARGET_ONLY.label, cell.concurrency)
         rows.append((cell.workload, cell.arm, cell.concurrency, cell.generations, cell.tokens_per_s,
@@ -313,8 +312,7 @@ def load_ratio(results: Results, workload: str, arm_a: str, arm_b: str, concurre
     items, a, b = matched(results.records, arm_a, arm_b, phase="load", workload=workload, concurrency=concurrency)
     if not items:
         return NONE
-    cell = next((c for c in results.cells if (c.workload, c.arm, c.concurrency) == (workload, arm_a, concurrency)),
-                None)
+    cell = cell_of(results, workload, arm_a, concurrency)
     return clustered_ratio(a, b, [cell.round_of(item) if cell is not None else 0 for _, _, item in items])
 
 
