@@ -157,6 +157,8 @@ METRIC_FORWARD_SEQUENCES = "specdec_target_forward_sequences_total"  # counter: 
 METRIC_FORWARD_SECONDS = "specdec_target_forward_seconds_total"  # counter: seconds answering batches
 METRIC_BATCH_WAIT_SECONDS = "specdec_target_batch_wait_seconds_total"  # counter: forwards held back for stragglers
 METRIC_LOOKUP_TOKENS = "specdec_target_lookup_tokens_total"  # counter: decodes' looked-up drafts; label kind
+METRIC_PROMPT_TOKENS = "specdec_target_prompt_tokens_total"  # counter: prompts' tokens; label kind (all, reused)
+METRIC_PREFIX_BYTES = "specdec_target_prefix_cache_bytes"  # gauge: bytes of shared prompt heads held
 
 
 class ErrorKind(enum.Enum):

@@ -55,6 +55,12 @@ class TargetModelParams:
         metadata={"help": "a forward's cost per extra row over its cost alone (SmolLM2 on a CPU ~0.05, a GPU far "
                   "less): whether a decode's looked-up drafts pay in a batch (specdec/lookup.py)"},
     )
+    prefix_cache_mb: float = field(
+        default=64.0,
+        metadata={"help": "MB of keys and values of prompt heads that different prompts shared (a system turn, an "
+                  "instruction), copied into later prompts instead of recomputed (0 = off; SmolLM2 holds ~46 KB a "
+                  "token, a 70B model's far more: size it to the heads; specdec/prefix_cache.py)"},
+    )
     cache_dir: str = field(
         default="", metadata={"help": "converted models and the Triton copy ('' = $SPECDEC_CACHE_DIR or ~/.cache/specdec)"}
     )
@@ -70,6 +76,8 @@ class TargetModelParams:
             raise ValueError(f"kv_slot_tokens must be >= 0 (0 = no pool), got {self.kv_slot_tokens}")
         if self.lookup_row_cost < 0:
             raise ValueError(f"lookup_row_cost must be >= 0, got {self.lookup_row_cost}")
+        if self.prefix_cache_mb < 0:
+            raise ValueError(f"prefix_cache_mb must be >= 0 (0 = off), got {self.prefix_cache_mb}")
 
     @classmethod
     def from_model_config(cls, model_config: Mapping[str, Any]) -> TargetModelParams:

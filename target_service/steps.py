@@ -26,6 +26,7 @@ from specdec.engine import CausalLMEngine, StepItem
 from specdec.forward_budget import share
 from specdec.kv_cache import KVCache
 from specdec.lookup import ROW_COST, propose
+from specdec.prefix_cache import Hit, PrefixCache
 from specdec.round_draws import draw_round
 from specdec.rows import PackedRows
 from specdec.sampling import SamplingParams, warp_packed
@@ -247,6 +248,28 @@ def fit(requests: Sequence[StepRequest | StepError], wave: Sequence[int], budget
     return runs
 
 
+def reuse_heads(
+    prefix: PrefixCache | None, vocab_size: int, requests: Sequence[StepRequest | StepError]
+) -> tuple[list[StepRequest | StepError], dict[int, Hit]]:
+    """The requests with each valid START request that begins with a head ``prefix`` holds turned into the
+    rest of its prompt after that head (``keep_length`` the head's tokens), and those hits by index."""
+    rewritten, hits = list(requests), {}
+    if prefix is None:
+        return rewritten, hits
+    for index, request in enumerate(requests):
+        if not isinstance(request, StepRequest) or not request.start or request.is_release:
+            continue
+        try:
+            validate(request, vocab_size)
+        except ValueError:
+            continue  # refused in its wave, as it came
+        hit = prefix.match(request.token_ids, len(request.token_ids) - request.num_logits)
+        if hit is not None:
+            hits[index] = hit
+            rewritten[index] = replace(request, token_ids=request.token_ids[hit.tokens :], keep_length=hit.tokens)
+    return rewritten, hits
+
+
 def _recorded(cache: KVCache, on_lookup: Callable[[int, int], None]) -> Callable[[int, int], None]:
     def looked_up(drafted: int, accepted: int) -> None:
         cache.lookup.add(drafted, accepted)
@@ -263,6 +286,7 @@ def run_batch(
     on_lookup: Callable[[int, int], None] = lambda drafted, accepted: None,
     row_cost: float = ROW_COST,
     budget: int = 0,
+    prefix: PrefixCache | None = None,
 ) -> list[Outputs | StepError | StepRequest]:
     """Answer every request (a StepError given stays the answer) with one forward per wave of distinct
     sequences (normally one), each answer with how many sequences and tokens its forward ran. A decode
@@ -273,8 +297,11 @@ def run_batch(
     sequences, ``on_lookup(drafted, accepted)`` each decode's looked-up drafts (the metrics); ``row_cost``:
     a forward's cost per extra row over its cost alone (whether a lookup pays, `specdec.lookup.Acceptance`).
     ``budget``: the tokens a forward may run (0 = no limit, `fit`); a prompt that does not fit is answered
-    with its continuation too (the rest of its tokens, or all of them when it was put off)."""
-    answers: list[Outputs | StepError | StepRequest] = list(requests)  # type: ignore[arg-type]
+    with its continuation too (the rest of its tokens, or all of them when it was put off). ``prefix``: the
+    shared prompt heads a START request starts from (`specdec.prefix_cache`), and learns from."""
+    originals = requests
+    requests, hits = reuse_heads(prefix, engine.vocab_size, originals)
+    answers: list[Outputs | StepError | StepRequest] = list(originals)  # type: ignore[arg-type] - put off: as it came
     put_off: set[int] = set()
     for wave in waves(requests):
         runs = fit(requests, wave, budget, put_off)
@@ -282,22 +309,27 @@ def run_batch(
         entries: dict[int, Entry[KVCache]] = {}
         drafts: dict[int, tuple[int, ...]] = {}
         chunks: dict[int, StepRequest] = {}  # what is left of a prompt run in part
+        prompts: dict[int, tuple[int, ...]] = {}  # START requests' prompts (the prefix cache learns them)
         items: list[tuple[int, StepItem]] = []
         for index in wave:
-            request = requests[index]
-            assert isinstance(request, StepRequest)
+            request, original = requests[index], originals[index]
+            assert isinstance(request, StepRequest) and isinstance(original, StepRequest)
             if index not in runs:
                 continue  # put off: its answer is itself, for a later forward
             try:
-                validate(request, engine.vocab_size)
+                validate(original, engine.vocab_size)
                 if request.is_release:
                     answers[index] = outputs(torch.zeros(0, engine.vocab_size), request.params)
                     continue
                 entry = store.checkout(request.sequence_id, start=request.start)
+                if prefix is not None and index in hits:
+                    prefix.fill(entry.state, hits[index], len(original.token_ids))
             except Exception as exc:  # noqa: BLE001 - every refusal is this request's answer
                 answers[index] = refusal(exc, request.sequence_id)
                 continue
             entries[index] = entry
+            if request.start:  # its prompt: up to the first position whose row it asks for (drafts follow)
+                prompts[index] = original.token_ids[: len(original.token_ids) - original.num_logits + 1]
             if (take := runs[index]) < len(request.token_ids):
                 chunks[index] = replace(request, token_ids=request.token_ids[take:],
                                         keep_length=request.keep_length + take, start=False)
@@ -319,6 +351,8 @@ def run_batch(
                 }
                 for (index, _), result in zip(items, results):
                     request = requests[index]
+                    if prefix is not None and index in prompts and not isinstance(result, ValueError):
+                        prefix.learn(prompts[index], entries[index].state)
                     if isinstance(result, ValueError):
                         answers[index] = refusal(result, request.sequence_id)
                     elif index in chunks:
@@ -350,12 +384,14 @@ def run_to_completion(
     on_lookup: Callable[[int, int], None] = lambda drafted, accepted: None,
     row_cost: float = ROW_COST,
     budget: int = 0,
+    prefix: PrefixCache | None = None,
 ) -> list[Outputs | StepError]:
     """`run_batch` until every decode has all its tokens and every prompt ran: the answers, in order (for
     callers without a scheduler to hand continuations to)."""
-    answers = run_batch(engine, store, requests, on_forward, on_lookup, row_cost, budget)
+    answers = run_batch(engine, store, requests, on_forward, on_lookup, row_cost, budget, prefix)
     while pending := [i for i, answer in enumerate(answers) if isinstance(answer, StepRequest)]:
-        again = run_batch(engine, store, [answers[i] for i in pending], on_forward, on_lookup, row_cost, budget)
+        again = run_batch(engine, store, [answers[i] for i in pending], on_forward, on_lookup, row_cost, budget,
+                          prefix)
         for i, answer in zip(pending, again):
             answers[i] = answer
     return answers  # type: ignore[return-value]

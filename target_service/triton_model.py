@@ -29,6 +29,7 @@ from specdec.kv_cache import KVCache
 from specdec.lookup import ROW_COST
 from specdec.models import load_model, parse_layers
 from specdec.openmp import use_threads_here
+from specdec.prefix_cache import PrefixCache
 from specdec.sequences import SequenceStore
 from target_service.config import TargetModelParams
 from target_service.scheduler import Pending, StepScheduler
@@ -77,6 +78,12 @@ class _Metrics:
             "wait_seconds": family(contract.METRIC_BATCH_WAIT_SECONDS,
                                    "Seconds forwards were held back for sequences on their way back",
                                    pb.MetricFamily.COUNTER),
+            "prompt_tokens": family(contract.METRIC_PROMPT_TOKENS,
+                                    "Tokens of the prompts that started sequences (kind=all) and of those copied "
+                                    "from a shared prompt head instead of computed (kind=reused)",
+                                    pb.MetricFamily.COUNTER),
+            "prefix_bytes": family(contract.METRIC_PREFIX_BYTES, "Bytes of shared prompt heads held (prefix_cache_mb)",
+                                   pb.MetricFamily.GAUGE),
         }
         self.live = self._families["live"].Metric(labels=labels)
         self.kv_bytes = self._families["kv"].Metric(labels=labels)
@@ -87,6 +94,10 @@ class _Metrics:
         self.wait_seconds = self._families["wait_seconds"].Metric(labels=labels)
         self.lookup = {kind: self._families["lookup"].Metric(labels={**labels, "kind": kind})
                        for kind in ("drafted", "accepted")}
+        self.prompt_tokens = {kind: self._families["prompt_tokens"].Metric(labels={**labels, "kind": kind})
+                              for kind in ("all", "reused")}
+        self.prefix_bytes = self._families["prefix_bytes"].Metric(labels=labels)
+        self._prompts = (0, 0, 0)  # the prefix cache's prompt tokens, reused tokens and bytes, as last reported
         self._lookup = [0, 0]  # drafted and accepted since the last update
         self._waited = 0.0  # the scheduler's cumulative wait, as last reported
         self._forwards = [0, 0]  # forwards and their sequences since the last update
@@ -126,6 +137,19 @@ class _Metrics:
                 self.kv_bytes.set(float(kv_bytes))
             self._gauges = (float(live), float(kv_bytes))
 
+    def prompts(self, prefix: PrefixCache | None) -> None:
+        """The prefix cache's figures, when they moved (at most three round trips, after a batch's answers)."""
+        if prefix is None:
+            return
+        now = (prefix.stats.prompt_tokens, prefix.stats.reused_tokens, prefix.nbytes)
+        if now[0] > self._prompts[0]:
+            self.prompt_tokens["all"].increment(float(now[0] - self._prompts[0]))
+        if now[1] > self._prompts[1]:
+            self.prompt_tokens["reused"].increment(float(now[1] - self._prompts[1]))
+        if now[2] != self._prompts[2]:
+            self.prefix_bytes.set(float(now[2]))
+        self._prompts = now
+
     def looked_up(self, drafted: int, accepted: int) -> None:
         """A decode's forward verified looked-up drafts: counted now, reported with the batch's update."""
         self._lookup[0] += drafted
@@ -152,6 +176,7 @@ class TargetModel:
         self._unreported_s = 0.0  # seconds of forwards not in the metrics yet
         self._row_cost = ROW_COST  # until initialize() reads the model parameters
         self._budget = 0
+        self.prefix: PrefixCache | None = None
 
     def initialize(self, args: Mapping[str, str]) -> None:
         if not logging.getLogger().handlers:
@@ -175,6 +200,8 @@ class TargetModel:
                 time.perf_counter() - started, torch.get_num_threads(), params.max_sequences, params.idle_ttl_s,
             )  # fmt: skip
         self.store = SequenceStore(self.engine.new_cache, params.max_sequences, params.idle_ttl_s, clock=self._clock)
+        if params.prefix_cache_mb > 0:
+            self.prefix = PrefixCache(int(params.prefix_cache_mb * 2**20))
         labels = {"model": args.get("model_name", contract.MODEL_NAME), "instance": args.get("model_instance_name", "0")}
         self._metrics = _Metrics(self._pb, labels)
         self._scheduler = StepScheduler(self._answer_batch, params.batch_wait_ms / 1e3, name="specdec-target-steps",
@@ -237,7 +264,7 @@ class TargetModel:
         started = time.perf_counter()
         self.store.evict_idle()
         answers = run(self.engine, self.store, requests, self._metrics.forward, self._metrics.looked_up, self._row_cost,
-                      self._budget)
+                      self._budget, self.prefix)
         return answers, time.perf_counter() - started
 
     def _count(self, answers: list[Outputs | StepError], seconds: float = 0.0) -> None:
@@ -249,6 +276,7 @@ class TargetModel:
                 len(self.store), sum(cache.nbytes for cache in self.store.states()), seconds,
                 self._scheduler.stats.waited_s if self._scheduler is not None else 0.0,
             )
+            self._metrics.prompts(self.prefix)
         except Exception:  # metrics must never cost a response
             log.exception("updating metrics failed")
 

@@ -148,10 +148,12 @@ def refused(call, *args, **kwargs) -> InferenceServerException:
     return info.value
 
 
-def metric_sum(triton: TritonServer, name: str) -> float:
-    """A metric of the model, summed over its labels (it must be exported)."""
+def metric_sum(triton: TritonServer, name: str, label: str = "") -> float:
+    """A metric of the model, summed over its labels, or those that carry ``label`` (``kind="reused"``); it
+    must be exported."""
     text = urllib.request.urlopen(triton.metrics_url, timeout=10).read().decode()
-    values = re.findall(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.MULTILINE)
+    values = re.findall(rf"^{name}\{{([^}}]*)\}} (\S+)$", text, re.MULTILINE)
+    values = [value for labels, value in values if label in labels]
     assert values, f"{name} not exported on {triton.metrics_url}"
     return sum(float(v) for v in values)
 
@@ -188,6 +190,22 @@ def test_a_prompt_over_the_forward_budget_is_prefilled_in_chunks_and_matches_one
     np.testing.assert_allclose(logits[0], forward(ids)[-2:], atol=ATOL)
     wait_until(lambda: metric_sum(triton, contract.METRIC_FORWARDS) == before + 2,
                "two forwards: the budget's tokens, then the rest", timeout_s=5.0)
+    assert_live(triton, 0)
+
+
+def test_prompts_that_share_a_head_start_from_it_and_match_one_forward(client, forward, triton):
+    """The model's prefix cache (on by default): two different prompts share a 24-token head, so it is kept,
+    and a third prompt's prefill copies it in and runs the rest; its rows are a full forward's."""
+    head = [(53 * i + 7) % 49152 for i in range(24)]
+    prompts = [head + [(97 * i + tail) % 49152 for i in range(6)] for tail in (1, 2, 3)]
+    reused = metric_sum(triton, contract.METRIC_PROMPT_TOKENS, 'kind="reused"')
+    for ids in prompts[:2]:
+        infer(client, new_sid(), ids, 0, 1, start=True, end=True)
+    logits = infer(client, new_sid(), prompts[2], 0, 2, start=True, end=True)
+    np.testing.assert_allclose(logits[0], forward(prompts[2])[-2:], atol=ATOL)
+    wait_until(lambda: metric_sum(triton, contract.METRIC_PROMPT_TOKENS, 'kind="reused"') == reused + 24,
+               "the third prompt's 24 head tokens reused", timeout_s=5.0)
+    assert metric_sum(triton, contract.METRIC_PREFIX_BYTES) > 0
     assert_live(triton, 0)
 
 

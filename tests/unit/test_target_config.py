@@ -69,6 +69,7 @@ def test_the_launcher_renders_every_field():
         "max_forward_tokens": "256",
         "kv_slot_tokens": "512",
         "lookup_row_cost": "0.05",
+        "prefix_cache_mb": "64",
         "cache_dir": "/cache",
     }
     assert "kind: KIND_GPU" in rendered and re.search(r"count:\s*2\b", rendered)

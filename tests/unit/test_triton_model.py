@@ -408,3 +408,24 @@ def test_a_prompt_over_max_forward_tokens_is_prefilled_over_several_forwards_and
         assert settled(contract.METRIC_FORWARDS, 4.0) and settled(contract.METRIC_LIVE_SEQUENCES, 1.0)
     finally:
         target.finalize()
+
+
+@pytest.mark.parametrize("megabytes", ["64", "0"])
+def test_prompts_that_share_a_head_report_its_tokens_reused_and_its_bytes(model, clock, megabytes):
+    target = TargetModel(fake_pb_utils(), engine=CausalLMEngine(model), clock=clock)
+    parameters = {"prefix_cache_mb": {"string_value": megabytes}}
+    target.initialize({"model_config": json.dumps({"parameters": parameters}), "model_name": "specdec_target"})
+    try:
+        head = [(5 * i + 1) % V for i in range(20)]
+        prompts = [head + [tail] * 4 for tail in (1, 2, 3)]
+        for sid, ids in enumerate(prompts, start=1):
+            [response] = target.answer([triton_request(sid, ids, 0, 1, start=1, end=1)])
+            logits = {t.name(): t.as_numpy() for t in response.output_tensors}[contract.LOGITS]
+            np.testing.assert_allclose(logits[0], full_forward(model, ids)[-1:], atol=2e-5)
+        reused = 20 if megabytes != "0" else 0
+        assert metric(contract.METRIC_PROMPT_TOKENS, kind="all") == (72 if reused else 0)
+        assert metric(contract.METRIC_PROMPT_TOKENS, kind="reused") == reused
+        assert metric(contract.METRIC_PREFIX_BYTES) == reused * target.engine.layout.bytes_per_token
+        assert (target.prefix is None) == (megabytes == "0")
+    finally:
+        target.finalize()
