@@ -74,6 +74,8 @@ class TritonCounters:
     wait_s: float = 0.0  # forwards held back for sequences on their way back
     lookup_drafted: float = 0.0  # draft tokens the target looked up for decodes (specdec.lookup)
     lookup_accepted: float = 0.0  # and of those, accepted
+    prompt_tokens: float = 0.0  # tokens of the prompts that started sequences (with the prefix cache on)
+    reused_tokens: float = 0.0  # and of those, copied from a shared prompt head (specdec.prefix_cache)
 
     def __sub__(self, other: TritonCounters) -> TritonCounters:
         return TritonCounters(*(a - b for a, b in zip(astuple(self), astuple(other))))
@@ -120,7 +122,9 @@ class ServerReader:
         return TritonCounters(*scrape(self._metrics_url, contract.METRIC_FORWARDS, contract.METRIC_FORWARD_SEQUENCES,
                                       contract.METRIC_FORWARD_SECONDS, contract.METRIC_BATCH_WAIT_SECONDS,
                                       f"{contract.METRIC_LOOKUP_TOKENS}{{kind=drafted}}",
-                                      f"{contract.METRIC_LOOKUP_TOKENS}{{kind=accepted}}"))
+                                      f"{contract.METRIC_LOOKUP_TOKENS}{{kind=accepted}}",
+                                      f"{contract.METRIC_PROMPT_TOKENS}{{kind=all}}",
+                                      f"{contract.METRIC_PROMPT_TOKENS}{{kind=reused}}"))
 
     def occupancy(self) -> Occupancy:
         live, kv = scrape(self._metrics_url, contract.METRIC_LIVE_SEQUENCES, contract.METRIC_KV_BYTES)

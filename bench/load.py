@@ -45,6 +45,8 @@ class Cell:
     wait_s: float = 0.0  # forwards held back for sequences on their way back
     lookup_drafted: float = 0.0  # draft tokens the target looked up for decodes
     lookup_accepted: float = 0.0  # and of those, accepted
+    prompt_tokens: float = 0.0  # tokens of the prompts the target started (with its prefix cache on)
+    reused_tokens: float = 0.0  # and of those, copied from a shared prompt head instead of computed
     rounds: int = 1  # the rounds merged into it, each of generations / rounds (items r * that, ...)
 
     @classmethod
@@ -73,7 +75,7 @@ class Cell:
 
 
 _SUMMED = ("generations", "tokens", "wall_s", "forwards", "forward_sequences", "forward_s", "wait_s",
-           "lookup_drafted", "lookup_accepted")
+           "lookup_drafted", "lookup_accepted", "prompt_tokens", "reused_tokens")
 
 
 def run_cell(stub: generation_pb2_grpc.GenerationServiceStub, servers: client.ServerReader, arm: Arm,
@@ -110,7 +112,7 @@ def run_cell(stub: generation_pb2_grpc.GenerationServiceStub, servers: client.Se
     records.sort(key=lambda r: r.item)
     cell = Cell(workload, arm.label, concurrency, len(records), sum(r.tokens for r in records), wall_s,
                 spent.forwards, spent.forward_sequences, spent.forward_s, spent.wait_s, spent.lookup_drafted,
-                spent.lookup_accepted)
+                spent.lookup_accepted, spent.prompt_tokens, spent.reused_tokens)
     log.info("load %s %s c=%d: %.1f tok/s, %.2f sequences per forward", workload, arm.label, concurrency,
              cell.tokens_per_s, cell.sequences_per_forward)
     return cell, records

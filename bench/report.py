@@ -81,12 +81,12 @@ def write_cells(results: Results, path: Path) -> None:
         writer = csv.writer(handle)
         writer.writerow(["workload", "arm", "concurrency", "generations", "tokens", "wall_s", "tokens_per_s",
                          "forwards", "forward_sequences", "sequences_per_forward", "forward_s", "wait_s", "busy",
-                         "lookup_drafted", "lookup_accepted", "rounds"])
+                         "lookup_drafted", "lookup_accepted", "prompt_tokens", "reused_tokens", "rounds"])
         for c in results.cells:
             writer.writerow([c.workload, c.arm, c.concurrency, c.generations, c.tokens, f"{c.wall_s:.3f}",
                              f"{c.tokens_per_s:.3f}", c.forwards, c.forward_sequences, f"{c.sequences_per_forward:.3f}",
                              f"{c.forward_s:.3f}", f"{c.wait_s:.3f}", f"{c.busy:.3f}", c.lookup_drafted,
-                             c.lookup_accepted, c.rounds])
+                             c.lookup_accepted, c.prompt_tokens, c.reused_tokens, c.rounds])
 
 
 def plot_single(results: Results, path: Path, title: str) -> bool:

@@ -85,6 +85,8 @@ def test_load_cells_cover_every_concurrency_in_rounds(quick_run: tuple[Path, str
         assert 1.0 <= float(cell["sequences_per_forward"]) <= int(cell["concurrency"])
         assert int(cell["rounds"]) == 2 and float(cell["forward_s"]) > 0 and 0 < float(cell["busy"]) <= 1
         assert 0 <= float(cell["lookup_accepted"]) <= float(cell["lookup_drafted"])
+        assert 0 <= float(cell["reused_tokens"]) <= float(cell["prompt_tokens"])
+        assert float(cell["prompt_tokens"]) >= generations  # the target's prefix cache is on by default
         if cell["arm"] == "target-only":  # K = 0: its decodes never look up drafts on the target
             assert float(cell["lookup_drafted"]) == 0
         items = [int(r["item"]) for r in records if (r["phase"], r["arm"], r["concurrency"]) == (
