@@ -72,6 +72,11 @@ class StepRequest:
         return not self.token_ids and self.num_logits == 0
 
     @property
+    def prompt(self) -> tuple[int, ...]:
+        """Its tokens up to the first position whose row it asks for (a first round's drafts follow them)."""
+        return self.token_ids[: len(self.token_ids) - self.num_logits + 1]
+
+    @property
     def position(self) -> int:
         """The position (index in the sequence) of the token its last row decides."""
         return self.keep_length + len(self.token_ids)
@@ -263,7 +268,7 @@ def reuse_heads(
             validate(request, vocab_size)
         except ValueError:
             continue  # refused in its wave, as it came
-        hit = prefix.match(request.token_ids, len(request.token_ids) - request.num_logits)
+        hit = prefix.match(request.prompt, len(request.prompt) - 1)  # its own rows still run
         if hit is not None:
             hits[index] = hit
             rewritten[index] = replace(request, token_ids=request.token_ids[hit.tokens :], keep_length=hit.tokens)
@@ -328,8 +333,8 @@ def run_batch(
                 answers[index] = refusal(exc, request.sequence_id)
                 continue
             entries[index] = entry
-            if request.start:  # its prompt: up to the first position whose row it asks for (drafts follow)
-                prompts[index] = original.token_ids[: len(original.token_ids) - original.num_logits + 1]
+            if request.start:
+                prompts[index] = original.prompt
             if (take := runs[index]) < len(request.token_ids):
                 chunks[index] = replace(request, token_ids=request.token_ids[take:],
                                         keep_length=request.keep_length + take, start=False)
