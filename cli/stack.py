@@ -32,7 +32,7 @@ from pathlib import Path
 from draft_service.drafters import needs_model, parse_drafters
 from specdec import models
 from specdec import target_contract as contract
-from specdec.procs import Process, children_named, free_port, wait_grpc_healthy, wait_triton_ready
+from specdec.procs import Process, children_named, free_ports, wait_grpc_healthy, wait_triton_ready
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +149,12 @@ class LocalStack:
         common = ["--cache-dir", cfg.cache_dir, "--threads", str(cfg.threads)]
         t0 = time.monotonic()
 
+        # Every replica's ports in one pick, so no two servers are handed the same one.
+        ports = iter(free_ports(3 * cfg.target_replicas + 2 * cfg.draft_replicas, host))
         tritons = []
         for i in range(cfg.target_replicas):
             name = replica_name("triton", i)
-            grpc_port, http_port, metrics_port = free_port(host), free_port(host), free_port(host)
+            grpc_port, http_port, metrics_port = next(ports), next(ports), next(ports)
             log.info("starting %s (target %s) ...", name, cfg.target_model)
             tritons.append(self._spawn(name, log_dir, env, [
                 py, "-m", "target_service", "--host", host, "--grpc-port", str(grpc_port),
@@ -168,7 +170,7 @@ class LocalStack:
         drafts = []
         for i in range(cfg.draft_replicas):
             name = replica_name("draft", i)
-            port, metrics_port = free_port(host), free_port(host)
+            port, metrics_port = next(ports), next(ports)
             log.info("starting %s (drafters %s; model %s, layers %s) ...", name, cfg.drafters, cfg.draft_model,
                      cfg.draft_layers or "all")
             drafts.append(self._spawn(name, log_dir, env, [
@@ -186,8 +188,8 @@ class LocalStack:
         log.info("starting the orchestrator ...")
         # Its free ports are picked only now: a port picked before the ~20 s of waiting above can meanwhile
         # become the source port of an outgoing connection (the readiness polls), and the bind then fails.
-        orch_metrics = free_port(host)
-        orchestrator_port = cfg.port or free_port(host)
+        orch_metrics, orchestrator_port = free_ports(2, host)
+        orchestrator_port = cfg.port or orchestrator_port
         draft_spec = ",".join(self.route(replica_name("draft", i), a) for i, a in enumerate(self.draft_addresses))
         triton_spec = ",".join(self.route(replica_name("triton", i), u) for i, u in enumerate(self.triton_urls))
         orchestrator = self._spawn("orchestrator", log_dir, env, [

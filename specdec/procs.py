@@ -28,9 +28,20 @@ log = logging.getLogger(__name__)
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nothing listens on now (the OS's choice for a bind to port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` different ports nothing listens on now.
+
+    Every socket stays bound until all are picked: the OS may hand a just-released port out again, so
+    picking one at a time can give one server the same port twice (Triton then refuses to start).
+    """
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
+        for sock in socks:
+            sock.bind((host, 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
 
 
 class Process:

@@ -44,7 +44,7 @@ from types import TracebackType
 from specdec import target_contract as contract
 from specdec.filelock import file_lock
 from specdec.openmp import TARGET_SPINCOUNT, set_spin
-from specdec.procs import free_port, kill_group, wait_triton_ready
+from specdec.procs import free_ports, kill_group, wait_triton_ready
 from target_service.config import TritonServerConfig
 
 log = logging.getLogger(__name__)
@@ -149,9 +149,11 @@ class TritonServer:
     def __init__(self, config: TritonServerConfig) -> None:
         self.config = config
         self.model_name = contract.MODEL_NAME
-        self.grpc_port = config.grpc_port or free_port(config.host)  # 0 = a free port
-        self.http_port = config.http_port or free_port(config.host)
-        self.metrics_port = config.metrics_port or free_port(config.host)
+        asked = (config.grpc_port, config.http_port, config.metrics_port)  # 0 = a free port, none used twice
+        picked = iter(port for port in free_ports(6, config.host) if port not in asked)
+        self.grpc_port = config.grpc_port or next(picked)
+        self.http_port = config.http_port or next(picked)
+        self.metrics_port = config.metrics_port or next(picked)
         self.log_path: Path | None = None
         self.ready_seconds: float | None = None
         self._proc: subprocess.Popen[bytes] | None = None

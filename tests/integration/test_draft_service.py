@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import queue
 import re
-import socket
 import threading
 import time
 import urllib.request
@@ -29,6 +28,7 @@ from draft_service.core import DraftCore
 from draft_service.drafters.base import Drafter, DraftRequest, DraftSequence
 from draft_service.drafters.steps import StepLoop
 from draft_service.server import SERVICE_NAME, create_server
+from specdec.procs import free_port
 from specdec.proposal import Proposal
 from specdec.rows import decode_packed
 from specdec.tiny import TINY_VOCAB_SIZE, save_tiny_llama
@@ -88,12 +88,6 @@ def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 5.0)
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for: {what}")
         time.sleep(0.02)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def tiny_config(folder: Path, **overrides: Any) -> DraftConfig:

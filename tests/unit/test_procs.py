@@ -1,0 +1,36 @@
+"""Free ports for our servers: several picked together are all different, and none is one already asked for.
+
+Why: the OS may hand a port it just released out again, and a Triton given the same port for two of its
+listeners refuses to start (a CI run failed so: "cannot listen to GRPC requests and metrics requests at the
+same address and port").
+"""
+
+from __future__ import annotations
+
+import socket
+
+from specdec.procs import free_ports
+from target_service.config import TritonServerConfig
+from target_service.launcher import TritonServer
+
+
+def test_ports_picked_together_are_all_different_and_free():
+    ports = free_ports(64)
+    assert len(set(ports)) == 64
+    for port in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", port))  # nothing holds it once picked
+
+
+def test_triton_never_gets_one_port_for_two_listeners():
+    for _ in range(20):
+        server = TritonServer(TritonServerConfig(grpc_port=0, http_port=0, metrics_port=0))
+        assert len({server.grpc_port, server.http_port, server.metrics_port}) == 3
+
+
+def test_triton_free_ports_avoid_the_ones_asked_for():
+    asked = free_ports(1)[0]
+    server = TritonServer(TritonServerConfig(grpc_port=asked, http_port=0, metrics_port=0))
+    assert server.grpc_port == asked
+    assert asked not in (server.http_port, server.metrics_port)
+    assert server.http_port != server.metrics_port
