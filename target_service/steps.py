@@ -45,6 +45,7 @@ class ErrorCode(enum.Enum):
     NOT_FOUND = "NOT_FOUND"  # the sequence holds no cache here: re-send the prefix with START
     UNAVAILABLE = "UNAVAILABLE"  # capacity: too many live sequences, back off or go elsewhere
     INTERNAL = "INTERNAL"  # a bug or a failed forward; the traceback is in the Triton log only
+    CANCELLED = "CANCELLED"  # its sequence was released before it ran: its caller has gone
 
 
 @dataclass(frozen=True)
@@ -221,6 +222,20 @@ def refusal(exc: Exception, sequence_id: int) -> StepError:
     return StepError(ErrorCode.INTERNAL, f"{contract.INTERNAL_PREFIX} step failed in sequence {sequence_id} (see the Triton log)")
 
 
+def drop_released(requests: Sequence[StepRequest | StepError]) -> list[StepRequest | StepError]:
+    """The requests with each one whose sequence a later release request of the batch drops turned into a
+    CANCELLED error, not run. A caller that gives up (the orchestrator's generation was cancelled) sends the
+    release on the stream right behind what it had asked for; a forward run for it now (a 200-token prompt,
+    a decode's remaining steps) would only delay every other sequence for an answer nobody reads."""
+    released = {r.sequence_id: i for i, r in enumerate(requests)
+                if isinstance(r, StepRequest) and r.is_release and r.end}
+    return [
+        StepError(ErrorCode.CANCELLED, f"sequence {r.sequence_id} was released before this request ran")
+        if isinstance(r, StepRequest) and not r.is_release and i < released.get(r.sequence_id, -1) else r
+        for i, r in enumerate(requests)
+    ]
+
+
 def waves(requests: Sequence[StepRequest | StepError]) -> list[list[int]]:
     """Indices of the requests in forwards of their own: one request per sequence per forward, in order."""
     result: list[list[int]] = []
@@ -296,7 +311,8 @@ def run_batch(
     """Answer every request (a StepError given stays the answer) with one forward per wave of distinct
     sequences (normally one), each answer with how many sequences and tokens its forward ran. A decode
     request that needs more forwards is answered with its continuation (a StepRequest: run it in a later
-    batch). A release request (no tokens, NUM_LOGITS 0, END) drops the cache and returns [1, 0, V]; END on
+    batch). A release request (no tokens, NUM_LOGITS 0, END) drops the cache and returns [1, 0, V], and
+    cancels what its sequence asked before it and has not run (`drop_released`); END on
     a normal request returns the rows, then drops the cache (a decode's, after its last forward); END
     always drops it, even when the request fails. ``on_forward(n)`` is told each forward's number of
     sequences, ``on_lookup(drafted, accepted)`` each decode's looked-up drafts (the metrics); ``row_cost``:
@@ -304,7 +320,7 @@ def run_batch(
     ``budget``: the tokens a forward may run (0 = no limit, `fit`); a prompt that does not fit is answered
     with its continuation too (the rest of its tokens, or all of them when it was put off). ``prefix``: the
     shared prompt heads a START request starts from (`specdec.prefix_cache`), and learns from."""
-    originals = requests
+    originals = drop_released(requests)
     requests, hits = reuse_heads(prefix, engine.vocab_size, originals)
     answers: list[Outputs | StepError | StepRequest] = list(originals)  # type: ignore[arg-type] - put off: as it came
     put_off: set[int] = set()

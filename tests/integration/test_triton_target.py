@@ -209,6 +209,41 @@ def test_prompts_that_share_a_head_start_from_it_and_match_one_forward(client, f
     assert_live(triton, 0)
 
 
+def test_a_release_right_behind_a_long_prompt_cancels_the_rest_of_its_prefill(triton):
+    """A generation cancelled mid-prompt: the orchestrator sends the release on the stream right behind the
+    START. The prompt's first chunk is under way when the release arrives; its other chunks never run."""
+    budget = TargetModelParams().max_forward_tokens
+    ids = [(37 * i + 11) % 49152 for i in range(4 * budget)]  # four forwards' worth
+    sid = new_sid()
+    forwards = metric_sum(triton, contract.METRIC_FORWARDS)
+
+    async def session() -> list[tuple]:
+        steps = [(ids, 1, True, False), ([], 0, False, True)]  # the prompt, then the release behind it
+
+        async def requests():
+            for tokens, n, start, end in steps:
+                yield {"model_name": contract.MODEL_NAME, "inputs": inputs(tokens, 0, n), "sequence_id": sid,
+                       "sequence_start": start, "sequence_end": end}
+
+        async with grpcaio.InferenceServerClient(triton.grpc_url) as aio:
+            stream = aio.stream_infer(requests())
+            return [await asyncio.wait_for(stream.__anext__(), timeout=60) for _ in steps]
+
+    (r0, e0), (r1, e1) = asyncio.run(session())
+    assert r0 is None and "released before this request ran" in e0.message()
+    assert e1 is None and r1.as_numpy(contract.LOGITS).shape == (1, 0, 49152)
+
+    def cancelled() -> float:  # the label appears with its first request
+        try:
+            return metric_sum(triton, contract.METRIC_REQUESTS, 'code="CANCELLED"')
+        except AssertionError:
+            return 0.0
+
+    wait_until(lambda: cancelled() == 1, "the prompt counted as cancelled", timeout_s=5.0)
+    assert metric_sum(triton, contract.METRIC_FORWARDS) < forwards + 4  # not every chunk ran
+    assert_live(triton, 0)
+
+
 def test_append_and_rollback_match_a_fresh_sequence(client, forward):
     sid, fresh = new_sid(), new_sid()
     infer(client, sid, PROMPT, 0, 1, start=True)

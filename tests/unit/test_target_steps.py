@@ -194,6 +194,24 @@ def test_release_request_drops_the_cache_and_returns_no_rows(target):
     assert "no cache" in err(target.step(request(1, [1], 0, 1)), ErrorCode.NOT_FOUND)
 
 
+def test_a_release_cancels_what_its_sequence_asked_before_it_and_has_not_run(target, model):
+    """A generation cancelled mid-prompt: its START and its release reach one batch. The prompt is not run
+    (nobody reads its rows), the other sequence's decode is, and a release before a request cancels nothing."""
+    ok(target.step(request(2, PROMPT, 0, 1, start=True)))
+    forwards: list[int] = []
+    batch = [request(1, LONG, 0, 1, start=True), request(2, [9], 6, 1), request(1, [], 0, 0, end=True)]
+    answers = run_batch(target.engine, target.store, batch, forwards.append)
+    assert "released before this request ran" in err(answers[0], ErrorCode.CANCELLED)
+    np.testing.assert_allclose(ok(answers[1])[0], full_forward(model, PROMPT + [9])[-1:], atol=2e-5)
+    assert ok(answers[2]).shape == (1, 0, V)
+    assert forwards == [1] and 1 not in target.store and 2 in target.store
+    # the release first, then a new START of the same id: that one runs
+    batch = [request(1, [], 0, 0, end=True), request(1, PROMPT, 0, 1, start=True)]
+    answers = run_batch(target.engine, target.store, batch)
+    np.testing.assert_allclose(ok(answers[1])[0], full_forward(model, PROMPT)[-1:], atol=2e-5)
+    assert 1 in target.store
+
+
 def test_release_is_idempotent_and_may_carry_start(target):
     assert ok(target.step(request(7, [], 0, 0, end=True))).shape == (1, 0, V)
     assert ok(target.step(request(7, [], 0, 0, start=True, end=True))).shape == (1, 0, V)
