@@ -135,15 +135,17 @@ class DraftCore:
                 raise ValueError(f"sampling.{exc}") from None
         return drafter
 
-    def propose(self, request: ProposeRound) -> Proposal:
-        """Run one round (module docstring). Raises ValueError, SequenceNotFoundError, CapacityError."""
+    def propose(self, request: ProposeRound, waiting: Callable[[], bool] = lambda: True) -> Proposal:
+        """Run one round (module docstring). Raises ValueError, SequenceNotFoundError, CapacityError, and
+        JobCancelled when ``waiting()`` turns False before a model forward (its caller has gone)."""
         drafter = self.validate(request)
         entry = self.store.checkout(request.sequence_id, start=request.keep_length == 0)
         try:
             sequence = entry.state
             sequence.apply(request.keep_length, list(request.append_token_ids))
             return drafter.propose(
-                DraftRequest(sequence, request.num_draft_tokens, request.sampling, request.seed, request.coupled)
+                DraftRequest(sequence, request.num_draft_tokens, request.sampling, request.seed, request.coupled,
+                             waiting)
             )
         finally:
             self.store.checkin(entry)

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 import grpc
 
 from draft_service.core import DraftCore, ProposeRound
+from draft_service.drafters.steps import JobCancelled
 from draft_service.metrics import DraftMetrics
 from specdec.grpc_server import ErrorTable, error_boundary
 from specdec.logs import SequenceLogger, tag_sequence
@@ -36,6 +37,7 @@ ERROR_TABLE: ErrorTable = (
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
     (SequenceNotFoundError, grpc.StatusCode.NOT_FOUND),
     (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (JobCancelled, grpc.StatusCode.CANCELLED),  # its stream was cancelled mid-round: nobody to tell
 )
 
 
@@ -96,7 +98,7 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
                         f"this stream is {sequence_id}, got {round_.sequence_id}"
                     )
                 start = time.perf_counter()
-                proposal = self._core.propose(round_)
+                proposal = self._core.propose(round_, context.is_active)
                 response = proposal_to_pb(proposal, self._core.vocab_size)
                 self._metrics.observe_round(
                     time.perf_counter() - start, round_.drafter or self._core.default, len(proposal.token_ids),

@@ -12,6 +12,7 @@ token), so a drafter's cache length is always the context's length (docs/archite
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -48,6 +49,7 @@ class DraftRequest:
     params: SamplingParams
     seed: int  # the generation's: the noise of the token at context position j derives from (seed, j)
     coupled: bool = False  # sample with the target's noise (specdec.noise.TOKEN), send no q rows
+    waiting: Callable[[], bool] = lambda: True  # whether its caller still waits (False: the RPC has ended)
 
 
 class Drafter(Protocol):

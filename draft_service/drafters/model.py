@@ -66,7 +66,7 @@ class ModelDrafter:
         state = sequence.states.get(self.name)
         if state is None:
             state = sequence.states[self.name] = _State(self.engine.new_cache())
-        return self.loop.run(self._draft(state, request))
+        return self.loop.run(self._draft(state, request), request.waiting)
 
     def finish(self, sequence: DraftSequence) -> None:
         sequence.states.pop(self.name, None)

@@ -8,7 +8,10 @@ arrives mid-draft of others joins at the next step. Each stream still waits for 
 per-stream order of rounds and the release of a sequence after its last round are unchanged.
 
 A job is a generator: it yields `StepItem`s, receives each one's logits (or the ValueError that refused
-it), and returns its result; `StepLoop.run` blocks the calling thread until then. A forward runs at most
+it), and returns its result; `StepLoop.run` blocks the calling thread until then. A job whose caller no
+longer waits (its Propose stream was cancelled) is closed before its next forward and fails with
+`JobCancelled`: a cancelled generation's prompt and drafts would otherwise hold every other stream's
+steps back for an answer nobody reads. A forward runs at most
 ``budget`` tokens (`specdec.forward_budget`): a job's long item (a prompt caught up) runs in chunks over
 several forwards beside the others' draft steps, and the job gets its logits after the last chunk.
 """
@@ -33,10 +36,22 @@ R = TypeVar("R")
 Job = Generator[StepItem, "torch.Tensor | ValueError", R]
 
 
+class JobCancelled(Exception):
+    """The job's caller stopped waiting for it; it was closed without running its remaining steps."""
+
+
 class _Waiting:
-    def __init__(self, job: Job, future: Future) -> None:
-        self.job, self.future = job, future
+    def __init__(self, job: Job, future: Future, waiting: Callable[[], bool]) -> None:
+        self.job, self.future, self.waiting = job, future, waiting
         self.item: StepItem | None = None
+
+    def cancelled(self) -> bool:
+        """True (and the job closed, its future failed) if its caller no longer waits."""
+        if self.waiting():
+            return False
+        self.job.close()  # GeneratorExit at its yield: its own cleanup runs
+        self.future.set_exception(JobCancelled("the caller stopped waiting"))
+        return True
 
     def advance(self, result: Any) -> bool:
         """Send the job its step's result (None to start it); False once it has finished."""
@@ -66,13 +81,14 @@ class StepLoop:
         self._thread = threading.Thread(target=self._loop, args=(threads,), name="draft-steps", daemon=True)
         self._thread.start()
 
-    def run(self, job: Job[R]) -> R:
-        """Run ``job`` to its end with the other jobs' steps; its result, or the exception it raised."""
+    def run(self, job: Job[R], waiting: Callable[[], bool] = lambda: True) -> R:
+        """Run ``job`` to its end with the other jobs' steps; its result, or the exception it raised
+        (`JobCancelled` once ``waiting()`` is False before one of its forwards)."""
         future: Future = Future()
         with self._wake:
             if self._stopping:
                 raise RuntimeError("the draft service is stopping")
-            self._arrived.append(_Waiting(job, future))
+            self._arrived.append(_Waiting(job, future, waiting))
             self._wake.notify()
         return future.result()
 
@@ -95,7 +111,8 @@ class StepLoop:
                         waiting.future.set_exception(RuntimeError("the draft service is stopping"))
                     return
                 arrived, self._arrived = self._arrived, []
-            running += [waiting for waiting in arrived if waiting.advance(None)]
+            running += [waiting for waiting in arrived if not waiting.cancelled() and waiting.advance(None)]
+            running = [waiting for waiting in running if not waiting.cancelled()]
             if not running:
                 continue
             now = [(waiting, take) for waiting, take in zip(running, self._share(running)) if take is not None]

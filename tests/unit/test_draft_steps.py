@@ -1,4 +1,5 @@
-"""The model drafter's step loop: concurrent streams' steps share forwards, and each gets its own answer.
+"""The model drafter's step loop: concurrent streams' steps share forwards, and each gets its own answer;
+a job whose caller stopped waiting (a cancelled stream) runs no further forward.
 
 Streams run on threads, as in the server. Batching must not change a proposal: each stream's tokens and q
 rows equal those of the same round run alone.
@@ -16,7 +17,7 @@ import torch
 from draft_service.build import build_core
 from draft_service.config import DraftConfig
 from draft_service.core import DraftCore, ProposeRound
-from draft_service.drafters.steps import StepLoop
+from draft_service.drafters.steps import JobCancelled, StepLoop
 from specdec.engine import CausalLMEngine, StepItem
 from specdec.sampling import SamplingParams
 from tests.fakes import tiny_llama
@@ -133,3 +134,46 @@ def test_a_long_prompt_is_caught_up_in_chunks_beside_the_other_streams_steps(mod
         assert all(sum(tokens for tokens, _ in forward) <= 8 for forward in forwards)
     finally:
         loop.stop()
+
+
+def test_a_job_whose_caller_stopped_waiting_runs_no_further_forward(model) -> None:
+    loop = StepLoop(CausalLMEngine(model), threads=1)
+    engine, step = loop.engine, loop.engine.step
+    forwards: list[int] = []
+    engine.step = lambda items: forwards.append(len(items)) or step(items)
+    try:
+        ran: list[int] = []
+        closed: list[bool] = []
+        caller_waits = [True]
+
+        def job(cache):
+            try:
+                for i in range(10):
+                    yield StepItem(cache, i, [1 + i], 1)
+                    ran.append(i)
+                    caller_waits[0] = i < 2  # the caller goes away after the third step
+            finally:
+                closed.append(True)
+            return cache.length
+
+        with pytest.raises(JobCancelled):
+            loop.run(job(engine.new_cache()), lambda: caller_waits[0])
+        assert ran == [0, 1, 2] and closed == [True] and len(forwards) == 3
+        # control: the same job whose caller waits throughout runs all its steps
+        forwards.clear(), ran.clear()
+        assert loop.run(job(engine.new_cache())) == 10 and len(forwards) == 10
+    finally:
+        loop.stop()
+
+
+def test_a_round_cancelled_before_its_forward_leaves_the_sequence_as_a_fresh_one(core_and_forwards) -> None:
+    core, forwards = core_and_forwards
+    first = ProposeRound(7, 0, (1, 2, 3, 4), 4, SAMPLED, seed=3)
+    with pytest.raises(JobCancelled):
+        core.propose(first, lambda: False)
+    assert forwards == []
+    again = core.propose(first)  # the orchestrator re-sends the prefix
+    core.release(7)
+    fresh = core.propose(first)
+    assert again.token_ids == fresh.token_ids
+    torch.testing.assert_close(again.q, fresh.q)
