@@ -111,7 +111,7 @@ class StepLoop:
                         waiting.future.set_exception(RuntimeError("the draft service is stopping"))
                     return
                 arrived, self._arrived = self._arrived, []
-            running += [waiting for waiting in arrived if not waiting.cancelled() and waiting.advance(None)]
+            running += [waiting for waiting in arrived if waiting.advance(None)]  # up to its first item
             running = [waiting for waiting in running if not waiting.cancelled()]
             if not running:
                 continue
