@@ -239,8 +239,15 @@ class TargetModel:
 
     def _answer_batch(self, batch: list[tuple[StepRequest, Any]]) -> None:
         """The scheduler's runner: one forward for the batch, each response sent as its request's last; the
-        metrics after the answers (each update is a round trip to the Triton server)."""
-        answers, seconds = self._run([request for request, _ in batch])
+        metrics after the answers (each update is a round trip to the Triton server). Every request gets its
+        answer: a batch that fails as a whole (a bug outside any one request) answers each one INTERNAL, for
+        a request left unanswered would hold its caller until its deadline."""
+        try:
+            answers, seconds = self._run([request for request, _ in batch])
+        except Exception:  # noqa: BLE001 - logged here; the callers get INTERNAL without the traceback
+            log.exception("a batch of %d request(s) failed", len(batch))
+            failed = StepError(ErrorCode.INTERNAL, f"{contract.INTERNAL_PREFIX} the batch failed (see the Triton log)")
+            answers, seconds = [failed] * len(batch), 0.0
         again = [
             Pending(answer.sequence_id, answer.end, (answer, sender))
             for (_, sender), answer in zip(batch, answers) if isinstance(answer, StepRequest)

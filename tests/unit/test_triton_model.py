@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import threading
 import time
 import types
@@ -303,6 +304,30 @@ def test_execute_queues_and_every_request_gets_one_final_response(triton_model, 
     assert all(r.sender.done.wait(10) for r in releases)
     assert settled(contract.METRIC_LIVE_SEQUENCES, 0.0)
     assert metric(contract.METRIC_FORWARDS) >= 2 and metric(contract.METRIC_FORWARD_SECONDS) > 0
+
+
+def test_a_batch_that_fails_as_a_whole_answers_every_request_internal_and_the_model_goes_on(triton_model, caplog):
+    # A bug outside any one request (here: the store's idle sweep) must not leave the batch unanswered: its
+    # callers would wait until their deadlines, and the scheduler goes on with the next batch.
+    sweep = triton_model.store.evict_idle
+
+    def broken() -> list[int]:
+        raise RuntimeError("boom")
+
+    triton_model.store.evict_idle = broken
+    batch = [triton_request(s, PROMPT, 0, 1, start=1) for s in (1, 2)]
+    with caplog.at_level(logging.ERROR):
+        triton_model.execute(batch)
+        assert all(r.sender.done.wait(10) for r in batch)
+    for request in batch:
+        ((response, flags),) = request.sender.sent
+        assert flags == FINAL and response.error.code() == "INTERNAL"
+        assert "boom" not in response.error.message() and "Traceback" not in response.error.message()
+    assert "a batch of 2 request(s) failed" in caplog.text and "boom" in caplog.text
+    triton_model.store.evict_idle = sweep
+    again = triton_request(3, PROMPT, 0, 1, start=1)
+    triton_model.execute([again])
+    assert again.sender.done.wait(10) and again.sender.sent[0][0].error is None
 
 
 def test_the_answers_go_out_before_the_metrics_are_updated(triton_model):
