@@ -55,6 +55,24 @@ MODEL_TEMPLATE = Path(__file__).parent / "model_repository" / contract.MODEL_NAM
 _HARMLESS = ("CudaDriverHelper has not been initialized",)
 
 
+_PYTHON_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
+
+
+def line_level(line: str, previous: int = logging.DEBUG) -> int:
+    """The level a line of Triton's output is logged at here: Triton's own lines (E/W/I + date) at ERROR,
+    WARNING or DEBUG; the model's Python log lines (the stub's logging format) at WARNING and above at their
+    own level, below at DEBUG; any other line (a traceback's, a table's) at the level of the line before it,
+    so a model's failure shows with its traceback in this service's log, not only in Triton's log file."""
+    if line[:1] in ("E", "W", "I") and line[1:2].isdigit():
+        if any(h in line for h in _HARMLESS):
+            return logging.DEBUG
+        return {"E": logging.ERROR, "W": logging.WARNING}.get(line[:1], logging.DEBUG)
+    if (match := _PYTHON_LINE.match(line)) is not None:
+        level = logging.getLevelName(match.group(1))
+        return level if level >= logging.WARNING else logging.DEBUG
+    return previous
+
+
 def triton_idle_us(idle_ttl_s: float) -> int:
     """Triton's own sequence idle timeout: above the model's TTL, so the model's NOT_FOUND comes first."""
     return int((idle_ttl_s + max(30.0, 0.1 * idle_ttl_s)) * 1e6)
@@ -258,16 +276,14 @@ class TritonServer:
     def _pump_log(self, proc: subprocess.Popen[bytes], path: Path) -> None:
         """Copy Triton's output to the log file and to the ``target_service.tritonserver`` logger."""
         assert proc.stdout is not None
+        previous = logging.DEBUG
         with open(path, "ab") as sink:
             for raw in proc.stdout:
                 sink.write(raw)
                 sink.flush()
                 line = raw.decode(errors="replace").rstrip()
                 self._tail.append(line)
-                # Triton's own lines start with E/W/I + date; everything else is the model's Python.
-                level = logging.DEBUG
-                if line[1:2].isdigit() and not any(h in line for h in _HARMLESS):
-                    level = {"E": logging.ERROR, "W": logging.WARNING}.get(line[:1], logging.DEBUG)
+                level = previous = line_level(line, previous)
                 if level == logging.ERROR:
                     self._errors.append(line)
                 triton_log.log(level, "%s", line)
