@@ -147,6 +147,8 @@ TRITON_NOT_SERVING = (
     "has no available versions",
     "is not ready",
 )
+# Triton's Python backend, when the model's stub process stopped answering its health checks (frozen, dead).
+TRITON_STUB_UNHEALTHY = "is not healthy"
 
 METRIC_LIVE_SEQUENCES = "specdec_target_live_sequences"  # gauge; labels model, instance
 METRIC_REQUESTS = "specdec_target_requests_total"  # counter; labels model, instance, code
@@ -184,7 +186,7 @@ def classify_error(status: str | None, message: str) -> ErrorKind:
         return ErrorKind.INVALID_ARGUMENT
     if message.startswith(INTERNAL_PREFIX):
         return ErrorKind.INTERNAL
-    if any(text in message for text in TRITON_NOT_SERVING):
+    if any(text in message for text in (*TRITON_NOT_SERVING, TRITON_STUB_UNHEALTHY)):
         return ErrorKind.UNAVAILABLE
     status = status or ""
     if status.endswith("INVALID_ARGUMENT"):

@@ -2,7 +2,8 @@
 
 Every flag falls back to an environment variable (``SPECDEC_TARGET_<FLAG>``), then to the defaults in
 ``target_service.config`` (the ports default to Triton's usual 8001 gRPC, 8000 HTTP and 8002 metrics;
-pass 0 for a free port).
+pass 0 for a free port). While it runs, it probes the model itself (`target_service.liveness`) and
+restarts a Triton whose model stopped answering, on the same ports.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 
-from target_service.config import parse_target_config
+from target_service.config import TritonServerConfig, parse_target_config
 from target_service.launcher import TritonServer
+from target_service.liveness import Liveness
 
 log = logging.getLogger("target_service")
 
@@ -38,11 +41,43 @@ def main(argv: Sequence[str] | None = None) -> int:
             "serving model %r: grpc %s, http %s, metrics %s (Ctrl-C to stop)",
             server.model_name, server.grpc_url, server.http_url, server.metrics_url,
         )  # fmt: skip
-        while not stop.wait(0.5):
-            if not server.is_running():
-                log.error("Triton exited on its own\n%s", server.log_tail())
-                return 1
+        liveness = start_liveness(config, server)
+        try:
+            while not stop.wait(0.5):
+                if not server.is_running():
+                    log.error("Triton exited on its own\n%s", server.log_tail())
+                    return 1
+                if liveness is not None and liveness.stuck() and not stop.is_set():
+                    try:
+                        restart_stuck(server, liveness)
+                    except Exception as exc:  # noqa: BLE001 - the service ends with the reason, not a traceback
+                        log.error("restarting Triton failed: %s", exc)
+                        return 1
+        finally:
+            if liveness is not None:
+                liveness.stop()
     return 0
+
+
+def start_liveness(config: TritonServerConfig, server: TritonServer) -> Liveness | None:
+    """The probes of the model (`target_service.liveness`), unless off (interval 0, or TLS)."""
+    if config.liveness_interval_s == 0:
+        return None
+    if config.grpc_tls_cert:
+        log.info("liveness probes off: gRPC is TLS and this process holds no client credentials for it")
+        return None
+    return Liveness(server.grpc_url, server.model_name, config.liveness_interval_s, config.liveness_timeout_s)
+
+
+def restart_stuck(server: TritonServer, liveness: Liveness) -> None:
+    """The model stopped answering: log where its threads are, then restart Triton on the same ports."""
+    stubs = server.dump_model_stacks()
+    log.error("the model answered no probe for %.0f s: restarting Triton (the stacks of its %d stub(s) follow in "
+              "its log)", liveness.timeout_s, stubs)
+    time.sleep(1.0)  # the stacks reach the log before the stub is stopped
+    server.restart()
+    liveness.reset()
+    log.info("Triton restarted: grpc %s", server.grpc_url)
 
 
 if __name__ == "__main__":

@@ -127,6 +127,16 @@ class TritonServerConfig:
         metadata={"help": "Triton's --exit-timeout-secs: it counts every open sequence as in flight, so keep it short"},
     )
     stop_grace_s: float = field(default=10.0, metadata={"help": "after SIGTERM, SIGKILL Triton and its stubs after this"})
+    liveness_interval_s: float = field(
+        default=5.0,
+        metadata={"help": "seconds between probes of the model itself through Triton's gRPC port (0 = off; off with "
+                  "TLS, which this process holds no client credentials for; target_service/liveness.py)"},
+    )
+    liveness_timeout_s: float = field(
+        default=30.0,
+        metadata={"help": "a probe unanswered this long means the model is stuck: its threads' stacks are logged "
+                  "and Triton is restarted on the same ports"},
+    )
     log_file: str = field(default="", metadata={"help": "write Triton's log here ('' = a temporary file)"})
     log_verbose: int = field(default=0, metadata={"help": "Triton's --log-verbose (> 0 also logs Triton's own lines)"})
 
@@ -143,6 +153,8 @@ class TritonServerConfig:
         for name in ("grpc_tls_cert", "grpc_tls_key", "grpc_tls_client_ca"):
             if getattr(self, name) and not Path(getattr(self, name)).is_file():
                 raise ValueError(f"{name}: no such file {getattr(self, name)!r}")
+        if self.liveness_interval_s < 0 or self.liveness_timeout_s <= 0:
+            raise ValueError("liveness_interval_s must be >= 0 and liveness_timeout_s > 0")
         if self.instance_count < 1 or self.max_batch_size < 1 or self.exit_timeout_s < 0:
             raise ValueError("instance_count and max_batch_size must be >= 1, exit_timeout_s >= 0")
 

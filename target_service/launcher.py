@@ -44,7 +44,7 @@ from types import TracebackType
 from specdec import target_contract as contract
 from specdec.filelock import file_lock
 from specdec.openmp import TARGET_SPINCOUNT, set_spin
-from specdec.procs import free_ports, kill_group, wait_triton_ready
+from specdec.procs import children_named, free_ports, kill_group, wait_triton_ready
 from target_service.config import TritonServerConfig
 
 log = logging.getLogger(__name__)
@@ -52,25 +52,34 @@ triton_log = logging.getLogger("target_service.tritonserver")
 
 MODEL_TEMPLATE = Path(__file__).parent / "model_repository" / contract.MODEL_NAME
 # Lines Triton logs as errors on every CPU-only start; harmless, logged at DEBUG.
+_STUB_COMM = "triton_python_b"  # the Python backend stub's command name (/proc's 15 characters)
 _HARMLESS = ("CudaDriverHelper has not been initialized",)
 
 
 _PYTHON_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
 
 
+# A line of a traceback or of a thread's stack: indented, its header, a chained exception's, or its last line.
+_CONTINUED = re.compile(r"^(\s|Traceback |During handling |The above exception |[A-Za-z_][\w.]*: |<no Python frame>)")
+_STACKS = re.compile(r"^(Current thread|Thread) 0x[0-9a-f]+ \(most recent call first\):")
+
+
 def line_level(line: str, previous: int = logging.DEBUG) -> int:
     """The level a line of Triton's output is logged at here: Triton's own lines (E/W/I + date) at ERROR,
     WARNING or DEBUG; the model's Python log lines (the stub's logging format) at WARNING and above at their
-    own level, below at DEBUG; any other line (a traceback's, a table's) at the level of the line before it,
-    so a model's failure shows with its traceback in this service's log, not only in Triton's log file."""
+    own level, below at DEBUG; a thread's stack from faulthandler at ERROR; a line of a traceback or a stack
+    at the level of the line before it, so a model's failure shows with its traceback in this service's log,
+    not only in Triton's log file; any other line at DEBUG."""
     if line[:1] in ("E", "W", "I") and line[1:2].isdigit():
         if any(h in line for h in _HARMLESS):
             return logging.DEBUG
         return {"E": logging.ERROR, "W": logging.WARNING}.get(line[:1], logging.DEBUG)
+    if _STACKS.match(line):  # faulthandler's, on SIGUSR1 (`TritonServer.dump_model_stacks`): its lines follow
+        return logging.ERROR
     if (match := _PYTHON_LINE.match(line)) is not None:
         level = logging.getLevelName(match.group(1))
         return level if level >= logging.WARNING else logging.DEBUG
-    return previous
+    return previous if _CONTINUED.match(line) else logging.DEBUG
 
 
 def triton_idle_us(idle_ttl_s: float) -> int:
@@ -292,6 +301,20 @@ class TritonServer:
         """Triton's last error lines and the last lines it (and the model's Python) wrote."""
         errors = "\n".join(self._errors) or "(none)"
         return f"--- Triton errors ---\n{errors}\n--- tail of the Triton log ---\n" + "\n".join(self._tail)
+
+    def dump_model_stacks(self) -> int:
+        """Have each model stub write its threads' stacks to the Triton log (SIGUSR1: the model registers
+        faulthandler for it, `target_service.triton_model`); how many stubs were asked."""
+        stubs = children_named(self._proc.pid, _STUB_COMM) if self._proc is not None else []
+        for pid in stubs:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
+        return len(stubs)
+
+    def restart(self) -> TritonServer:
+        """Stop Triton and start it again on the same ports."""
+        self.stop()
+        return self.start()
 
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None

@@ -12,8 +12,10 @@ tests drive it with a fake; `answer` is the synchronous core they call.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
+import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -181,6 +183,9 @@ class TargetModel:
     def initialize(self, args: Mapping[str, str]) -> None:
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        # SIGUSR1 writes every thread's stack to the Triton log: how the service shows where a model that stopped
+        # answering is stuck (`target_service.liveness`), even with a thread holding the GIL.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
         params = TargetModelParams.from_model_config(json.loads(args["model_config"]))
         self._row_cost = params.lookup_row_cost
         self._budget = params.max_forward_tokens

@@ -184,6 +184,7 @@ async def test_a_stream_that_breaks_under_a_sequence_is_a_lost_connection():
         ("Server is stopping, scheduler for model has stopped accepting new inference requests", "UNAVAILABLE"),
         ("Request for unknown model: 'specdec_target' is not found", "UNAVAILABLE"),
         ("Request for unknown model: 'specdec_target' has no available versions", "UNAVAILABLE"),
+        ("Stub process 'specdec_target_0_0' is not healthy.", "UNAVAILABLE"),  # seen: a frozen model stub
         ("no cache: sequence 5 has no cache here; resend the prefix with START", "SEQUENCE_LOST"),
         ("capacity: 64 live sequences", "CAPACITY"),
         ("invalid: keep_length 9 > cached 3", "INVALID_ARGUMENT"),

@@ -1,0 +1,113 @@
+"""Whether the model still answers: a probe through it every few seconds, for the service that runs Triton.
+
+Why it exists: Triton answers its own readiness (server and model READY) without asking the model's Python
+stub, so a stub that stopped answering (a thread stuck in a forward or in a send, a deadlock) leaves Triton
+"ready" while every request sent to it waits for its caller's deadline; the orchestrator's health checks
+(the same readiness) cannot tell either. Upstream reports the same of Python-backend stubs (Triton issues
+#7230, #8448); our CI saw one of two Tritons stop answering three seconds into a load test.
+
+So the service asks the model itself: a release request for a sequence id of its own (START and END, no
+tokens: the model answers it without a forward), on Triton's gRPC port, every ``interval_s``. `Liveness`
+runs the probes on a thread of its own; ``stuck()`` is True once one has gone unanswered for
+``timeout_s`` (a healthy model answers within a batch's time: ~a forward of ``max_forward_tokens``), or
+Triton answered it that the stub is not healthy (a stub frozen or dead, which Triton does notice).
+The caller (`target_service.__main__`) then has the stub's threads' stacks logged and restarts Triton:
+the streams of the generations it held break, and the orchestrator re-sends their prefixes to a replica
+that answers. A Triton that does not answer at all (stopping, restarting) is not "stuck": its process and
+the orchestrator's own health checks cover that.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from specdec import target_contract as contract
+
+log = logging.getLogger(__name__)
+
+
+def release_inputs() -> list[grpcclient.InferInput]:
+    """A release request's tensors: no tokens, KEEP_LENGTH 0, NUM_LOGITS 0 (`specdec.target_contract`)."""
+    tensors = [
+        (contract.INPUT_IDS, np.zeros((1, 0), dtype=np.int32)),
+        (contract.KEEP_LENGTH, np.zeros((1, 1), dtype=np.int32)),
+        (contract.NUM_LOGITS, np.zeros((1, 1), dtype=np.int32)),
+    ]
+    inputs = []
+    for name, array in tensors:
+        tensor = grpcclient.InferInput(name, list(array.shape), "INT32")
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def probe(url: str, model: str, timeout_s: float) -> bool | None:
+    """One probe: True if the model answered within ``timeout_s``; False if it did not, or Triton answered
+    that the model's stub is not healthy; None if Triton could not be asked (not listening, stopping)."""
+    client = grpcclient.InferenceServerClient(url)
+    answers: queue.Queue[InferenceServerException | None] = queue.Queue()
+    try:
+        client.start_stream(callback=lambda result, error: answers.put(error), stream_timeout=timeout_s + 5.0)
+        sequence_id = random.getrandbits(63) | 1  # its own: never one the orchestrator uses at the same time
+        client.async_stream_infer(model, release_inputs(), sequence_id=sequence_id, sequence_start=True,
+                                  sequence_end=True)
+        error = answers.get(timeout=timeout_s)
+    except queue.Empty:
+        return False
+    except InferenceServerException as exc:
+        log.debug("liveness probe not sent: %s", exc)
+        return None
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+    if error is None:
+        return True
+    if contract.TRITON_STUB_UNHEALTHY in error.message():
+        log.error("liveness probe: %s", error.message())
+        return False  # Triton knows the stub is gone, and answers every request so
+    if contract.classify_error(error.status(), error.message()) is contract.ErrorKind.UNAVAILABLE:
+        return None  # Triton is going away (or was never there): not for us to judge
+    log.warning("liveness probe answered with an error: %s", error)
+    return True  # it answered
+
+
+class Liveness:
+    """Probes ``model`` at ``url`` every ``interval_s`` on its own thread until `stop`."""
+
+    def __init__(self, url: str, model: str, interval_s: float, timeout_s: float) -> None:
+        if interval_s <= 0 or timeout_s <= 0:
+            raise ValueError(f"interval_s and timeout_s must be > 0, got {interval_s} and {timeout_s}")
+        self.url, self.model, self.interval_s, self.timeout_s = url, model, interval_s, timeout_s
+        self._stuck = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="liveness", daemon=True)
+        self._thread.start()
+
+    def stuck(self) -> bool:
+        """True once a probe went unanswered for ``timeout_s`` (until `reset`)."""
+        return self._stuck.is_set()
+
+    def reset(self) -> None:
+        """Triton was restarted: judge it afresh."""
+        self._stuck.clear()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(self.timeout_s + 10.0)
+
+    def _loop(self) -> None:
+        while not self._stopping.wait(self.interval_s):
+            if self._stuck.is_set():
+                continue  # the caller has yet to act on it
+            started = time.monotonic()
+            if probe(self.url, self.model, self.timeout_s) is False and not self._stopping.is_set():
+                log.error("the model answered no probe for %.0f s", time.monotonic() - started)
+                self._stuck.set()

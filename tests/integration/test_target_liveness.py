@@ -1,0 +1,74 @@
+"""A Triton whose model stopped answering is restarted by its own service (`target_service.liveness`).
+
+``python -m target_service`` (tiny model, 127.0.0.1, free ports) with probes every 0.5 s and a 3 s limit.
+The model's stub is frozen (SIGSTOP): Triton still reports itself and the model ready, the probe goes
+unanswered, and the service logs the stub's stacks and restarts Triton on the same ports, where the model
+answers again. A stub asked for its stacks (SIGUSR1) writes them into the service's log at ERROR.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import tritonclient.http as httpclient
+
+from specdec import target_contract as contract
+from specdec.procs import Process, children_named, free_ports, wait_triton_ready
+from target_service.liveness import probe
+from tests.integration.live import wait_until
+
+pytestmark = pytest.mark.integration
+
+HOST = "127.0.0.1"
+
+
+@pytest.fixture
+def service(tiny_model: Path, tmp_path: Path):
+    grpc_port, http_port, metrics_port = free_ports(3, HOST)
+    env = {**os.environ, "SPECDEC_TARGET_LIVENESS_INTERVAL_S": "0.5", "SPECDEC_TARGET_LIVENESS_TIMEOUT_S": "3",
+           "SPECDEC_TARGET_STOP_GRACE_S": "3"}
+    process = Process("triton", [
+        sys.executable, "-m", "target_service", "--host", HOST, "--grpc-port", str(grpc_port),
+        "--http-port", str(http_port), "--metrics-port", str(metrics_port), "--model", str(tiny_model),
+        "--threads", "1",
+    ], tmp_path / "target.log", env)  # fmt: skip
+    try:
+        wait_triton_ready(f"{HOST}:{http_port}", contract.MODEL_NAME, 180, process.check_alive, process.tail)
+        yield process, f"{HOST}:{grpc_port}", f"{HOST}:{http_port}"
+    finally:
+        process.stop()
+
+
+def stub_of(process: Process) -> tuple[int, int]:
+    (triton,) = children_named(process.pid, "tritonserver")
+    (stub,) = children_named(triton, "triton_python_b")
+    return triton, stub
+
+
+def test_a_stuck_model_is_restarted_on_the_same_ports_and_answers_again(service):
+    process, grpc_url, http_url = service
+    assert probe(grpc_url, contract.MODEL_NAME, 10) is True
+    triton, stub = stub_of(process)
+
+    os.kill(stub, signal.SIGUSR1)  # where its threads are, into the service's log
+    wait_until(lambda: "most recent call first" in process.log_path.read_text(), "the stub's stacks logged", 30)
+    stacks = [line for line in process.log_path.read_text().splitlines() if "most recent call first" in line]
+    assert all(" ERROR " in line for line in stacks), stacks
+
+    os.kill(stub, signal.SIGSTOP)  # the model stops answering; Triton does not notice
+    admin = httpclient.InferenceServerClient(http_url)
+    assert admin.is_server_ready() and admin.is_model_ready(contract.MODEL_NAME)
+    assert probe(grpc_url, contract.MODEL_NAME, 2) is False
+
+    wait_until(lambda: "restarting Triton" in process.log_path.read_text(), "the stuck model noticed", 60)
+    wait_until(lambda: "Triton restarted" in process.log_path.read_text(), "Triton restarted", 240)
+    process.check_alive()
+    assert probe(grpc_url, contract.MODEL_NAME, 10) is True
+    again, _ = stub_of(process)
+    assert again != triton
+    log_text = process.log_path.read_text()
+    assert "the model answered no probe for 3 s" in log_text and "Traceback" not in log_text
