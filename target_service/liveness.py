@@ -100,8 +100,10 @@ class Liveness:
         self._stuck.clear()
 
     def stop(self) -> None:
+        """No more probes. Does not wait for one under way (it ends within ``timeout_s``; the thread is a
+        daemon): a service stopping must not be held up by a model that stopped answering."""
         self._stopping.set()
-        self._thread.join(self.timeout_s + 10.0)
+        self._thread.join(0.5)
 
     def _loop(self) -> None:
         while not self._stopping.wait(self.interval_s):
