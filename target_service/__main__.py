@@ -72,8 +72,8 @@ def start_liveness(config: TritonServerConfig, server: TritonServer) -> Liveness
 def restart_stuck(server: TritonServer, liveness: Liveness) -> None:
     """The model stopped answering: log where its threads are, then restart Triton on the same ports."""
     stubs = server.dump_model_stacks()
-    log.error("the model answered no probe for %.0f s: restarting Triton (the stacks of its %d stub(s) follow in "
-              "its log)", liveness.timeout_s, stubs)
+    log.error("the model stopped answering its liveness probes: restarting Triton (the stacks of its %d stub(s) "
+              "follow in its log)", stubs)
     time.sleep(1.0)  # the stacks reach the log before the stub is stopped
     server.restart()
     liveness.reset()

@@ -111,5 +111,6 @@ class Liveness:
                 continue  # the caller has yet to act on it
             started = time.monotonic()
             if probe(self.url, self.model, self.timeout_s) is False and not self._stopping.is_set():
-                log.error("the model answered no probe for %.0f s", time.monotonic() - started)
+                if time.monotonic() - started >= self.timeout_s:  # else probe() logged Triton's answer
+                    log.error("no answer to a liveness probe within %.0f s", self.timeout_s)
                 self._stuck.set()

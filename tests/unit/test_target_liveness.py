@@ -1,11 +1,17 @@
-"""`target_service.liveness.Liveness` without Triton: which probe outcomes make a model "stuck" (the real
-probe against a frozen model stub is tests/integration/test_target_liveness.py)."""
+"""`target_service.liveness` without Triton: which probe outcomes make a model "stuck", and the probe against
+a server that takes the request and never answers, or answers (the real Triton with a frozen model stub is
+tests/integration/test_target_liveness.py)."""
 
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
 
+import grpc
 import pytest
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from target_service import liveness
 from target_service.config import TritonServerConfig
@@ -54,3 +60,45 @@ def test_liveness_settings_are_checked():
         TritonServerConfig(liveness_interval_s=-1)
     with pytest.raises(ValueError, match="interval_s"):
         liveness.Liveness("127.0.0.1:1", "m", interval_s=0, timeout_s=1.0)
+
+
+class Silent(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """A Triton whose model takes requests and answers none (``answer``: or answers each at once)."""
+
+    def __init__(self, answer: bool) -> None:
+        self.answer, self.requests = answer, []
+
+    def ModelStreamInfer(self, request_iterator, context):  # noqa: N802 - the generated name
+        for request in request_iterator:
+            self.requests.append(request)
+            if self.answer:
+                yield service_pb2.ModelStreamInferResponse(infer_response=service_pb2.ModelInferResponse())
+        while context.is_active():  # keeps the stream open, as a stuck model does
+            time.sleep(0.05)
+
+
+@pytest.fixture(params=[False, True], ids=["silent", "answering"])
+def fake_triton(request) -> Iterator[tuple[str, Silent]]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    servicer = Silent(answer=request.param)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}", servicer
+    finally:
+        server.stop(0).wait()
+
+
+def test_the_probe_is_a_release_of_its_own_and_a_silent_model_fails_it(fake_triton):
+    url, servicer = fake_triton
+    assert liveness.probe(url, "specdec_target", timeout_s=1.0) is servicer.answer
+    (request,) = servicer.requests
+    assert request.model_name == "specdec_target" and request.parameters["sequence_id"].int64_param > 0
+    assert request.parameters["sequence_start"].bool_param and request.parameters["sequence_end"].bool_param
+    assert [(i.name, list(i.shape)) for i in request.inputs] == [
+        ("INPUT_IDS", [1, 0]), ("KEEP_LENGTH", [1, 1]), ("NUM_LOGITS", [1, 1])]
+
+
+def test_a_triton_not_listening_cannot_be_asked():
+    assert liveness.probe("127.0.0.1:1", "specdec_target", timeout_s=5.0) is None
