@@ -112,12 +112,7 @@ def decode_request(
 
 def release_request(model: str, sequence_id: int, *, start: bool = False) -> service_pb2.ModelInferRequest:
     """END with no tokens: drop the sequence's cache. ``start`` also for a sequence Triton no longer knows."""
-    tensors = [
-        (contract.INPUT_IDS, np.zeros((1, 0), dtype=np.int32)),
-        (contract.KEEP_LENGTH, _scalar(0, np.int32)),
-        (contract.NUM_LOGITS, _scalar(0, np.int32)),
-    ]
-    return _request(model, sequence_id, start, True, tensors, _RELEASE_OUTPUTS)
+    return _request(model, sequence_id, start, True, contract.release_tensors(), _RELEASE_OUTPUTS)
 
 
 def _output(response: service_pb2.ModelInferResponse, name: str, position: int) -> np.ndarray:

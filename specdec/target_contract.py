@@ -196,6 +196,16 @@ def classify_error(status: str | None, message: str) -> ErrorKind:
     return ErrorKind.INTERNAL
 
 
+def release_tensors() -> list[tuple[str, np.ndarray]]:
+    """A release request's tensors: no INPUT_IDS ([1, 0]), KEEP_LENGTH 0 and NUM_LOGITS 0 ([1, 1] each); sent
+    with END (and START too for a sequence Triton does not know)."""
+    return [
+        (INPUT_IDS, np.zeros((1, 0), dtype=np.int32)),
+        (KEEP_LENGTH, np.zeros((1, 1), dtype=np.int32)),
+        (NUM_LOGITS, np.zeros((1, 1), dtype=np.int32)),
+    ]
+
+
 def sampling_tensors(params: SamplingParams) -> list[tuple[str, np.ndarray]]:
     """The sampling settings as the request's TEMPERATURE, TOP_K and TOP_P tensors ([1, 1] each)."""
     return [

@@ -25,7 +25,6 @@ import random
 import threading
 import time
 
-import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
@@ -35,14 +34,9 @@ log = logging.getLogger(__name__)
 
 
 def release_inputs() -> list[grpcclient.InferInput]:
-    """A release request's tensors: no tokens, KEEP_LENGTH 0, NUM_LOGITS 0 (`specdec.target_contract`)."""
-    tensors = [
-        (contract.INPUT_IDS, np.zeros((1, 0), dtype=np.int32)),
-        (contract.KEEP_LENGTH, np.zeros((1, 1), dtype=np.int32)),
-        (contract.NUM_LOGITS, np.zeros((1, 1), dtype=np.int32)),
-    ]
+    """A release request's tensors (`specdec.target_contract.release_tensors`) as tritonclient inputs."""
     inputs = []
-    for name, array in tensors:
+    for name, array in contract.release_tensors():
         tensor = grpcclient.InferInput(name, list(array.shape), "INT32")
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
