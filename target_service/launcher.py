@@ -51,29 +51,26 @@ log = logging.getLogger(__name__)
 triton_log = logging.getLogger("target_service.tritonserver")
 
 MODEL_TEMPLATE = Path(__file__).parent / "model_repository" / contract.MODEL_NAME
-# Lines Triton logs as errors on every CPU-only start; harmless, logged at DEBUG.
 _STUB_COMM = "triton_python_b"  # the Python backend stub's command name (/proc's 15 characters)
+# Lines Triton logs as errors on every CPU-only start; harmless, logged at DEBUG.
 _HARMLESS = ("CudaDriverHelper has not been initialized",)
-
-
+# The model's Python log lines (the stub's logging format, `target_service.triton_model`).
 _PYTHON_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
-
-
 # A line of a traceback or of a thread's stack: indented, its header, a chained exception's, or its last line.
 _CONTINUED = re.compile(r"^(\s|Traceback |During handling |The above exception |[A-Za-z_][\w.]*: |<no Python frame>)")
 _STACKS = re.compile(r"^(Current thread|Thread) 0x[0-9a-f]+ \(most recent call first\):")
 
 
 def line_level(line: str, previous: int = logging.DEBUG) -> int:
-    """The level a line of Triton's output is logged at here: Triton's own lines (E/W/I + date) at ERROR,
+    """The level a line of Triton's output is logged at here: Triton's own lines (F/E/W/I + date) at ERROR,
     WARNING or DEBUG; the model's Python log lines (the stub's logging format) at WARNING and above at their
     own level, below at DEBUG; a thread's stack from faulthandler at ERROR; a line of a traceback or a stack
     at the level of the line before it, so a model's failure shows with its traceback in this service's log,
     not only in Triton's log file; any other line at DEBUG."""
-    if line[:1] in ("E", "W", "I") and line[1:2].isdigit():
+    if line[:1] in ("F", "E", "W", "I") and line[1:2].isdigit():
         if any(h in line for h in _HARMLESS):
             return logging.DEBUG
-        return {"E": logging.ERROR, "W": logging.WARNING}.get(line[:1], logging.DEBUG)
+        return {"F": logging.ERROR, "E": logging.ERROR, "W": logging.WARNING}.get(line[:1], logging.DEBUG)
     if _STACKS.match(line):  # faulthandler's, on SIGUSR1 (`TritonServer.dump_model_stacks`): its lines follow
         return logging.ERROR
     if (match := _PYTHON_LINE.match(line)) is not None:

@@ -38,6 +38,7 @@ def test_a_stubs_stacks_on_sigusr1_are_errors_here_line_by_line():
 
 def test_tritons_own_lines_by_their_letter_and_what_follows_them_alike():
     assert line_level('E1203 09:21:16.606994 17467 model.cc:1] "failed"') == logging.ERROR
+    assert line_level('F1203 09:21:16.606994 17467 server.cc:1] "fatal"') == logging.ERROR
     assert line_level('W1203 09:21:16.606994 17467 pinned_memory_manager.cc:170] "no pool"') == logging.WARNING
     info = line_level('I1203 09:21:16.607645 17467 server.cc:631]', logging.ERROR)
     assert info == logging.DEBUG and line_level("| Backend | Path |", info) == logging.DEBUG
