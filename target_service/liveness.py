@@ -25,19 +25,20 @@ import random
 import threading
 import time
 
+import numpy as np
 import tritonclient.grpc as grpcclient
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from specdec import target_contract as contract
 
 log = logging.getLogger(__name__)
 
 
-def release_inputs() -> list[grpcclient.InferInput]:
-    """A release request's tensors (`specdec.target_contract.release_tensors`) as tritonclient inputs."""
+def infer_inputs(tensors: list[tuple[str, np.ndarray]]) -> list[grpcclient.InferInput]:
+    """Named arrays (as `specdec.target_contract` builds them) as tritonclient inputs."""
     inputs = []
-    for name, array in contract.release_tensors():
-        tensor = grpcclient.InferInput(name, list(array.shape), "INT32")
+    for name, array in tensors:
+        tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
     return inputs
@@ -51,7 +52,7 @@ def probe(url: str, model: str, timeout_s: float) -> bool | None:
     try:
         client.start_stream(callback=lambda result, error: answers.put(error), stream_timeout=timeout_s + 5.0)
         sequence_id = random.getrandbits(63) | 1  # its own: never one the orchestrator uses at the same time
-        client.async_stream_infer(model, release_inputs(), sequence_id=sequence_id, sequence_start=True,
+        client.async_stream_infer(model, infer_inputs(contract.release_tensors()), sequence_id=sequence_id, sequence_start=True,
                                   sequence_end=True)
         error = answers.get(timeout=timeout_s)
     except queue.Empty:
@@ -86,7 +87,8 @@ class Liveness:
         self._thread.start()
 
     def stuck(self) -> bool:
-        """True once a probe went unanswered for ``timeout_s`` (until `reset`)."""
+        """True once a probe went unanswered for ``timeout_s``, or Triton answered that the stub is not
+        healthy (until `reset`)."""
         return self._stuck.is_set()
 
     def reset(self) -> None:

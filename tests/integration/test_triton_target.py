@@ -34,6 +34,7 @@ from specdec.rows import PackedRows
 from specdec.sampling import SamplingParams, warp
 from target_service.config import TargetModelParams, TritonServerConfig
 from target_service.launcher import TritonServer
+from target_service.liveness import infer_inputs
 from tests.integration.live import frozen_objects, wait_until
 
 pytestmark = pytest.mark.integration
@@ -103,17 +104,11 @@ def new_sid() -> int:
 
 
 def inputs(ids: list[int], keep: int, n: int) -> list[grpcclient.InferInput]:
-    arrays = {
-        contract.INPUT_IDS: np.array(ids, dtype=np.int32).reshape(1, len(ids)),  # [1, T]
-        contract.KEEP_LENGTH: np.array([[keep]], dtype=np.int32),  # [1, 1]
-        contract.NUM_LOGITS: np.array([[n]], dtype=np.int32),  # [1, 1]
-    }
-    out = []
-    for name, array in arrays.items():
-        tensor = grpcclient.InferInput(name, list(array.shape), "INT32")
-        tensor.set_data_from_numpy(array)
-        out.append(tensor)
-    return out
+    return infer_inputs([
+        (contract.INPUT_IDS, np.array(ids, dtype=np.int32).reshape(1, len(ids))),  # [1, T]
+        (contract.KEEP_LENGTH, np.array([[keep]], dtype=np.int32)),  # [1, 1]
+        (contract.NUM_LOGITS, np.array([[n]], dtype=np.int32)),  # [1, 1]
+    ])
 
 
 def infer(client: Target, sid: int, ids: list[int], keep: int, n: int, *, start: bool = False,
