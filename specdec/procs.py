@@ -155,6 +155,11 @@ def _proc_stats() -> list[tuple[int, str, int, int]]:
     return found
 
 
+def pids_named(name: str) -> list[int]:
+    """Pids of every process in sight whose command name is ``name``."""
+    return [pid for pid, comm, _, _ in _proc_stats() if comm == name]
+
+
 def children_named(parent: int, name: str) -> list[int]:
     """Pids of the direct children of ``parent`` whose command name is ``name``."""
     return [pid for pid, comm, ppid, _ in _proc_stats() if ppid == parent and comm == name]

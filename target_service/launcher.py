@@ -46,12 +46,12 @@ from specdec.filelock import file_lock
 from specdec.openmp import TARGET_SPINCOUNT, set_spin
 from specdec.procs import children_named, free_ports, kill_group, wait_triton_ready
 from target_service.config import TritonServerConfig
+from target_service.liveness import STUB_COMM
 
 log = logging.getLogger(__name__)
 triton_log = logging.getLogger("target_service.tritonserver")
 
 MODEL_TEMPLATE = Path(__file__).parent / "model_repository" / contract.MODEL_NAME
-_STUB_COMM = "triton_python_b"  # the Python backend stub's command name (/proc's 15 characters)
 # Lines Triton logs as errors on every CPU-only start; harmless, logged at DEBUG.
 _HARMLESS = ("CudaDriverHelper has not been initialized",)
 # The model's Python log lines (the stub's logging format, `target_service.triton_model`).
@@ -302,7 +302,7 @@ class TritonServer:
     def dump_model_stacks(self) -> int:
         """Have each model stub write its threads' stacks to the Triton log (SIGUSR1: the model registers
         faulthandler for it, `target_service.triton_model`); how many stubs were asked."""
-        stubs = children_named(self._proc.pid, _STUB_COMM) if self._proc is not None else []
+        stubs = children_named(self._proc.pid, STUB_COMM) if self._proc is not None else []
         for pid in stubs:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGUSR1)

@@ -15,23 +15,40 @@ The caller (`target_service.__main__`) then has the stub's threads' stacks logge
 the streams of the generations it held break, and the orchestrator re-sends their prefixes to a replica
 that answers. A Triton that does not answer at all (stopping, restarting) is not "stuck": its process and
 the orchestrator's own health checks cover that.
+
+Where Triton runs without our service (NVIDIA's container in ``deploy/k8s``), the same probe runs once as
+a command, for an exec liveness probe: ``python3 -m target_service.liveness 127.0.0.1:8001`` (with the
+pod's certificate under mutual TLS) exits 0 when the model answered, 1 otherwise; ``--dump-stacks`` first
+has the stubs write their stacks to the container's log, so the restart the kubelet then makes leaves a
+trace of where the model was stuck.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import logging
+import os
 import queue
 import random
+import signal
+import sys
 import threading
 import time
+from collections.abc import Sequence
 
+import grpc
 import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from specdec import target_contract as contract
+from specdec.procs import pids_named
+from specdec.tls import channel_credentials, channel_options
 
 log = logging.getLogger(__name__)
+
+STUB_COMM = "triton_python_b"  # the Python backend stub's command name (/proc's 15 characters)
 
 
 def infer_inputs(tensors: list[tuple[str, np.ndarray]]) -> list[grpcclient.InferInput]:
@@ -44,10 +61,14 @@ def infer_inputs(tensors: list[tuple[str, np.ndarray]]) -> list[grpcclient.Infer
     return inputs
 
 
-def probe(url: str, model: str, timeout_s: float) -> bool | None:
+def probe(url: str, model: str, timeout_s: float, credentials: grpc.ChannelCredentials | None = None,
+          server_name: str = "") -> bool | None:
     """One probe: True if the model answered within ``timeout_s``; False if it did not, or Triton answered
-    that the model's stub is not healthy; None if Triton could not be asked (not listening, stopping)."""
-    client = grpcclient.InferenceServerClient(url)
+    that the model's stub is not healthy; None if Triton could not be asked (not listening, stopping).
+    Over TLS with ``credentials`` (`specdec.tls.channel_credentials`), checking the server's certificate
+    against ``server_name`` when given."""
+    options = list(channel_options(credentials, server_name))
+    client = grpcclient.InferenceServerClient(url, creds=credentials, channel_args=options or None)
     answers: queue.Queue[InferenceServerException | None] = queue.Queue()
     try:
         client.start_stream(callback=lambda result, error: answers.put(error), stream_timeout=timeout_s + 5.0)
@@ -110,3 +131,56 @@ class Liveness:
                 if time.monotonic() - started >= self.timeout_s:  # else probe() logged Triton's answer
                     log.error("no answer to a liveness probe within %.0f s", self.timeout_s)
                 self._stuck.set()
+
+
+def dump_stacks() -> int:
+    """Have every model stub this process can see write its threads' stacks to Triton's log (SIGUSR1: the
+    model registers faulthandler for it, `target_service.triton_model`); how many were asked."""
+    stubs = pids_named(STUB_COMM)
+    for pid in stubs:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGUSR1)
+    return len(stubs)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """One probe as a command (an exec liveness probe): exit 0 if the model answered, 1 if not."""
+    parser = argparse.ArgumentParser(
+        prog="python -m target_service.liveness",
+        description="Ask the model behind a Triton gRPC port to answer a release request of its own (no forward); "
+                    "exit 0 if it answered, 1 if it did not within --timeout-s, Triton reports its stub unhealthy, "
+                    "or Triton cannot be reached.")  # fmt: skip
+    parser.add_argument("address", help="host:port of Triton's gRPC port")
+    parser.add_argument("--model", default=contract.MODEL_NAME, help="the model to probe")
+    parser.add_argument("--timeout-s", type=float, default=20.0, help="seconds the model has to answer")
+    parser.add_argument("--tls-ca", default="", help="PEM CA bundle that signed Triton's certificate ('' = plaintext)")
+    parser.add_argument("--tls-cert", default="", help="PEM client certificate, for a Triton that requires one")
+    parser.add_argument("--tls-key", default="", help="PEM key of --tls-cert")
+    parser.add_argument("--server-name", default="", help="name Triton's certificate must carry")
+    parser.add_argument("--dump-stacks", action="store_true",
+                        help="when the model did not answer, first have every model stub in sight write its "
+                             "threads' stacks to Triton's log (SIGUSR1)")  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.timeout_s <= 0:
+        parser.error(f"--timeout-s must be > 0, got {args.timeout_s}")
+    logging.basicConfig(level=logging.WARNING, format="liveness: %(message)s", stream=sys.stderr)
+    try:
+        credentials = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+    except ValueError as exc:
+        print(f"liveness: {exc}", file=sys.stderr)
+        return 1
+    answered = probe(args.address, args.model, args.timeout_s, credentials, args.server_name)
+    if answered:
+        return 0
+    if answered is None:
+        print(f"liveness: {args.address}: Triton could not be asked (not listening, or stopping)", file=sys.stderr)
+        return 1
+    print(f"liveness: {args.address}: model {args.model} did not answer a release within {args.timeout_s:g} s, "
+          "or its stub is not healthy", file=sys.stderr)  # fmt: skip
+    if args.dump_stacks:
+        print(f"liveness: asked {dump_stacks()} model stub(s) for their stacks (Triton's log)", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

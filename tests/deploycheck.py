@@ -6,9 +6,11 @@ longer matches, a model repository path the image does not have. These checks ru
 * every Kubernetes object validates against the Kubernetes JSON schemas (``kubernetes-validate``,
   strict: an unknown field is an error);
 * every flag a container passes to one of our programs (``python -m orchestrator | draft_service |
-  target_service | specdec.probe``) or to ``tritonserver`` exists in that program's ``--help``;
+  target_service | specdec.probe | target_service.liveness``) or to ``tritonserver`` exists in that
+  program's ``--help``;
 * ports, names and images agree: a container listens where its flags say, probes and Services point at
-  those ports, the orchestrator's pools name headless Services (or compose services) on the right ports,
+  those ports (an exec probe at the gRPC port, with a client certificate where the port requires one),
+  the orchestrator's pools name headless Services (or compose services) on the right ports,
   Triton's model repository is where its Dockerfile puts it, and compose and Kubernetes run each
   program from the same image.
 
@@ -31,7 +33,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S_VERSION = "1.31"
-PROGRAMS = ("orchestrator", "draft_service", "target_service", "specdec.probe")
+PROGRAMS = ("orchestrator", "draft_service", "target_service", "specdec.probe", "target_service.liveness")
 _FLAG = re.compile(r"(?<![\w-])(--[a-z0-9][a-z0-9-]*)")
 
 
@@ -57,7 +59,7 @@ def schema_errors(docs: Iterable[dict[str, Any]]) -> list[str]:
 
 
 def program_of(argv: list[str]) -> str | None:
-    if argv[:2] == ["python", "-m"] and len(argv) > 2:
+    if argv[:1] in (["python"], ["python3"]) and argv[1:2] == ["-m"] and len(argv) > 2:
         return argv[2]
     if argv and argv[0] == "tritonserver":
         return "tritonserver"
@@ -172,17 +174,19 @@ def k8s_consistency_errors(docs: list[dict[str, Any]], triton_dockerfile: str) -
             metrics = flag_value(argv, "--metrics-port")
             if "prometheus.io/port" in annotations and metrics != annotations["prometheus.io/port"]:
                 problems.append(f"{name}: prometheus.io/port {annotations['prometheus.io/port']} != --metrics-port {metrics}")
-            for key in ("readinessProbe", "livenessProbe"):
+            grpc_port = flag_value(argv, "--grpc-port" if program == "tritonserver" else "--port")
+            for key in ("startupProbe", "readinessProbe", "livenessProbe"):
                 probe = c.get(key) or {}
                 port = (probe.get("grpc") or probe.get("httpGet") or {}).get("port")
                 if port is not None and port not in ports:
                     problems.append(f"{name}: {key} port {port} is not a containerPort")
-                if "grpc" in probe and str(port) != flag_value(argv, "--port"):
-                    problems.append(f"{name}: {key} probes gRPC on {port}, the server listens on {flag_value(argv, '--port')}")
+                if "grpc" in probe and str(port) != grpc_port:
+                    problems.append(f"{name}: {key} probes gRPC on {port}, the server listens on {grpc_port}")
                 if "exec" in probe:
-                    address = probe["exec"]["command"][3]
-                    if address.rpartition(":")[2] != flag_value(argv, "--port"):
-                        problems.append(f"{name}: {key} probes {address}, the server listens on {flag_value(argv, '--port')}")
+                    command = [str(a) for a in probe["exec"]["command"]]
+                    if command[3].rpartition(":")[2] != grpc_port:
+                        problems.append(f"{name}: {key} probes {command[3]}, the server listens on {grpc_port}")
+                    problems += [f"{name}: {key}: {p}" for p in _probe_tls_errors(argv, command)]
             if program == "tritonserver" and flag_value(argv, "--model-repository") != repository:
                 problems.append(f"{name}: --model-repository {flag_value(argv, '--model-repository')} but the "
                                 f"Triton image has its models in {repository}")  # fmt: skip
@@ -198,6 +202,21 @@ def k8s_consistency_errors(docs: list[dict[str, Any]], triton_dockerfile: str) -
         for port in service["spec"]["ports"]:
             if port.get("targetPort", port["port"]) not in ports:
                 problems.append(f"Service {service['metadata']['name']}: port {port} reaches no containerPort")
+    return problems
+
+
+def _probe_tls_errors(server: list[str], probe: list[str]) -> list[str]:
+    """A probe of a TLS port must speak TLS, and present a certificate where the port requires one."""
+    if program_of(server) == "tritonserver":
+        tls = flag_value(server, "--grpc-use-ssl") == "true" or flag_value(server, "--grpc-use-ssl-mutual") == "true"
+        mutual = flag_value(server, "--grpc-use-ssl-mutual") == "true"
+    else:
+        tls, mutual = flag_value(server, "--tls-cert") is not None, flag_value(server, "--tls-client-ca") is not None
+    problems = []
+    if tls != (flag_value(probe, "--tls-ca") is not None):
+        problems.append("the probe's TLS (--tls-ca) does not match the server's port" + (" (TLS)" if tls else " (plaintext)"))
+    if mutual and flag_value(probe, "--tls-cert") is None:
+        problems.append("the server requires a client certificate, the probe presents none (--tls-cert)")
     return problems
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -52,6 +53,9 @@ def stub_of(process: Process) -> tuple[int, int]:
 def test_a_stuck_model_is_restarted_on_the_same_ports_and_answers_again(service):
     process, grpc_url, http_url = service
     assert probe(grpc_url, contract.MODEL_NAME, 10) is True
+    command = [sys.executable, "-m", "target_service.liveness", grpc_url, "--timeout-s", "10"]  # the exec probe's
+    answered = subprocess.run(command, capture_output=True, text=True, timeout=120)  # noqa: S603 - ours
+    assert answered.returncode == 0, answered.stderr
     triton, stub = stub_of(process)
 
     os.kill(stub, signal.SIGUSR1)  # where its threads are, into the service's log

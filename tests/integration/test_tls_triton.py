@@ -4,12 +4,16 @@
 A client with a certificate from the CA opens a sequence, scores and releases it, through the
 orchestrator's target pool; one without a certificate, with another CA's, or in plaintext is refused
 cleanly (a clear UNAVAILABLE naming the pool, within the connect timeout, not a hang). Triton's
-plaintext HTTP port keeps its health endpoints open (probes) and closes every other API.
+plaintext HTTP port keeps its health endpoints open (probes) and closes every other API. The exec liveness
+probe (``python -m target_service.liveness``) reaches the model with a certificate from the CA, and fails
+without one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -25,7 +29,7 @@ from specdec.tiny import save_tiny_llama
 from specdec.tls import channel_credentials
 from target_service.config import TargetModelParams, TritonServerConfig
 from target_service.launcher import TritonServer
-from tests.conftest import Pki
+from tests.conftest import SERVER_NAME, Pki
 from tests.integration.live import triton_live_sequences, wait_until
 
 pytestmark = pytest.mark.integration
@@ -91,3 +95,17 @@ def test_triton_http_port_keeps_health_open_and_every_other_api_closed(tls_trito
             request = urllib.request.Request(base + path, method="POST" if "repository" in path else "GET")
             urllib.request.urlopen(request, timeout=5)  # noqa: S310 - loopback
         assert info.value.code in (401, 403), (path, info.value.code)
+
+
+def test_the_liveness_command_reaches_the_model_with_a_certificate_from_the_ca(tls_triton, pki):
+    def probe(*tls: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "target_service.liveness", tls_triton.grpc_url, "--timeout-s", "10", *tls]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=120)  # noqa: S603 - ours
+
+    answered = probe("--tls-ca", pki.ca, "--tls-cert", pki.client.cert, "--tls-key", pki.client.key,
+                     "--server-name", SERVER_NAME)  # fmt: skip
+    assert answered.returncode == 0, answered.stderr
+    for why, tls in {"no client certificate": ["--tls-ca", pki.ca], "plaintext": []}.items():
+        refused = probe(*tls)
+        assert refused.returncode == 1 and "Triton could not be asked" in refused.stderr, (why, refused.stderr)
+    assert triton_live_sequences(tls_triton.metrics_url) == 0

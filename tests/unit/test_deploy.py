@@ -113,3 +113,19 @@ def test_the_checks_catch_a_pool_that_is_not_headless_and_a_model_repository_the
     assert compose_errors(compose, load_all(text), TRITON_DOCKERFILE) == [
         "compose orchestrator: --draft-address draft:50099: draft listens on 50052"
     ]
+
+
+def test_the_checks_catch_a_triton_liveness_probe_at_the_wrong_port_without_its_certificate_or_flag() -> None:
+    text = (ROOT / "deploy" / "k8s" / "specdec-mtls.yaml").read_text()
+    probe = '"target_service.liveness", "127.0.0.1:8001", "--timeout-s", "20", "--dump-stacks", "--tls-ca", "/etc/specdec/tls/ca.crt", "--tls-cert", "/etc/specdec/tls/tls.crt", "--tls-key", "/etc/specdec/tls/tls.key"'
+    assert probe in text
+    broken = text.replace(probe, '"target_service.liveness", "127.0.0.1:8000", "--timeout", "20", "--tls-ca", "/etc/specdec/tls/ca.crt"')
+    docs = load_all(broken)
+    assert k8s_consistency_errors(docs, TRITON_DOCKERFILE) == [
+        "specdec-triton: livenessProbe probes 127.0.0.1:8000, the server listens on 8001",
+        "specdec-triton: livenessProbe: the server requires a client certificate, the probe presents none (--tls-cert)",
+    ]
+    assert k8s_flag_errors(docs) == ["specdec-triton/triton probe: target_service.liveness has no flag --timeout"]
+    plaintext = load_all(text.replace('"--tls-ca", "/etc/specdec/tls/ca.crt", "--tls-cert", "/etc/specdec/tls/tls.crt", "--tls-key", "/etc/specdec/tls/tls.key", "--server-name", "specdec-triton"', ""))
+    assert "specdec-triton: livenessProbe: the probe's TLS (--tls-ca) does not match the server's port (TLS)" in (
+        k8s_consistency_errors(plaintext, TRITON_DOCKERFILE))

@@ -2,14 +2,17 @@
 
 Why: the OS may hand a port it just released out again, and a Triton given the same port for two of its
 listeners refuses to start (a CI run failed so: "cannot listen to GRPC requests and metrics requests at the
-same address and port").
+same address and port"). And processes found by their command name (the Triton stubs a liveness probe
+asks for their stacks).
 """
 
 from __future__ import annotations
 
+import os
 import socket
+from pathlib import Path
 
-from specdec.procs import free_ports
+from specdec.procs import free_ports, pids_named
 from target_service.config import TritonServerConfig
 from target_service.launcher import TritonServer
 
@@ -34,3 +37,9 @@ def test_triton_free_ports_avoid_the_ones_asked_for():
     assert server.grpc_port == asked
     assert asked not in (server.http_port, server.metrics_port)
     assert server.http_port != server.metrics_port
+
+
+def test_processes_are_found_by_their_command_name():
+    me = Path("/proc/self/comm").read_text().strip()
+    assert os.getpid() in pids_named(me)
+    assert pids_named("no-such-program") == []

@@ -4,6 +4,9 @@ tests/integration/test_target_liveness.py)."""
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -77,17 +80,24 @@ class Silent(service_pb2_grpc.GRPCInferenceServiceServicer):
             time.sleep(0.05)
 
 
-@pytest.fixture(params=[False, True], ids=["silent", "answering"])
-def fake_triton(request) -> Iterator[tuple[str, Silent]]:
+@contextlib.contextmanager
+def serving(servicer: Silent) -> Iterator[str]:
+    """``servicer`` as a Triton gRPC server on 127.0.0.1; its address."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    servicer = Silent(answer=request.param)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        yield f"127.0.0.1:{port}", servicer
+        yield f"127.0.0.1:{port}"
     finally:
         server.stop(0).wait()
+
+
+@pytest.fixture(params=[False, True], ids=["silent", "answering"])
+def fake_triton(request) -> Iterator[tuple[str, Silent]]:
+    servicer = Silent(answer=request.param)
+    with serving(servicer) as url:
+        yield url, servicer
 
 
 def test_the_probe_is_a_release_of_its_own_and_a_silent_model_fails_it(fake_triton):
@@ -102,3 +112,41 @@ def test_the_probe_is_a_release_of_its_own_and_a_silent_model_fails_it(fake_trit
 
 def test_a_triton_not_listening_cannot_be_asked():
     assert liveness.probe("127.0.0.1:1", "specdec_target", timeout_s=5.0) is None
+
+
+def test_the_command_exits_0_only_when_the_model_answers(fake_triton, capsys):
+    url, servicer = fake_triton
+    assert liveness.main([url, "--timeout-s", "1"]) == (0 if servicer.answer else 1)
+    assert len(servicer.requests) == 1
+    assert ("did not answer a release within 1 s" in capsys.readouterr().err) is not servicer.answer
+
+
+def test_the_command_fails_when_triton_cannot_be_asked(capsys):
+    assert liveness.main(["127.0.0.1:1", "--timeout-s", "5"]) == 1
+    assert "127.0.0.1:1: Triton could not be asked" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("answer", [False, True], ids=["silent", "answering"])
+def test_the_command_has_the_stubs_dump_their_stacks_only_when_the_model_did_not_answer(monkeypatch, capsys, answer):
+    stub = subprocess.Popen(  # stands in for a model stub: faulthandler on SIGUSR1, as the model registers it
+        [sys.executable, "-c", "import faulthandler, signal, sys, time\n"
+         "faulthandler.register(signal.SIGUSR1)\nprint('ready', flush=True)\ntime.sleep(60)"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert stub.stdout is not None and stub.stdout.readline() == "ready\n"
+        monkeypatch.setattr(liveness, "pids_named", lambda name: [stub.pid] if name == liveness.STUB_COMM else [])
+        with serving(Silent(answer=answer)) as url:
+            assert liveness.main([url, "--timeout-s", "0.5", "--dump-stacks"]) == (0 if answer else 1)
+        assert ("asked 1 model stub(s) for their stacks" in capsys.readouterr().err) is not answer
+    finally:
+        stub.terminate()
+        _, err = stub.communicate(timeout=30)
+    assert ("most recent call first" in err) is not answer, err
+
+
+def test_bad_command_settings_are_refused(capsys, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        liveness.main(["127.0.0.1:1", "--timeout-s", "0"])
+    assert info.value.code == 2 and "--timeout-s must be > 0" in capsys.readouterr().err
+    assert liveness.main(["127.0.0.1:1", "--tls-cert", str(tmp_path / "missing.crt"), "--tls-key", str(tmp_path / "k")]) == 1
+    assert "liveness: " in capsys.readouterr().err
