@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import importlib.metadata
 import importlib.util
 import logging
@@ -38,6 +39,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -59,6 +61,8 @@ _PYTHON_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (DEBUG|INFO|WARN
 # A line of a traceback or of a thread's stack: indented, its header, a chained exception's, or its last line.
 _CONTINUED = re.compile(r"^(\s|Traceback |During handling |The above exception |[A-Za-z_][\w.]*: |<no Python frame>)")
 _STACKS = re.compile(r"^(Current thread|Thread) 0x[0-9a-f]+ \(most recent call first\):")
+# prctl's option that has the kernel signal a child when its parent dies (<linux/prctl.h>).
+_PR_SET_PDEATHSIG = 1
 
 
 def line_level(line: str, previous: int = logging.DEBUG) -> int:
@@ -167,6 +171,20 @@ def triton_env(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def die_with(parent: int) -> Callable[[], None]:
+    """A ``preexec_fn`` that has the child sent SIGTERM when the thread that started it ends (Linux
+    ``PR_SET_PDEATHSIG``): Triton runs in a session of its own, so a launcher killed outright (SIGKILL, an
+    OOM kill) would otherwise leave it running, holding its ports, its GPU memory and its stubs."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork, not in the child
+
+    def in_child() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the setting took: no one would stop this child
+            os._exit(1)
+
+    return in_child
+
+
 class TritonServer:
     """One ``tritonserver`` process serving ``specdec_target``; ``with TritonServer(config) as s: ...``."""
 
@@ -240,6 +258,8 @@ class TritonServer:
         return [*flags, f"--http-restricted-api={closed}:specdec-http-key={secrets.token_hex(16)}"]
 
     def start(self) -> TritonServer:
+        """Start Triton and wait until the model is ready. Triton is stopped (SIGTERM) if the thread that
+        called this ends first, so call it from the thread that owns the server (the main one)."""
         if self._proc is not None:
             raise RuntimeError("already started")
         started = time.monotonic()
@@ -257,6 +277,7 @@ class TritonServer:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches us, and we stop Triton in order
+                preexec_fn=die_with(os.getpid()),  # noqa: PLW1509 - a single prctl, nothing that could lock
             )
             self._pump = threading.Thread(
                 target=self._pump_log, args=(self._proc, self.log_path), name="tritonserver-log", daemon=True

@@ -3,7 +3,9 @@
 ``python -m target_service`` (tiny model, 127.0.0.1, free ports) with probes every 0.5 s and a 3 s limit.
 The model's stub is frozen (SIGSTOP): Triton still reports itself and the model ready, the probe goes
 unanswered, and the service logs the stub's stacks and restarts Triton on the same ports, where the model
-answers again. A stub asked for its stacks (SIGUSR1) writes them into the service's log at ERROR.
+answers again. A stub asked for its stacks (SIGUSR1) writes them into the service's log at ERROR. And a
+service killed outright (SIGKILL) leaves no Triton behind: Triton runs in a session of its own, so only the
+kernel's parent-death signal stops it.
 """
 
 from __future__ import annotations
@@ -76,3 +78,20 @@ def test_a_stuck_model_is_restarted_on_the_same_ports_and_answers_again(service)
     assert again != triton
     log_text = process.log_path.read_text()
     assert "stopped answering its liveness probes" in log_text and "Traceback" not in log_text
+
+
+def test_a_service_killed_outright_leaves_no_triton_behind(service):
+    process, grpc_url, _ = service
+    triton, stub = stub_of(process)
+    os.kill(process.pid, signal.SIGKILL)  # only the service: Triton is in a session (and group) of its own
+    process.popen.wait(30)
+
+    def gone(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                return stat.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie until its reaper waits
+        except FileNotFoundError:
+            return True
+
+    wait_until(lambda: gone(triton) and gone(stub), "Triton and its stub gone with their service", 60)
+    assert probe(grpc_url, contract.MODEL_NAME, 5) is None  # nothing listens on its port any more
