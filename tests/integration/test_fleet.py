@@ -5,12 +5,17 @@ each pool (the orchestrator's per-replica counters, and each service's own reque
 draft replica and one Triton replica SIGKILLed mid-run lose no request (the drafts' generations move to
 the other draft or finish target-only; the Triton's are re-prefilled on the other Triton); the dead
 replicas are ejected, the survivors end with zero live sequences; restarted, both are readmitted and
-take generations again. The figures (counts per replica, outcomes) are printed (``-s`` shows them).
+take generations again. A Triton whose model stops answering mid-run (its stub frozen: Triton itself still
+reports ready) loses no request either: its service's liveness probe notices and restarts it, and the
+generations it held are re-prefilled on the other Triton. The figures (counts per replica, outcomes) are
+printed (``-s`` shows them).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 from pathlib import Path
 
@@ -18,6 +23,7 @@ import grpc
 import pytest
 
 from cli.stack import LocalStack, replica_name
+from specdec.procs import children_named
 from tests.integration.live import (
     draft_live_sequences,
     orchestrator_live_generations,
@@ -36,6 +42,8 @@ FLEET_ENV = {
     "SPECDEC_ORCHESTRATOR_HEALTH_CHECK_INTERVAL_S": "0.5",
     "SPECDEC_ORCHESTRATOR_TARGET_CONNECT_TIMEOUT_S": "2",
     "SPECDEC_ORCHESTRATOR_DRAFT_BREAKER_COOLDOWN_S": "2",
+    "SPECDEC_TARGET_LIVENESS_INTERVAL_S": "1",  # a stuck model noticed within seconds, not half a minute
+    "SPECDEC_TARGET_LIVENESS_TIMEOUT_S": "5",
 }
 
 
@@ -125,3 +133,31 @@ def test_b_killing_a_draft_and_a_triton_mid_run_loses_no_request(fleet: LocalSta
     assert counts(stack, "generations_total", "target")[dead_triton] > before_triton
     assert_nothing_live(stack, [0, 1], [0, 1])
     assert grpc.StatusCode.OK in {r.code for r in again}
+
+
+def test_c_a_triton_whose_model_stops_answering_mid_run_loses_no_request(fleet: LocalStack) -> None:
+    stack, name = fleet, replica_name("triton", 0)
+    service = stack.process(name)
+    (triton,) = children_named(service.pid, "tritonserver")
+    frozen: list[int] = []
+
+    def freeze_after_some(results: list[Result]) -> None:
+        if len(results) == 16 and not frozen:
+            (stub,) = children_named(triton, "triton_python_b")
+            os.kill(stub, signal.SIGSTOP)  # the model stops answering; Triton still reports itself ready
+            frozen.append(stub)
+
+    results = asyncio.run(
+        run_load(stack.address, 64, MIX, seed=14, on_result=freeze_after_some, concurrency=CONCURRENCY)
+    )
+    print("\n" + summary("(c) triton-0's model frozen under load", results))
+    assert frozen, "the model was never frozen"
+    assert unexpected(results) == []  # no request lost, none waited for its deadline
+    assert sum(r.stats.target_reprefills for r in results) > 0, "no generation was re-prefilled"
+    assert "stopped answering its liveness probes" in service.log_path.read_text()
+    wait_until(lambda: "Triton restarted" in service.log_path.read_text(), "triton-0 restarted", 120)
+    (again,) = children_named(service.pid, "tritonserver")
+    assert again != triton
+    url = stack.triton_urls[0]
+    wait_until(lambda: counts(stack, "healthy", "target").get(url) == 1, "the restarted Triton admitted", 30)
+    assert_nothing_live(stack, [0, 1], [0, 1])
