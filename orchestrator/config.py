@@ -87,6 +87,13 @@ class OrchestratorConfig:
         metadata={"help": "how long a request waits for a connection to Triton before UNAVAILABLE (keep > 1 s, "
                   "the reconnect backoff cap, so a Triton that is back is always found)"},
     )
+    target_stall_timeout_s: float = field(
+        default=60.0,
+        metadata={"help": "a target round unanswered this long means its Triton's model is stuck (Triton still "
+                  "reports itself ready): the replica is ejected, its generations re-sent to another, and it is "
+                  "readmitted once its model answers again; keep it above the slowest real round (a long "
+                  "prompt under full load); 0 = wait for the caller's deadline"},
+    )
     resolve_interval_s: float = field(
         default=30.0, metadata={"help": "seconds between resolutions of the draft and Triton names"}
     )
@@ -147,6 +154,8 @@ class OrchestratorConfig:
             raise ValueError("draft_breaker_failures and draft_breaker_cooldown_s must be >= 0")
         if self.target_connect_timeout_s <= 0 or self.max_request_bytes < 1024:
             raise ValueError("target_connect_timeout_s must be > 0 and max_request_bytes >= 1024")
+        if self.target_stall_timeout_s < 0:
+            raise ValueError(f"target_stall_timeout_s must be >= 0 (0 = off), got {self.target_stall_timeout_s}")
         if not self.triton_url.strip():
             raise ValueError("triton_url must name at least one Triton replica")
 

@@ -12,8 +12,13 @@ Failover, so that losing a replica loses no generation:
   tried. A stream that breaks (``TargetConnectionLost``) ejects its replica; the loop then re-sends the
   prefix through ``open``, which picks another replica. A replica that stops answering health checks is
   ejected and its sessions abandoned, so a generation stuck on it moves too. A replica that reports
-  itself unavailable mid-generation is handled like a broken stream. Only when every replica was tried
-  does ``open`` raise TargetUnavailable, naming the pool and each attempt (UNAVAILABLE to the caller).
+  itself unavailable mid-generation (Triton stopping, a model stub it reports not healthy), and one that
+  leaves a round unanswered for ``stall_timeout_s`` (a model stuck behind a Triton that still reports
+  itself ready), is quarantined: ejected, its sessions abandoned, the generation moved like a broken
+  stream's, and readmitted only once its model answers a release request of its own (``check_answers``),
+  not on Triton's readiness, which such a model passes.
+  Only when every replica was tried does ``open`` raise TargetUnavailable, naming the pool and each
+  attempt (UNAVAILABLE to the caller).
 * **Draft**: a replica that answers UNAVAILABLE is ejected; if another replica is healthy the error
   becomes DraftCacheLost, so the loop re-sends the prefix to a new session, on another replica. With no
   other replica the loop finishes the generation target-only, as with a single draft.
@@ -22,11 +27,12 @@ Failover, so that losing a replica loses no generation:
   on the spot, and if it does not answer it is handled as above.
 
 Health checks go over each replica's own channel: grpc.health.v1 for drafts, KServe ``ServerReady`` +
-``ModelReady`` for Triton.
+``ModelReady`` for Triton (and, for a quarantined Triton, the model's answer to a release request).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -174,6 +180,10 @@ class PinnedTargetSession(_PinnedSession):
 
     _inner: TritonTargetSession
 
+    def __init__(self, inner: TritonTargetSession, replica: Replica, pool: ReplicaPool, stall_timeout_s: float) -> None:
+        super().__init__(inner, replica, pool)
+        self._stall_timeout_s = stall_timeout_s
+
     @property
     def forward_sequences(self) -> int:
         return self._inner.forward_sequences
@@ -193,14 +203,22 @@ class PinnedTargetSession(_PinnedSession):
         return await self._guard(self._inner.decode(keep_length, append_token_ids, params, decode))
 
     async def _guard(self, call: Awaitable[T]) -> T:
-        """The replica's answer; a replica that broke is ejected, and the loop told to go elsewhere."""
+        """The replica's answer; a replica that broke or stalled is ejected, and the loop told to go elsewhere."""
         try:
-            return await call
+            if not self._stall_timeout_s:
+                return await call
+            return await asyncio.wait_for(call, self._stall_timeout_s)
+        except asyncio.TimeoutError:
+            why = f"a round got no answer within {self._stall_timeout_s:g} s"
+            self._pool.quarantine(self._replica, why)
+            raise TargetConnectionLost(f"Triton at {self.replica}: {why}") from None
         except TargetConnectionLost as exc:
             self._pool.eject(self._replica, str(exc))
             raise
-        except TargetUnavailable as exc:  # the replica is going away: re-send the prefix elsewhere
-            self._pool.eject(self._replica, str(exc))
+        except TargetUnavailable as exc:
+            # The replica is going away, or its model is not healthy (a dead or frozen stub, which Triton's
+            # readiness does not see): re-send the prefix elsewhere; back once its model answers.
+            self._pool.quarantine(self._replica, str(exc))
             raise TargetConnectionLost(str(exc)) from exc
         except TargetError as exc:
             # A stream that dies with its server can end with any status (gRPC core says INTERNAL at times):
@@ -226,11 +244,18 @@ class TargetPool:
         settings: PoolSettings | None = None,
         *,
         connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+        stall_timeout_s: float = 0.0,
         credentials: grpc.ChannelCredentials | None = None,
         server_name: str = "",
         resolver: Resolver = system_resolver,
         make_client: Callable[[Address], TritonTargetClient] | None = None,
     ) -> None:
+        """``stall_timeout_s``: a round unanswered this long quarantines its replica (0 = wait for the
+        caller's deadline)."""
+        if stall_timeout_s < 0:
+            raise ValueError(f"stall_timeout_s must be >= 0, got {stall_timeout_s}")
+        self._stall_timeout_s = stall_timeout_s
+
         def make(address: Address) -> TritonTargetClient:
             options = _options(credentials, server_name, address)
             return TritonTargetClient(
@@ -239,7 +264,7 @@ class TargetPool:
 
         self.pool: ReplicaPool[TritonTargetClient] = ReplicaPool(
             "target", spec, make_client or make, lambda client, timeout: client.check_ready(timeout), settings,
-            resolver=resolver,
+            answer_check=lambda client, timeout: client.check_answers(timeout), resolver=resolver,
         )  # fmt: skip
 
     async def start(self) -> None:
@@ -250,7 +275,7 @@ class TargetPool:
             session, replica = await self.pool.open(sequence_id, timeout, (TargetUnavailable,))
         except NoReplicaLeft as exc:
             raise TargetUnavailable(str(exc)) from None
-        return PinnedTargetSession(session, replica, self.pool)
+        return PinnedTargetSession(session, replica, self.pool, self._stall_timeout_s)
 
     def snapshot(self) -> list[ReplicaState]:
         return self.pool.snapshot()

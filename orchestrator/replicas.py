@@ -17,7 +17,10 @@ adds what differs: the client, the health check, the errors):
 * **Health**: every ``health_interval_s`` each replica is checked over its own channel; after
   ``health_failures`` failed checks in a row it is ejected and the sessions pinned to it are abandoned
   (``Abandonable``: they fail their call under way, so the generation moves on), and one passing check
-  readmits it.
+  readmits it. A replica whose pool saw its model fail while the process still reports itself ready (a
+  call left unanswered too long, a model that says it is not healthy: ``quarantine``) is ejected the same
+  way, and readmitted only by the pool's ``answer_check`` (its model answers again), not by the plain
+  health check.
 
 Everything runs on the event loop; there are no locks. Counts are per orchestrator process (each
 orchestrator balances its own generations), exposed by ``snapshot`` for the metrics.
@@ -96,6 +99,7 @@ class Replica(Generic[C]):
         self.opened = 0
         self.ejections = 0
         self.failed_checks = 0
+        self.quarantined = False  # its model failed: readmitted by the answer check only
         self.sessions: set[Abandonable] = set()
 
 
@@ -114,6 +118,7 @@ class ReplicaPool(Generic[C]):
         check: Callable[[C, float], Awaitable[None]],
         settings: PoolSettings | None = None,
         *,
+        answer_check: Callable[[C, float], Awaitable[None]] | None = None,
         resolver: Resolver = system_resolver,
         rng: random.Random | None = None,
     ) -> None:
@@ -125,6 +130,7 @@ class ReplicaPool(Generic[C]):
             raise ValueError(f"the {name} pool has no endpoints")
         self._make_client = make_client
         self._check = check
+        self._answer_check = answer_check
         self._resolver = resolver
         self._rng = rng or random.Random()
         self._resolved: dict[Endpoint, list[Address]] = {}
@@ -186,8 +192,9 @@ class ReplicaPool(Generic[C]):
 
     async def _check_one(self, replica: Replica[C]) -> None:
         timeout = self.settings.health_timeout_s
+        check = self._answer_check if replica.quarantined and self._answer_check is not None else self._check
         try:
-            await asyncio.wait_for(self._check(replica.client, timeout), timeout + 1.0)
+            await asyncio.wait_for(check(replica.client, timeout), timeout + 1.0)
         except Exception as exc:  # noqa: BLE001 - any failure of the check is a failed check
             replica.failed_checks += 1
             if replica.healthy and replica.failed_checks >= self.settings.health_failures:
@@ -197,7 +204,9 @@ class ReplicaPool(Generic[C]):
         replica.failed_checks = 0
         if not replica.healthy:
             replica.healthy = True
-            log.info("%s pool: replica %s readmitted (its health check passed)", self.name, replica.address)
+            why = "its model answered again" if replica.quarantined else "its health check passed"
+            replica.quarantined = False
+            log.info("%s pool: replica %s readmitted (%s)", self.name, replica.address, why)
 
     async def answers(self, replica: Replica[C]) -> bool:
         """One health check now: does ``replica`` answer? (After an error that may or may not be its death.)"""
@@ -218,6 +227,14 @@ class ReplicaPool(Generic[C]):
         if abandon:
             for session in list(replica.sessions):
                 session.abandon(why)
+
+    def quarantine(self, replica: Replica[C], why: str) -> None:
+        """``replica``'s model failed (a call left unanswered for too long, an answer that it is not healthy):
+        eject it and abandon its sessions (they would fail there too); with an ``answer_check``, only that
+        check readmits it (a stuck model behind a process that still reports itself ready passes the plain
+        one at once)."""
+        replica.quarantined = self._answer_check is not None
+        self.eject(replica, why, abandon=True)
 
     # --- choice -------------------------------------------------------------------------------------------
 

@@ -133,7 +133,8 @@ async def create_server(
             credentials = channel_credentials(config.triton_tls_ca, config.triton_tls_cert, config.triton_tls_key)
             target_client = TargetPool(
                 config.triton_url, config.triton_model, pool_settings, connect_timeout_s=config.target_connect_timeout_s,
-                credentials=credentials, server_name=config.triton_tls_server_name,
+                stall_timeout_s=config.target_stall_timeout_s, credentials=credentials,
+                server_name=config.triton_tls_server_name,
             )  # fmt: skip
             pools.append(target_client)
         if draft_client is None and config.draft_address:

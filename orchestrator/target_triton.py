@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
@@ -396,6 +397,22 @@ class TritonTargetClient:
             raise unavailable(self.url, f"readiness check {exc.code().name}: {exc.details()}") from None
         if not server.ready or not model.ready:
             raise unavailable(self.url, "server not ready" if not server.ready else f"model {self._model} not ready")
+
+    async def check_answers(self, timeout: float) -> None:
+        """Return if the model itself answers within ``timeout`` s, else raise TargetUnavailable. Triton
+        answers `check_ready` without asking the model's Python stub; this sends the model a release request
+        of its own (START and END, no tokens: answered without a forward), as ``target_service.liveness``
+        does. For readmitting a replica that left a round unanswered."""
+        sequence_id = random.getrandbits(63) | 1  # its own: never a generation's at the same time
+        request = triton_messages.release_request(self._model, sequence_id, start=True)
+        try:
+            error = await asyncio.wait_for(_one_request(self._stub, request, timeout), timeout)
+        except asyncio.TimeoutError:
+            raise unavailable(self.url, f"the model did not answer within {timeout:g} s") from None
+        except grpc.aio.AioRpcError as exc:
+            raise unavailable(self.url, f"the model's answer check {exc.code().name}: {exc.details()}") from None
+        if error and contract.classify_error(None, error) is contract.ErrorKind.UNAVAILABLE:
+            raise unavailable(self.url, f"the model answered: {error}")
 
     def _track_release(self, release: Coroutine[Any, Any, None]) -> asyncio.Task:
         task = asyncio.ensure_future(release)

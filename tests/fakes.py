@@ -231,14 +231,20 @@ class FakeDraft:
         pass
 
 
+STUB_UNHEALTHY = "Stub process 'specdec_target_0_0' is not healthy."  # Triton's answer for a dead stub
+
+
 class FakeTargetReplica(FakeTarget):
     """A FakeTarget as one replica of a pool, addressed ``address``. While ``down`` it refuses to open and
     fails its health checks, and its sessions' calls raise TargetConnectionLost (a broken stream); while
-    not ``ready`` only its health checks fail."""
+    not ``ready`` only its health checks fail. While ``stuck`` (a model that stopped answering behind a
+    Triton that still reports itself ready) its sessions' calls and its answer checks never return; while
+    ``stub_unhealthy`` they fail as Triton fails them for a dead or frozen model stub."""
 
     def __init__(self, address: str, **kwargs) -> None:
         super().__init__(**kwargs)
         self.address, self.down, self.ready, self.checks, self.abandoned = address, False, True, 0, []
+        self.stuck, self.stub_unhealthy, self.answer_checks = False, False, 0
 
     async def open(self, sequence_id: int, *, timeout: float | None = None) -> FakeTargetSession:
         from orchestrator.clients import TargetUnavailable
@@ -255,21 +261,35 @@ class FakeTargetReplica(FakeTarget):
         if self.down or not self.ready:
             raise TargetUnavailable(f"target (Triton at {self.address}) is unavailable: down")
 
+    async def check_answers(self, timeout: float) -> None:
+        from orchestrator.clients import TargetUnavailable
+
+        self.answer_checks += 1
+        while self.stuck:
+            await asyncio.sleep(0.01)
+        if self.stub_unhealthy:
+            raise TargetUnavailable(f"target (Triton at {self.address}) is unavailable: {STUB_UNHEALTHY}")
+        await self.check_ready(timeout)
+
 
 class _ReplicaTargetSession(FakeTargetSession):
     async def score(self, keep_length, append_token_ids, num_logits, params):  # noqa: ANN001, ANN201
-        from orchestrator.clients import TargetConnectionLost
-
-        if self.client.down:
-            raise TargetConnectionLost(f"the stream to Triton at {self.client.address} broke")
+        await self._broken_or_stuck()
         return await super().score(keep_length, append_token_ids, num_logits, params)
 
     async def decode(self, keep_length, append_token_ids, params, decode):  # noqa: ANN001, ANN201
-        from orchestrator.clients import TargetConnectionLost
+        await self._broken_or_stuck()
+        return await super().decode(keep_length, append_token_ids, params, decode)
+
+    async def _broken_or_stuck(self) -> None:
+        from orchestrator.clients import TargetConnectionLost, TargetUnavailable
 
         if self.client.down:
             raise TargetConnectionLost(f"the stream to Triton at {self.client.address} broke")
-        return await super().decode(keep_length, append_token_ids, params, decode)
+        if self.client.stub_unhealthy:
+            raise TargetUnavailable(f"target (Triton at {self.client.address}) is unavailable: {STUB_UNHEALTHY}")
+        while self.client.stuck:
+            await asyncio.sleep(0.01)
 
     def abandon(self, reason: str) -> None:
         self.client.abandoned.append((self.sequence_id, reason))

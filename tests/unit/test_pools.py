@@ -4,7 +4,8 @@ What a fleet relies on: endpoints parse and names resolve to all their addresses
 generation goes to the healthy replica with the fewest live generations and stays pinned to it; a replica
 that cannot be opened is ejected at once and the next is tried; failed health checks eject a replica and
 abandon its sessions, a passing one readmits it; a generation whose target or draft replica dies finishes
-on another one; and when no replica is left the error names the pool and every attempt.
+on another one, and so does one whose target model fails (a round unanswered, or a stub Triton reports
+not healthy: its replica is then readmitted only once its model answers, not on Triton's readiness); and when no replica is left the error names the pool and every attempt.
 """
 
 from __future__ import annotations
@@ -249,6 +250,48 @@ async def test_a_generation_whose_target_replica_dies_is_re_prefilled_on_another
         assert {s.address: s.live for s in pool.snapshot()} == {A: 0, B: 0}
     finally:
         await pool.close()
+
+
+@pytest.mark.parametrize("failure", ["stuck", "stub_unhealthy"])
+@asyncio_test
+async def test_a_failed_model_moves_the_generation_and_its_replica_waits_until_the_model_answers(failure) -> None:
+    """A round left unanswered (``stuck``), or answered that the model's stub is not healthy: Triton's
+    readiness passes in both cases, and must not readmit the replica."""
+    replicas = fake_targets(A, B)
+    pool = target_pool(replicas, settings=FAST, stall_timeout_s=0.3)
+    await pool.start()
+    failed: list[str] = []
+    try:
+        loop = SpeculativeLoop(pool, None, new_sequence_id=ids())
+        rounds = []
+        async for r in loop.generate(request(max_new_tokens=8, num_draft_tokens=0)):
+            rounds.append(r)
+            if len(rounds) == 3:  # the model under the generation fails; its Triton stays ready
+                failed.append(next(s.address for s in pool.snapshot() if s.live == 1))
+                setattr(replicas[failed[0]], failure, True)
+        assert await loop.wait_released(5.0)
+        assert output(rounds) == greedy_reference(8)
+        assert rounds[-1].stats.target_reprefills == 1
+        other = B if failed[0] == A else A
+        assert len(replicas[other].calls.opened) == 1  # re-prefilled there
+        (abandoned,) = replicas[failed[0]].abandoned
+        why = "a round got no answer within 0.3 s" if failure == "stuck" else "is not healthy"
+        assert why in abandoned[1]
+        checks = replicas[failed[0]].checks
+        await asyncio.sleep(0.5)  # 25 health intervals: Triton's readiness would pass every one
+        assert {s.address: s.healthy for s in pool.snapshot()} == {failed[0]: False, other: True}
+        assert replicas[failed[0]].checks == checks and replicas[failed[0]].answer_checks >= 1
+        assert [(await pool.open(10 + i)).replica for i in range(2)] == [other, other]
+        setattr(replicas[failed[0]], failure, False)  # its model answers again (restarted): readmitted
+        await until_state(pool, failed[0], healthy=True)
+        assert (await pool.open(20)).replica == failed[0]
+    finally:
+        await pool.close()
+
+
+def test_a_negative_stall_timeout_is_refused() -> None:
+    with pytest.raises(ValueError, match="stall_timeout_s must be >= 0"):
+        target_pool(fake_targets(A), stall_timeout_s=-1)
 
 
 @asyncio_test

@@ -7,7 +7,8 @@ the stream as a gRPC deadline; a stream that breaks under a live sequence (UNAVA
 reset HTTP/2 stream) is TargetConnectionLost (the loop then re-sends the prefix); the release is END on the
 stream or, if the stream broke (before or under the release), on a stream of its own, with START + END if
 Triton forgot the sequence, and waits for a Triton unreachable for a moment; a slow release is finished in
-the background, never cancelled; Triton's "not serving" messages are UNAVAILABLE.
+the background, never cancelled; Triton's "not serving" messages are UNAVAILABLE; the answer check (a
+readmission after a stalled round) is a release of its own that the model must answer in time.
 """
 
 from __future__ import annotations
@@ -345,3 +346,34 @@ async def test_a_caller_that_gives_up_mid_request_does_not_break_the_stream():
             await client.close()
     assert fake.flags == [("stream", True, False), ("stream", False, True)]  # START, then END on the stream
     assert fake.released == [14]
+
+
+class UnhealthyStub(FakeTriton):
+    """Triton's answer to every request once the model's stub froze or died."""
+
+    async def ModelStreamInfer(self, request_iterator, context):  # noqa: N802 - gRPC method name
+        async for _ in request_iterator:
+            self.requests += 1
+            yield service_pb2.ModelStreamInferResponse(
+                error_message="Failed to process the request(s) for model 'specdec_target_0_0', message: "
+                              "Stub process 'specdec_target_0_0' is not healthy.")  # fmt: skip
+
+
+@asyncio_test
+async def test_the_answer_check_asks_the_model_itself_with_a_release_of_its_own():
+    port = free_port()
+    client = TritonTargetClient(f"127.0.0.1:{port}", connect_timeout_s=1.5)
+    try:
+        async with fake_triton(port, FakeTriton()) as fake:
+            await client.check_answers(5.0)
+            assert fake.flags == [("stream", True, True)] and len(fake.released) == 1  # START + END, no tokens
+        async with fake_triton(port, FakeTriton(release_delay_s=3.0)):  # a model that does not answer in time
+            with pytest.raises(TargetUnavailable, match="the model did not answer within 0.5 s"):
+                await client.check_answers(0.5)
+        async with fake_triton(port, UnhealthyStub()):
+            with pytest.raises(TargetUnavailable, match="the model answered: .* is not healthy"):
+                await client.check_answers(5.0)
+        with pytest.raises(TargetUnavailable):  # nothing listens
+            await client.check_answers(0.5)
+    finally:
+        await client.close()
