@@ -7,8 +7,11 @@ the other draft or finish target-only; the Triton's are re-prefilled on the othe
 replicas are ejected, the survivors end with zero live sequences; restarted, both are readmitted and
 take generations again. A Triton whose model stops answering mid-run (its stub frozen: Triton itself still
 reports ready) loses no request either: its service's liveness probe notices and restarts it, and the
-generations it held are re-prefilled on the other Triton. The figures (counts per replica, outcomes) are
-printed (``-s`` shows them).
+generations it held are re-prefilled on the other Triton. Without that probe (a Triton run by others), the
+orchestrator itself moves them (once Triton answers that the stub is not healthy, or a round goes
+unanswered for its stall timeout), and keeps the replica out, though Triton reports itself ready, until its
+model answers again (restarted). The figures (counts per replica,
+outcomes) are printed (``-s`` shows them).
 """
 
 from __future__ import annotations
@@ -17,12 +20,15 @@ import asyncio
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import grpc
 import pytest
+import tritonclient.grpc as grpcclient
 
 from cli.stack import LocalStack, replica_name
+from specdec import target_contract as contract
 from specdec.procs import children_named
 from tests.integration.live import (
     draft_live_sequences,
@@ -44,6 +50,7 @@ FLEET_ENV = {
     "SPECDEC_ORCHESTRATOR_DRAFT_BREAKER_COOLDOWN_S": "2",
     "SPECDEC_TARGET_LIVENESS_INTERVAL_S": "1",  # a stuck model noticed within seconds, not half a minute
     "SPECDEC_TARGET_LIVENESS_TIMEOUT_S": "5",
+    "SPECDEC_ORCHESTRATOR_TARGET_STALL_TIMEOUT_S": "15",  # after the liveness restart would have cut the streams
 }
 
 
@@ -160,4 +167,37 @@ def test_c_a_triton_whose_model_stops_answering_mid_run_loses_no_request(fleet: 
     assert again != triton
     url = stack.triton_urls[0]
     wait_until(lambda: counts(stack, "healthy", "target").get(url) == 1, "the restarted Triton admitted", 30)
+    assert_nothing_live(stack, [0, 1], [0, 1])
+
+
+def test_d_without_the_liveness_probe_the_orchestrator_moves_a_stuck_tritons_generations(fleet: LocalStack) -> None:
+    stack, name, url = fleet, replica_name("triton", 0), fleet.triton_urls[0]
+    stack.restart(name, env={"SPECDEC_TARGET_LIVENESS_INTERVAL_S": "0"})  # as a Triton run by others would be
+    wait_until(lambda: counts(stack, "healthy", "target").get(url) == 1, "triton-0 admitted", 30)
+    (triton,) = children_named(stack.process(name).pid, "tritonserver")
+    (stub,) = children_named(triton, "triton_python_b")
+    frozen: list[int] = []
+
+    def freeze_after_some(results: list[Result]) -> None:
+        if len(results) == 16 and not frozen:
+            os.kill(stub, signal.SIGSTOP)
+            frozen.append(stub)
+
+    results = asyncio.run(
+        run_load(stack.address, 64, MIX, seed=15, on_result=freeze_after_some, concurrency=CONCURRENCY)
+    )
+    print("\n" + summary("(d) triton-0's model frozen, no liveness probe", results))
+    assert frozen, "the model was never frozen"
+    assert unexpected(results) == []  # none waited for its deadline: the held rounds moved after 15 s
+    assert sum(r.stats.target_reprefills for r in results) > 0, "no generation was re-prefilled"
+    admin = grpcclient.InferenceServerClient(url)
+    for _ in range(6):  # three seconds of health checks: Triton says ready, the replica stays out
+        assert admin.is_server_ready() and admin.is_model_ready(contract.MODEL_NAME)
+        assert counts(stack, "healthy", "target").get(url) == 0, "readmitted while its model was stuck"
+        time.sleep(0.5)
+    admin.close()
+    # Restarted (as a kubelet's liveness probe would have it), its model answers again: readmitted.
+    stack.restart(name, env={"SPECDEC_TARGET_LIVENESS_INTERVAL_S": FLEET_ENV["SPECDEC_TARGET_LIVENESS_INTERVAL_S"]})
+    wait_until(lambda: counts(stack, "healthy", "target").get(url) == 1, "readmitted once its model answers", 30)
+    assert "readmitted (its model answered again)" in stack.process("orchestrator").log_path.read_text()
     assert_nothing_live(stack, [0, 1], [0, 1])
