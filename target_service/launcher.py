@@ -48,7 +48,7 @@ from specdec.filelock import file_lock
 from specdec.openmp import TARGET_SPINCOUNT, set_spin
 from specdec.procs import children_named, free_ports, kill_group, wait_triton_ready
 from target_service.config import TritonServerConfig
-from target_service.liveness import STUB_COMM
+from target_service.liveness import STUB_COMM, dump_stacks
 
 log = logging.getLogger(__name__)
 triton_log = logging.getLogger("target_service.tritonserver")
@@ -323,11 +323,7 @@ class TritonServer:
     def dump_model_stacks(self) -> int:
         """Have each model stub write its threads' stacks to the Triton log (SIGUSR1: the model registers
         faulthandler for it, `target_service.triton_model`); how many stubs were asked."""
-        stubs = children_named(self._proc.pid, STUB_COMM) if self._proc is not None else []
-        for pid in stubs:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGUSR1)
-        return len(stubs)
+        return dump_stacks(children_named(self._proc.pid, STUB_COMM) if self._proc is not None else [])
 
     def restart(self) -> TritonServer:
         """Stop Triton and start it again on the same ports."""

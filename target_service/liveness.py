@@ -133,10 +133,11 @@ class Liveness:
                 self._stuck.set()
 
 
-def dump_stacks() -> int:
-    """Have every model stub this process can see write its threads' stacks to Triton's log (SIGUSR1: the
-    model registers faulthandler for it, `target_service.triton_model`); how many were asked."""
-    stubs = pids_named(STUB_COMM)
+def dump_stacks(stubs: list[int] | None = None) -> int:
+    """Have the model stubs ``stubs`` (pids; None = every one this process can see) write their threads'
+    stacks to Triton's log (SIGUSR1: the model registers faulthandler for it, `target_service.triton_model`);
+    how many were asked."""
+    stubs = pids_named(STUB_COMM) if stubs is None else stubs
     for pid in stubs:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGUSR1)
