@@ -203,7 +203,8 @@ class PinnedTargetSession(_PinnedSession):
         return await self._guard(self._inner.decode(keep_length, append_token_ids, params, decode))
 
     async def _guard(self, call: Awaitable[T]) -> T:
-        """The replica's answer; a replica that broke or stalled is ejected, and the loop told to go elsewhere."""
+        """The replica's answer; a replica that broke is ejected (quarantined if its model failed: no answer
+        within the stall timeout, or UNAVAILABLE), and the loop told to go elsewhere."""
         try:
             if not self._stall_timeout_s:
                 return await call

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
@@ -402,9 +401,8 @@ class TritonTargetClient:
         """Return if the model itself answers within ``timeout`` s, else raise TargetUnavailable. Triton
         answers `check_ready` without asking the model's Python stub; this sends the model a release request
         of its own (START and END, no tokens: answered without a forward), as ``target_service.liveness``
-        does. For readmitting a replica that left a round unanswered."""
-        sequence_id = random.getrandbits(63) | 1  # its own: never a generation's at the same time
-        request = triton_messages.release_request(self._model, sequence_id, start=True)
+        does. For readmitting a quarantined replica (a round left unanswered, a stub reported not healthy)."""
+        request = triton_messages.release_request(self._model, contract.probe_sequence_id(), start=True)
         try:
             error = await asyncio.wait_for(_one_request(self._stub, request, timeout), timeout)
         except asyncio.TimeoutError:

@@ -103,6 +103,7 @@ the sequence, re-send the whole prefix with START.
 from __future__ import annotations
 
 import enum
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -204,6 +205,12 @@ def release_tensors() -> list[tuple[str, np.ndarray]]:
         (KEEP_LENGTH, np.zeros((1, 1), dtype=np.int32)),
         (NUM_LOGITS, np.zeros((1, 1), dtype=np.int32)),
     ]
+
+
+def probe_sequence_id() -> int:
+    """A sequence id for a probe's release request (START and END: a liveness probe, a readmission check):
+    63 random bits, so it is never one a generation uses at the same time."""
+    return random.getrandbits(63) | 1
 
 
 def sampling_tensors(params: SamplingParams) -> list[tuple[str, np.ndarray]]:

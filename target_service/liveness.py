@@ -30,7 +30,6 @@ import contextlib
 import logging
 import os
 import queue
-import random
 import signal
 import sys
 import threading
@@ -72,7 +71,7 @@ def probe(url: str, model: str, timeout_s: float, credentials: grpc.ChannelCrede
     answers: queue.Queue[InferenceServerException | None] = queue.Queue()
     try:
         client.start_stream(callback=lambda result, error: answers.put(error), stream_timeout=timeout_s + 5.0)
-        sequence_id = random.getrandbits(63) | 1  # its own: never one the orchestrator uses at the same time
+        sequence_id = contract.probe_sequence_id()
         client.async_stream_infer(model, infer_inputs(contract.release_tensors()), sequence_id=sequence_id, sequence_start=True,
                                   sequence_end=True)
         error = answers.get(timeout=timeout_s)
