@@ -215,9 +215,13 @@ class _Generation:
             self.loop._release_later(self._release())
 
     def _choose(self, room: int) -> Choice:
-        """This round's K: the request's, or the policy's; never more than ``room`` tokens."""
+        """This round's K: the request's, or the policy's; never more than ``room`` tokens. Under auto K, a
+        loop without a draft runs K = 0 rounds (the target's own lookups still speculate): no draft was
+        lost, so none of them is a draft fallback. A fixed K > 0 there is one, reported as ``no_draft``."""
         if self._fixed_k:
             return Choice(max(0, min(self.request.num_draft_tokens, room)))
+        if self.loop.draft is None:
+            return Choice(0)
         return self.policy.choose(room)
 
     def _decode_steps(self, k: int, proposal: Proposal | None, room: int) -> int:

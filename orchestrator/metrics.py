@@ -21,7 +21,8 @@ Names (Counters get ``_total`` from prometheus_client):
 - ``specdec_orchestrator_accepted_tokens_per_round``: drafts accepted per speculative round (histogram)
 - ``specdec_orchestrator_accepted_per_position_total{position}``: rounds that accepted draft position i (1-based)
 - ``specdec_orchestrator_draft_fallbacks_total{reason}``: generations that ran target-only rounds, by reason
-  (error | timeout | breaker_open | no_draft)
+  (error | timeout | breaker_open | no_draft: a fixed K asked of a deployment without a draft; auto K there runs
+  K = 0 rounds, which are no fallback)
 - ``specdec_orchestrator_draft_fallback_rounds_total``: target-only rounds that wanted drafts
 - ``specdec_orchestrator_draft_breaker_state``: the draft circuit breaker, 0 closed, 1 half-open, 2 open
 - ``specdec_orchestrator_draft_breaker_transitions_total{state}``: breaker transitions, by new state

@@ -150,6 +150,18 @@ async def test_decodes_look_up_drafts_next_to_the_target_unless_the_request_turn
     assert [d.lookup for d in target.calls.decodes] == [lookup] * 3
 
 
+@pytest.mark.parametrize(("k", "fallback"), [(None, ""), (3, "no_draft")])
+@asyncio_test
+async def test_without_a_draft_auto_k_runs_target_only_rounds_and_only_a_fixed_k_reports_a_fallback(k, fallback):
+    loop = SpeculativeLoop(FakeTarget(), None, LoopSettings(target_steps=4), new_sequence_id=ids())
+    rounds = await run(loop, request(num_draft_tokens=k, max_new_tokens=10))
+    stats = rounds[-1].stats
+    assert output(rounds) == greedy_reference(10)
+    assert stats.draft_fallback_reason == fallback
+    assert [r.draft_fallback for r in rounds] == [k is not None] * len(rounds)
+    assert stats.draft_fallback_rounds == (stats.rounds if k else 0) and stats.rounds == len(rounds) == 3
+
+
 @pytest.mark.parametrize(("k", "reproducible"), [(0, False), (0, True), (None, True)])
 @asyncio_test
 async def test_a_seeded_generation_is_the_same_whoever_samples_its_target_only_tokens(k, reproducible):
