@@ -174,7 +174,7 @@ def k8s_consistency_errors(docs: list[dict[str, Any]], triton_dockerfile: str) -
             metrics = flag_value(argv, "--metrics-port")
             if "prometheus.io/port" in annotations and metrics != annotations["prometheus.io/port"]:
                 problems.append(f"{name}: prometheus.io/port {annotations['prometheus.io/port']} != --metrics-port {metrics}")
-            grpc_port = flag_value(argv, "--grpc-port" if program == "tritonserver" else "--port")
+            grpc_port = _grpc_port(argv)
             for key in ("startupProbe", "readinessProbe", "livenessProbe"):
                 probe = c.get(key) or {}
                 port = (probe.get("grpc") or probe.get("httpGet") or {}).get("port")
@@ -184,9 +184,7 @@ def k8s_consistency_errors(docs: list[dict[str, Any]], triton_dockerfile: str) -
                     problems.append(f"{name}: {key} probes gRPC on {port}, the server listens on {grpc_port}")
                 if "exec" in probe:
                     command = [str(a) for a in probe["exec"]["command"]]
-                    if command[3].rpartition(":")[2] != grpc_port:
-                        problems.append(f"{name}: {key} probes {command[3]}, the server listens on {grpc_port}")
-                    problems += [f"{name}: {key}: {p}" for p in _probe_tls_errors(argv, command)]
+                    problems += [f"{name}: {key}: {p}" for p in exec_probe_errors(argv, command)]
             if program == "tritonserver" and flag_value(argv, "--model-repository") != repository:
                 problems.append(f"{name}: --model-repository {flag_value(argv, '--model-repository')} but the "
                                 f"Triton image has its models in {repository}")  # fmt: skip
@@ -203,6 +201,18 @@ def k8s_consistency_errors(docs: list[dict[str, Any]], triton_dockerfile: str) -
             if port.get("targetPort", port["port"]) not in ports:
                 problems.append(f"Service {service['metadata']['name']}: port {port} reaches no containerPort")
     return problems
+
+
+def _grpc_port(server: list[str]) -> str | None:
+    return flag_value(server, "--grpc-port" if program_of(server) == "tritonserver" else "--port")
+
+
+def exec_probe_errors(server: list[str], probe: list[str]) -> list[str]:
+    """A probe command (``python3 -m <probe> ADDRESS ...``: a Kubernetes exec probe, a compose healthcheck)
+    must ask the server's gRPC port, in the port's own TLS."""
+    address, grpc_port = probe[3], _grpc_port(server)
+    problems = [] if address.rpartition(":")[2] == grpc_port else [f"probes {address}, the server listens on {grpc_port}"]
+    return problems + _probe_tls_errors(server, probe)
 
 
 def _probe_tls_errors(server: list[str], probe: list[str]) -> list[str]:
@@ -267,7 +277,9 @@ def compose_errors(compose: dict[str, Any], k8s: list[dict[str, Any]], triton_do
         problems += flag_errors(f"compose {name}", argv)
         test = (compose["services"][name].get("healthcheck") or {}).get("test", [])
         if test[:1] == ["CMD"] and program_of(test[1:]):
-            problems += flag_errors(f"compose {name} healthcheck", [str(a) for a in test[1:]])
+            command = [str(a) for a in test[1:]]
+            problems += flag_errors(f"compose {name} healthcheck", command)
+            problems += [f"compose {name}: healthcheck: {p}" for p in exec_probe_errors(argv, command)]
         if program_of(argv) == "tritonserver" and flag_value(argv, "--model-repository") != repository:
             problems.append(f"compose {name}: --model-repository is not the image's {repository}")
         if program_of(argv) == "orchestrator":

@@ -122,10 +122,24 @@ def test_the_checks_catch_a_triton_liveness_probe_at_the_wrong_port_without_its_
     broken = text.replace(probe, '"target_service.liveness", "127.0.0.1:8000", "--timeout", "20", "--tls-ca", "/etc/specdec/tls/ca.crt"')
     docs = load_all(broken)
     assert k8s_consistency_errors(docs, TRITON_DOCKERFILE) == [
-        "specdec-triton: livenessProbe probes 127.0.0.1:8000, the server listens on 8001",
+        "specdec-triton: livenessProbe: probes 127.0.0.1:8000, the server listens on 8001",
         "specdec-triton: livenessProbe: the server requires a client certificate, the probe presents none (--tls-cert)",
     ]
     assert k8s_flag_errors(docs) == ["specdec-triton/triton probe: target_service.liveness has no flag --timeout"]
     plaintext = load_all(text.replace('"--tls-ca", "/etc/specdec/tls/ca.crt", "--tls-cert", "/etc/specdec/tls/tls.crt", "--tls-key", "/etc/specdec/tls/tls.key", "--server-name", "specdec-triton"', ""))
     assert "specdec-triton: livenessProbe: the probe's TLS (--tls-ca) does not match the server's port (TLS)" in (
         k8s_consistency_errors(plaintext, TRITON_DOCKERFILE))
+
+
+def test_the_checks_catch_a_compose_healthcheck_at_the_wrong_port_or_with_a_wrong_flag() -> None:
+    text = (ROOT / "deploy" / "compose.yaml").read_text()
+    probe = '"target_service.liveness", "127.0.0.1:8001", "--timeout-s", "20"'
+    assert probe in text
+    broken = text.replace(probe, '"target_service.liveness", "127.0.0.1:8000", "--timeout", "20"')
+    broken = broken.replace('"specdec.probe", "127.0.0.1:50052"', '"specdec.probe", "127.0.0.1:50053"', 1)
+    k8s = load_all((ROOT / "deploy" / "k8s" / "specdec.yaml").read_text())
+    assert compose_errors(yaml.safe_load(broken), k8s, TRITON_DOCKERFILE) == [
+        "compose triton healthcheck: target_service.liveness has no flag --timeout",
+        "compose triton: healthcheck: probes 127.0.0.1:8000, the server listens on 8001",
+        "compose draft: healthcheck: probes 127.0.0.1:50053, the server listens on 50052",
+    ]
