@@ -211,8 +211,10 @@ def exec_probe_errors(server: list[str], probe: list[str]) -> list[str]:
     """A probe command (``python3 -m <probe> ADDRESS ...``: a Kubernetes exec probe, a compose healthcheck)
     must ask the server's gRPC port, in the port's own TLS."""
     address, grpc_port = probe[3], _grpc_port(server)
-    problems = [] if address.rpartition(":")[2] == grpc_port else [f"probes {address}, the server listens on {grpc_port}"]
-    return problems + _probe_tls_errors(server, probe)
+    problems = _probe_tls_errors(server, probe)
+    if address.rpartition(":")[2] != grpc_port:
+        problems.insert(0, f"probes {address}, the server listens on {grpc_port}")
+    return problems
 
 
 def _probe_tls_errors(server: list[str], probe: list[str]) -> list[str]:
