@@ -4,12 +4,14 @@ tests use to start our servers and to know when they serve.
 Why it exists: every server is started from our own entry points as a child process on 127.0.0.1 and
 free ports, waited for until it answers, and stopped however the caller exits. `Process` owns one child
 (its log file, SIGTERM then SIGKILL to its process group), `wait_ready` polls a readiness check while
-failing fast if the child died, and the /proc helpers find the processes a child left behind (Linux).
+failing fast if the child died, and the /proc helpers find the processes a child left behind, and the
+threads a process named (Linux).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -24,6 +26,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+_PR_SET_NAME = 15  # prctl's option that names the calling thread (<linux/prctl.h>)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -172,3 +176,21 @@ def kill_group(pgid: int) -> None:
             log.warning("killing process %d left behind in process group %d", pid, pgid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def name_this_thread(name: str) -> None:
+    """Give the calling thread an OS-level name (at most 15 bytes: ``/proc/<pid>/task/<tid>/comm``, ``top -H``,
+    ``py-spy dump``; Python's own thread names stay inside Python), so that an operator looking at a busy or
+    stuck process, and a test, can tell its threads apart. Does nothing where prctl is missing."""
+    with contextlib.suppress(AttributeError, OSError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_NAME, name.encode()[:15])
+
+
+def threads_named(pid: int, name: str) -> list[int]:
+    """Thread ids of the threads of process ``pid`` whose OS-level name is ``name`` (`name_this_thread`)."""
+    found = []
+    for comm in Path(f"/proc/{pid}/task").glob("[0-9]*/comm"):
+        with contextlib.suppress(OSError):
+            if comm.read_text().rstrip("\n") == name:
+                found.append(int(comm.parent.name))
+    return sorted(found)

@@ -16,7 +16,7 @@ ended — and never for a sequence that took longer than that last time (it is d
 gone): those join whichever forward is next when they come. A lone caller never waits: its next request is
 the only one expected. A sequence that ended (END) is no longer expected.
 
-Pure threading and a clock: no Triton, no torch (tests drive it with plain callables).
+Pure threading and a clock (the thread named for the OS too): no Triton, no torch (tests drive it with plain callables).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+from specdec.procs import name_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +131,7 @@ class StepScheduler(Generic[T]):
             return batch
 
     def _loop(self) -> None:
+        name_this_thread(self._thread.name)  # `top -H` and /proc show which of the process's threads runs forwards
         self._on_start()  # on this thread, before any batch (per-thread settings such as OpenMP's thread count)
         while (batch := self._next_batch()) is not None:
             try:

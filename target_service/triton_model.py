@@ -39,6 +39,8 @@ from target_service.steps import ErrorCode, Outputs, StepError, StepRequest, rea
 
 log = logging.getLogger(__name__)
 
+FORWARD_THREAD = "specdec-forward"  # the scheduler's thread, which runs every forward; its OS-level name too
+
 
 def device_for(args: Mapping[str, str]) -> str:
     """Torch device of a model instance from Triton's ``initialize`` args."""
@@ -209,7 +211,7 @@ class TargetModel:
             self.prefix = PrefixCache(int(params.prefix_cache_mb * 2**20))
         labels = {"model": args.get("model_name", contract.MODEL_NAME), "instance": args.get("model_instance_name", "0")}
         self._metrics = _Metrics(self._pb, labels)
-        self._scheduler = StepScheduler(self._answer_batch, params.batch_wait_ms / 1e3, name="specdec-target-steps",
+        self._scheduler = StepScheduler(self._answer_batch, params.batch_wait_ms / 1e3, name=FORWARD_THREAD,
                                         on_start=lambda: use_threads_here(params.threads))
 
     def execute(self, requests: list[Any]) -> None:

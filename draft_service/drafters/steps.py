@@ -29,6 +29,7 @@ import torch
 from specdec.engine import CausalLMEngine, StepItem
 from specdec.forward_budget import share
 from specdec.openmp import use_threads_here
+from specdec.procs import name_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ class StepLoop:
         self._thread.join()
 
     def _loop(self, threads: int) -> None:
+        name_this_thread(self._thread.name)  # `top -H` and /proc show which of the process's threads runs forwards
         use_threads_here(threads)  # OpenMP's thread count is per calling thread
         running: list[_Waiting] = []
         while True:

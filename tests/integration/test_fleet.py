@@ -10,7 +10,10 @@ reports ready) loses no request either: the generations it held are re-prefilled
 its service's liveness probe notices and restarts it. Without that probe (a Triton run by others), the
 orchestrator alone moves them (once Triton answers that the stub is not healthy, or a round goes
 unanswered for its stall timeout), and keeps the replica out, though Triton reports itself ready, until its
-model answers again (restarted). The figures (counts per replica, outcomes) are printed (``-s`` shows them).
+model answers again (restarted). A model stuck in its forward thread alone (stopped with ptrace: Triton and
+the stub answer everything else, nothing says "not healthy") is moved off by the stall timeout only, and
+readmitted once resumed, holding no sequence. The figures (counts per replica, outcomes) are printed (``-s``
+shows them).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ import tritonclient.grpc as grpcclient
 
 from cli.stack import LocalStack, replica_name
 from specdec import target_contract as contract
-from specdec.procs import children_named
+from specdec.procs import children_named, threads_named
+from target_service.triton_model import FORWARD_THREAD
 from tests.integration.live import (
     draft_live_sequences,
     orchestrator_live_generations,
@@ -38,6 +42,7 @@ from tests.integration.live import (
     wait_until,
 )
 from tests.integration.loadgen import Result, metric, run_load, scrape, summary, unexpected
+from tests.integration.threadstop import ThreadStopper
 
 pytestmark = pytest.mark.integration
 
@@ -202,4 +207,49 @@ def test_d_without_the_liveness_probe_the_orchestrator_moves_a_stuck_tritons_gen
     wait_until(lambda: counts(stack, "healthy", "target").get(url) == 1, "readmitted once its model answers", 30)
     orchestrator_log = stack.process("orchestrator").log_path
     wait_until(lambda: "readmitted (its model answered again)" in orchestrator_log.read_text(), "readmitted so", 10)
+    assert_nothing_live(stack, [0, 1], [0, 1])
+
+
+def test_e_a_model_stuck_in_its_forward_thread_is_quarantined_until_it_answers_again(fleet: LocalStack) -> None:
+    # Only the thread that runs the model's forwards stops (ptrace): Triton and the stub's own threads go on,
+    # so Triton reports server and model ready and no stub "not healthy". Nothing answers the rounds: the
+    # orchestrator's stall timeout is all that moves them. Resumed, the model answers again: readmitted.
+    stack, name, url = fleet, replica_name("triton", 0), fleet.triton_urls[0]
+    stack.restart(name, env={"SPECDEC_TARGET_LIVENESS_INTERVAL_S": "0"})  # or the service would restart it
+    wait_until(lambda: counts(stack, "healthy", "target").get(url) == 1, "triton-0 admitted", 30)
+    (triton,) = children_named(stack.process(name).pid, "tritonserver")
+    (stub,) = children_named(triton, "triton_python_b")
+    (forward,) = threads_named(stub, FORWARD_THREAD)
+    stopper = ThreadStopper(forward)
+    orchestrator_log = stack.process("orchestrator").log_path
+    start = len(orchestrator_log.read_text())
+
+    def logged_since() -> str:  # the orchestrator's log since this test began (the tests before share it)
+        return orchestrator_log.read_text()[start:]
+
+    def stop_after_some(results: list[Result]) -> None:
+        if len(results) == 16 and not stopper.stopped:
+            stopper.stop()  # on this thread (asyncio.run's): ptrace ties the tracee to it
+
+    try:
+        results = asyncio.run(
+            run_load(stack.address, 64, MIX, seed=16, on_result=stop_after_some, concurrency=CONCURRENCY)
+        )
+        print("\n" + summary("(e) triton-0's forward thread stopped", results))
+        assert stopper.stopped, "the forward thread was never stopped"
+        assert unexpected(results) == []  # none waited for its deadline: the held rounds moved after 15 s
+        assert sum(r.stats.target_reprefills for r in results) > 0, "no generation was re-prefilled"
+        stall = f"a round got no answer within {FLEET_ENV['SPECDEC_ORCHESTRATOR_TARGET_STALL_TIMEOUT_S']} s"
+        assert stall in logged_since(), "the stall timeout did not quarantine triton-0"
+        admin = grpcclient.InferenceServerClient(url)
+        for _ in range(6):  # three seconds of health checks: Triton says ready, the replica stays out
+            assert admin.is_server_ready() and admin.is_model_ready(contract.MODEL_NAME)
+            assert counts(stack, "healthy", "target").get(url) == 0, "readmitted while its model was stuck"
+            time.sleep(0.5)
+        admin.close()
+    finally:
+        stopper.resume()
+    wait_until(lambda: counts(stack, "healthy", "target").get(url) == 1, "readmitted once its model answers", 30)
+    wait_until(lambda: "readmitted (its model answered again)" in logged_since(), "readmitted so", 10)
+    # The sequences it held when it stopped were released by the orchestrator meanwhile; resumed, it holds none.
     assert_nothing_live(stack, [0, 1], [0, 1])

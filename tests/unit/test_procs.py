@@ -3,16 +3,17 @@
 Why: the OS may hand a port it just released out again, and a Triton given the same port for two of its
 listeners refuses to start (a CI run failed so: "cannot listen to GRPC requests and metrics requests at the
 same address and port"). And processes found by their command name (the Triton stubs a liveness probe
-asks for their stacks).
+asks for their stacks), threads by the OS-level name they gave themselves (the model's forward thread).
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import threading
 from pathlib import Path
 
-from specdec.procs import free_ports, pids_named
+from specdec.procs import free_ports, name_this_thread, pids_named, threads_named
 from target_service.config import TritonServerConfig
 from target_service.launcher import TritonServer
 
@@ -43,3 +44,25 @@ def test_processes_are_found_by_their_command_name():
     me = Path("/proc/self/comm").read_text().strip()
     assert os.getpid() in pids_named(me)
     assert pids_named("no-such-program") == []
+
+
+def test_a_thread_that_named_itself_is_found_by_that_name_and_the_name_is_cut_to_15_bytes():
+    named, done = threading.Event(), threading.Event()
+    tid: list[int] = []
+
+    def run() -> None:
+        tid.append(threading.get_native_id())
+        name_this_thread("specdec-test-thread")  # 19 bytes: the kernel keeps 15
+        named.set()
+        done.wait(10)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        assert named.wait(10)
+        assert threads_named(os.getpid(), "specdec-test-th") == tid
+        assert threads_named(os.getpid(), "specdec-test-thread") == []
+        assert threading.get_native_id() not in threads_named(os.getpid(), "specdec-test-th")
+    finally:
+        done.set()
+        thread.join()

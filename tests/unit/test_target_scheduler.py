@@ -7,12 +7,14 @@ ended, is not waited for; a failing runner does not stop the loop; stopping retu
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
 
 import pytest
 
+from specdec.procs import threads_named
 from target_service.scheduler import Pending, StepScheduler
 
 PATIENT = 30.0  # a wait no test can afford: a test that hangs this long means the scheduler waited wrongly
@@ -143,6 +145,17 @@ def test_on_start_runs_on_the_schedulers_thread_before_any_batch() -> None:
         scheduler.stop()
     assert [what for what, _ in events] == ["start", "run"]
     assert events[0][1] == events[1][1] != threading.get_ident()
+
+
+def test_the_schedulers_thread_carries_its_name_for_the_os() -> None:
+    scheduler = StepScheduler(lambda items: None, PATIENT, name="specdec-forward")
+    try:
+        deadline = time.monotonic() + 5
+        while not threads_named(os.getpid(), "specdec-forward") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert threads_named(os.getpid(), "specdec-forward") == [scheduler._thread.native_id]
+    finally:
+        scheduler.stop()
 
 
 def test_a_continued_request_does_not_make_its_sequence_late(make) -> None:
