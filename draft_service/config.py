@@ -65,6 +65,11 @@ class DraftConfig:
     cache_dir: str = field(
         default="", metadata={"help": "where converted models live; '' = $SPECDEC_CACHE_DIR or ~/.cache/specdec"}
     )
+    stall_timeout_s: float = field(
+        default=30.0,
+        metadata={"help": "health NOT_SERVING while the model's forward loop has had work this long without "
+                  "finishing a forward (a stuck forward; draft_service/watchdog.py); 0 = off"},
+    )
     grace_s: float = field(default=5.0, metadata={"help": "seconds open streams get to finish on shutdown"})
     metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics port; 0 turns it off"})
     tls_cert: str = field(default="", metadata={"help": "PEM certificate of the gRPC port ('' = plaintext)"})
@@ -86,6 +91,7 @@ class DraftConfig:
              f"max_forward_tokens must be >= 0 (0 = no limit), got {self.max_forward_tokens}"),
             (self.kv_slot_tokens >= 0, f"kv_slot_tokens must be >= 0 (0 = no pool), got {self.kv_slot_tokens}"),
             (self.grace_s >= 0, f"grace_s must be >= 0, got {self.grace_s}"),
+            (self.stall_timeout_s >= 0, f"stall_timeout_s must be >= 0 (0 = off), got {self.stall_timeout_s}"),
             (self.hybrid_lookup in LOOKUPS, f"hybrid_lookup must be one of {list(LOOKUPS)}, got {self.hybrid_lookup!r}"),
             (1 <= self.ngram_min <= self.ngram_max, "need 1 <= ngram_min <= ngram_max"),
             (self.suffix_depth >= 1, f"suffix_depth must be >= 1, got {self.suffix_depth}"),

@@ -1,11 +1,11 @@
 """Prometheus metrics of one draft server, in a registry of its own (no global state).
 
-Why it exists: operators need to see how many sequences are live (capacity planning), how much drafting
-each drafter does, how long a round takes (``specdec_draft_round_seconds``), how well the model's steps
-batch (``specdec_draft_forward_sequences_total`` / ``specdec_draft_forwards_total``), how big the suffix
-cache is, and what clients get (``specdec_draft_requests_total`` by method and status code, errors also in
-``specdec_draft_errors_total``); a per-server CollectorRegistry keeps several servers in one process (tests)
-from colliding.
+Why it exists: operators need to see how many sequences are live (capacity planning), how much drafting each
+drafter does, how long a round takes (``specdec_draft_round_seconds``), how well the model's steps batch
+(``specdec_draft_forward_sequences_total`` / ``specdec_draft_forwards_total``) and whether they are stuck
+(``specdec_draft_forward_stalled_seconds``), how big the suffix cache is, and what clients get
+(``specdec_draft_requests_total`` by method and status code, errors also in ``specdec_draft_errors_total``); a
+per-server CollectorRegistry keeps several servers in one process (tests) from colliding.
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ _ROUND_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 
 class DraftMetrics:
     """The draft server's metrics; ``serve`` exposes them over HTTP until ``stop``."""
 
-    def __init__(self, stats: Callable[[], DraftStats], max_sequences: int) -> None:
+    def __init__(
+        self, stats: Callable[[], DraftStats], max_sequences: int, stalled_s: Callable[[], float] = lambda: 0.0
+    ) -> None:
         self.registry = r = CollectorRegistry()
         gauge = functools.partial(Gauge, registry=r)
         counter = functools.partial(Counter, registry=r)
@@ -44,6 +46,10 @@ class DraftMetrics:
         gauge("specdec_draft_kv_bytes", "Bytes of KV cache the model drafter holds for live sequences.").set_function(
             lambda: stats().kv_bytes
         )
+        gauge(
+            "specdec_draft_forward_stalled_seconds",
+            "Seconds the model's forward loop has had work without finishing a forward (0 while idle; alert on it).",
+        ).set_function(stalled_s)
         self.open_streams = gauge("specdec_draft_open_streams", "Open Propose streams.")
         self.proposals = counter("specdec_draft_proposals", "Draft rounds completed, by drafter.", ["drafter"])
         self.draft_tokens = counter("specdec_draft_tokens", "Draft tokens proposed, by drafter.", ["drafter"])

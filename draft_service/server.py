@@ -1,9 +1,10 @@
 """Bootstrap of the draft gRPC server: assemble the drafters, bind, start; serving and stopping are the caller's.
 
 Why it exists: tests and ``python -m draft_service`` need the same server, built the same way, but only the
-latter blocks on signals. ``create_server`` returns a started server bound to ``host:port`` (port 0 picks
-a free port) with health (SERVING) and method-aware reflection, the idle-TTL evictor and, when
-``metrics_port`` > 0, the Prometheus endpoint. ``DraftServer.stop`` undoes all of it.
+latter blocks on signals. ``create_server`` returns a started server bound to ``host:port`` (port 0 picks a
+free port) with health (SERVING; NOT_SERVING while the model's forwards are stuck: the watchdog) and
+method-aware reflection, the idle-TTL evictor and, when ``metrics_port`` > 0, the Prometheus endpoint.
+``DraftServer.stop`` undoes all of it.
 
 Why grpcio's blocking server and not grpc.aio (which the orchestrator uses): a draft round sits between
 two messages on the critical path of every speculative round. With aio the request hops from grpc's poller
@@ -31,6 +32,7 @@ from draft_service.core import DraftCore
 from draft_service.drafters.steps import StepLoop
 from draft_service.metrics import DraftMetrics
 from draft_service.servicer import DraftServicer
+from draft_service.watchdog import StepWatchdog
 from specdec.grpc_server import add_health_and_reflection, set_serving_blocking
 from specdec.tls import add_port, server_credentials
 from specdec.v1 import draft_pb2, draft_pb2_grpc
@@ -53,6 +55,7 @@ class DraftServer:
     metrics_port: int | None  # None when metrics are off
     threads: ThreadPoolExecutor
     steps: StepLoop | None  # the model drafter's step loop; None when no model is loaded
+    watchdog: StepWatchdog | None = None  # reports NOT_SERVING while the step loop is stuck
     _stop_evicting: threading.Event = field(default_factory=threading.Event, repr=False)
     _evictor: threading.Thread | None = field(default=None, repr=False)
 
@@ -63,6 +66,8 @@ class DraftServer:
         waits for the handler threads (grpc's shutdown event does not), then stops the model's step loop,
         the evictor and the metrics endpoint.
         """
+        if self.watchdog is not None:
+            self.watchdog.stop()  # it must not report SERVING again
         set_serving_blocking(self.health, [SERVICE_NAME], False)
         self.server.stop(grace).wait()
         self.threads.shutdown(wait=True, cancel_futures=True)
@@ -99,7 +104,8 @@ def create_server(
         max_workers=config.max_sequences + SPARE_THREADS, thread_name_prefix="draft-rpc",
         initializer=_init_server_thread, initargs=(config.threads,),
     )
-    metrics = DraftMetrics(draft_core.stats, config.max_sequences)
+    stalled_s = steps.stalled_s if steps is not None else lambda: 0.0
+    metrics = DraftMetrics(draft_core.stats, config.max_sequences, stalled_s)
     # SO_REUSEPORT off: a second server on a taken port must fail, not silently share it.
     server = grpc.server(threads, options=[("grpc.so_reuseport", 0)])
     draft_pb2_grpc.add_DraftServiceServicer_to_server(DraftServicer(draft_core, metrics, config.max_sequences), server)
@@ -120,6 +126,12 @@ def create_server(
             handle.metrics_port = metrics.serve(config.host, config.metrics_port)
         handle.start_evicting(min(30.0, config.idle_ttl_s / 2))
         set_serving_blocking(health_servicer, [SERVICE_NAME], True)
+        if steps is not None and config.stall_timeout_s > 0:
+            handle.watchdog = StepWatchdog(
+                steps.stalled_s, config.stall_timeout_s,
+                lambda serving: set_serving_blocking(health_servicer, [SERVICE_NAME], serving),
+            )
+            handle.watchdog.start(min(1.0, config.stall_timeout_s / 4))
     except BaseException:
         handle.stop(0)
         raise

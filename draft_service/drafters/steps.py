@@ -14,12 +14,17 @@ longer waits (its Propose stream was cancelled) is closed before its next forwar
 steps back for an answer nobody reads. A forward runs at most
 ``budget`` tokens (`specdec.forward_budget`): a job's long item (a prompt caught up) runs in chunks over
 several forwards beside the others' draft steps, and the job gets its logits after the last chunk.
+
+`StepLoop.stalled_s` says how long the loop has held work without a forward ending: the service reports
+itself not serving when that grows past its stall timeout (``draft_service.watchdog``), as a forward stuck
+in a hung kernel or a deadlock would make it.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Generator
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -77,6 +82,8 @@ class StepLoop:
         self._on_forward = on_forward
         self._budget = budget
         self._arrived: list[_Waiting] = []
+        self._held = 0  # jobs the loop's thread has taken and not finished (with _arrived: the work it has)
+        self._progress_at = time.monotonic()  # a forward ended, or work came to an idle loop (`stalled_s`)
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, args=(threads,), name="draft-steps", daemon=True)
@@ -89,9 +96,21 @@ class StepLoop:
         with self._wake:
             if self._stopping:
                 raise RuntimeError("the draft service is stopping")
+            if not self._arrived and not self._held:
+                self._progress_at = time.monotonic()  # an idle loop's stall starts now, not at its last forward
             self._arrived.append(_Waiting(job, future, waiting))
             self._wake.notify()
         return future.result()
+
+    def stalled_s(self) -> float:
+        """Seconds the loop has had work without moving on (no forward ended since the oldest work came); 0
+        while idle. Grows with a forward that does not return; a healthy loop's is at most one forward."""
+        if not self._wake.acquire(timeout=1.0):  # its thread stopped while holding the lock: it is stuck too
+            return time.monotonic() - self._progress_at
+        try:
+            return time.monotonic() - self._progress_at if self._arrived or self._held else 0.0
+        finally:
+            self._wake.release()
 
     def stop(self) -> None:
         """Fail the jobs not yet finished and end the thread."""
@@ -106,12 +125,14 @@ class StepLoop:
         running: list[_Waiting] = []
         while True:
             with self._wake:
+                self._held = len(running)
                 while not self._arrived and not running and not self._stopping:
                     self._wake.wait()
                 if self._stopping:
                     for waiting in running + self._arrived:
                         waiting.future.set_exception(RuntimeError("the draft service is stopping"))
                     return
+                self._held += len(self._arrived)
                 arrived, self._arrived = self._arrived, []
             running += [waiting for waiting in arrived if waiting.advance(None)]  # up to its first item
             running = [waiting for waiting in running if not waiting.cancelled()]
@@ -125,6 +146,8 @@ class StepLoop:
             except Exception as exc:  # noqa: BLE001 - a failed forward fails the jobs in it, not the loop
                 log.exception("a draft forward of %d sequences failed", len(items))
                 results = [exc] * len(items)
+            with self._wake:
+                self._progress_at = time.monotonic()
             done: set[int] = set()
             for (waiting, take), item, result in zip(now, items, results):
                 if item is not waiting.item and not isinstance(result, BaseException):  # a chunk: the rest next

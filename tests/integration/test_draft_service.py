@@ -392,6 +392,54 @@ def test_health_and_stats_answer_while_a_round_runs(tiny_folder: Path) -> None:
         running.stop()
 
 
+def test_a_stuck_forward_turns_health_not_serving_until_it_moves_again(tiny_folder: Path) -> None:
+    """A model forward that does not return (a hung kernel, a deadlock) must not leave the replica SERVING:
+    the orchestrator's health checks take it out and a liveness probe restarts it. Model-free rounds, which
+    do not use the forward loop, answer meanwhile; the gauge shows how long it has been stuck."""
+    config = tiny_config(tiny_folder, drafters="model,ngram", stall_timeout_s=0.5)
+    core, loop = build_core(config)
+    assert loop is not None
+    entered, proceed = threading.Event(), threading.Event()
+    forward = loop.engine.step
+
+    def stuck_step(items: Any) -> Any:
+        entered.set()
+        proceed.wait(60)
+        return forward(items)
+
+    loop.engine.step = stuck_step  # type: ignore[method-assign]
+    running = RunningServer(config, (core, loop))
+    health = health_pb2_grpc.HealthStub(running.channel)
+
+    def statuses() -> set[int]:
+        return {health.Check(health_pb2.HealthCheckRequest(service=s), timeout=5).status for s in ("", SERVICE_NAME)}
+
+    def stalled_s() -> float:
+        return running.handle.metrics.registry.get_sample_value("specdec_draft_forward_stalled_seconds")
+
+    answers: list[draft_pb2.ProposeResponse] = []
+    try:
+        assert statuses() == {health_pb2.HealthCheckResponse.SERVING} and stalled_s() == 0
+        stuck = Stream(running.stub, timeout=60)
+        rounder = threading.Thread(target=lambda: answers.append(stuck.round(sequence_id=1, append_token_ids=PROMPT)))
+        rounder.start()
+        assert entered.wait(10)
+        wait_until(lambda: statuses() == {health_pb2.HealthCheckResponse.NOT_SERVING}, "NOT_SERVING while stuck", 10)
+        assert stalled_s() > 0.5
+        lookup = Stream(running.stub, timeout=10)
+        assert lookup.round(sequence_id=2, append_token_ids=PROMPT * 2, drafter="ngram").draft_token_ids
+        lookup.close()
+        proceed.set()  # the forward returns: the round is answered, the service SERVING again
+        rounder.join(30)
+        assert len(answers) == 1 and len(answers[0].draft_token_ids) == 4
+        wait_until(lambda: statuses() == {health_pb2.HealthCheckResponse.SERVING}, "SERVING once it moves", 10)
+        assert stalled_s() == 0
+        stuck.close()
+    finally:
+        proceed.set()
+        running.stop()
+
+
 def test_stopping_the_server_ends_open_streams_and_releases_their_caches(tiny_folder: Path) -> None:
     """``stop`` returns only after every handler has finished, even one caught in the middle of a round."""
     core, drafter = wrapped_core(tiny_folder)

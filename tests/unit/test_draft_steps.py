@@ -180,3 +180,42 @@ def test_a_round_cancelled_before_its_forward_leaves_the_sequence_as_a_fresh_one
     fresh = core.propose(first)
     assert again.token_ids == fresh.token_ids
     torch.testing.assert_close(again.q, fresh.q)
+
+
+def test_stalled_seconds_grow_with_a_forward_that_does_not_return_and_are_zero_while_idle(model) -> None:
+    entered, proceed = threading.Event(), threading.Event()
+    loop = StepLoop(CausalLMEngine(model), threads=1)
+    forward = loop.engine.step
+
+    def stuck_step(items):
+        entered.set()
+        proceed.wait(30)
+        return forward(items)
+
+    loop.engine.step = stuck_step
+    cache = loop.engine.new_cache()
+
+    def job():
+        logits = yield StepItem(cache, 0, [1, 2, 3], 1)
+        return logits.shape
+
+    results: list = []
+    try:
+        time.sleep(0.3)
+        assert loop.stalled_s() == 0.0  # idle for 0.3 s is no stall
+        runner = threading.Thread(target=lambda: results.append(loop.run(job())))
+        runner.start()
+        assert entered.wait(10)
+        time.sleep(0.3)
+        assert loop.stalled_s() >= 0.3  # counted from when the work came, not from the loop's start
+        assert loop.stalled_s() < 10
+        proceed.set()
+        runner.join(10)
+        assert results == [(1, 64)]
+        deadline = time.monotonic() + 5
+        while loop.stalled_s() != 0.0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert loop.stalled_s() == 0.0
+    finally:
+        proceed.set()
+        loop.stop()
