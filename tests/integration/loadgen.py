@@ -164,8 +164,10 @@ async def run_load(
     keep_going: Callable[[list[Result]], bool] | None = None,
     on_result: Callable[[list[Result]], None] | None = None,
     concurrency: int = CONCURRENCY,
+    drafter: str = "",
 ) -> list[Result]:
-    """``count`` requests (or more, while ``keep_going(results)``) from ``concurrency`` callers; bounded in time."""
+    """``count`` requests (or more, while ``keep_going(results)``) from ``concurrency`` callers; bounded in time.
+    ``drafter``: what the requests ask for ('' = the deployment's default)."""
     rng = random.Random(seed)
     results: list[Result] = []
     next_index = 0
@@ -177,6 +179,8 @@ async def run_load(
             if next_index >= 20 * count:  # a hard bound, whatever keep_going says
                 return
             spec = make_spec(next_index, rng, mix)
+            if spec.kind != "bad":
+                spec.request.drafter = drafter
             next_index += 1
             result = await call(stub, spec)
             results.append(result)

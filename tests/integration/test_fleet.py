@@ -12,7 +12,9 @@ orchestrator alone moves them (once Triton answers that the stub is not healthy,
 unanswered for its stall timeout), and keeps the replica out, though Triton reports itself ready, until its
 model answers again (restarted). A model stuck in its forward thread alone (stopped with ptrace: Triton and
 the stub answer everything else, nothing says "not healthy") is moved off by the stall timeout only, and
-readmitted once resumed, holding no sequence. The figures (counts per replica, outcomes) are printed (``-s``
+readmitted once resumed, holding no sequence. A draft replica stuck in its forward thread the same way
+reports itself NOT_SERVING (its watchdog): it is taken out, new generations draft on the other replica,
+and it is readmitted once resumed. The figures (counts per replica, outcomes) are printed (``-s``
 shows them).
 """
 
@@ -55,6 +57,7 @@ FLEET_ENV = {
     "SPECDEC_TARGET_LIVENESS_INTERVAL_S": "1",  # a stuck model noticed within seconds, not half a minute
     "SPECDEC_TARGET_LIVENESS_TIMEOUT_S": "5",
     "SPECDEC_ORCHESTRATOR_TARGET_STALL_TIMEOUT_S": "15",  # after the liveness restart would have cut the streams
+    "SPECDEC_DRAFT_STALL_TIMEOUT_S": "2",  # a draft whose forwards are stuck reports NOT_SERVING within seconds
 }
 
 
@@ -79,6 +82,18 @@ def assert_nothing_live(stack: LocalStack, drafts: list[int], tritons: list[int]
         url = stack.triton_metrics_urls[i]
         wait_until(lambda u=url: triton_live_sequences(u) == 0, f"0 live sequences on Triton {url}", 30)
     wait_until(lambda: orchestrator_live_generations(stack.orchestrator_metrics_url) == 0, "0 live generations", 30)
+
+
+def assert_kept_out_while_ready(stack: LocalStack, url: str) -> None:
+    """For three seconds of health checks, Triton at ``url`` says it is ready and the replica stays out."""
+    admin = grpcclient.InferenceServerClient(url)
+    try:
+        for _ in range(6):
+            assert admin.is_server_ready() and admin.is_model_ready(contract.MODEL_NAME)
+            assert counts(stack, "healthy", "target").get(url) == 0, "readmitted while its model was stuck"
+            time.sleep(0.5)
+    finally:
+        admin.close()
 
 
 def test_a_generations_spread_over_both_replicas_of_each_pool(fleet: LocalStack) -> None:
@@ -196,12 +211,7 @@ def test_d_without_the_liveness_probe_the_orchestrator_moves_a_stuck_tritons_gen
     assert frozen, "the model was never frozen"
     assert unexpected(results) == []  # none waited for its deadline: the held rounds moved after 15 s
     assert sum(r.stats.target_reprefills for r in results) > 0, "no generation was re-prefilled"
-    admin = grpcclient.InferenceServerClient(url)
-    for _ in range(6):  # three seconds of health checks: Triton says ready, the replica stays out
-        assert admin.is_server_ready() and admin.is_model_ready(contract.MODEL_NAME)
-        assert counts(stack, "healthy", "target").get(url) == 0, "readmitted while its model was stuck"
-        time.sleep(0.5)
-    admin.close()
+    assert_kept_out_while_ready(stack, url)
     # Restarted (as a kubelet's liveness probe would have it), its model answers again: readmitted.
     stack.restart(name, env={"SPECDEC_TARGET_LIVENESS_INTERVAL_S": FLEET_ENV["SPECDEC_TARGET_LIVENESS_INTERVAL_S"]})
     wait_until(lambda: counts(stack, "healthy", "target").get(url) == 1, "readmitted once its model answers", 30)
@@ -211,45 +221,72 @@ def test_d_without_the_liveness_probe_the_orchestrator_moves_a_stuck_tritons_gen
 
 
 def test_e_a_model_stuck_in_its_forward_thread_is_quarantined_until_it_answers_again(fleet: LocalStack) -> None:
-    # Only the thread that runs the model's forwards stops (ptrace): Triton and the stub's own threads go on,
-    # so Triton reports server and model ready and no stub "not healthy". Nothing answers the rounds: the
-    # orchestrator's stall timeout is all that moves them. Resumed, the model answers again: readmitted.
+    # Only the thread that runs the model's forwards stops (ptrace, while it waits for work: it holds no lock
+    # and not the GIL, as a forward stuck in a kernel would not). Triton and the stub's other threads go on,
+    # so Triton reports server and model ready and no stub "not healthy", and takes every request. Nothing
+    # answers them: the orchestrator's stall timeout is all that moves the generations. Resumed, the model
+    # answers again: readmitted.
     stack, name, url = fleet, replica_name("triton", 0), fleet.triton_urls[0]
     stack.restart(name, env={"SPECDEC_TARGET_LIVENESS_INTERVAL_S": "0"})  # or the service would restart it
     wait_until(lambda: counts(stack, "healthy", "target").get(url) == 1, "triton-0 admitted", 30)
     (triton,) = children_named(stack.process(name).pid, "tritonserver")
     (stub,) = children_named(triton, "triton_python_b")
     (forward,) = threads_named(stub, FORWARD_THREAD)
-    stopper = ThreadStopper(forward)
     orchestrator_log = stack.process("orchestrator").log_path
     start = len(orchestrator_log.read_text())
 
     def logged_since() -> str:  # the orchestrator's log since this test began (the tests before share it)
         return orchestrator_log.read_text()[start:]
 
-    def stop_after_some(results: list[Result]) -> None:
-        if len(results) == 16 and not stopper.stopped:
-            stopper.stop()  # on this thread (asyncio.run's): ptrace ties the tracee to it
-
+    stopper = ThreadStopper(forward)
+    stopper.stop()  # idle: just restarted, and no liveness probe asks it anything
     try:
-        results = asyncio.run(
-            run_load(stack.address, 64, MIX, seed=16, on_result=stop_after_some, concurrency=CONCURRENCY)
-        )
+        results = asyncio.run(run_load(stack.address, 64, MIX, seed=16, concurrency=CONCURRENCY))
         print("\n" + summary("(e) triton-0's forward thread stopped", results))
-        assert stopper.stopped, "the forward thread was never stopped"
         assert unexpected(results) == []  # none waited for its deadline: the held rounds moved after 15 s
         assert sum(r.stats.target_reprefills for r in results) > 0, "no generation was re-prefilled"
         stall = f"a round got no answer within {FLEET_ENV['SPECDEC_ORCHESTRATOR_TARGET_STALL_TIMEOUT_S']} s"
         assert stall in logged_since(), "the stall timeout did not quarantine triton-0"
-        admin = grpcclient.InferenceServerClient(url)
-        for _ in range(6):  # three seconds of health checks: Triton says ready, the replica stays out
-            assert admin.is_server_ready() and admin.is_model_ready(contract.MODEL_NAME)
-            assert counts(stack, "healthy", "target").get(url) == 0, "readmitted while its model was stuck"
-            time.sleep(0.5)
-        admin.close()
+        assert_kept_out_while_ready(stack, url)
     finally:
         stopper.resume()
     wait_until(lambda: counts(stack, "healthy", "target").get(url) == 1, "readmitted once its model answers", 30)
     wait_until(lambda: "readmitted (its model answered again)" in logged_since(), "readmitted so", 10)
     # The sequences it held when it stopped were released by the orchestrator meanwhile; resumed, it holds none.
+    assert_nothing_live(stack, [0, 1], [0, 1])
+
+
+def test_f_a_draft_stuck_in_its_forward_thread_is_taken_out_and_new_generations_draft_elsewhere(
+    fleet: LocalStack,
+) -> None:
+    # Only its forward loop stops (ptrace, while it waits for work: it holds no lock and not the GIL, as a
+    # forward stuck in a kernel would not). Its gRPC threads go on answering, health checks included, so only
+    # its watchdog, which sees the loop hold work without finishing a forward, turns it NOT_SERVING.
+    stack, stuck, healthy = fleet, fleet.draft_addresses[1], fleet.draft_addresses[0]
+    wait_until(lambda: set(counts(stack, "healthy", "draft").values()) == {1}, "both drafts admitted", 30)
+    (forward,) = threads_named(stack.process(replica_name("draft", 1)).pid, "draft-steps")
+    orchestrator_log = stack.process("orchestrator").log_path
+    start = len(orchestrator_log.read_text())
+    stopper = ThreadStopper(forward)
+    stopper.stop()  # idle: the loads so far asked for the default drafter, which runs no forward
+    try:
+        assert draft_live_sequences(stuck) == 0  # the rest of the process answers (a Python RPC: the GIL is free)
+        results = asyncio.run(run_load(stack.address, 48, MIX, seed=17, concurrency=CONCURRENCY, drafter="model"))
+        print("\n" + summary("(f) draft-1's forward thread stopped", results))
+        assert unexpected(results) == []  # the generations it took went target-only after their round timeout
+        wait_until(lambda: counts(stack, "healthy", "draft").get(stuck) == 0, "the stuck draft taken out", 30)
+        assert f"{stuck} reports NOT_SERVING" in orchestrator_log.read_text()[start:]  # its watchdog said so
+        # The rounds that timed out on it may have opened the (process-wide) draft breaker: past its cooldown,
+        # the first generation's trial round closes it again.
+        time.sleep(float(FLEET_ENV["SPECDEC_ORCHESTRATOR_DRAFT_BREAKER_COOLDOWN_S"]))
+        before = counts(stack, "generations_total", "draft")
+        again = asyncio.run(run_load(stack.address, 32, MIX, seed=18, concurrency=CONCURRENCY, drafter="model"))
+        after = counts(stack, "generations_total", "draft")
+        print(f"    generations per draft replica while draft-1 is out: "
+              f"{ {a: after[a] - before.get(a, 0) for a in after} }")  # fmt: skip
+        assert unexpected(again) == []
+        assert after[stuck] == before[stuck] and after[healthy] > before[healthy]
+    finally:
+        stopper.resume()
+    wait_until(lambda: counts(stack, "healthy", "draft").get(stuck) == 1, "readmitted once its forwards move", 30)
     assert_nothing_live(stack, [0, 1], [0, 1])
