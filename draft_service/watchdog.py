@@ -9,7 +9,8 @@ drafting generations, against 9 on the healthy replica). `StepWatchdog` watches 
 ending, the service reports NOT_SERVING, for ``""`` and the DraftService alike, so the orchestrator's health
 checks take the replica out and a Kubernetes liveness probe restarts it; every thread's stack goes to the
 log once (faulthandler), to show where the forward is stuck. When a forward ends again, SERVING again.
-Model-free rounds do not use the step loop and go on answering meanwhile."""
+Model-free rounds do not use the step loop and go on answering meanwhile.
+"""
 
 from __future__ import annotations
 
