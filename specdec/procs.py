@@ -181,7 +181,8 @@ def kill_group(pgid: int) -> None:
 def name_this_thread(name: str) -> None:
     """Give the calling thread an OS-level name (at most 15 bytes: ``/proc/<pid>/task/<tid>/comm``, ``top -H``,
     ``py-spy dump``; Python's own thread names stay inside Python), so that an operator looking at a busy or
-    stuck process, and a test, can tell its threads apart. Does nothing where prctl is missing."""
+    stuck process, and a test, can tell its threads apart. Threads it starts later inherit the name (its OpenMP
+    workers, say: all of them do its work). Does nothing where prctl is missing."""
     with contextlib.suppress(AttributeError, OSError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_NAME, name.encode()[:15])
 

@@ -40,6 +40,7 @@ from target_service.steps import ErrorCode, Outputs, StepError, StepRequest, rea
 log = logging.getLogger(__name__)
 
 FORWARD_THREAD = "specdec-forward"  # the scheduler's thread, which runs every forward; its OS-level name too
+# (which the OpenMP workers it starts inherit)
 
 
 def device_for(args: Mapping[str, str]) -> str:
