@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 R = TypeVar("R")
 Job = Generator[StepItem, "torch.Tensor | ValueError", R]
 
+FORWARD_THREAD = "draft-steps"  # the loop's thread, which runs every forward; its OS-level name too
+
 
 class JobCancelled(Exception):
     """The job's caller stopped waiting for it; it was closed without running its remaining steps."""
@@ -86,7 +88,7 @@ class StepLoop:
         self._progress_at = time.monotonic()  # a forward ended, or work came to an idle loop (`stalled_s`)
         self._wake = threading.Condition()
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, args=(threads,), name="draft-steps", daemon=True)
+        self._thread = threading.Thread(target=self._loop, args=(threads,), name=FORWARD_THREAD, daemon=True)
         self._thread.start()
 
     def run(self, job: Job[R], waiting: Callable[[], bool] = lambda: True) -> R:

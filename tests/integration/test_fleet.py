@@ -25,6 +25,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -32,9 +33,10 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from cli.stack import LocalStack, replica_name
+from draft_service.drafters.steps import FORWARD_THREAD as DRAFT_FORWARD_THREAD
 from specdec import target_contract as contract
 from specdec.procs import children_named, threads_named
-from target_service.triton_model import FORWARD_THREAD
+from target_service.triton_model import FORWARD_THREAD as TARGET_FORWARD_THREAD
 from tests.integration.live import (
     draft_live_sequences,
     orchestrator_live_generations,
@@ -82,6 +84,13 @@ def assert_nothing_live(stack: LocalStack, drafts: list[int], tritons: list[int]
         url = stack.triton_metrics_urls[i]
         wait_until(lambda u=url: triton_live_sequences(u) == 0, f"0 live sequences on Triton {url}", 30)
     wait_until(lambda: orchestrator_live_generations(stack.orchestrator_metrics_url) == 0, "0 live generations", 30)
+
+
+def orchestrator_log_from_now(stack: LocalStack) -> Callable[[], str]:
+    """What the orchestrator logs from now on (the module's tests share its log)."""
+    path = stack.process("orchestrator").log_path
+    start = len(path.read_text())
+    return lambda: path.read_text()[start:]
 
 
 def assert_kept_out_while_ready(stack: LocalStack, url: str) -> None:
@@ -231,13 +240,8 @@ def test_e_a_model_stuck_in_its_forward_thread_is_quarantined_until_it_answers_a
     wait_until(lambda: counts(stack, "healthy", "target").get(url) == 1, "triton-0 admitted", 30)
     (triton,) = children_named(stack.process(name).pid, "tritonserver")
     (stub,) = children_named(triton, "triton_python_b")
-    (forward,) = threads_named(stub, FORWARD_THREAD)
-    orchestrator_log = stack.process("orchestrator").log_path
-    start = len(orchestrator_log.read_text())
-
-    def logged_since() -> str:  # the orchestrator's log since this test began (the tests before share it)
-        return orchestrator_log.read_text()[start:]
-
+    (forward,) = threads_named(stub, TARGET_FORWARD_THREAD)
+    logged_since = orchestrator_log_from_now(stack)
     stopper = ThreadStopper(forward)
     stopper.stop()  # idle: just restarted, and no liveness probe asks it anything
     try:
@@ -264,9 +268,8 @@ def test_f_a_draft_stuck_in_its_forward_thread_is_taken_out_and_new_generations_
     # its watchdog, which sees the loop hold work without finishing a forward, turns it NOT_SERVING.
     stack, stuck, healthy = fleet, fleet.draft_addresses[1], fleet.draft_addresses[0]
     wait_until(lambda: set(counts(stack, "healthy", "draft").values()) == {1}, "both drafts admitted", 30)
-    (forward,) = threads_named(stack.process(replica_name("draft", 1)).pid, "draft-steps")
-    orchestrator_log = stack.process("orchestrator").log_path
-    start = len(orchestrator_log.read_text())
+    (forward,) = threads_named(stack.process(replica_name("draft", 1)).pid, DRAFT_FORWARD_THREAD)
+    logged_since = orchestrator_log_from_now(stack)
     stopper = ThreadStopper(forward)
     stopper.stop()  # idle: the loads so far asked for the default drafter, which runs no forward
     try:
@@ -275,7 +278,7 @@ def test_f_a_draft_stuck_in_its_forward_thread_is_taken_out_and_new_generations_
         print("\n" + summary("(f) draft-1's forward thread stopped", results))
         assert unexpected(results) == []  # the generations it took went target-only after their round timeout
         wait_until(lambda: counts(stack, "healthy", "draft").get(stuck) == 0, "the stuck draft taken out", 30)
-        assert f"{stuck} reports NOT_SERVING" in orchestrator_log.read_text()[start:]  # its watchdog said so
+        assert f"{stuck} reports NOT_SERVING" in logged_since()  # its watchdog said so
         # The rounds that timed out on it may have opened the (process-wide) draft breaker: past its cooldown,
         # the first generation's trial round closes it again.
         time.sleep(float(FLEET_ENV["SPECDEC_ORCHESTRATOR_DRAFT_BREAKER_COOLDOWN_S"]))

@@ -4,8 +4,8 @@ forward (a deadlock, a hung kernel) on a real Triton, whose server and model stu
 SIGSTOP cannot do this: it stops every thread of a process, and Triton reports a stopped stub "not healthy"
 at once. ``ptrace`` stops a single thread (``PTRACE_SEIZE`` then ``PTRACE_INTERRUPT``) and ``PTRACE_DETACH``
 lets it go on where it was. The kernel ties a tracee to the *thread* that seized it: call `stop` and
-`resume` from the same thread (a test's asyncio loop runs its callbacks on the test's own thread). Should a
-test die in between, the kernel detaches its tracees when it exits.
+`resume` from the same thread (the test's own). Should a test die in between, the kernel detaches its
+tracees when it exits.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import torch
 from draft_service.build import build_core
 from draft_service.config import DraftConfig
 from draft_service.core import DraftCore, ProposeRound
-from draft_service.drafters.steps import JobCancelled, StepLoop
+from draft_service.drafters.steps import FORWARD_THREAD, JobCancelled, StepLoop
 from specdec.engine import CausalLMEngine, StepItem
 from specdec.procs import threads_named
 from specdec.sampling import SamplingParams
@@ -87,7 +87,7 @@ def test_a_failing_job_fails_alone_and_the_loop_goes_on(model) -> None:
         with pytest.raises(ValueError, match="exceeds the cached length"):
             loop.run(job(bad, 5))
         assert loop.run(job(good, 0)) == (1, 64)
-        assert loop._thread.native_id in threads_named(os.getpid(), "draft-steps")  # `top -H` shows it so
+        assert loop._thread.native_id in threads_named(os.getpid(), FORWARD_THREAD)  # `top -H` shows it so
     finally:
         loop.stop()
     with pytest.raises(RuntimeError, match="stopping"):
