@@ -1,4 +1,4 @@
-"""A process-wide circuit breaker in front of the draft service.
+"""Circuit breakers in front of the draft service: one per draft replica, shared by every generation.
 
 Why it exists: when the draft service is down or drowning, every new generation would first try it, wait
 for the failure (a refused connection, or a whole per-round timeout) and only then go target-only. After
@@ -8,10 +8,16 @@ round is let through as a trial; its success *closes* the breaker, its failure o
 cooldown. Target-only rounds are the same distribution (K = 0 through the same path), so an open breaker
 costs speed, never correctness.
 
-The breaker knows nothing about drafts or asyncio: callers ask ``allow()`` before a draft round and then
+A breaker knows nothing about drafts or asyncio: callers ask ``allow()`` before a draft round and then
 report exactly one of ``record_success()``, ``record_failure()`` or ``record_abandoned()`` (the round
 ended for a reason that says nothing about the draft: a deadline, a cancelled caller). The clock is
 injectable for tests.
+
+`BreakerBoard` holds one breaker per draft replica, so that one stuck or failing replica of a pool stops
+only the rounds sent to it: the healthy replicas' generations keep drafting, and the pool opens new
+generations elsewhere while it is open (``admits``). The breaker under the name ``""`` stands for the
+draft client itself: a client without replicas (all its rounds count there), or a pool that could open a
+session on none of its replicas.
 """
 
 from __future__ import annotations
@@ -63,23 +69,31 @@ class CircuitBreaker:
             return BreakerState.HALF_OPEN
         return self._state
 
+    def admits(self) -> bool:
+        """Would ``allow()`` say yes now? (Asks without taking the half-open trial.)"""
+        state = self.state
+        if state is not BreakerState.HALF_OPEN:
+            return state is BreakerState.CLOSED
+        # A trial whose caller vanished without reporting would block the breaker forever: after a
+        # cooldown without news, another caller may try.
+        started = self._trial_started_at
+        return started is None or self._clock() - started >= max(self.cooldown_s, 1.0)
+
     def allow(self) -> bool:
         """May this round call the draft? In half-open, True for one caller at a time (the trial)."""
-        state = self.state
-        if state is BreakerState.CLOSED:
-            return True
-        if state is BreakerState.OPEN:
+        if not self.admits():
             return False
         if self._state is BreakerState.OPEN:
             self._set(BreakerState.HALF_OPEN)
             log.info("%s circuit breaker half-open: trying one round", self._name)
-        now = self._clock()
-        # A trial whose caller vanished without reporting would block the breaker forever: after a
-        # cooldown without news, another caller may try.
-        if self._trial_started_at is not None and now - self._trial_started_at < max(self.cooldown_s, 1.0):
-            return False
-        self._trial_started_at = now
+        if self._state is BreakerState.HALF_OPEN:
+            self._trial_started_at = self._clock()
         return True
+
+    @property
+    def settled(self) -> bool:
+        """Closed with no failure counted: nothing to remember."""
+        return self._state is BreakerState.CLOSED and not self._failures
 
     def record_success(self) -> None:
         self._failures = 0
@@ -113,3 +127,55 @@ class CircuitBreaker:
         self._state = state
         if self._on_transition is not None:
             self._on_transition(state)
+
+
+class BreakerBoard:
+    """One `CircuitBreaker` per draft replica address (``""``: the draft client itself), made on first use.
+
+    All share the threshold, cooldown, clock and ``on_transition``; ``state`` is the most open of them (what
+    the metrics gauge shows). Breakers that have nothing to remember are dropped once there are many, so
+    replicas that come and go (addresses re-resolved) do not pile up."""
+
+    KEEP = 64  # breakers kept before the settled ones are dropped
+
+    def __init__(
+        self,
+        failure_threshold: int = 3,
+        cooldown_s: float = 10.0,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        on_transition: Callable[[BreakerState], None] | None = None,
+    ) -> None:
+        CircuitBreaker(failure_threshold, cooldown_s)  # refuses bad settings now, not at the first failure
+        self._settings = (failure_threshold, cooldown_s)
+        self._clock = clock
+        self._on_transition = on_transition
+        self._breakers: dict[str, CircuitBreaker] = {}
+
+    def get(self, replica: str = "") -> CircuitBreaker:
+        """The breaker of ``replica`` (``""``: the draft client itself)."""
+        breaker = self._breakers.get(replica)
+        if breaker is None:
+            if len(self._breakers) >= self.KEEP:
+                self._breakers = {k: b for k, b in self._breakers.items() if not b.settled}
+            name = f"draft replica {replica}" if replica else "draft"
+            breaker = CircuitBreaker(
+                *self._settings, clock=self._clock, on_transition=self._on_transition, name=name
+            )
+            self._breakers[replica] = breaker
+        return breaker
+
+    @property
+    def size(self) -> int:
+        """Breakers held now."""
+        return len(self._breakers)
+
+    def admits(self, replica: str = "") -> bool:
+        """Would a round on ``replica`` be let through now? (A replica never seen: yes.)"""
+        breaker = self._breakers.get(replica)
+        return breaker is None or breaker.admits()
+
+    @property
+    def state(self) -> BreakerState:
+        """The most open state of all: OPEN if any is open, else HALF_OPEN if any is, else CLOSED."""
+        return max((b.state for b in self._breakers.values()), key=lambda s: s.value, default=BreakerState.CLOSED)

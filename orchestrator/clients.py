@@ -40,6 +40,11 @@ class DraftUnavailable(DraftError):
     moves the generation to another replica if it has one."""
 
 
+class DraftBreakerOpen(DraftError):
+    """Every draft replica's circuit breaker is open: the round goes target-only without trying one (not a
+    failure of its own)."""
+
+
 class DraftTimeout(DraftError):
     """A draft round took longer than the configured per-round limit."""
 
@@ -73,6 +78,8 @@ class DeadlineExceeded(ClientError):
 
 class DraftSession(Protocol):
     """One generation's draft stream (one sequence id)."""
+
+    replica: str  # the replica it runs on (its address), "" for a client without replicas: its circuit breaker
 
     async def propose(
         self,

@@ -77,10 +77,10 @@ class OrchestratorConfig:
         default=2, metadata={"help": "times per generation the target's lost cache is re-sent before failing"}
     )
     draft_breaker_failures: int = field(
-        default=3, metadata={"help": "consecutive draft failures that open the draft circuit breaker (0 = never)"}
+        default=3, metadata={"help": "consecutive failures on a draft replica that open its breaker (0 = never)"}
     )
     draft_breaker_cooldown_s: float = field(
-        default=10.0, metadata={"help": "seconds an open draft circuit breaker skips the draft before a trial round"}
+        default=10.0, metadata={"help": "seconds an open circuit breaker skips its draft replica before a trial round"}
     )
     target_connect_timeout_s: float = field(
         default=3.0,

@@ -56,6 +56,8 @@ def _to_error(exc: grpc.aio.AioRpcError) -> DraftError | DeadlineExceeded:
 class GrpcDraftSession:
     """One ``Propose`` stream (one sequence id)."""
 
+    replica = ""  # a pool's session names its replica (orchestrator.pools)
+
     def __init__(self, call: grpc.aio.StreamStreamCall, sequence_id: int) -> None:
         self._call = call
         self._sequence_id = sequence_id

@@ -26,9 +26,10 @@ sat out rounds (speculation off) catches up by appending what it missed.
 
 Failures: a failing draft (unreachable, too slow, its cache lost twice) turns the rest of the generation
 into target-only rounds (K = 0 through the same path: still exactly the target's distribution), and counts
-towards the process-wide circuit breaker (``orchestrator.breaker``): while it is open, every generation
-skips the draft without trying it. A target that lost its cache (evicted, Triton restarted, the stream
-broke) is re-sent the whole prefix under a new sequence id, a bounded number of times.
+towards the circuit breaker of the replica it ran on (``orchestrator.breaker``; a draft without replicas
+has one): while it is open, rounds skip that replica without trying it, and a pool opens new generations
+on the others. A target that lost its cache (evicted, Triton restarted, the stream broke) is re-sent the
+whole prefix under a new sequence id, a bounded number of times.
 
 Every log line about a generation starts with ``sequence_id=<id>`` (the generation's first id; re-prefills
 under new ids say so in the message).
@@ -45,9 +46,10 @@ from typing import TypeVar
 
 import torch
 
-from orchestrator.breaker import CircuitBreaker
+from orchestrator.breaker import BreakerBoard, CircuitBreaker
 from orchestrator.clients import (
     DeadlineExceeded,
+    DraftBreakerOpen,
     DraftCacheLost,
     DraftClient,
     DraftError,
@@ -84,8 +86,8 @@ def random_sequence_id() -> int:
 class SpeculativeLoop:
     """Runs generations against a target and (optionally) a draft; holds no per-generation state.
 
-    What generations share: the draft's circuit breaker (``breaker``; built from the settings unless
-    given) and the K policy's process-wide estimates (``estimates``: acceptance, costs)."""
+    What generations share: the draft's circuit breakers, one per replica (``breakers``; built from the
+    settings unless given) and the K policy's process-wide estimates (``estimates``: acceptance, costs)."""
 
     def __init__(
         self,
@@ -94,7 +96,7 @@ class SpeculativeLoop:
         settings: LoopSettings | None = None,
         *,
         new_sequence_id: Callable[[], int] = random_sequence_id,
-        breaker: CircuitBreaker | None = None,
+        breakers: BreakerBoard | None = None,
         policy: PolicySettings | None = None,
         sample_round: SampleRound = sample_round,
     ) -> None:
@@ -104,7 +106,9 @@ class SpeculativeLoop:
         self.settings = settings or LoopSettings()
         self.estimates = SharedEstimates(policy or PolicySettings())  # what auto K learns, process-wide
         self.new_sequence_id = new_sequence_id
-        self.breaker = breaker or CircuitBreaker(self.settings.breaker_failures, self.settings.breaker_cooldown_s)
+        if breakers is None:
+            breakers = BreakerBoard(self.settings.breaker_failures, self.settings.breaker_cooldown_s)
+        self.breakers = breakers
         self._releases: set[asyncio.Task] = set()  # ended generations' cache releases under way
 
     async def wait_released(self, timeout: float | None = None) -> bool:
@@ -149,6 +153,7 @@ class _Generation:
         self.draft_sequence_id = sequence_id
         self.target_sequence_id = sequence_id
         self.draft_session: DraftSession | None = None
+        self.draft_replica = ""  # where the draft session runs (or ran): whose circuit breaker counts its rounds
         self.target_session: TargetSession | None = None
         self.draft_valid = 0  # tokens of self.tokens the draft's cache holds
         self.target_valid = 0  # tokens of self.tokens the target's cache holds
@@ -284,31 +289,70 @@ class _Generation:
 
     async def _propose(self, k: int) -> Proposal | None:
         """The draft's k tokens, or None for a target-only round: no draft, an earlier draft failure in
-        this generation, an open circuit breaker, or a draft failure now (then the rest goes target-only)."""
+        this generation, an open circuit breaker, or a draft failure now (then the rest goes target-only).
+
+        Breakers (``orchestrator.breaker``): the round goes through its replica's (the session's ``replica``);
+        before a session is open, the draft client's own (``""``) decides whether to open one at all."""
         if self.draft_failed:
             self._fallback("no_draft" if self.loop.draft is None else "error")
             return None
-        breaker = self.loop.breaker
-        if not breaker.allow():
+        breakers = self.loop.breakers
+        if self.draft_session is None and not breakers.admits(""):  # failing as a whole: not even a stream
             self._fallback("breaker_open")
             return None
         started = time.monotonic()
+        gate = None  # the breaker that let this round through
         try:
+            if self.draft_session is None:
+                await self._open_draft()
+            gate = breakers.get(self.draft_replica)
+            if not gate.allow():
+                gate = None
+                self._fallback("breaker_open")
+                return None
             proposal = await self._propose_once_or_reprefill(k)
+        except DraftBreakerOpen:  # a pool whose every replica's breaker is open: none was tried
+            if gate is not None:  # a re-prefill found nowhere to go
+                gate.record_abandoned()
+            self._fallback("breaker_open")
+            return None
         except DraftError as exc:
-            breaker.record_failure()
+            self._settle(gate, failed=True)
             self._fallback("timeout" if isinstance(exc, DraftTimeout) else "error")
             self.log.warning("draft failed (%s); finishing the generation target-only", exc)
             self.draft_failed = True
             await self._close_draft()
             return None
         except BaseException:  # deadline, cancellation, a bug: nothing learnt about the draft
-            breaker.record_abandoned()
+            if gate is not None:
+                gate.record_abandoned()
             raise
         finally:
             self.stats.draft_time_s += time.monotonic() - started
-        breaker.record_success()
+        self._settle(gate, failed=False)
         return proposal
+
+    def _settle(self, gate: CircuitBreaker | None, *, failed: bool) -> None:
+        """Count the round on the breaker of the replica it ended on (a re-prefill may have moved it, and
+        an open that failed everywhere counts on the client's own); free ``gate`` if that is another."""
+        breaker = self.loop.breakers.get(self.draft_replica)
+        if failed:
+            breaker.record_failure()
+        else:
+            breaker.record_success()
+        if gate is not None and gate is not breaker:
+            gate.record_abandoned()
+
+    async def _open_draft(self) -> None:
+        """A new draft session for ``draft_sequence_id``; a pool's says which replica it runs on."""
+        assert self.loop.draft is not None
+        self.draft_replica = ""  # an open that fails counts on the draft client's own breaker
+        opening = self.loop.draft.open(self.draft_sequence_id, timeout=self._remaining())
+        self.draft_session = await self._call_draft(opening)
+        self.draft_valid = 0
+        self.draft_replica = self.draft_session.replica
+        if self.draft_replica:  # a pool found a replica that opens: as a whole, the draft client works
+            self.loop.breakers.get("").record_success()
 
     def _fallback(self, reason: str) -> None:
         if not self.stats.draft_fallback_reason:
@@ -318,10 +362,7 @@ class _Generation:
         assert self.loop.draft is not None
         while True:
             if self.draft_session is None:
-                self.draft_session = await self._call_draft(
-                    self.loop.draft.open(self.draft_sequence_id, timeout=self._remaining())
-                )
-                self.draft_valid = 0
+                await self._open_draft()
             keep, append = self.draft_valid, self.tokens[self.draft_valid :]
             try:
                 proposal = await self._call_draft(

@@ -24,8 +24,9 @@ Names (Counters get ``_total`` from prometheus_client):
   (error | timeout | breaker_open | no_draft: a fixed K asked of a deployment without a draft; auto K there runs
   K = 0 rounds, which are no fallback)
 - ``specdec_orchestrator_draft_fallback_rounds_total``: target-only rounds that wanted drafts
-- ``specdec_orchestrator_draft_breaker_state``: the draft circuit breaker, 0 closed, 1 half-open, 2 open
-- ``specdec_orchestrator_draft_breaker_transitions_total{state}``: breaker transitions, by new state
+- ``specdec_orchestrator_draft_breaker_state``: the draft circuit breakers (one per draft replica), the most
+  open of them: 0 all closed, 1 one half-open, 2 one open (the log names the replica)
+- ``specdec_orchestrator_draft_breaker_transitions_total{state}``: transitions of any of them, by new state
 - ``specdec_orchestrator_target_reprefills_total``: target caches re-sent (evicted, Triton restarted)
 - ``specdec_orchestrator_chosen_k``: the K each round ran with (histogram; under auto, the K chosen)
 - ``specdec_orchestrator_speculation_off_rounds_total``: rounds auto ran target-only because drafting did
@@ -95,7 +96,8 @@ class OrchestratorMetrics:
             p + "draft_fallback_rounds", "Rounds run target-only although they wanted drafts", registry=r
         )
         self.breaker_state = Gauge(
-            p + "draft_breaker_state", "Draft circuit breaker: 0 closed, 1 half-open, 2 open", registry=r
+            p + "draft_breaker_state", "Draft circuit breakers, the most open: 0 closed, 1 half-open, 2 open",
+            registry=r,
         )
         self.breaker_transitions = Counter(
             p + "draft_breaker_transitions", "Draft circuit breaker transitions, by new state", ["state"], registry=r

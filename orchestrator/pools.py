@@ -21,7 +21,9 @@ Failover, so that losing a replica loses no generation:
   attempt (UNAVAILABLE to the caller).
 * **Draft**: a replica that answers UNAVAILABLE is ejected; if another replica is healthy the error
   becomes DraftCacheLost, so the loop re-sends the prefix to a new session, on another replica. With no
-  other replica the loop finishes the generation target-only, as with a single draft.
+  other replica the loop finishes the generation target-only, as with a single draft. The loop keeps a
+  circuit breaker per draft replica (``orchestrator.breaker``); the pool opens new generations on the
+  replicas whose breaker admits them first, and with none admitting, on none (``DraftBreakerOpen``).
 * A stream that dies with its server does not always say UNAVAILABLE (gRPC core reports INTERNAL at
   times, or the stream is just over): after any other plain failure the replica gets one health check
   on the spot, and if it does not answer it is handled as above.
@@ -40,6 +42,7 @@ import grpc
 import torch
 
 from orchestrator.clients import (
+    DraftBreakerOpen,
     DraftCacheLost,
     DraftError,
     DraftUnavailable,
@@ -48,7 +51,7 @@ from orchestrator.clients import (
     TargetUnavailable,
 )
 from orchestrator.draft_grpc import GrpcDraftClient, GrpcDraftSession
-from orchestrator.replicas import NoReplicaLeft, PoolSettings, Replica, ReplicaPool, ReplicaState
+from orchestrator.replicas import NoReplicaAdmitted, NoReplicaLeft, PoolSettings, Replica, ReplicaPool, ReplicaState
 from orchestrator.resolve import Address, Resolver, system_resolver
 from orchestrator.target_triton import DEFAULT_CONNECT_TIMEOUT_S, TritonTargetClient, TritonTargetSession
 from specdec import target_contract as contract
@@ -135,16 +138,20 @@ class DraftPool:
         *,
         credentials: grpc.ChannelCredentials | None = None,
         server_name: str = "",
+        admits: Callable[[str], bool] = lambda address: True,
         resolver: Resolver = system_resolver,
         make_client: Callable[[Address], GrpcDraftClient] | None = None,
     ) -> None:
+        """``admits(address)``: may a round go to that replica now (its circuit breaker, which the loop keeps)?
+        New generations open on the replicas it admits first."""
+
         def make(address: Address) -> GrpcDraftClient:
             options = _options(credentials, server_name, address)
             return GrpcDraftClient(address.address, credentials=credentials, options=options)
 
         self.pool: ReplicaPool[GrpcDraftClient] = ReplicaPool(
             "draft", spec, make_client or make, lambda client, timeout: client.check_health(timeout), settings,
-            resolver=resolver,
+            admits=admits, resolver=resolver,
         )  # fmt: skip
 
     async def start(self) -> None:
@@ -155,6 +162,8 @@ class DraftPool:
             session, replica = await self.pool.open(sequence_id, timeout, (DraftUnavailable,))
         except NoReplicaLeft as exc:
             raise DraftUnavailable(str(exc)) from None
+        except NoReplicaAdmitted as exc:
+            raise DraftBreakerOpen(str(exc)) from None
         return PinnedDraftSession(session, replica, self.pool)
 
     async def drafters(self) -> tuple[str, ...]:

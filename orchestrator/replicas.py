@@ -9,7 +9,9 @@ adds what differs: the client, the health check, the errors):
   ``resolve_interval_s``; a new address becomes a replica, a vanished one is *retired* (it takes no new
   generation; its client is closed once its last generation ended). A failed resolution keeps what it had.
 * **Choice**: a new generation goes to the healthy replica with the fewest live generations from this
-  orchestrator, ties at random. If opening on it fails (it cannot be reached within the connect
+  orchestrator, ties at random; replicas that ``admits`` turns away (a draft replica whose circuit breaker
+  is open) come after the others, and when it turns every one away ``open`` tries none
+  (``NoReplicaAdmitted``). If opening on it fails (it cannot be reached within the connect
   timeout), that replica is ejected at once and the next one is tried; ejected replicas come last, so a
   pool whose replicas all look down still tries each once before giving up, and a replica that is back
   serves at once. Only when every replica was tried does ``open`` fail, naming the pool and what each
@@ -107,6 +109,10 @@ class NoReplicaLeft(Exception):
     """Every replica of the pool was tried (or there is none)."""
 
 
+class NoReplicaAdmitted(Exception):
+    """``admits`` turns every replica of the pool away (their circuit breakers are open): none was tried."""
+
+
 class ReplicaPool(Generic[C]):
     """The replicas behind ``spec``; ``start`` before use, ``close`` at the end."""
 
@@ -119,9 +125,11 @@ class ReplicaPool(Generic[C]):
         settings: PoolSettings | None = None,
         *,
         answer_check: Callable[[C, float], Awaitable[None]] | None = None,
+        admits: Callable[[str], bool] = lambda address: True,
         resolver: Resolver = system_resolver,
         rng: random.Random | None = None,
     ) -> None:
+        """``admits(address)``: False puts a healthy replica behind the others (its circuit breaker is open)."""
         self.name = name
         self.spec = spec
         self.settings = settings or PoolSettings()
@@ -131,6 +139,7 @@ class ReplicaPool(Generic[C]):
         self._make_client = make_client
         self._check = check
         self._answer_check = answer_check
+        self._admits = admits
         self._resolver = resolver
         self._rng = rng or random.Random()
         self._resolved: dict[Endpoint, list[Address]] = {}
@@ -239,14 +248,20 @@ class ReplicaPool(Generic[C]):
     # --- choice -------------------------------------------------------------------------------------------
 
     def candidates(self) -> list[Replica[C]]:
-        """Healthy replicas by fewest live generations (ties at random), then the ejected ones."""
+        """Healthy replicas by fewest live generations (ties at random), those ``admits`` turns away last
+        among them, then the ejected ones."""
         usable = [r for r in self._replicas.values() if not r.retired]
         self._rng.shuffle(usable)
-        healthy = sorted((r for r in usable if r.healthy), key=lambda r: r.live)  # stable: ties stay random
+        # sorted() is stable: ties stay random
+        healthy = sorted((r for r in usable if r.healthy), key=lambda r: (not self._admits(r.address), r.live))
         return healthy + [r for r in usable if not r.healthy]
 
     def has_healthy_other(self, replica: Replica[C]) -> bool:
-        return any(r.healthy and not r.retired and r is not replica for r in self._replicas.values())
+        """Is there another replica a generation could move to now (healthy, and ``admits`` it)?"""
+        return any(
+            r.healthy and not r.retired and r is not replica and self._admits(r.address)
+            for r in self._replicas.values()
+        )
 
     async def open(
         self, sequence_id: int, timeout: float | None, connect_errors: tuple[type[BaseException], ...]
@@ -256,7 +271,10 @@ class ReplicaPool(Generic[C]):
         A replica that raises one of ``connect_errors`` is ejected and the next is tried; the caller pins
         the session (``attach``) and must ``release`` it when it closes."""
         tried: list[str] = []
-        for replica in self.candidates():
+        candidates = self.candidates()
+        if candidates and not any(self._admits(r.address) for r in candidates):
+            raise NoReplicaAdmitted(f"every {self.name} replica's circuit breaker is open (pool {self.spec})")
+        for replica in candidates:
             replica.live += 1  # counted before the open completes: concurrent opens spread out
             try:
                 session = await replica.client.open(sequence_id, timeout=timeout)

@@ -1,7 +1,7 @@
 """Bootstrap of the orchestrator: ``create_server(config) -> (server, port)``, separate from serving.
 
 Builds the shared clients (a draft replica pool and a Triton replica pool, ``orchestrator.pools``, each
-replica with one channel, TLS when configured), the draft circuit breaker, the metrics, the tokenizer and
+replica with one channel, TLS when configured), the draft circuit breakers, the metrics, the tokenizer and
 the limits, registers GenerationService with health and method-aware reflection, and starts listening
 (TLS, and mutual TLS, when configured: ``specdec.tls``), refusing request messages over ``max_request_bytes``. The returned
 server behaves like a ``grpc.aio.Server`` whose graceful ``stop`` also reports NOT_SERVING first and
@@ -23,7 +23,7 @@ import grpc
 from grpc_health.v1 import health
 from prometheus_client import CollectorRegistry, start_http_server
 
-from orchestrator.breaker import CircuitBreaker
+from orchestrator.breaker import BreakerBoard
 from orchestrator.catalog import DrafterCatalog
 from orchestrator.clients import DraftClient, TargetClient
 from orchestrator.config import OrchestratorConfig
@@ -56,13 +56,13 @@ class OrchestratorServer:
         closers: list[Callable[[], Any]],
         *,
         metrics: OrchestratorMetrics | None = None,
-        breaker: CircuitBreaker | None = None,
+        breakers: BreakerBoard | None = None,
     ) -> None:
         self._server = server
         self.health = health_servicer
         self._closers = closers
         self.metrics = metrics
-        self.breaker = breaker
+        self.breakers = breakers
 
     async def stop(self, grace: float | None) -> None:
         """NOT_SERVING, let in-flight generations finish for ``grace`` seconds, wait for their caches'
@@ -121,6 +121,19 @@ async def create_server(
         tokenizer = await asyncio.to_thread(load_tokenizer, config.tokenizer, cache_dir)
     context_length = await asyncio.to_thread(resolve_context_length, config, tokenizer)
     server_creds = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)  # bad files fail now
+    settings = LoopSettings(
+        draft_round_timeout_s=config.draft_round_timeout_s,
+        target_steps=config.target_steps,
+        target_lookup=config.target_lookup,
+        max_target_reprefills=config.max_target_reprefills,
+        breaker_failures=config.draft_breaker_failures,
+        breaker_cooldown_s=config.draft_breaker_cooldown_s,
+    )
+    metrics = OrchestratorMetrics(CollectorRegistry())
+    breakers = BreakerBoard(
+        settings.breaker_failures, settings.breaker_cooldown_s, on_transition=metrics.observe_breaker
+    )
+    metrics.watch_breaker(lambda: breakers.state)
     pools = []
     if target_client is None or (draft_client is None and config.draft_address):
         from orchestrator.pools import DraftPool, TargetPool  # Triton's protobuf only when really used
@@ -140,7 +153,8 @@ async def create_server(
         if draft_client is None and config.draft_address:
             credentials = channel_credentials(config.draft_tls_ca, config.draft_tls_cert, config.draft_tls_key)
             draft_client = DraftPool(
-                config.draft_address, pool_settings, credentials=credentials, server_name=config.draft_tls_server_name
+                config.draft_address, pool_settings, credentials=credentials, server_name=config.draft_tls_server_name,
+                admits=breakers.admits,
             )
             pools.append(draft_client)
     for pool in pools:
@@ -149,19 +163,6 @@ async def create_server(
     if draft_client is not None:
         closers.append(draft_client.close)
 
-    settings = LoopSettings(
-        draft_round_timeout_s=config.draft_round_timeout_s,
-        target_steps=config.target_steps,
-        target_lookup=config.target_lookup,
-        max_target_reprefills=config.max_target_reprefills,
-        breaker_failures=config.draft_breaker_failures,
-        breaker_cooldown_s=config.draft_breaker_cooldown_s,
-    )
-    metrics = OrchestratorMetrics(CollectorRegistry())
-    breaker = CircuitBreaker(
-        settings.breaker_failures, settings.breaker_cooldown_s, on_transition=metrics.observe_breaker
-    )
-    metrics.watch_breaker(lambda: breaker.state)
     if pools:
         metrics.watch_replicas(lambda: [state for pool in pools for state in pool.snapshot()])
     if config.metrics_port > 0:
@@ -173,7 +174,7 @@ async def create_server(
         max_k=config.max_num_draft_tokens, probe_rounds=config.k_probe_rounds, probe_rounds_max=config.k_probe_rounds_max,
         probe_budget=config.k_probe_budget,
     )
-    loop = SpeculativeLoop(target_client, draft_client, settings, breaker=breaker, policy=policy,
+    loop = SpeculativeLoop(target_client, draft_client, settings, breakers=breakers, policy=policy,
                            sample_round=sample_round)
     closers.insert(0, functools.partial(loop.wait_released, _RELEASE_WAIT_S))  # before the clients close
     catalog = DrafterCatalog(draft_client)
@@ -194,7 +195,7 @@ async def create_server(
         config.host, port, _tls_mode(config), config.draft_address or "none", config.triton_url, config.triton_model,
         context_length,
     )
-    return OrchestratorServer(server, health_servicer, closers, metrics=metrics, breaker=breaker), port
+    return OrchestratorServer(server, health_servicer, closers, metrics=metrics, breakers=breakers), port
 
 
 def _tls_mode(config: OrchestratorConfig) -> str:

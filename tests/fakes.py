@@ -157,6 +157,8 @@ class FakeTarget:
 
 
 class FakeDraftSession:
+    replica = ""  # one draft, no replicas
+
     def __init__(self, client: FakeDraft, sequence_id: int) -> None:
         self.client, self.sequence_id, self.cache = client, sequence_id, []
 

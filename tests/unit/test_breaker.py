@@ -1,9 +1,11 @@
-"""The draft circuit breaker: alone with a fake clock, then inside the loop with the loop's fake clients.
+"""The draft circuit breakers: one alone with a fake clock, a board of them (one per replica), then inside
+the loop with the loop's fake clients (the pool's side: tests/unit/test_pools.py).
 
 Proves: N consecutive failures open it; while open no draft is even tried (no session opened) and the
 rounds are target-only, counted as fallbacks with reason "breaker_open", with exactly the target's greedy
 output; after the cooldown one trial goes through (only one, even with concurrent generations); its
-success closes the breaker, its failure re-opens it; a trial that ends without news frees the slot.
+success closes the breaker, its failure re-opens it; a trial that ends without news frees the slot. A
+board keeps them apart per replica, asks without taking the trial, and forgets only what is settled.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 
 import pytest
 
-from orchestrator.breaker import BreakerState, CircuitBreaker
+from orchestrator.breaker import BreakerBoard, BreakerState, CircuitBreaker
 from orchestrator.clients import DeadlineExceeded, DraftError
 from orchestrator.loop import SpeculativeLoop
 from tests.fakes import FakeDraft, FakeTarget, asyncio_test, greedy_reference, output, request, run
@@ -109,6 +111,45 @@ def test_bad_settings_are_refused():
         CircuitBreaker(1, -1.0)
 
 
+def test_bad_settings_are_refused_by_a_board_at_once():
+    with pytest.raises(ValueError):
+        BreakerBoard(-1, 1.0)
+
+
+# --- one per replica ----------------------------------------------------------------------------------------
+
+
+def test_a_board_keeps_one_breaker_per_replica_and_admits_asks_without_taking_the_trial():
+    clock = Clock()
+    transitions: list[BreakerState] = []
+    board = BreakerBoard(2, 5.0, clock=clock, on_transition=transitions.append)
+    for _ in range(2):
+        board.get("a:1").record_failure()
+    board.get("b:1").record_failure()  # one failure: still closed
+    assert board.get("a:1").state is BreakerState.OPEN and board.get("b:1").state is BreakerState.CLOSED
+    assert not board.admits("a:1") and board.admits("b:1") and board.admits("never-seen:1") and board.admits("")
+    assert board.state is BreakerState.OPEN  # the most open of them
+    clock.now += 5.0
+    assert board.admits("a:1") and board.admits("a:1")  # asking twice takes nothing
+    assert board.state is BreakerState.HALF_OPEN
+    assert board.get("a:1").allow()  # the trial
+    assert not board.admits("a:1") and not board.get("a:1").allow()
+    board.get("a:1").record_success()
+    assert board.state is BreakerState.CLOSED and board.admits("a:1")
+    assert transitions == [BreakerState.OPEN, BreakerState.HALF_OPEN, BreakerState.CLOSED]
+
+
+def test_a_board_drops_the_breakers_that_remember_nothing_once_there_are_many():
+    board = BreakerBoard(3, 5.0, clock=Clock())
+    board.get("failing:1").record_failure()
+    for i in range(BreakerBoard.KEEP):
+        board.get(f"10.0.0.{i}:1").record_success()
+    assert board.size < BreakerBoard.KEEP  # the settled ones went
+    board.get("failing:1").record_failure()
+    board.get("failing:1").record_failure()  # the third in a row: the count survived the pruning
+    assert not board.admits("failing:1")
+
+
 # --- inside the loop --------------------------------------------------------------------------------------
 
 
@@ -137,9 +178,10 @@ class SwitchableDraft(FakeDraft):
 @asyncio_test
 async def test_the_loop_skips_an_open_breaker_without_trying_the_draft():
     clock = Clock()
-    b, _ = breaker(clock, failures=2, cooldown_s=5.0)
+    breakers = BreakerBoard(2, 5.0, clock=clock)
+    b = breakers.get("")  # the draft client's own: a draft without replicas
     draft, target = SwitchableDraft(), FakeTarget()
-    loop = SpeculativeLoop(target, draft, breaker=b)
+    loop = SpeculativeLoop(target, draft, breakers=breakers)
     draft.down = True
     for _ in range(2):  # each generation fails once, then finishes target-only
         rounds = await run(loop, request(max_new_tokens=8))
@@ -168,9 +210,10 @@ async def test_the_loop_skips_an_open_breaker_without_trying_the_draft():
 @asyncio_test
 async def test_half_open_admits_one_trial_among_concurrent_generations():
     clock = Clock()
-    b, _ = breaker(clock, failures=1, cooldown_s=5.0)
+    breakers = BreakerBoard(1, 5.0, clock=clock)
+    b = breakers.get("")
     draft, target = SwitchableDraft(), FakeTarget(delay_s=0.01)
-    loop = SpeculativeLoop(target, draft, breaker=b)
+    loop = SpeculativeLoop(target, draft, breakers=breakers)
     draft.down = True
     await run(loop, request(max_new_tokens=4))
     assert b.state is BreakerState.OPEN
@@ -187,11 +230,12 @@ async def test_half_open_admits_one_trial_among_concurrent_generations():
 @asyncio_test
 async def test_a_deadline_during_the_trial_is_not_a_draft_failure():
     clock = Clock()
-    b, _ = breaker(clock, failures=1, cooldown_s=5.0)
+    breakers = BreakerBoard(1, 5.0, clock=clock)
+    b = breakers.get("")
     b.record_failure()
     clock.now += 5.0
     draft = FakeDraft(delay_s=0.5)
-    loop = SpeculativeLoop(FakeTarget(), draft, breaker=b)
+    loop = SpeculativeLoop(FakeTarget(), draft, breakers=breakers)
     with pytest.raises(DeadlineExceeded):
         await run(loop, request(max_new_tokens=8, deadline=time.monotonic() + 0.05))
     assert b.state is BreakerState.HALF_OPEN and b.allow()  # the slot is free again, nothing recorded

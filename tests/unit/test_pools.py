@@ -5,7 +5,9 @@ generation goes to the healthy replica with the fewest live generations and stay
 that cannot be opened is ejected at once and the next is tried; failed health checks eject a replica and
 abandon its sessions, a passing one readmits it; a generation whose target or draft replica dies finishes
 on another one, and so does one whose target model fails (a round unanswered, or a stub Triton reports
-not healthy: its replica is then readmitted only once its model answers, not on Triton's readiness); and when no replica is left the error names the pool and every attempt.
+not healthy: its replica is then readmitted only once its model answers, not on Triton's readiness); a
+draft replica whose rounds time out trips only its own circuit breaker, and new generations draft on the
+others meanwhile; and when no replica is left the error names the pool and every attempt.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import random
 import pytest
 from prometheus_client import CollectorRegistry
 
+from orchestrator.breaker import BreakerBoard, BreakerState
 from orchestrator.clients import DraftUnavailable, TargetUnavailable
+from orchestrator.generation import LoopSettings
 from orchestrator.loop import SpeculativeLoop
 from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.pools import DraftPool, TargetPool
@@ -313,7 +317,7 @@ async def test_a_generation_whose_draft_replica_dies_continues_on_another_draft_
         assert output(rounds) == greedy_reference(15)
         assert stats.draft_fallback_rounds == 0 and all(r.num_draft_tokens == 2 for r in rounds[:-1])
         assert sorted(len(d.calls.opened) for d in drafts.values()) == [1, 1]  # one session on each
-        assert not loop.breaker.state.value  # closed: no draft failure was counted
+        assert not loop.breakers.state.value  # all closed: no draft failure was counted
     finally:
         await pool.close()
         await target.close()
@@ -332,6 +336,83 @@ async def test_with_its_only_draft_replica_down_a_generation_finishes_target_onl
         assert output(rounds) == greedy_reference(6)
         assert rounds[-1].stats.draft_fallback_rounds == rounds[-1].stats.rounds - 1  # the last round drafts nothing
         assert rounds[-1].stats.draft_fallback_reason == "error"
+    finally:
+        await pool.close()
+        await target.close()
+
+
+@asyncio_test
+async def test_a_stuck_draft_replica_trips_only_its_own_breaker_and_new_generations_draft_on_the_other() -> None:
+    drafts = {A: FakeDraftReplica(A, policy=agree_first(99)), B: FakeDraftReplica(B, policy=agree_first(99))}
+    drafts[A].delay_s = 30.0  # stuck: it answers health checks and opens, its rounds never end
+    breakers = BreakerBoard(1, 600.0)
+    target = target_pool(fake_targets(C))
+    pool = draft_pool(drafts, admits=breakers.admits)
+    await target.start()
+    await pool.start()
+    try:
+        loop = SpeculativeLoop(target, pool, LoopSettings(draft_round_timeout_s=0.05), new_sequence_id=ids(),
+                               breakers=breakers)  # fmt: skip
+        # Two at once: one on each replica (fewest live). The one on A times out and finishes target-only.
+        first = await asyncio.gather(*(run(loop, request(max_new_tokens=8, num_draft_tokens=2)) for _ in range(2)))
+        assert sorted(r[-1].stats.draft_fallback_reason for r in first) == ["", "timeout"]
+        assert breakers.get(A).state is BreakerState.OPEN
+        # A's breaker is open: new generations open on B and draft every round there; B's and the draft
+        # client's own breakers stay closed (one process-wide breaker would skip drafting for all).
+        for _ in range(6):
+            rounds = await run(loop, request(max_new_tokens=8, num_draft_tokens=2))
+            assert output(rounds) == greedy_reference(8)
+            assert rounds[-1].stats.draft_fallback_rounds == 0 and rounds[-1].stats.drafted_tokens > 0
+        assert [len(drafts[a].calls.opened) for a in (A, B)] == [1, 7]
+        assert breakers.get(B).state is breakers.get("").state is BreakerState.CLOSED
+        assert breakers.state is BreakerState.OPEN  # what the gauge shows: the most open of them
+    finally:
+        await pool.close()
+        await target.close()
+
+
+@asyncio_test
+async def test_with_every_draft_replicas_breaker_open_a_generation_opens_no_stream_and_runs_target_only() -> None:
+    drafts = {A: FakeDraftReplica(A, policy=agree_first(99))}
+    drafts[A].delay_s = 30.0
+    breakers = BreakerBoard(1, 600.0)
+    target = target_pool(fake_targets(C))
+    pool = draft_pool(drafts, admits=breakers.admits)
+    await target.start()
+    await pool.start()
+    try:
+        loop = SpeculativeLoop(target, pool, LoopSettings(draft_round_timeout_s=0.05), new_sequence_id=ids(),
+                               breakers=breakers)  # fmt: skip
+        rounds = await run(loop, request(max_new_tokens=6, num_draft_tokens=2))
+        assert rounds[-1].stats.draft_fallback_reason == "timeout" and not breakers.admits(A)
+        rounds = await run(loop, request(max_new_tokens=6, num_draft_tokens=2))
+        assert output(rounds) == greedy_reference(6)
+        assert rounds[-1].stats.draft_fallback_reason == "breaker_open"
+        assert len(drafts[A].calls.opened) == 1  # not even a stream to it
+        assert breakers.get("").state is BreakerState.CLOSED  # skipping is no failure of the draft client
+    finally:
+        await pool.close()
+        await target.close()
+
+
+@asyncio_test
+async def test_a_generation_does_not_move_to_a_draft_replica_whose_breaker_is_open() -> None:
+    drafts = {A: FakeDraftReplica(A, policy=agree_first(99)), B: FakeDraftReplica(B, policy=agree_first(99))}
+    breakers = BreakerBoard(1, 600.0)
+    breakers.get(B).record_failure()  # B's breaker is open
+    target = target_pool(fake_targets(C))
+    pool = draft_pool(drafts, admits=breakers.admits)
+    await target.start()
+    await pool.start()
+    try:
+        loop = SpeculativeLoop(target, pool, new_sequence_id=ids(), breakers=breakers)
+        rounds = []
+        async for r in loop.generate(request(max_new_tokens=12, num_draft_tokens=2)):
+            rounds.append(r)
+            drafts[A].down = True  # dies after the first round: B is healthy, but its breaker is open
+        assert output(rounds) == greedy_reference(12)
+        assert rounds[-1].stats.draft_fallback_reason == "error"
+        assert [len(drafts[a].calls.opened) for a in (A, B)] == [1, 0]
     finally:
         await pool.close()
         await target.close()
