@@ -13,7 +13,9 @@ others meanwhile; and when no replica is left the error names the pool and every
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+from collections.abc import AsyncIterator
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -341,18 +343,28 @@ async def test_with_its_only_draft_replica_down_a_generation_finishes_target_onl
         await target.close()
 
 
-@asyncio_test
-async def test_a_stuck_draft_replica_trips_only_its_own_breaker_and_new_generations_draft_on_the_other() -> None:
-    drafts = {A: FakeDraftReplica(A, policy=agree_first(99)), B: FakeDraftReplica(B, policy=agree_first(99))}
-    drafts[A].delay_s = 30.0  # stuck: it answers health checks and opens, its rounds never end
-    breakers = BreakerBoard(1, 600.0)
+@contextlib.asynccontextmanager
+async def loop_over_drafts(
+    drafts: dict[str, FakeDraftReplica], breakers: BreakerBoard, **settings: float
+) -> AsyncIterator[SpeculativeLoop]:
+    """A loop over a pool of ``drafts`` whose choice asks ``breakers``, and one target replica."""
     target = target_pool(fake_targets(C))
     pool = draft_pool(drafts, admits=breakers.admits)
     await target.start()
     await pool.start()
     try:
-        loop = SpeculativeLoop(target, pool, LoopSettings(draft_round_timeout_s=0.05), new_sequence_id=ids(),
-                               breakers=breakers)  # fmt: skip
+        yield SpeculativeLoop(target, pool, LoopSettings(**settings), new_sequence_id=ids(), breakers=breakers)
+    finally:
+        await pool.close()
+        await target.close()
+
+
+@asyncio_test
+async def test_a_stuck_draft_replica_trips_only_its_own_breaker_and_new_generations_draft_on_the_other() -> None:
+    drafts = {A: FakeDraftReplica(A, policy=agree_first(99)), B: FakeDraftReplica(B, policy=agree_first(99))}
+    drafts[A].delay_s = 30.0  # stuck: it answers health checks and opens, its rounds never end
+    breakers = BreakerBoard(1, 600.0)
+    async with loop_over_drafts(drafts, breakers, draft_round_timeout_s=0.05) as loop:
         # Two at once: one on each replica (fewest live). The one on A times out and finishes target-only.
         first = await asyncio.gather(*(run(loop, request(max_new_tokens=8, num_draft_tokens=2)) for _ in range(2)))
         assert sorted(r[-1].stats.draft_fallback_reason for r in first) == ["", "timeout"]
@@ -366,9 +378,6 @@ async def test_a_stuck_draft_replica_trips_only_its_own_breaker_and_new_generati
         assert [len(drafts[a].calls.opened) for a in (A, B)] == [1, 7]
         assert breakers.get(B).state is breakers.get("").state is BreakerState.CLOSED
         assert breakers.state is BreakerState.OPEN  # what the gauge shows: the most open of them
-    finally:
-        await pool.close()
-        await target.close()
 
 
 @asyncio_test
@@ -376,13 +385,7 @@ async def test_with_every_draft_replicas_breaker_open_a_generation_opens_no_stre
     drafts = {A: FakeDraftReplica(A, policy=agree_first(99))}
     drafts[A].delay_s = 30.0
     breakers = BreakerBoard(1, 600.0)
-    target = target_pool(fake_targets(C))
-    pool = draft_pool(drafts, admits=breakers.admits)
-    await target.start()
-    await pool.start()
-    try:
-        loop = SpeculativeLoop(target, pool, LoopSettings(draft_round_timeout_s=0.05), new_sequence_id=ids(),
-                               breakers=breakers)  # fmt: skip
+    async with loop_over_drafts(drafts, breakers, draft_round_timeout_s=0.05) as loop:
         rounds = await run(loop, request(max_new_tokens=6, num_draft_tokens=2))
         assert rounds[-1].stats.draft_fallback_reason == "timeout" and not breakers.admits(A)
         rounds = await run(loop, request(max_new_tokens=6, num_draft_tokens=2))
@@ -390,9 +393,6 @@ async def test_with_every_draft_replicas_breaker_open_a_generation_opens_no_stre
         assert rounds[-1].stats.draft_fallback_reason == "breaker_open"
         assert len(drafts[A].calls.opened) == 1  # not even a stream to it
         assert breakers.get("").state is BreakerState.CLOSED  # skipping is no failure of the draft client
-    finally:
-        await pool.close()
-        await target.close()
 
 
 @asyncio_test
@@ -400,12 +400,7 @@ async def test_a_generation_does_not_move_to_a_draft_replica_whose_breaker_is_op
     drafts = {A: FakeDraftReplica(A, policy=agree_first(99)), B: FakeDraftReplica(B, policy=agree_first(99))}
     breakers = BreakerBoard(1, 600.0)
     breakers.get(B).record_failure()  # B's breaker is open
-    target = target_pool(fake_targets(C))
-    pool = draft_pool(drafts, admits=breakers.admits)
-    await target.start()
-    await pool.start()
-    try:
-        loop = SpeculativeLoop(target, pool, new_sequence_id=ids(), breakers=breakers)
+    async with loop_over_drafts(drafts, breakers) as loop:
         rounds = []
         async for r in loop.generate(request(max_new_tokens=12, num_draft_tokens=2)):
             rounds.append(r)
@@ -413,9 +408,6 @@ async def test_a_generation_does_not_move_to_a_draft_replica_whose_breaker_is_op
         assert output(rounds) == greedy_reference(12)
         assert rounds[-1].stats.draft_fallback_reason == "error"
         assert [len(drafts[a].calls.opened) for a in (A, B)] == [1, 0]
-    finally:
-        await pool.close()
-        await target.close()
 
 
 # --- metrics ------------------------------------------------------------------------------------------------
