@@ -25,7 +25,7 @@ Names (Counters get ``_total`` from prometheus_client):
   K = 0 rounds, which are no fallback)
 - ``specdec_orchestrator_draft_fallback_rounds_total``: target-only rounds that wanted drafts
 - ``specdec_orchestrator_draft_breaker_state``: the draft circuit breakers (one per draft replica), the most
-  open of them: 0 all closed, 1 one half-open, 2 one open (the log names the replica)
+  open of them: 0 all closed, 1 one half-open, 2 one open (which: ``replica_admitted`` below, and the log)
 - ``specdec_orchestrator_draft_breaker_transitions_total{state}``: transitions of any of them, by new state
 - ``specdec_orchestrator_target_reprefills_total``: target caches re-sent (evicted, Triton restarted)
 - ``specdec_orchestrator_chosen_k``: the K each round ran with (histogram; under auto, the K chosen)
@@ -36,6 +36,8 @@ Names (Counters get ``_total`` from prometheus_client):
 - ``specdec_orchestrator_replica_generations_total{pool, replica}``: sessions opened on each replica
 - ``specdec_orchestrator_replica_healthy{pool, replica}``: 1 while a replica takes new generations, 0 ejected
 - ``specdec_orchestrator_replica_ejections_total{pool, replica}``: times a replica was ejected
+- ``specdec_orchestrator_replica_admitted{pool, replica}``: 0 while a draft replica's circuit breaker is open
+  (rounds skip it, new generations go elsewhere), else 1; always 1 for Triton replicas
 """
 
 from __future__ import annotations
@@ -177,10 +179,12 @@ class _ReplicaCollector:
         opened = CounterMetricFamily(p + "generations", "Sessions opened on each replica", labels=labels)
         healthy = GaugeMetricFamily(p + "healthy", "1 while a replica takes new generations, 0 ejected", labels=labels)
         ejections = CounterMetricFamily(p + "ejections", "Times a replica was ejected", labels=labels)
+        admitted = GaugeMetricFamily(p + "admitted", "1 while its circuit breaker lets rounds through", labels=labels)
         for state in self._states():
             key = [state.pool, state.address]
             live.add_metric(key, state.live)
             opened.add_metric(key, state.opened)
             healthy.add_metric(key, 1.0 if state.healthy else 0.0)
             ejections.add_metric(key, state.ejections)
-        yield from (live, opened, healthy, ejections)
+            admitted.add_metric(key, 1.0 if state.admitted else 0.0)
+        yield from (live, opened, healthy, ejections, admitted)

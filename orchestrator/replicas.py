@@ -87,6 +87,7 @@ class ReplicaState:
     live: int  # sessions open on it now
     opened: int  # sessions opened on it so far
     ejections: int
+    admitted: bool = True  # its circuit breaker lets rounds through (``admits``)
 
 
 class Replica(Generic[C]):
@@ -303,7 +304,7 @@ class ReplicaPool(Generic[C]):
 
     def snapshot(self) -> list[ReplicaState]:
         return [
-            ReplicaState(self.name, r.address, r.healthy, r.live, r.opened, r.ejections)
+            ReplicaState(self.name, r.address, r.healthy, r.live, r.opened, r.ejections, self._admits(r.address))
             for r in sorted(self._replicas.values(), key=lambda r: r.address)
         ]
 

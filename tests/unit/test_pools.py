@@ -378,6 +378,7 @@ async def test_a_stuck_draft_replica_trips_only_its_own_breaker_and_new_generati
         assert [len(drafts[a].calls.opened) for a in (A, B)] == [1, 7]
         assert breakers.get(B).state is breakers.get("").state is BreakerState.CLOSED
         assert breakers.state is BreakerState.OPEN  # what the gauge shows: the most open of them
+        assert {s.address: s.admitted for s in loop.draft.snapshot()} == {A: False, B: True}  # per replica
 
 
 @asyncio_test
@@ -433,6 +434,7 @@ async def test_per_replica_counts_are_exported() -> None:
         assert value(p + "live_generations", A) + value(p + "live_generations", B) == 2
         assert (value(p + "healthy", A), value(p + "healthy", B)) == (0.0, 1.0)
         assert (value(p + "ejections_total", A), value(p + "ejections_total", B)) == (1.0, 0.0)
+        assert (value(p + "admitted", A), value(p + "admitted", B)) == (1.0, 1.0)  # Triton's: no breaker
     finally:
         await pool.close()
 
