@@ -23,6 +23,7 @@ session on none of its replicas.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -146,11 +147,10 @@ class BreakerBoard:
         clock: Callable[[], float] = time.monotonic,
         on_transition: Callable[[BreakerState], None] | None = None,
     ) -> None:
-        CircuitBreaker(failure_threshold, cooldown_s)  # refuses bad settings now, not at the first failure
-        self._settings = (failure_threshold, cooldown_s)
-        self._clock = clock
-        self._on_transition = on_transition
-        self._breakers: dict[str, CircuitBreaker] = {}
+        self._make = functools.partial(
+            CircuitBreaker, failure_threshold, cooldown_s, clock=clock, on_transition=on_transition
+        )
+        self._breakers = {"": self._make(name="draft")}  # made now: bad settings fail here, not at a failure
 
     def get(self, replica: str = "") -> CircuitBreaker:
         """The breaker of ``replica`` (``""``: the draft client itself)."""
@@ -158,10 +158,7 @@ class BreakerBoard:
         if breaker is None:
             if len(self._breakers) >= self.KEEP:
                 self._breakers = {k: b for k, b in self._breakers.items() if not b.settled}
-            name = f"draft replica {replica}" if replica else "draft"
-            breaker = CircuitBreaker(
-                *self._settings, clock=self._clock, on_transition=self._on_transition, name=name
-            )
+            breaker = self._make(name=f"draft replica {replica}" if replica else "draft")
             self._breakers[replica] = breaker
         return breaker
 
