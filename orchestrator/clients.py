@@ -46,7 +46,8 @@ class DraftBreakerOpen(DraftError):
 
 
 class DraftTimeout(DraftError):
-    """A draft round took longer than the configured per-round limit."""
+    """A draft round took longer than the configured per-round limit: in a pool with another replica the
+    generation moves there, else it finishes target-only."""
 
 
 class TargetError(ClientError):
@@ -100,6 +101,11 @@ class DraftSession(Protocol):
         Raises DraftCacheLost if the context is gone, DraftError on any other failure."""
         ...
 
+    def can_move(self) -> bool:
+        """Could the generation go on in a new session on another replica now (a pool with another healthy
+        replica whose circuit breaker admits rounds)? False for a client without replicas."""
+        ...
+
     async def close(self) -> None:
         """End the session and release the draft's cache; idempotent, never raises."""
         ...
@@ -108,8 +114,9 @@ class DraftSession(Protocol):
 class DraftClient(Protocol):
     """Opens draft sessions; one per orchestrator process (shares a channel)."""
 
-    async def open(self, sequence_id: int, *, timeout: float | None = None) -> DraftSession:
-        """Start a session for sequence_id; ``timeout`` (seconds) bounds the whole session."""
+    async def open(self, sequence_id: int, *, timeout: float | None = None, avoid: str = "") -> DraftSession:
+        """Start a session for sequence_id; ``timeout`` (seconds) bounds the whole session. ``avoid``: a
+        replica not to open it on (the one the generation leaves); a client without replicas has none."""
         ...
 
     async def drafters(self) -> tuple[str, ...]:

@@ -60,7 +60,8 @@ class OrchestratorConfig:
     max_stop_strings: int = field(default=8, metadata={"help": "most stop strings per request"})
     max_stop_chars: int = field(default=128, metadata={"help": "longest stop string, in characters"})
     draft_round_timeout_s: float = field(
-        default=5.0, metadata={"help": "a draft round slower than this falls back to target-only (0 = no limit)"}
+        default=5.0, metadata={"help": "a draft round slower than this moves the generation to another draft replica, or with none "
+                         "finishes it target-only (0 = no limit)"}
     )
     target_steps: int = field(
         default=8,

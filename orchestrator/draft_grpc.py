@@ -95,6 +95,9 @@ class GrpcDraftSession:
             raise DraftError("draft service ended the stream without answering")
         return _to_proposal(response)
 
+    def can_move(self) -> bool:
+        return False  # one draft service: nowhere else to go
+
     async def close(self) -> None:
         """Half-close and wait briefly for the server to finish (it releases the cache), else cancel."""
         if self._closed:
@@ -157,7 +160,8 @@ class GrpcDraftClient:
             status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
             raise DraftUnavailable(f"draft at {self.address} reports {status}")
 
-    async def open(self, sequence_id: int, *, timeout: float | None = None) -> GrpcDraftSession:
+    async def open(self, sequence_id: int, *, timeout: float | None = None, avoid: str = "") -> GrpcDraftSession:
+        """A ``Propose`` stream for sequence_id (``avoid`` means nothing to one draft service)."""
         return GrpcDraftSession(self._stub.Propose(timeout=timeout), sequence_id)
 
     async def drafters(self) -> tuple[str, ...]:

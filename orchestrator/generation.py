@@ -108,6 +108,6 @@ class LoopSettings:
     target_steps: int = 1  # tokens the target decodes on its own in a round without drafts (1 = scored rounds)
     target_lookup: int = 0  # draft tokens each forward of such a decode may verify (specdec.lookup); 0 = none
     max_target_reprefills: int = 2  # lost target caches re-sent per generation before failing UNAVAILABLE
-    max_draft_reprefills: int = 1  # lost draft caches re-sent per generation before falling back
+    max_draft_reprefills: int = 1  # draft prefixes re-sent per generation (a lost cache, a move) before falling back
     breaker_failures: int = 3  # consecutive draft failures that open the circuit breaker; 0 = never
     breaker_cooldown_s: float = 10.0  # how long an open breaker skips the draft before one trial round

@@ -343,11 +343,12 @@ class _Generation:
         if gate is not None and gate is not breaker:
             gate.record_abandoned()
 
-    async def _open_draft(self) -> None:
-        """A new draft session for ``draft_sequence_id``; a pool's says which replica it runs on."""
+    async def _open_draft(self, avoid: str = "") -> None:
+        """A new draft session for ``draft_sequence_id`` (not on replica ``avoid``); a pool's says which
+        replica it runs on."""
         assert self.loop.draft is not None
         self.draft_replica = ""  # an open that fails counts on the draft client's own breaker
-        opening = self.loop.draft.open(self.draft_sequence_id, timeout=self._remaining())
+        opening = self.loop.draft.open(self.draft_sequence_id, timeout=self._remaining(), avoid=avoid)
         self.draft_session = await self._call_draft(opening)
         self.draft_valid = 0
         self.draft_replica = self.draft_session.replica
@@ -359,11 +360,15 @@ class _Generation:
             self.stats.draft_fallback_reason = reason
 
     async def _propose_once_or_reprefill(self, k: int) -> Proposal:
+        """The round's proposal. The prefix is re-sent to a new session (up to ``max_draft_reprefills`` times
+        per generation) when the draft lost its cache, or when the round timed out on a pool's replica and
+        another could take it: a stuck replica still answers health checks, so it is left out by name."""
         assert self.loop.draft is not None
         while True:
             if self.draft_session is None:
                 await self._open_draft()
             keep, append = self.draft_valid, self.tokens[self.draft_valid :]
+            spent = self.draft_reprefills >= self.loop.settings.max_draft_reprefills
             try:
                 proposal = await self._call_draft(
                     self.draft_session.propose(
@@ -372,15 +377,23 @@ class _Generation:
                     )
                 )
             except DraftCacheLost:
-                if self.draft_reprefills >= self.loop.settings.max_draft_reprefills:
+                if spent:
                     raise
-                self.draft_reprefills += 1
-                await self._close_draft()
-                self.draft_sequence_id = self.loop.new_sequence_id()  # never race the old stream's release
-                self.log.info("draft cache lost; re-sending the prefix as draft_sequence_id=%d", self.draft_sequence_id)
-                continue
-            _check_proposal(proposal, keep, len(append), k)
-            return proposal
+                why, avoid = "draft cache lost", ""
+            except DraftTimeout as exc:
+                if spent or not self.draft_session.can_move():
+                    raise
+                why, avoid = f"{exc} on draft replica {self.draft_replica}", self.draft_replica
+                self.loop.breakers.get(avoid).record_failure()  # counted where it happened; the round goes on
+            else:
+                _check_proposal(proposal, keep, len(append), k)
+                return proposal
+            self.draft_reprefills += 1
+            await self._close_draft()
+            self.draft_sequence_id = self.loop.new_sequence_id()  # never race the old stream's release
+            level = logging.WARNING if avoid else logging.INFO  # a replica that stalls is news; a lost cache is not
+            self.log.log(level, "%s; re-sending the prefix as draft_sequence_id=%d", why, self.draft_sequence_id)
+            await self._open_draft(avoid)
 
     async def _call_draft(self, call: Awaitable[T]) -> T:
         remaining = self._remaining()

@@ -20,8 +20,10 @@ Failover, so that losing a replica loses no generation:
   Only when every replica was tried does ``open`` raise TargetUnavailable, naming the pool and each
   attempt (UNAVAILABLE to the caller).
 * **Draft**: a replica that answers UNAVAILABLE is ejected; if another replica is healthy the error
-  becomes DraftCacheLost, so the loop re-sends the prefix to a new session, on another replica. With no
-  other replica the loop finishes the generation target-only, as with a single draft. The loop keeps a
+  becomes DraftCacheLost, so the loop re-sends the prefix to a new session, on another replica. A round
+  the loop times out moves the generation too (``can_move``, then ``open(avoid=...)``: a stuck replica
+  still looks healthy, so it is left out by name). With no other replica the loop finishes the
+  generation target-only, as with a single draft. The loop keeps a
   circuit breaker per draft replica (``orchestrator.breaker``); the pool opens new generations on the
   replicas whose breaker admits them first, and with none admitting, on none (``DraftBreakerOpen``).
 * A stream that dies with its server does not always say UNAVAILABLE (gRPC core reports INTERNAL at
@@ -118,10 +120,13 @@ class PinnedDraftSession(_PinnedSession):
                 self._move_on(exc)
             raise
 
+    def can_move(self) -> bool:
+        return self._pool.has_healthy_other(self._replica)
+
     def _move_on(self, exc: DraftError) -> None:
         """With another healthy replica, the loop re-sends the prefix (DraftCacheLost) there instead of
         finishing target-only."""
-        if self._pool.has_healthy_other(self._replica):
+        if self.can_move():
             raise DraftCacheLost(f"draft replica {self.replica} is unavailable ({exc}); moving on") from exc
 
     def abandon(self, reason: str) -> None:
@@ -157,9 +162,9 @@ class DraftPool:
     async def start(self) -> None:
         await self.pool.start()
 
-    async def open(self, sequence_id: int, *, timeout: float | None = None) -> PinnedDraftSession:
+    async def open(self, sequence_id: int, *, timeout: float | None = None, avoid: str = "") -> PinnedDraftSession:
         try:
-            session, replica = await self.pool.open(sequence_id, timeout, (DraftUnavailable,))
+            session, replica = await self.pool.open(sequence_id, timeout, (DraftUnavailable,), avoid)
         except NoReplicaLeft as exc:
             raise DraftUnavailable(str(exc)) from None
         except NoReplicaAdmitted as exc:

@@ -15,7 +15,7 @@ adds what differs: the client, the health check, the errors):
   timeout), that replica is ejected at once and the next one is tried; ejected replicas come last, so a
   pool whose replicas all look down still tries each once before giving up, and a replica that is back
   serves at once. Only when every replica was tried does ``open`` fail, naming the pool and what each
-  attempt said.
+  attempt said. A generation moving off a replica (``avoid``) never reopens on it.
 * **Health**: every ``health_interval_s`` each replica is checked over its own channel; after
   ``health_failures`` failed checks in a row it is ejected and the sessions pinned to it are abandoned
   (``Abandonable``: they fail their call under way, so the generation moves on), and one passing check
@@ -265,14 +265,19 @@ class ReplicaPool(Generic[C]):
         )
 
     async def open(
-        self, sequence_id: int, timeout: float | None, connect_errors: tuple[type[BaseException], ...]
+        self,
+        sequence_id: int,
+        timeout: float | None,
+        connect_errors: tuple[type[BaseException], ...],
+        avoid: str = "",
     ) -> tuple[Any, Replica[C]]:
-        """Open a session on the best replica that opens; raises NoReplicaLeft naming every attempt.
+        """Open a session on the best replica that opens, never on ``avoid`` (the address of the one a
+        generation leaves); raises NoReplicaLeft naming every attempt.
 
         A replica that raises one of ``connect_errors`` is ejected and the next is tried; the caller pins
         the session (``attach``) and must ``release`` it when it closes."""
         tried: list[str] = []
-        candidates = self.candidates()
+        candidates = [r for r in self.candidates() if r.address != avoid]
         if candidates and not any(self._admits(r.address) for r in candidates):
             raise NoReplicaAdmitted(f"every {self.name} replica's circuit breaker is open (pool {self.spec})")
         for replica in candidates:
@@ -289,6 +294,8 @@ class ReplicaPool(Generic[C]):
                 raise
             replica.opened += 1
             return session, replica
+        if not tried and avoid:
+            raise NoReplicaLeft(f"the {self.name} pool ({self.spec}) has no replica other than {avoid}")
         if not tried:
             raise NoReplicaLeft(f"the {self.name} pool ({self.spec}) has no replica: no endpoint resolved to an address")
         raise NoReplicaLeft(f"no {self.name} replica is available (pool {self.spec}); tried " + "; ".join(tried))

@@ -199,6 +199,9 @@ class FakeDraftSession:
         q_rows = None if params.greedy or not rows else torch.stack(rows)[:, : client.q_width]
         return Proposal(token_ids=tuple(drafts), q=q_rows, cache_length=len(self.cache))  # the context
 
+    def can_move(self) -> bool:
+        return False  # one draft, no replicas
+
     async def close(self) -> None:
         await asyncio.sleep(self.client.close_delay_s)
         self.client.calls.closed.append(self.sequence_id)
@@ -222,7 +225,7 @@ class FakeDraft:
         self.calls = Calls()
         self.offered: tuple[str, ...] = ("model", "ngram")
 
-    async def open(self, sequence_id: int, *, timeout: float | None = None) -> FakeDraftSession:
+    async def open(self, sequence_id: int, *, timeout: float | None = None, avoid: str = "") -> FakeDraftSession:
         self.calls.opened.append(sequence_id)
         return FakeDraftSession(self, sequence_id)
 

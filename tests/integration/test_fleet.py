@@ -76,10 +76,11 @@ def counts(stack: LocalStack, series: str, pool: str) -> dict[str, float]:
     return replica_counts(stack.orchestrator_metrics_url, series, pool)
 
 
-def breaker_skips(stack: LocalStack) -> float:
-    """Generations that skipped drafting because a draft circuit breaker was open, so far."""
+def fallbacks(stack: LocalStack, reason: str) -> float:
+    """Generations that stopped drafting for ``reason`` so far (``breaker_open``: skipped for an open draft
+    circuit breaker; ``timeout``: a draft round timed out with nowhere to move)."""
     text = scrape(stack.orchestrator_metrics_url)
-    return metric(text, "specdec_orchestrator_draft_fallbacks_total", {"reason": "breaker_open"})
+    return metric(text, "specdec_orchestrator_draft_fallbacks_total", {"reason": reason})
 
 
 def assert_nothing_live(stack: LocalStack, drafts: list[int], tritons: list[int]) -> None:
@@ -280,23 +281,28 @@ def test_f_a_draft_stuck_in_its_forward_thread_is_taken_out_and_new_generations_
     stopper.stop()  # idle: the loads so far asked for the default drafter, which runs no forward
     try:
         assert draft_live_sequences(stuck) == 0  # the rest of the process answers (a Python RPC: the GIL is free)
-        skipped = breaker_skips(stack)
+        skipped, timed_out = fallbacks(stack, "breaker_open"), fallbacks(stack, "timeout")
         results = asyncio.run(run_load(stack.address, 48, MIX, seed=17, concurrency=CONCURRENCY, drafter="model"))
         print("\n" + summary("(f) draft-1's forward thread stopped", results))
-        print(f"    generations that skipped drafting for an open breaker: {breaker_skips(stack) - skipped:g}")
-        assert unexpected(results) == []  # the generations it took went target-only after their round timeout
+        skips, stops = fallbacks(stack, "breaker_open") - skipped, fallbacks(stack, "timeout") - timed_out
+        print(f"    generations that skipped drafting for an open breaker: {skips:g}; that timed out with nowhere "
+              f"to move: {stops:g}")  # fmt: skip
+        assert unexpected(results) == []
         wait_until(lambda: counts(stack, "healthy", "draft").get(stuck) == 0, "the stuck draft taken out", 30)
         assert f"{stuck} reports NOT_SERVING" in logged_since()  # its watchdog said so
+        # The generations it took moved to draft-0 after their round timed out, rather than finishing target-only.
+        assert f"on draft replica {stuck}; re-sending the prefix" in logged_since(), "no generation moved off it"
+        assert fallbacks(stack, "timeout") == timed_out
         # The rounds that timed out on it counted on its own circuit breaker, not on draft-0's: at once, with
         # no cooldown to wait out, new generations draft on draft-0 and none skips drafting for a breaker.
-        before, skipped = counts(stack, "generations_total", "draft"), breaker_skips(stack)
+        before, skipped = counts(stack, "generations_total", "draft"), fallbacks(stack, "breaker_open")
         again = asyncio.run(run_load(stack.address, 32, MIX, seed=18, concurrency=CONCURRENCY, drafter="model"))
         after = counts(stack, "generations_total", "draft")
         print(f"    generations per draft replica while draft-1 is out: "
               f"{ {a: after[a] - before.get(a, 0) for a in after} }")  # fmt: skip
         assert unexpected(again) == []
         assert after[stuck] == before[stuck] and after[healthy] > before[healthy]
-        assert breaker_skips(stack) == skipped
+        assert fallbacks(stack, "breaker_open") == skipped
     finally:
         stopper.resume()
     wait_until(lambda: counts(stack, "healthy", "draft").get(stuck) == 1, "readmitted once its forwards move", 30)

@@ -161,7 +161,7 @@ class SwitchableDraft(FakeDraft):
         self.down = False
         self.failures = 0
 
-    async def open(self, sequence_id: int, *, timeout: float | None = None):
+    async def open(self, sequence_id: int, *, timeout: float | None = None, avoid: str = ""):
         session = await super().open(sequence_id, timeout=timeout)
         real = session.propose
 

@@ -440,7 +440,7 @@ async def test_target_cache_lost_too_often_is_unavailable():
 @asyncio_test
 async def test_malformed_proposal_falls_back(malform):
     class Malformed(FakeDraft):
-        async def open(self, sequence_id: int, *, timeout: float | None = None):
+        async def open(self, sequence_id: int, *, timeout: float | None = None, avoid: str = ""):
             session = await super().open(sequence_id, timeout=timeout)
             real = session.propose
 

@@ -6,8 +6,9 @@ that cannot be opened is ejected at once and the next is tried; failed health ch
 abandon its sessions, a passing one readmits it; a generation whose target or draft replica dies finishes
 on another one, and so does one whose target model fails (a round unanswered, or a stub Triton reports
 not healthy: its replica is then readmitted only once its model answers, not on Triton's readiness); a
-draft replica whose rounds time out trips only its own circuit breaker, and new generations draft on the
-others meanwhile; and when no replica is left the error names the pool and every attempt.
+draft replica whose rounds time out trips only its own circuit breaker, the generations it held move to
+another replica, and new generations draft on the others meanwhile; and when no replica is left the error
+names the pool and every attempt.
 """
 
 from __future__ import annotations
@@ -192,6 +193,19 @@ async def test_with_every_replica_down_the_error_names_the_pool_and_each_attempt
 
 
 @asyncio_test
+async def test_a_generation_leaving_a_replica_is_never_reopened_on_it() -> None:
+    drafts = {A: FakeDraftReplica(A)}
+    pool = draft_pool(drafts)
+    await pool.start()
+    try:
+        with pytest.raises(DraftUnavailable, match=f"has no replica other than {A}"):
+            await pool.open(1, avoid=A)
+        assert drafts[A].calls.opened == [] and pool.snapshot()[0].healthy  # not tried, not ejected
+    finally:
+        await pool.close()
+
+
+@asyncio_test
 async def test_a_pool_whose_name_resolves_to_nothing_is_unavailable_with_a_clear_message() -> None:
     pool = DraftPool("draft.svc:50052", resolver=fake_resolver({}))
     await pool.start()
@@ -360,14 +374,17 @@ async def loop_over_drafts(
 
 
 @asyncio_test
-async def test_a_stuck_draft_replica_trips_only_its_own_breaker_and_new_generations_draft_on_the_other() -> None:
+async def test_a_stuck_draft_replica_trips_only_its_own_breaker_and_its_generations_draft_on_the_other() -> None:
     drafts = {A: FakeDraftReplica(A, policy=agree_first(99)), B: FakeDraftReplica(B, policy=agree_first(99))}
     drafts[A].delay_s = 30.0  # stuck: it answers health checks and opens, its rounds never end
     breakers = BreakerBoard(1, 600.0)
     async with loop_over_drafts(drafts, breakers, draft_round_timeout_s=0.05) as loop:
-        # Two at once: one on each replica (fewest live). The one on A times out and finishes target-only.
+        # Two at once: one on each replica (fewest live). The one on A times out and moves to B.
         first = await asyncio.gather(*(run(loop, request(max_new_tokens=8, num_draft_tokens=2)) for _ in range(2)))
-        assert sorted(r[-1].stats.draft_fallback_reason for r in first) == ["", "timeout"]
+        for rounds in first:
+            assert output(rounds) == greedy_reference(8)
+            assert rounds[-1].stats.draft_fallback_rounds == 0 and rounds[-1].stats.drafted_tokens > 0
+        assert [len(drafts[a].calls.opened) for a in (A, B)] == [1, 2]
         assert breakers.get(A).state is BreakerState.OPEN
         # A's breaker is open: new generations open on B and draft every round there; B's and the draft
         # client's own breakers stay closed (one process-wide breaker would skip drafting for all).
@@ -375,7 +392,7 @@ async def test_a_stuck_draft_replica_trips_only_its_own_breaker_and_new_generati
             rounds = await run(loop, request(max_new_tokens=8, num_draft_tokens=2))
             assert output(rounds) == greedy_reference(8)
             assert rounds[-1].stats.draft_fallback_rounds == 0 and rounds[-1].stats.drafted_tokens > 0
-        assert [len(drafts[a].calls.opened) for a in (A, B)] == [1, 7]
+        assert [len(drafts[a].calls.opened) for a in (A, B)] == [1, 8]
         assert breakers.get(B).state is breakers.get("").state is BreakerState.CLOSED
         assert breakers.state is BreakerState.OPEN  # what the gauge shows: the most open of them
         assert {s.address: s.admitted for s in loop.draft.snapshot()} == {A: False, B: True}  # per replica
@@ -394,6 +411,37 @@ async def test_with_every_draft_replicas_breaker_open_a_generation_opens_no_stre
         assert rounds[-1].stats.draft_fallback_reason == "breaker_open"
         assert len(drafts[A].calls.opened) == 1  # not even a stream to it
         assert breakers.get("").state is BreakerState.CLOSED  # skipping is no failure of the draft client
+
+
+@asyncio_test
+async def test_a_timed_out_round_moves_its_generation_off_its_replica_even_when_that_one_is_the_least_loaded() -> None:
+    drafts = {A: FakeDraftReplica(A, policy=agree_first(99)), B: FakeDraftReplica(B, policy=agree_first(99))}
+    drafts[A].delay_s = 30.0
+    breakers = BreakerBoard(3, 600.0)  # one timeout leaves A's breaker closed: only the move keeps it off A
+    async with loop_over_drafts(drafts, breakers, draft_round_timeout_s=0.05) as loop:
+        held = await loop.draft.open(999)  # B holds a generation: A has the fewest live
+        try:
+            rounds = await run(loop, request(max_new_tokens=8, num_draft_tokens=2))
+        finally:
+            await held.close()
+        assert output(rounds) == greedy_reference(8)
+        assert rounds[-1].stats.draft_fallback_rounds == 0 and rounds[-1].stats.drafted_tokens > 0
+        assert [len(drafts[a].calls.opened) for a in (A, B)] == [1, 2]  # B: the held one and the moved one
+        assert breakers.get(A).state is BreakerState.CLOSED and not breakers.get(A).settled  # one failure counted
+        assert breakers.get(B).settled and breakers.get("").settled
+
+
+@asyncio_test
+async def test_a_timed_out_round_finishes_target_only_once_the_generations_re_prefills_are_spent() -> None:
+    drafts = {A: FakeDraftReplica(A, policy=agree_first(99)), B: FakeDraftReplica(B, policy=agree_first(99))}
+    drafts[A].delay_s = drafts[B].delay_s = 30.0  # both stuck: the move to B times out as well
+    breakers = BreakerBoard(3, 600.0)
+    async with loop_over_drafts(drafts, breakers, draft_round_timeout_s=0.05) as loop:
+        rounds = await run(loop, request(max_new_tokens=6, num_draft_tokens=2))
+        assert output(rounds) == greedy_reference(6)
+        assert rounds[-1].stats.draft_fallback_reason == "timeout"
+        assert sorted(len(d.calls.opened) for d in drafts.values()) == [1, 1]  # one move (max_draft_reprefills=1)
+        assert not breakers.get(A).settled and not breakers.get(B).settled  # one timeout counted on each
 
 
 @asyncio_test
