@@ -15,9 +15,10 @@ import threading
 import time
 from collections.abc import Sequence
 
+from specdec.tls import channel_credentials
 from target_service.config import TritonServerConfig, parse_target_config
 from target_service.launcher import TritonServer
-from target_service.liveness import Liveness
+from target_service.liveness import Liveness, probe
 
 log = logging.getLogger("target_service")
 
@@ -41,7 +42,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "serving model %r: grpc %s, http %s, metrics %s (Ctrl-C to stop)",
             server.model_name, server.grpc_url, server.http_url, server.metrics_url,
         )  # fmt: skip
-        liveness = start_liveness(config, server)
+        try:
+            liveness = start_liveness(config, server)
+        except (RuntimeError, ValueError) as exc:
+            log.error("%s", exc)
+            return 1
         try:
             while not stop.wait(0.5):
                 if not server.is_running():
@@ -60,13 +65,33 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def start_liveness(config: TritonServerConfig, server: TritonServer) -> Liveness | None:
-    """The probes of the model (`target_service.liveness`), unless off (interval 0, or TLS)."""
+    """The probes of the model (`target_service.liveness`), unless off (interval 0, or TLS without
+    ``liveness_tls_ca``). A first probe must reach the model: probes that cannot (the wrong CA or name, a
+    certificate without clientAuth under mutual TLS) would never see it stuck, so that is an error
+    (RuntimeError; ValueError for unreadable files), not a service quietly running unwatched. A model that
+    is reached and does not answer is the probes' to judge, as later."""
     if config.liveness_interval_s == 0:
         return None
-    if config.grpc_tls_cert:
-        log.info("liveness probes off: gRPC is TLS and this process holds no client credentials for it")
+    if config.grpc_tls_cert and not config.liveness_tls_ca:
+        log.warning("liveness probes off: gRPC is TLS and --liveness-tls-ca (the CA that signed --grpc-tls-cert) "
+                    "is not given")  # fmt: skip
         return None
-    return Liveness(server.grpc_url, server.model_name, config.liveness_interval_s, config.liveness_timeout_s)
+    credentials = None
+    if config.grpc_tls_cert:
+        own = (config.grpc_tls_cert, config.grpc_tls_key) if config.grpc_tls_client_ca else ("", "")  # mutual TLS
+        credentials = channel_credentials(config.liveness_tls_ca, *own)
+    if probe(server.grpc_url, server.model_name, config.liveness_timeout_s, credentials,
+             config.liveness_server_name) is None:  # fmt: skip
+        raise RuntimeError(
+            f"the first liveness probe could not reach the model at {server.grpc_url}"
+            + (" over TLS: check that --liveness-tls-ca signed --grpc-tls-cert, that the certificate names "
+               "--liveness-server-name (or --host), and, under mutual TLS, that it carries clientAuth and comes from "
+               "--grpc-tls-client-ca" if credentials is not None else "")
+        )  # fmt: skip
+    log.info("liveness probes every %g s%s: a model that leaves one unanswered for %g s is restarted",
+             config.liveness_interval_s, " over TLS" if credentials is not None else "", config.liveness_timeout_s)
+    return Liveness(server.grpc_url, server.model_name, config.liveness_interval_s, config.liveness_timeout_s,
+                    credentials, config.liveness_server_name)  # fmt: skip
 
 
 def restart_stuck(server: TritonServer, liveness: Liveness) -> None:

@@ -129,8 +129,17 @@ class TritonServerConfig:
     stop_grace_s: float = field(default=10.0, metadata={"help": "after SIGTERM, SIGKILL Triton and its stubs after this"})
     liveness_interval_s: float = field(
         default=5.0,
-        metadata={"help": "seconds between probes of the model itself through Triton's gRPC port (0 = off; off with "
-                  "TLS, which this process holds no client credentials for; target_service/liveness.py)"},
+        metadata={"help": "seconds between probes of the model itself through Triton's gRPC port (0 = off; under "
+                  "TLS, off unless --liveness-tls-ca is given; target_service/liveness.py)"},
+    )
+    liveness_tls_ca: str = field(
+        default="",
+        metadata={"help": "PEM CA bundle that signed --grpc-tls-cert: the probes trust it, and under mutual TLS "
+                  "present --grpc-tls-cert as their own certificate, which must then carry clientAuth and come "
+                  "from --grpc-tls-client-ca ('' = no probes under TLS)"},
+    )
+    liveness_server_name: str = field(
+        default="", metadata={"help": "name the probes check --grpc-tls-cert against ('' = --host)"}
     )
     liveness_timeout_s: float = field(
         default=30.0,
@@ -150,7 +159,11 @@ class TritonServerConfig:
             raise ValueError("give both grpc_tls_cert and grpc_tls_key, or neither")
         if self.grpc_tls_client_ca and not self.grpc_tls_cert:
             raise ValueError("grpc_tls_client_ca (mutual TLS) needs grpc_tls_cert and grpc_tls_key")
-        for name in ("grpc_tls_cert", "grpc_tls_key", "grpc_tls_client_ca"):
+        if self.liveness_tls_ca and not self.grpc_tls_cert:
+            raise ValueError("liveness_tls_ca is for a TLS gRPC port: it needs grpc_tls_cert and grpc_tls_key")
+        if self.liveness_server_name and not self.liveness_tls_ca:
+            raise ValueError("liveness_server_name is checked over TLS only: it needs liveness_tls_ca")
+        for name in ("grpc_tls_cert", "grpc_tls_key", "grpc_tls_client_ca", "liveness_tls_ca"):
             if getattr(self, name) and not Path(getattr(self, name)).is_file():
                 raise ValueError(f"{name}: no such file {getattr(self, name)!r}")
         if self.liveness_interval_s < 0 or self.liveness_timeout_s <= 0:

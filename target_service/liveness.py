@@ -95,12 +95,15 @@ def probe(url: str, model: str, timeout_s: float, credentials: grpc.ChannelCrede
 
 
 class Liveness:
-    """Probes ``model`` at ``url`` every ``interval_s`` on its own thread until `stop`."""
+    """Probes ``model`` at ``url`` every ``interval_s`` on its own thread until `stop` (over TLS with
+    ``credentials`` and ``server_name``, as `probe`)."""
 
-    def __init__(self, url: str, model: str, interval_s: float, timeout_s: float) -> None:
+    def __init__(self, url: str, model: str, interval_s: float, timeout_s: float,
+                 credentials: grpc.ChannelCredentials | None = None, server_name: str = "") -> None:
         if interval_s <= 0 or timeout_s <= 0:
             raise ValueError(f"interval_s and timeout_s must be > 0, got {interval_s} and {timeout_s}")
         self.url, self.model, self.interval_s, self.timeout_s = url, model, interval_s, timeout_s
+        self._credentials, self._server_name = credentials, server_name
         self._stuck = threading.Event()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="liveness", daemon=True)
@@ -126,7 +129,8 @@ class Liveness:
             if self._stuck.is_set():
                 continue  # the caller has yet to act on it
             started = time.monotonic()
-            if probe(self.url, self.model, self.timeout_s) is False and not self._stopping.is_set():
+            answered = probe(self.url, self.model, self.timeout_s, self._credentials, self._server_name)
+            if answered is False and not self._stopping.is_set():
                 if time.monotonic() - started >= self.timeout_s:  # else probe() logged Triton's answer
                     log.error("no answer to a liveness probe within %.0f s", self.timeout_s)
                 self._stuck.set()

@@ -43,11 +43,13 @@ class Pki:
     """Two unrelated CAs; a server and a client certificate from ``ca``, a client certificate from ``rogue_ca``.
 
     The server certificate names 127.0.0.1 and ``SERVER_NAME``; ``named_server`` names only ``SERVER_NAME``
-    (a replica reached by address whose certificate names the service)."""
+    (a replica reached by address whose certificate names the service); ``server_and_client`` names only
+    ``SERVER_NAME`` and may also be presented as a client's (a Triton's own, for its liveness probes)."""
 
     ca: str
     server: Leaf
     named_server: Leaf
+    server_and_client: Leaf
     client: Leaf
     rogue_ca: str
     rogue_client: Leaf
@@ -96,25 +98,26 @@ def _write_pki(folder: Path) -> Pki:
         )
         return cert, key, save(common.replace(" ", "-"), cert, key).cert
 
-    def leaf(stem: str, issuer: tuple, usage: x509.ObjectIdentifier, names: list[x509.GeneralName]) -> Leaf:
+    def leaf(stem: str, issuer: tuple, usage: list[x509.ObjectIdentifier], names: list[x509.GeneralName]) -> Leaf:
         issuer_cert, issuer_key, _ = issuer
         key = ec.generate_private_key(ec.SECP256R1())
         cert = (
             builder(stem, issuer_cert.subject, key)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
             .add_extension(x509.SubjectAlternativeName(names or [x509.DNSName(stem)]), critical=False)
             .sign(issuer_key, hashes.SHA256())
         )
         return save(stem, cert, key)
 
     good, rogue = ca("specdec test CA"), ca("rogue CA")
-    server_auth, client_auth = ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH
+    server_auth, client_auth = [ExtendedKeyUsageOID.SERVER_AUTH], [ExtendedKeyUsageOID.CLIENT_AUTH]
     loopback = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName(SERVER_NAME)]
     return Pki(
         ca=good[2],
         server=leaf("server", good, server_auth, loopback),
         named_server=leaf("named-server", good, server_auth, [x509.DNSName(SERVER_NAME)]),
+        server_and_client=leaf("server-and-client", good, server_auth + client_auth, [x509.DNSName(SERVER_NAME)]),
         client=leaf("client", good, client_auth, []),
         rogue_ca=rogue[2],
         rogue_client=leaf("rogue-client", rogue, client_auth, []),

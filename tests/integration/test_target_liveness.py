@@ -3,7 +3,9 @@
 ``python -m target_service`` (tiny model, 127.0.0.1, free ports) with probes every 0.5 s and a 3 s limit.
 The model's stub is frozen (SIGSTOP): Triton still reports itself and the model ready, the probe goes
 unanswered, and the service logs the stub's stacks and restarts Triton on the same ports, where the model
-answers again. A stub asked for its stacks (SIGUSR1) writes them into the service's log at ERROR. And a
+answers again; under mutual TLS too, the probes presenting the port's own certificate, and a service
+whose probes cannot reach the model over TLS (a certificate Triton refuses from a client) stops at start
+and says why. A stub asked for its stacks (SIGUSR1) writes them into the service's log at ERROR. And a
 service killed outright (SIGKILL) leaves no Triton behind: Triton runs in a session of its own, so only the
 kernel's parent-death signal stops it.
 """
@@ -21,7 +23,9 @@ import tritonclient.http as httpclient
 
 from specdec import target_contract as contract
 from specdec.procs import Process, children_named, free_ports, wait_triton_ready
+from specdec.tls import channel_credentials
 from target_service.liveness import probe
+from tests.conftest import SERVER_NAME, Leaf, Pki
 from tests.integration.live import wait_until
 
 pytestmark = pytest.mark.integration
@@ -29,21 +33,38 @@ pytestmark = pytest.mark.integration
 HOST = "127.0.0.1"
 
 
-@pytest.fixture
-def service(tiny_model: Path, tmp_path: Path):
+def start_service(model: Path, log_path: Path, *flags: str) -> tuple[Process, str, str]:
+    """``python -m target_service`` on free ports, probing every 0.5 s with a 3 s limit; the process and its
+    gRPC and HTTP addresses, once Triton serves the model (HTTP: plaintext whether gRPC is TLS or not)."""
     grpc_port, http_port, metrics_port = free_ports(3, HOST)
     env = {**os.environ, "SPECDEC_TARGET_LIVENESS_INTERVAL_S": "0.5", "SPECDEC_TARGET_LIVENESS_TIMEOUT_S": "3",
            "SPECDEC_TARGET_STOP_GRACE_S": "3"}
     process = Process("triton", [
         sys.executable, "-m", "target_service", "--host", HOST, "--grpc-port", str(grpc_port),
-        "--http-port", str(http_port), "--metrics-port", str(metrics_port), "--model", str(tiny_model),
-        "--threads", "1",
-    ], tmp_path / "target.log", env)  # fmt: skip
+        "--http-port", str(http_port), "--metrics-port", str(metrics_port), "--model", str(model),
+        "--threads", "1", *flags,
+    ], log_path, env)  # fmt: skip
     try:
         wait_triton_ready(f"{HOST}:{http_port}", contract.MODEL_NAME, 180, process.check_alive, process.tail)
-        yield process, f"{HOST}:{grpc_port}", f"{HOST}:{http_port}"
+    except BaseException:
+        process.stop()
+        raise
+    return process, f"{HOST}:{grpc_port}", f"{HOST}:{http_port}"
+
+
+@pytest.fixture
+def service(tiny_model: Path, tmp_path: Path):
+    process, grpc_url, http_url = start_service(tiny_model, tmp_path / "target.log")
+    try:
+        yield process, grpc_url, http_url
     finally:
         process.stop()
+
+
+def mutual_tls_flags(pki: Pki, own: Leaf) -> list[str]:
+    """Triton's gRPC port under mutual TLS with ``own`` as its certificate, and the probes trusting the CA."""
+    return ["--grpc-tls-cert", own.cert, "--grpc-tls-key", own.key, "--grpc-tls-client-ca", pki.ca,
+            "--liveness-tls-ca", pki.ca, "--liveness-server-name", SERVER_NAME]
 
 
 def stub_of(process: Process) -> tuple[int, int]:
@@ -78,6 +99,42 @@ def test_a_stuck_model_is_restarted_on_the_same_ports_and_answers_again(service)
     assert again != triton
     log_text = process.log_path.read_text()
     assert "stopped answering its liveness probes" in log_text and "Traceback" not in log_text
+
+
+def test_under_mutual_tls_the_probes_present_the_port_s_own_certificate_and_a_stuck_model_is_restarted(
+    tiny_model, tmp_path, pki
+):
+    process, grpc_url, _ = start_service(tiny_model, tmp_path / "target.log",
+                                         *mutual_tls_flags(pki, pki.server_and_client))  # fmt: skip
+    try:
+        client = channel_credentials(pki.ca, pki.client.cert, pki.client.key)
+        assert probe(grpc_url, contract.MODEL_NAME, 10, client, SERVER_NAME) is True
+        assert probe(grpc_url, contract.MODEL_NAME, 5) is None  # plaintext is refused: the port is TLS
+        wait_until(lambda: "liveness probes every 0.5 s over TLS" in process.log_path.read_text(), "probes on", 30)
+        _, stub = stub_of(process)
+        os.kill(stub, signal.SIGSTOP)
+        wait_until(lambda: "restarting Triton" in process.log_path.read_text(), "the stuck model noticed", 60)
+        wait_until(lambda: "Triton restarted" in process.log_path.read_text(), "Triton restarted", 240)
+        process.check_alive()
+        assert probe(grpc_url, contract.MODEL_NAME, 10, client, SERVER_NAME) is True
+        assert "liveness probes off" not in process.log_path.read_text()
+    finally:
+        process.stop()
+
+
+def test_probes_that_cannot_reach_the_model_over_tls_stop_the_service_at_start(tiny_model, tmp_path, pki):
+    # the port's certificate is for servers only: under mutual TLS, Triton refuses it as the probes' own
+    process = Process("triton", [
+        sys.executable, "-m", "target_service", "--host", HOST, *[f"--{p}-port=0" for p in ("grpc", "http", "metrics")],
+        "--model", str(tiny_model), "--threads", "1", *mutual_tls_flags(pki, pki.server),
+    ], tmp_path / "target.log", dict(os.environ))  # fmt: skip
+    try:
+        assert process.popen.wait(240) == 1, process.tail()
+    finally:
+        process.stop()
+    log_text = process.log_path.read_text()
+    assert "the first liveness probe could not reach the model" in log_text, process.tail()
+    assert "carries clientAuth" in log_text and "Traceback" not in log_text
 
 
 def test_a_service_killed_outright_leaves_no_triton_behind(service):

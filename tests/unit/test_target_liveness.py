@@ -21,11 +21,16 @@ from target_service.config import TritonServerConfig
 from tests.integration.live import wait_until
 
 
-def scripted(monkeypatch: pytest.MonkeyPatch, outcomes: list[bool | None]) -> threading.Event:
-    """Probes answer ``outcomes`` in turn, then True; the event is set once all were used."""
+def scripted(
+    monkeypatch: pytest.MonkeyPatch, outcomes: list[bool | None], asked: list | None = None
+) -> threading.Event:
+    """Probes answer ``outcomes`` in turn, then True (each probe's arguments appended to ``asked``); the
+    event is set once all were used."""
     used = threading.Event()
 
-    def probe(url: str, model: str, timeout_s: float) -> bool | None:
+    def probe(*args: object) -> bool | None:
+        if asked is not None:
+            asked.append(args)
         if not outcomes:
             used.set()
             return True
@@ -56,11 +61,30 @@ def test_a_triton_that_cannot_be_asked_is_not_stuck(monkeypatch):
         watch.stop()
 
 
-def test_liveness_settings_are_checked():
+def test_the_probes_go_over_tls_with_the_credentials_and_name_given(monkeypatch):
+    asked: list = []
+    used = scripted(monkeypatch, [True], asked)
+    credentials = grpc.ssl_channel_credentials()
+    watch = liveness.Liveness("127.0.0.1:1", "m", interval_s=0.01, timeout_s=1.0, credentials=credentials,
+                              server_name="triton.example")  # fmt: skip
+    try:
+        assert used.wait(10)
+    finally:
+        watch.stop()
+    assert asked[0] == ("127.0.0.1:1", "m", 1.0, credentials, "triton.example")
+
+
+def test_liveness_settings_are_checked(pki):
     with pytest.raises(ValueError, match="liveness"):
         TritonServerConfig(liveness_timeout_s=0)
     with pytest.raises(ValueError, match="liveness"):
         TritonServerConfig(liveness_interval_s=-1)
+    with pytest.raises(ValueError, match="liveness_tls_ca is for a TLS gRPC port"):
+        TritonServerConfig(liveness_tls_ca=pki.ca)
+    with pytest.raises(ValueError, match="liveness_server_name is checked over TLS only"):
+        TritonServerConfig(grpc_tls_cert=pki.server.cert, grpc_tls_key=pki.server.key, liveness_server_name="x")
+    with pytest.raises(ValueError, match="liveness_tls_ca: no such file"):
+        TritonServerConfig(grpc_tls_cert=pki.server.cert, grpc_tls_key=pki.server.key, liveness_tls_ca=pki.ca + ".gone")
     with pytest.raises(ValueError, match="interval_s"):
         liveness.Liveness("127.0.0.1:1", "m", interval_s=0, timeout_s=1.0)
 
