@@ -33,9 +33,9 @@ pytestmark = pytest.mark.integration
 HOST = "127.0.0.1"
 
 
-def start_service(model: Path, log_path: Path, *flags: str) -> tuple[Process, str, str]:
+def launch_service(model: Path, log_path: Path, *flags: str) -> tuple[Process, str, str]:
     """``python -m target_service`` on free ports, probing every 0.5 s with a 3 s limit; the process and its
-    gRPC and HTTP addresses, once Triton serves the model (HTTP: plaintext whether gRPC is TLS or not)."""
+    gRPC and HTTP addresses (HTTP: plaintext whether gRPC is TLS or not)."""
     grpc_port, http_port, metrics_port = free_ports(3, HOST)
     env = {**os.environ, "SPECDEC_TARGET_LIVENESS_INTERVAL_S": "0.5", "SPECDEC_TARGET_LIVENESS_TIMEOUT_S": "3",
            "SPECDEC_TARGET_STOP_GRACE_S": "3"}
@@ -44,12 +44,18 @@ def start_service(model: Path, log_path: Path, *flags: str) -> tuple[Process, st
         "--http-port", str(http_port), "--metrics-port", str(metrics_port), "--model", str(model),
         "--threads", "1", *flags,
     ], log_path, env)  # fmt: skip
+    return process, f"{HOST}:{grpc_port}", f"{HOST}:{http_port}"
+
+
+def start_service(model: Path, log_path: Path, *flags: str) -> tuple[Process, str, str]:
+    """`launch_service`, once Triton serves the model."""
+    process, grpc_url, http_url = launch_service(model, log_path, *flags)
     try:
-        wait_triton_ready(f"{HOST}:{http_port}", contract.MODEL_NAME, 180, process.check_alive, process.tail)
+        wait_triton_ready(http_url, contract.MODEL_NAME, 180, process.check_alive, process.tail)
     except BaseException:
         process.stop()
         raise
-    return process, f"{HOST}:{grpc_port}", f"{HOST}:{http_port}"
+    return process, grpc_url, http_url
 
 
 @pytest.fixture
@@ -124,10 +130,7 @@ def test_under_mutual_tls_the_probes_present_the_port_s_own_certificate_and_a_st
 
 def test_probes_that_cannot_reach_the_model_over_tls_stop_the_service_at_start(tiny_model, tmp_path, pki):
     # the port's certificate is for servers only: under mutual TLS, Triton refuses it as the probes' own
-    process = Process("triton", [
-        sys.executable, "-m", "target_service", "--host", HOST, *[f"--{p}-port=0" for p in ("grpc", "http", "metrics")],
-        "--model", str(tiny_model), "--threads", "1", *mutual_tls_flags(pki, pki.server),
-    ], tmp_path / "target.log", dict(os.environ))  # fmt: skip
+    process, _, _ = launch_service(tiny_model, tmp_path / "target.log", *mutual_tls_flags(pki, pki.server))
     try:
         assert process.popen.wait(240) == 1, process.tail()
     finally:
