@@ -419,7 +419,7 @@ async def test_a_timed_out_round_moves_its_generation_off_its_replica_even_when_
     drafts[A].delay_s = 30.0
     breakers = BreakerBoard(3, 600.0)  # one timeout leaves A's breaker closed: only the move keeps it off A
     async with loop_over_drafts(drafts, breakers, draft_round_timeout_s=0.05) as loop:
-        held = await loop.draft.open(999)  # B holds a generation: A has the fewest live
+        held = await loop.draft.open(999, avoid=A)  # B holds a generation: A has the fewest live
         try:
             rounds = await run(loop, request(max_new_tokens=8, num_draft_tokens=2))
         finally:
