@@ -56,11 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from cli.stack import StackConfig
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
         fields = {f.name for f in dataclasses.fields(StackConfig)}
-        return serve_command(StackConfig(**{k: v for k, v in vars(args).items() if k in fields}))
+        try:
+            config = StackConfig(**{k: v for k, v in vars(args).items() if k in fields})
+        except ValueError as exc:
+            parser.error(str(exc))  # a usage error, as argparse's own: the message, exit 2
+        return serve_command(config)
     if args.command == "generate":
         from cli.generate import generate_command
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from draft_service.drafters import needs_model, parse_drafters
 from specdec import models
 from specdec import target_contract as contract
+from specdec.config import check_ports
 from specdec.procs import Process, children_named, free_ports, wait_grpc_healthy, wait_triton_ready
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,17 @@ class StackConfig:
         default=1, metadata={"help": "draft service processes (a local fleet when > 1); 0 = target-only"}
     )
     target_replicas: int = field(default=1, metadata={"help": "Triton processes (a local fleet when > 1)"})
+
+    def __post_init__(self) -> None:
+        """Refuse what would fail only once some services run (each service checks the rest of its own)."""
+        check_ports(self, "port")
+        parse_drafters(self.drafters)
+        if self.draft_replicas < 0 or self.target_replicas < 1:
+            raise ValueError(f"need draft_replicas >= 0 and target_replicas >= 1, got {self.draft_replicas} and "
+                             f"{self.target_replicas}")  # fmt: skip
+        if self.threads < 0 or self.startup_timeout_s <= 0:
+            raise ValueError(f"need threads >= 0 and startup_timeout_s > 0, got {self.threads} and "
+                             f"{self.startup_timeout_s}")  # fmt: skip
 
 
 def replica_name(kind: str, index: int) -> str:

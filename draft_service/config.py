@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from draft_service.drafters import LOOKUPS, needs_model, parse_drafters
-from specdec.config import parse_config
+from specdec.config import check_ports, parse_config
 from specdec.models import SMOLLM2_SELF_DRAFT_LAYERS
 
 
@@ -80,9 +80,8 @@ class DraftConfig:
 
     def __post_init__(self) -> None:
         parse_drafters(self.drafters)
+        check_ports(self, "port", "metrics_port")
         checks = [
-            (0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port}"),
-            (0 <= self.metrics_port <= 65535, f"metrics_port must be in [0, 65535], got {self.metrics_port}"),
             (self.threads >= 0, f"threads must be >= 0, got {self.threads}"),
             (self.max_sequences >= 1, f"max_sequences must be >= 1, got {self.max_sequences}"),
             (self.idle_ttl_s > 0, f"idle_ttl_s must be > 0, got {self.idle_ttl_s}"),

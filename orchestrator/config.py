@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from specdec.config import parse_config
+from specdec.config import check_ports, parse_config
 from specdec.target_contract import MAX_LOOKUP
 
 
@@ -136,6 +136,7 @@ class OrchestratorConfig:
     metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics HTTP port (0 = disabled)"})
 
     def __post_init__(self) -> None:
+        check_ports(self, "port", "metrics_port")
         default = self.default_k
         if self.max_num_draft_tokens < 0 or (default is not None and not 0 <= default <= self.max_num_draft_tokens):
             raise ValueError("default_num_draft_tokens must be 'auto' or in [0, max_num_draft_tokens]")

@@ -32,9 +32,15 @@ def parse_config(
 ) -> T:
     """Build the frozen dataclass ``cls`` from flags named after its fields (``max_sequences`` ->
     ``--max-sequences``), each falling back to ``<env_prefix>MAX_SEQUENCES``, then to the field's default.
-    Field help comes from ``metadata={"help": ...}``."""
+    Field help comes from ``metadata={"help": ...}``.
+    A bad value (the dataclass's own checks raise ValueError) is a usage error, as argparse's own are:
+    the message and exit status 2, no traceback."""
     parser = build_parser(cls, prog=prog, env_prefix=env_prefix)
-    return from_namespace(cls, parser.parse_args(argv))
+    namespace = parser.parse_args(argv)
+    try:
+        return from_namespace(cls, namespace)
+    except ValueError as exc:
+        parser.error(str(exc))
 
 
 def build_parser(
@@ -56,13 +62,16 @@ def build_parser(
         var = env_name(flag, env_prefix)
         env = os.environ.get(var)
         if env is not None:
-            default = _convert(kind, env)
+            try:
+                default = _convert(kind, env)
+            except ValueError:
+                parser.error(f"{var}={env!r} is not a valid {kind.__name__} (for {flag})")
         help_text = field.metadata.get("help", "")
         help_text = f"{help_text} [env {var}; default: %(default)s]"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
-            parser.add_argument(flag, type=lambda s, k=kind: _convert(k, s), default=default, help=help_text)
+            parser.add_argument(flag, type=_converter(kind), default=default, help=help_text)
     return parser
 
 
@@ -74,6 +83,24 @@ def from_namespace(cls: type[T], namespace: argparse.Namespace) -> T:
         kind = hints[field.name]
         values[field.name] = from_namespace(kind, namespace) if dataclasses.is_dataclass(kind) else getattr(namespace, field.name)
     return cls(**values)
+
+
+def check_ports(config: object, *names: str) -> None:
+    """ValueError unless each field ``names`` of ``config`` is a TCP port, or 0 (a free port, or off): grpc
+    would otherwise bind 99999 as 99999 mod 65536, a port nobody asked for."""
+    for name in names:
+        if not 0 <= (port := getattr(config, name)) <= 65535:
+            raise ValueError(f"{name} must be in [0, 65535], got {port}")
+
+
+def _converter(kind: Any) -> Any:
+    """``_convert`` for one type, named after it: argparse says "invalid int value: 'x'"."""
+
+    def convert(text: str) -> Any:
+        return _convert(kind, text)
+
+    convert.__name__ = kind.__name__
+    return convert
 
 
 def _convert(kind: Any, text: str) -> Any:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from specdec.config import parse_config
+from specdec.config import check_ports, parse_config
 from specdec.lookup import ROW_COST
 from specdec.models import parse_dtype, parse_layers
 
@@ -152,9 +152,7 @@ class TritonServerConfig:
     def __post_init__(self) -> None:
         if self.instance_kind not in INSTANCE_KINDS:
             raise ValueError(f"instance_kind must be one of {INSTANCE_KINDS}, got {self.instance_kind!r}")
-        for name in ("grpc_port", "http_port", "metrics_port"):
-            if not 0 <= getattr(self, name) < 65536:
-                raise ValueError(f"{name} must be in [0, 65536), got {getattr(self, name)}")
+        check_ports(self, "grpc_port", "http_port", "metrics_port")
         if bool(self.grpc_tls_cert) != bool(self.grpc_tls_key):
             raise ValueError("give both grpc_tls_cert and grpc_tls_key, or neither")
         if self.grpc_tls_client_ca and not self.grpc_tls_cert:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from specdec.config import env_name, parse_config
+from specdec.config import check_ports, env_name, parse_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -73,3 +73,49 @@ def test_a_nested_dataclass_field_contributes_its_own_flags(monkeypatch: pytest.
     assert parse_config(_Outer, []) == _Outer()
     monkeypatch.setenv("SPECDEC_THREADS", "3")
     assert parse_config(_Outer, ["--dtype", "bfloat16", "--port", "2"]) == _Outer(2, _Inner("bfloat16", 3))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Checked:
+    """A config that checks itself, as every service's does."""
+
+    port: int = 1
+
+    def __post_init__(self) -> None:
+        check_ports(self, "port")
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["--port", "65536"], {}, "port must be in [0, 65535], got 65536"),  # grpc would bind 65536 mod 65536
+        (["--port", "-1"], {}, "port must be in [0, 65535], got -1"),
+        (["--port", "x"], {}, "argument --port: invalid int value: 'x'"),
+        ([], {"SPECDEC_PORT": "x"}, "SPECDEC_PORT='x' is not a valid int (for --port)"),
+    ],
+    ids=["too-high", "negative", "not-a-number", "env-not-a-number"],
+)
+def test_a_bad_value_is_a_usage_error_not_a_traceback(monkeypatch, capsys, argv, env, message) -> None:
+    assert parse_config(_Checked, ["--port", "65535"]) == _Checked(65535)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as info:
+        parse_config(_Checked, argv, prog="svc")
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"svc: error: {message}" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(
+    ("command", "flag"),
+    [
+        (["-m", "orchestrator"], "--port"), (["-m", "orchestrator"], "--metrics-port"),
+        (["-m", "draft_service"], "--port"), (["-m", "target_service"], "--grpc-port"),
+        (["-m", "cli.main", "serve"], "--port"),
+    ],
+)
+def test_every_service_refuses_a_port_beyond_65535_before_it_starts(command, flag) -> None:
+    done = subprocess.run([sys.executable, *command, flag, "99999"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert f"{flag.lstrip('-').replace('-', '_')} must be in [0, 65535], got 99999" in done.stderr
+    assert "Traceback" not in done.stderr and "serving" not in done.stderr + done.stdout
