@@ -19,6 +19,7 @@ from collections.abc import Sequence  # noqa: E402
 from draft_service.config import DraftConfig, load_config  # noqa: E402
 from draft_service.server import create_server  # noqa: E402
 from specdec.gc_freeze import freeze_startup_objects  # noqa: E402
+from specdec.startup import exit_if_startup_fails  # noqa: E402
 
 log = logging.getLogger("draft_service")
 
@@ -28,7 +29,8 @@ def serve(config: DraftConfig) -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    handle = create_server(config)
+    with exit_if_startup_fails(log):
+        handle = create_server(config)
     freeze_startup_objects(log)
     log.info("draft service ready on %s:%d (health SERVING)", config.host, handle.port)
     stop.wait()

@@ -33,7 +33,7 @@ from draft_service.drafters.steps import StepLoop
 from draft_service.metrics import DraftMetrics
 from draft_service.servicer import DraftServicer
 from draft_service.watchdog import StepWatchdog
-from specdec.grpc_server import add_health_and_reflection, set_serving_blocking
+from specdec.grpc_server import EXCLUSIVE_PORT, add_health_and_reflection, set_serving_blocking
 from specdec.tls import add_port, server_credentials
 from specdec.v1 import draft_pb2, draft_pb2_grpc
 
@@ -106,19 +106,14 @@ def create_server(
     )
     stalled_s = steps.stalled_s if steps is not None else lambda: 0.0
     metrics = DraftMetrics(draft_core.stats, config.max_sequences, stalled_s)
-    # SO_REUSEPORT off: a second server on a taken port must fail, not silently share it.
-    server = grpc.server(threads, options=[("grpc.so_reuseport", 0)])
+    server = grpc.server(threads, options=[EXCLUSIVE_PORT])
     draft_pb2_grpc.add_DraftServiceServicer_to_server(DraftServicer(draft_core, metrics, config.max_sequences), server)
     health_servicer = add_health_and_reflection(server, [SERVICE_NAME])
-    host = f"[{config.host}]" if ":" in config.host else config.host
     try:
-        port = add_port(server, f"{host}:{config.port}", credentials)
-    except RuntimeError as exc:
+        port = add_port(server, config.host, config.port, credentials)
+    except OSError:
         _abandon(threads, steps)
-        raise OSError(f"cannot bind {host}:{config.port}: {exc}") from exc
-    if port == 0:
-        _abandon(threads, steps)
-        raise OSError(f"cannot bind {host}:{config.port}")
+        raise
     handle = DraftServer(server, port, health_servicer, draft_core, metrics, None, threads, steps)
     try:
         server.start()

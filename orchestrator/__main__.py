@@ -11,13 +11,15 @@ from orchestrator.server import create_server
 from orchestrator.servicer import SERVICE_NAME
 from specdec.gc_freeze import freeze_startup_objects
 from specdec.grpc_server import serve_until_signal
+from specdec.startup import exit_if_startup_fails
 
 log = logging.getLogger("orchestrator")
 
 
 async def _serve(argv: Sequence[str] | None) -> None:
     config = parse_orchestrator_config(argv)
-    server, port = await create_server(config)
+    with exit_if_startup_fails(log):
+        server, port = await create_server(config)
     freeze_startup_objects(log)
     log.info("serving specdec.v1.GenerationService on %s:%d", config.host, port)
     await serve_until_signal(server, server.health, [SERVICE_NAME], config.grace_s)

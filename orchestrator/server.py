@@ -35,7 +35,7 @@ from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.replicas import PoolSettings
 from orchestrator.round_rule import SampleRound, sample_round
 from orchestrator.servicer import SERVICE_NAME, GenerationServicer, Tokenizer
-from specdec.grpc_server import add_health_and_reflection, set_serving
+from specdec.grpc_server import EXCLUSIVE_PORT, add_health_and_reflection, set_serving
 from specdec.models import load_tokenizer, resolve_model_dir
 from specdec.tls import add_port, channel_credentials, server_credentials
 from specdec.v1 import generation_pb2_grpc
@@ -121,6 +121,9 @@ async def create_server(
         tokenizer = await asyncio.to_thread(load_tokenizer, config.tokenizer, cache_dir)
     context_length = await asyncio.to_thread(resolve_context_length, config, tokenizer)
     server_creds = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)  # bad files fail now
+    # the port is bound before anything else starts: a taken one fails here, with nothing to undo
+    server = grpc.aio.server(options=[EXCLUSIVE_PORT, ("grpc.max_receive_message_length", config.max_request_bytes)])
+    port = add_port(server, config.host, config.port, server_creds)
     settings = LoopSettings(
         draft_round_timeout_s=config.draft_round_timeout_s,
         target_steps=config.target_steps,
@@ -184,10 +187,8 @@ async def create_server(
     limits = limits_from(config, len(tokenizer), context_length)
     servicer = GenerationServicer(loop, tokenizer, limits, metrics, catalog)
     closers.append(servicer.close)
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", config.max_request_bytes)])
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(servicer, server)
     health_servicer = add_health_and_reflection(server, [SERVICE_NAME])
-    port = add_port(server, f"{config.host}:{config.port}", server_creds)
     await server.start()
     await set_serving(health_servicer, [SERVICE_NAME], True)
     log.info(

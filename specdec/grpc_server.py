@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 
 ErrorTable = Sequence[tuple[type[BaseException], grpc.StatusCode]]
 
+# A server option for every specdec server: grpc sets SO_REUSEPORT by default on Linux, so a second server
+# on a taken port starts and silently shares it (an old process still draining, two stacks on one host);
+# off, the second one fails to bind (`specdec.tls.add_port`).
+EXCLUSIVE_PORT = ("grpc.so_reuseport", 0)
+
 
 class _MethodSymbols:
     """Mixed into a grpcio-reflection servicer: also resolve fully-qualified method names to their file."""

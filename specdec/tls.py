@@ -69,8 +69,20 @@ def channel_options(credentials: grpc.ChannelCredentials | None, server_name: st
     return [(_NAME_OVERRIDE, server_name)] if credentials is not None and server_name else []
 
 
-def add_port(server: grpc.Server | grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
-    """Bind ``address`` with TLS when ``credentials`` are given, plaintext otherwise; returns the port."""
-    if credentials is None:
-        return server.add_insecure_port(address)
-    return server.add_secure_port(address, credentials)
+def add_port(
+    server: grpc.Server | grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None
+) -> int:
+    """Bind ``host:port`` (an IPv6 host goes in brackets) with TLS when ``credentials`` are given, plaintext
+    otherwise; returns the port bound (``port`` 0 = a free one). OSError naming the address when it cannot
+    be bound (taken, or not an address of this host), where grpc raises RuntimeError or returns 0."""
+    address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+    try:
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:
+        raise OSError(f"cannot bind {address}: {exc}") from exc
+    if bound == 0:
+        raise OSError(f"cannot bind {address}")
+    return bound

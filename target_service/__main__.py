@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Sequence
 
+from specdec.startup import exit_if_startup_fails
 from specdec.tls import channel_credentials
 from target_service.config import TritonServerConfig, parse_target_config
 from target_service.launcher import TritonServer
@@ -37,16 +38,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    with TritonServer(config) as server:
+    server = TritonServer(config)
+    with exit_if_startup_fails(log):
+        server.start()  # stops what it started if it fails
+    with server:
         log.info(
             "serving model %r: grpc %s, http %s, metrics %s (Ctrl-C to stop)",
             server.model_name, server.grpc_url, server.http_url, server.metrics_url,
         )  # fmt: skip
-        try:
+        with exit_if_startup_fails(log):
             liveness = start_liveness(config, server)
-        except (RuntimeError, ValueError) as exc:
-            log.error("%s", exc)
-            return 1
         try:
             while not stop.wait(0.5):
                 if not server.is_running():

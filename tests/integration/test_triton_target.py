@@ -14,6 +14,8 @@ import asyncio
 import queue
 import re
 import secrets
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -454,3 +456,15 @@ def test_a_model_that_cannot_load_fails_the_start_loudly(tmp_path):
         server.start()
     assert "tail of the Triton log" in str(info.value)
     assert not server.is_running() and server.pid is None
+
+
+def test_the_service_command_says_why_it_cannot_start_and_exits_1(tmp_path):
+    missing = tmp_path / "no-model"
+    done = subprocess.run(  # noqa: S603 - ours
+        [sys.executable, "-m", "target_service", "--model", str(missing), "--threads", str(THREADS),
+         *[f"--{name}-port=0" for name in ("grpc", "http", "metrics")]],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "ERROR target_service: cannot start: tritonserver exited with 1 before it was ready" in done.stderr
+    assert f"model folder {missing} has no config.json" in done.stderr and "Traceback" not in done.stderr

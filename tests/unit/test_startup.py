@@ -1,0 +1,95 @@
+"""A service that cannot start says why in one line and exits 1 (`specdec.startup`), and a taken port is
+one of those reasons: every specdec server binds its port exclusively (`specdec.grpc_server.EXCLUSIVE_PORT`).
+Real processes (``python -m draft_service`` / ``orchestrator``) on 127.0.0.1; no model is loaded. Triton's
+own case is in tests/integration/test_triton_target.py."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+
+from specdec.procs import free_ports
+from specdec.startup import exit_if_startup_fails
+from specdec.tls import add_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_service(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, timeout=120,  # noqa: S603
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)  # fmt: skip
+
+
+def assert_cannot_start(done: subprocess.CompletedProcess[str], why: str) -> None:
+    assert done.returncode == 1, done.stderr
+    assert f"ERROR {done.args[2]}: cannot start: {why}" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_start_up_error_is_one_line_and_exit_1_and_a_bug_keeps_its_traceback(caplog) -> None:
+    log = logging.getLogger("svc")
+    with caplog.at_level(logging.DEBUG, "svc"), pytest.raises(SystemExit) as info:
+        with exit_if_startup_fails(log):
+            raise FileNotFoundError("model folder /m has no config.json")
+    assert info.value.code == 1
+    assert [(r.levelname, r.getMessage()) for r in caplog.records][-1] == (
+        "ERROR", "cannot start: model folder /m has no config.json")
+    assert caplog.records[0].exc_info is not None  # the traceback, at DEBUG
+    with pytest.raises(TypeError):
+        with exit_if_startup_fails(log):
+            raise TypeError("a bug of ours")
+
+
+@pytest.fixture
+def taken_port() -> int:
+    """A port held by a grpc server with grpc's default options (SO_REUSEPORT on), as an old process would."""
+    holder = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    port = holder.add_insecure_port("127.0.0.1:0")
+    holder.start()
+    yield port
+    holder.stop(0).wait()
+
+
+def test_add_port_names_the_address_it_could_not_bind(taken_port) -> None:
+    exclusive = grpc.server(futures.ThreadPoolExecutor(max_workers=1), options=[("grpc.so_reuseport", 0)])
+    with pytest.raises(OSError, match=f"cannot bind 127.0.0.1:{taken_port}"):
+        add_port(exclusive, "127.0.0.1", taken_port, None)
+
+
+class _Recorder:
+    """Stands in for a grpc server: remembers the address it was asked to bind."""
+
+    def add_insecure_port(self, address: str) -> int:
+        self.address = address
+        return 1234
+
+
+@pytest.mark.parametrize(("host", "address"), [("::1", "[::1]:0"), ("[::1]", "[::1]:0"), ("0.0.0.0", "0.0.0.0:0")])
+def test_an_ipv6_host_is_bound_in_brackets(host, address) -> None:
+    server = _Recorder()
+    assert add_port(server, host, 0, None) == 1234 and server.address == address
+
+
+def test_an_orchestrator_on_a_taken_port_exits_instead_of_sharing_it(taken_port) -> None:
+    (metrics,) = free_ports(1, "127.0.0.1")
+    done = run_service("orchestrator", "--port", str(taken_port), "--metrics-port", str(metrics))
+    assert_cannot_start(done, f"cannot bind 127.0.0.1:{taken_port}")
+    assert "serving" not in done.stderr
+
+
+def test_a_draft_service_without_its_model_says_so(tmp_path) -> None:
+    done = run_service("draft_service", "--port", "0", "--drafters", "model", "--model", str(tmp_path / "no-model"))
+    assert_cannot_start(done, f"model folder {tmp_path / 'no-model'} has no config.json")
+
+
+def test_an_orchestrator_with_an_unreadable_tls_file_says_so(tmp_path) -> None:
+    done = run_service("orchestrator", "--port", "0", "--tls-cert", str(tmp_path / "c.pem"),
+                       "--tls-key", str(tmp_path / "k.pem"))  # fmt: skip
+    assert_cannot_start(done, f"cannot read the server TLS key {str(tmp_path / 'k.pem')!r}")
