@@ -202,7 +202,8 @@ class ReplicaPool(Generic[C]):
 
     async def _check_one(self, replica: Replica[C]) -> None:
         timeout = self.settings.health_timeout_s
-        check = self._answer_check if replica.quarantined and self._answer_check is not None else self._check
+        quarantined, ejections = replica.quarantined, replica.ejections
+        check = self._answer_check if quarantined and self._answer_check is not None else self._check
         try:
             await asyncio.wait_for(check(replica.client, timeout), timeout + 1.0)
         except Exception as exc:  # noqa: BLE001 - any failure of the check is a failed check
@@ -211,6 +212,8 @@ class ReplicaPool(Generic[C]):
                 why = f"{replica.failed_checks} health checks failed, the last with: {_describe(exc)}"
                 self.eject(replica, why, abandon=True)
             return
+        if replica.quarantined != quarantined or replica.ejections != ejections:
+            return  # ejected or quarantined while this check was under way: its pass predates that
         replica.failed_checks = 0
         if not replica.healthy:
             replica.healthy = True

@@ -27,7 +27,7 @@ from orchestrator.generation import LoopSettings
 from orchestrator.loop import SpeculativeLoop
 from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.pools import DraftPool, TargetPool
-from orchestrator.replicas import PoolSettings
+from orchestrator.replicas import PoolSettings, ReplicaPool
 from orchestrator.resolve import Address, Endpoint, parse_endpoints, resolve
 from tests.fakes import (
     FakeDraftReplica,
@@ -308,6 +308,38 @@ async def test_a_failed_model_moves_the_generation_and_its_replica_waits_until_t
     finally:
         await pool.close()
 
+
+
+@asyncio_test
+async def test_a_readiness_check_under_way_when_its_replica_is_quarantined_does_not_readmit_it() -> None:
+    """A stuck model behind a Triton that reports itself ready: a readiness check that started before the
+    quarantine passes after it, and must not readmit the replica (only the model's answer does)."""
+    started, release, answers = asyncio.Event(), asyncio.Event(), [False]
+
+    async def ready(client: object, timeout: float) -> None:
+        started.set()
+        await release.wait()  # Triton says ready, a little late
+
+    async def answer(client: object, timeout: float) -> None:
+        if not answers[0]:
+            raise TargetUnavailable("the model does not answer")
+
+    pool = ReplicaPool("target", A, make_client=lambda address: FakeTargetReplica(A), check=ready, answer_check=answer,
+                       settings=PoolSettings(health_failures=1))  # fmt: skip
+    await pool.refresh()  # no background checks: the test runs them
+    (replica,) = pool.candidates()
+    under_way = asyncio.ensure_future(pool.check_all())
+    await started.wait()
+    pool.quarantine(replica, "a round got no answer")
+    release.set()
+    await under_way
+    assert not replica.healthy and replica.quarantined and [s.healthy for s in pool.snapshot()] == [False]
+    await pool.check_all()  # the next check is the model's answer: none yet
+    assert not replica.healthy
+    answers[0] = True
+    await pool.check_all()
+    assert replica.healthy and not replica.quarantined and [s.healthy for s in pool.snapshot()] == [True]
+    await pool.close()
 
 def test_a_negative_stall_timeout_is_refused() -> None:
     with pytest.raises(ValueError, match="stall_timeout_s must be >= 0"):
