@@ -1,7 +1,8 @@
-"""A service that cannot start says why in one line and exits 1 (`specdec.startup`), and a taken port is
-one of those reasons: every specdec server binds its port exclusively (`specdec.grpc_server.EXCLUSIVE_PORT`).
-Real processes (``python -m draft_service`` / ``orchestrator``) on 127.0.0.1; no model is loaded. Triton's
-own case is in tests/integration/test_triton_target.py."""
+"""A service that cannot start says why in one line and exits 1 (`specdec.startup`); one with a bad
+setting (a port beyond 65535) refuses it as a usage error before it starts anything; a taken port is one
+of the reasons it cannot start: every specdec server binds its port exclusively
+(`specdec.grpc_server.EXCLUSIVE_PORT`). Real processes (``python -m draft_service`` / ``orchestrator`` /
+...) on 127.0.0.1; no model is loaded. Triton's own case is in tests/integration/test_triton_target.py."""
 
 from __future__ import annotations
 
@@ -93,3 +94,17 @@ def test_an_orchestrator_with_an_unreadable_tls_file_says_so(tmp_path) -> None:
     done = run_service("orchestrator", "--port", "0", "--tls-cert", str(tmp_path / "c.pem"),
                        "--tls-key", str(tmp_path / "k.pem"))  # fmt: skip
     assert_cannot_start(done, f"cannot read the server TLS key {str(tmp_path / 'k.pem')!r}")
+
+
+@pytest.mark.parametrize(
+    ("module", "flag"),
+    [
+        (["orchestrator"], "--port"), (["orchestrator"], "--metrics-port"), (["draft_service"], "--port"),
+        (["target_service"], "--grpc-port"), (["cli.main", "serve"], "--port"),
+    ],
+)
+def test_every_service_refuses_a_port_beyond_65535_before_it_starts(module, flag) -> None:
+    done = run_service(*module, flag, "99999")
+    assert done.returncode == 2, done.stderr
+    assert f"{flag.lstrip('-').replace('-', '_')} must be in [0, 65535], got 99999" in done.stderr
+    assert "Traceback" not in done.stderr and "serving" not in done.stderr + done.stdout
