@@ -31,15 +31,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("target_service.tritonserver").setLevel(logging.DEBUG)
         logging.getLogger().setLevel(logging.DEBUG)
     stop = threading.Event()
+    serving = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("received %s: stopping", signal.Signals(signum).name)
+        first = not stop.is_set()
         stop.set()
+        if first and not serving.is_set():
+            # Start-up waits for Triton (up to --ready-timeout-s) without looking at `stop`: end the wait here.
+            # What it started is stopped on the way out (TritonServer.start, `with server`); a second signal
+            # only sets the flag again, so it cannot cut that short.
+            raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    server = TritonServer(config)
     with exit_if_startup_fails(log):
+        server = TritonServer(config)
         server.start()  # stops what it started if it fails
     with server:
         log.info(
@@ -48,6 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )  # fmt: skip
         with exit_if_startup_fails(log):
             liveness = start_liveness(config, server)
+        serving.set()
         try:
             while not stop.wait(0.5):
                 if not server.is_running():

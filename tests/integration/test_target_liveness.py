@@ -5,7 +5,8 @@ The model's stub is frozen (SIGSTOP): Triton still reports itself and the model 
 unanswered, and the service logs the stub's stacks and restarts Triton on the same ports, where the model
 answers again; under mutual TLS too, the probes presenting the port's own certificate, and a service
 whose probes cannot reach the model over TLS (a certificate Triton refuses from a client) stops at start
-and says why. A stub asked for its stacks (SIGUSR1) writes them into the service's log at ERROR. And a
+and says why. A service told to stop while Triton is still loading the model stops at once, its Triton
+with it, instead of first waiting for the model. A stub asked for its stacks (SIGUSR1) writes them into the service's log at ERROR. And a
 service killed outright (SIGKILL) leaves no Triton behind: Triton runs in a session of its own, so only the
 kernel's parent-death signal stops it.
 """
@@ -140,18 +141,35 @@ def test_probes_that_cannot_reach_the_model_over_tls_stop_the_service_at_start(t
     assert "carries clientAuth" in log_text and "Traceback" not in log_text
 
 
+def test_a_signal_while_triton_starts_stops_the_service_and_its_triton_at_once(tiny_model, tmp_path):
+    process, _, _ = launch_service(tiny_model, tmp_path / "target.log")
+    try:
+        wait_until(lambda: children_named(process.pid, "tritonserver"), "Triton started", 60)
+        (triton,) = children_named(process.pid, "tritonserver")
+        assert "serving model" not in process.log_path.read_text()  # still starting: the model loads
+        os.kill(process.pid, signal.SIGTERM)
+        assert process.popen.wait(60) == 0, process.tail()
+    finally:
+        process.stop()
+    assert gone(triton)
+    log_text = process.log_path.read_text()
+    assert "received SIGTERM: stopping" in log_text and "Traceback" not in log_text, log_text
+    assert "serving model" not in log_text  # it stopped waiting for the model, rather than serving it first
+
+
+def gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie until its reaper waits counts)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def test_a_service_killed_outright_leaves_no_triton_behind(service):
     process, grpc_url, _ = service
     triton, stub = stub_of(process)
     os.kill(process.pid, signal.SIGKILL)  # only the service: Triton is in a session (and group) of its own
     process.popen.wait(30)
-
-    def gone(pid: int) -> bool:
-        try:
-            with open(f"/proc/{pid}/stat") as stat:
-                return stat.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie until its reaper waits
-        except FileNotFoundError:
-            return True
-
     wait_until(lambda: gone(triton) and gone(stub), "Triton and its stub gone with their service", 60)
     assert probe(grpc_url, contract.MODEL_NAME, 5) is None  # nothing listens on its port any more
