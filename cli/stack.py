@@ -33,6 +33,7 @@ from draft_service.drafters import needs_model, parse_drafters
 from specdec import models
 from specdec import target_contract as contract
 from specdec.config import check_ports
+from specdec.hostport import join_host_port
 from specdec.procs import Process, children_named, free_ports, wait_grpc_healthy, wait_triton_ready
 
 log = logging.getLogger(__name__)
@@ -173,9 +174,9 @@ class LocalStack:
                 "--http-port", str(http_port), "--metrics-port", str(metrics_port),
                 "--model", cfg.target_model, "--dtype", cfg.target_dtype, *common,
             ]))  # fmt: skip
-            self.triton_urls.append(f"{host}:{grpc_port}")
-            self.triton_metrics_urls.append(f"http://{host}:{metrics_port}/metrics")
-            http_url = f"{host}:{http_port}"
+            self.triton_urls.append(join_host_port(host, grpc_port))
+            self.triton_metrics_urls.append(f"http://{join_host_port(host, metrics_port)}/metrics")
+            http_url = join_host_port(host, http_port)
             self._ready[name] = lambda p, u=http_url: wait_triton_ready(
                 u, contract.MODEL_NAME, cfg.startup_timeout_s, p.check_alive, p.tail
             )
@@ -190,9 +191,9 @@ class LocalStack:
                 "--metrics-port", str(metrics_port), "--drafters", cfg.drafters, "--model", cfg.draft_model,
                 "--keep-layers", cfg.draft_layers, "--dtype", cfg.draft_dtype, *common,
             ]))  # fmt: skip
-            self.draft_addresses.append(f"{host}:{port}")
-            self.draft_metrics_urls.append(f"http://{host}:{metrics_port}/metrics")
-            self._ready[name] = lambda p, a=f"{host}:{port}": wait_grpc_healthy(a, p, cfg.startup_timeout_s)
+            self.draft_addresses.append(join_host_port(host, port))
+            self.draft_metrics_urls.append(f"http://{join_host_port(host, metrics_port)}/metrics")
+            self._ready[name] = lambda p, a=join_host_port(host, port): wait_grpc_healthy(a, p, cfg.startup_timeout_s)
         for process in [*drafts, *tritons]:
             self._ready[process.name](process)
             log.info("%s ready (%.1f s)", process.name, time.monotonic() - t0)
@@ -211,8 +212,8 @@ class LocalStack:
             "--default-num-draft-tokens", cfg.num_draft_tokens,
             "--metrics-port", str(orch_metrics),
         ])  # fmt: skip
-        self.address = f"{host}:{orchestrator_port}"
-        self.orchestrator_metrics_url = f"http://{host}:{orch_metrics}/metrics"
+        self.address = join_host_port(host, orchestrator_port)
+        self.orchestrator_metrics_url = f"http://{join_host_port(host, orch_metrics)}/metrics"
         self._ready["orchestrator"] = lambda p: wait_grpc_healthy(self.address, p, cfg.startup_timeout_s)
         self._ready["orchestrator"](orchestrator)
         log.info("orchestrator ready at %s (%.1f s in all)", self.address, time.monotonic() - t0)

@@ -19,6 +19,7 @@ from collections.abc import Sequence  # noqa: E402
 from draft_service.config import DraftConfig, load_config  # noqa: E402
 from draft_service.server import create_server  # noqa: E402
 from specdec.gc_freeze import freeze_startup_objects  # noqa: E402
+from specdec.hostport import join_host_port  # noqa: E402
 from specdec.startup import exit_if_startup_fails  # noqa: E402
 
 log = logging.getLogger("draft_service")
@@ -32,7 +33,7 @@ def serve(config: DraftConfig) -> None:
     with exit_if_startup_fails(log):
         handle = create_server(config)
     freeze_startup_objects(log)
-    log.info("draft service ready on %s:%d (health SERVING)", config.host, handle.port)
+    log.info("draft service ready on %s (health SERVING)", join_host_port(config.host, handle.port))
     stop.wait()
     log.info("stopping: draining for up to %.1f s", config.grace_s)
     handle.stop(config.grace_s)

@@ -18,6 +18,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from draft_service.core import DraftStats
+from specdec.hostport import join_host_port
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class DraftMetrics:
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         self._http = server
         bound = int(server.server_port)
-        log.info("metrics on http://%s:%d/metrics", host, bound)
+        log.info("metrics on http://%s/metrics", join_host_port(host, bound))
         return bound
 
     def stop(self) -> None:

@@ -34,6 +34,7 @@ from draft_service.metrics import DraftMetrics
 from draft_service.servicer import DraftServicer
 from draft_service.watchdog import StepWatchdog
 from specdec.grpc_server import EXCLUSIVE_PORT, add_health_and_reflection, set_serving_blocking
+from specdec.hostport import join_host_port
 from specdec.tls import add_port, server_credentials
 from specdec.v1 import draft_pb2, draft_pb2_grpc
 
@@ -131,7 +132,7 @@ def create_server(
         handle.stop(0)
         raise
     tls = "plaintext" if credentials is None else "mutual TLS" if config.tls_client_ca else "TLS"
-    log.info("draft service listening on %s:%d (%s)", config.host, port, tls)
+    log.info("draft service listening on %s (%s)", join_host_port(config.host, port), tls)
     return handle
 
 

@@ -11,6 +11,7 @@ from orchestrator.server import create_server
 from orchestrator.servicer import SERVICE_NAME
 from specdec.gc_freeze import freeze_startup_objects
 from specdec.grpc_server import serve_until_signal
+from specdec.hostport import join_host_port
 from specdec.startup import exit_if_startup_fails
 
 log = logging.getLogger("orchestrator")
@@ -21,7 +22,7 @@ async def _serve(argv: Sequence[str] | None) -> None:
     with exit_if_startup_fails(log):
         server, port = await create_server(config)
     freeze_startup_objects(log)
-    log.info("serving specdec.v1.GenerationService on %s:%d", config.host, port)
+    log.info("serving specdec.v1.GenerationService on %s", join_host_port(config.host, port))
     await serve_until_signal(server, server.health, [SERVICE_NAME], config.grace_s)
 
 

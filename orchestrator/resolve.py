@@ -18,6 +18,8 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from specdec.hostport import join_host_port
+
 _DNS_SCHEME = "dns:///"
 
 # (host, port) -> the IP addresses it resolves to
@@ -50,10 +52,6 @@ class Address:
 
     address: str
     server_name: str
-
-
-def join_host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def parse_endpoints(spec: str) -> list[Endpoint]:

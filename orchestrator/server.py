@@ -36,6 +36,7 @@ from orchestrator.replicas import PoolSettings
 from orchestrator.round_rule import SampleRound, sample_round
 from orchestrator.servicer import SERVICE_NAME, GenerationServicer, Tokenizer
 from specdec.grpc_server import EXCLUSIVE_PORT, add_health_and_reflection, set_serving
+from specdec.hostport import join_host_port
 from specdec.models import load_tokenizer, resolve_model_dir
 from specdec.tls import add_port, channel_credentials, server_credentials
 from specdec.v1 import generation_pb2_grpc
@@ -171,7 +172,7 @@ async def create_server(
     if config.metrics_port > 0:
         httpd, _thread = start_http_server(config.metrics_port, addr=config.host, registry=metrics.registry)
         closers.append(httpd.shutdown)
-        log.info("metrics on http://%s:%d/metrics", config.host, config.metrics_port)
+        log.info("metrics on http://%s/metrics", join_host_port(config.host, config.metrics_port))
 
     policy = PolicySettings(
         max_k=config.max_num_draft_tokens, probe_rounds=config.k_probe_rounds, probe_rounds_max=config.k_probe_rounds_max,
@@ -192,8 +193,8 @@ async def create_server(
     await server.start()
     await set_serving(health_servicer, [SERVICE_NAME], True)
     log.info(
-        "orchestrator on %s:%d (%s; draft %s, target %s model %s, context length %s)",
-        config.host, port, _tls_mode(config), config.draft_address or "none", config.triton_url, config.triton_model,
+        "orchestrator on %s (%s; draft %s, target %s model %s, context length %s)",
+        join_host_port(config.host, port), _tls_mode(config), config.draft_address or "none", config.triton_url, config.triton_model,
         context_length,
     )
     return OrchestratorServer(server, health_servicer, closers, metrics=metrics, breakers=breakers), port

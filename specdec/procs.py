@@ -25,6 +25,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from specdec.hostport import address_family
+
 log = logging.getLogger(__name__)
 
 _PR_SET_NAME = 15  # prctl's option that names the calling thread (<linux/prctl.h>)
@@ -42,9 +44,10 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     picking one at a time can give one server the same port twice (Triton then refuses to start).
     """
     with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
+        family = address_family(host)
+        socks = [stack.enter_context(socket.socket(family, socket.SOCK_STREAM)) for _ in range(count)]
         for sock in socks:
-            sock.bind((host, 0))
+            sock.bind((host.strip("[]"), 0))
         return [int(sock.getsockname()[1]) for sock in socks]
 
 

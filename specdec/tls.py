@@ -20,6 +20,8 @@ from pathlib import Path
 
 import grpc
 
+from specdec.hostport import join_host_port
+
 _NAME_OVERRIDE = "grpc.ssl_target_name_override"
 
 
@@ -75,7 +77,7 @@ def add_port(
     """Bind ``host:port`` (an IPv6 host goes in brackets) with TLS when ``credentials`` are given, plaintext
     otherwise; returns the port bound (``port`` 0 = a free one). OSError naming the address when it cannot
     be bound (taken, or not an address of this host), where grpc raises RuntimeError or returns 0."""
-    address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+    address = join_host_port(host, port)
     try:
         if credentials is None:
             bound = server.add_insecure_port(address)

@@ -45,6 +45,7 @@ from types import TracebackType
 
 from specdec import target_contract as contract
 from specdec.filelock import file_lock
+from specdec.hostport import join_host_port
 from specdec.openmp import TARGET_SPINCOUNT, set_spin
 from specdec.procs import children_named, free_ports, kill_group, wait_triton_ready
 from target_service.config import TritonServerConfig
@@ -185,6 +186,19 @@ def die_with(parent: int) -> Callable[[], None]:
     return in_child
 
 
+def triton_bind_addresses(host: str) -> tuple[str, str]:
+    """``host`` as Triton's flags take it: (``--grpc-address``, ``--http-address`` and ``--metrics-address``).
+
+    Triton joins an address and a port with a bare colon, so an IPv6 host must reach its gRPC server in
+    brackets (``[::1]``) and its HTTP and metrics servers (libevhtp) as ``ipv6:::1``; given ``::1`` as is,
+    gRPC cannot parse ``::1:8001`` and the HTTP server binds 255.255.255.255 without a word. (On ``::``
+    those two listeners take IPv6 clients only: libevhtp sets IPV6_V6ONLY; gRPC takes both.)"""
+    bare = host.strip("[]")
+    if ":" not in bare:
+        return host, host
+    return f"[{bare}]", f"ipv6:{bare}"
+
+
 class TritonServer:
     """One ``tritonserver`` process serving ``specdec_target``; ``with TritonServer(config) as s: ...``."""
 
@@ -207,15 +221,15 @@ class TritonServer:
 
     @property
     def grpc_url(self) -> str:
-        return f"{self.config.host}:{self.grpc_port}"
+        return join_host_port(self.config.host, self.grpc_port)
 
     @property
     def http_url(self) -> str:
-        return f"{self.config.host}:{self.http_port}"
+        return join_host_port(self.config.host, self.http_port)
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{self.config.host}:{self.metrics_port}/metrics"
+        return f"http://{join_host_port(self.config.host, self.metrics_port)}/metrics"
 
     @property
     def pid(self) -> int | None:
@@ -223,16 +237,17 @@ class TritonServer:
 
     def command(self, home: Path, repository: Path) -> list[str]:
         c = self.config
+        grpc_address, http_address = triton_bind_addresses(c.host)
         cmd = [
             str(home / "bin" / "tritonserver"),
             f"--model-repository={repository}",
             f"--backend-directory={home / 'backends'}",
-            f"--grpc-address={c.host}",
+            f"--grpc-address={grpc_address}",
             f"--grpc-port={self.grpc_port}",
-            f"--http-address={c.host}",
+            f"--http-address={http_address}",
             f"--http-port={self.http_port}",
             "--allow-metrics=true",
-            f"--metrics-address={c.host}",
+            f"--metrics-address={http_address}",
             f"--metrics-port={self.metrics_port}",
             f"--exit-timeout-secs={c.exit_timeout_s}",
             # Our own prefix for the stubs' shared-memory regions, so stop() can remove what a killed

@@ -2,7 +2,8 @@
 
 Why: the OS may hand a port it just released out again, and a Triton given the same port for two of its
 listeners refuses to start (a CI run failed so: "cannot listen to GRPC requests and metrics requests at the
-same address and port"). And processes found by their command name (the Triton stubs a liveness probe
+same address and port"). On an IPv6 host too: the ports are picked there, every URL puts the host in
+brackets, and Triton's listeners are given it in the forms they parse. And processes found by their command name (the Triton stubs a liveness probe
 asks for their stacks), threads by the OS-level name they gave themselves (the model's forward thread).
 """
 
@@ -13,9 +14,12 @@ import socket
 import threading
 from pathlib import Path
 
+import pytest
+
+from specdec.hostport import address_family, join_host_port
 from specdec.procs import free_ports, name_this_thread, pids_named, threads_named
 from target_service.config import TritonServerConfig
-from target_service.launcher import TritonServer
+from target_service.launcher import TritonServer, triton_bind_addresses
 
 
 def test_ports_picked_together_are_all_different_and_free():
@@ -38,6 +42,42 @@ def test_triton_free_ports_avoid_the_ones_asked_for():
     assert server.grpc_port == asked
     assert asked not in (server.http_port, server.metrics_port)
     assert server.http_port != server.metrics_port
+
+
+@pytest.mark.parametrize(("host", "joined", "family"), [
+    ("127.0.0.1", "127.0.0.1:80", socket.AF_INET),
+    ("localhost", "localhost:80", socket.AF_INET),
+    ("::1", "[::1]:80", socket.AF_INET6),
+    ("[::1]", "[::1]:80", socket.AF_INET6),
+    ("::", "[::]:80", socket.AF_INET6),
+])  # fmt: skip
+def test_a_host_and_a_port_join_with_ipv6_in_brackets_and_bind_with_its_family(host, joined, family):
+    assert join_host_port(host, 80) == joined
+    assert address_family(host) == family
+
+
+def test_a_host_that_does_not_resolve_is_an_os_error():
+    with pytest.raises(OSError):
+        address_family("no-such-host.invalid")
+
+
+@pytest.mark.parametrize("host", ["::1", "[::1]"])
+def test_ports_are_picked_on_an_ipv6_host(host):
+    ports = free_ports(4, host)
+    assert len(set(ports)) == 4
+    for port in ports:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", port))
+
+
+def test_triton_on_an_ipv6_host_gets_it_in_the_forms_its_listeners_parse_and_gives_bracketed_urls():
+    assert triton_bind_addresses("127.0.0.1") == ("127.0.0.1", "127.0.0.1")
+    assert triton_bind_addresses("::1") == triton_bind_addresses("[::1]") == ("[::1]", "ipv6:::1")
+    server = TritonServer(TritonServerConfig(host="::1", grpc_port=8001, http_port=8000, metrics_port=8002))
+    assert (server.grpc_url, server.http_url, server.metrics_url) == ("[::1]:8001", "[::1]:8000",
+                                                                      "http://[::1]:8002/metrics")
+    command = server.command(Path("/triton"), Path("/models"))
+    assert {"--grpc-address=[::1]", "--http-address=ipv6:::1", "--metrics-address=ipv6:::1"} <= set(command)
 
 
 def test_processes_are_found_by_their_command_name():
