@@ -18,9 +18,12 @@ def join_host_port(host: str, port: int) -> str:
 
 def address_family(host: str) -> socket.AddressFamily:
     """The socket family that binds ``host``: AF_INET6 for an IPv6 literal (bracketed or not), otherwise the
-    first family the resolver gives a name (AF_INET for an IPv4 literal). OSError (socket.gaierror) for a
-    host that does not resolve."""
+    first family the resolver gives a name (AF_INET for an IPv4 literal). OSError naming the host when it
+    does not resolve."""
     bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if ":" in bare:
         return socket.AF_INET6
-    return socket.getaddrinfo(bare, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    try:
+        return socket.getaddrinfo(bare, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    except socket.gaierror as exc:
+        raise OSError(f"cannot resolve host {host!r}: {exc.strerror}") from exc

@@ -57,7 +57,7 @@ def test_a_host_and_a_port_join_with_ipv6_in_brackets_and_bind_with_its_family(h
 
 
 def test_a_host_that_does_not_resolve_is_an_os_error():
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="cannot resolve host 'no-such-host.invalid'"):
         address_family("no-such-host.invalid")
 
 

@@ -90,6 +90,11 @@ def test_a_draft_service_without_its_model_says_so(tmp_path) -> None:
     assert_cannot_start(done, f"model folder {tmp_path / 'no-model'} has no config.json")
 
 
+def test_a_target_service_on_a_host_that_does_not_resolve_says_so() -> None:
+    done = run_service("target_service", "--host", "no-such-host.invalid", "--grpc-port", "0")
+    assert_cannot_start(done, "cannot resolve host 'no-such-host.invalid'")
+
+
 def test_an_orchestrator_with_an_unreadable_tls_file_says_so(tmp_path) -> None:
     done = run_service("orchestrator", "--port", "0", "--tls-cert", str(tmp_path / "c.pem"),
                        "--tls-key", str(tmp_path / "k.pem"))  # fmt: skip
