@@ -2,7 +2,8 @@
 tests use to start our servers and to know when they serve.
 
 Why it exists: every server is started from our own entry points as a child process on 127.0.0.1 and
-free ports, waited for until it answers, and stopped however the caller exits. `Process` owns one child
+free ports, waited for until it answers, and stopped however the caller exits, even killed outright
+(`popen_tied_to_this_process`). `Process` owns one child
 (its log file, SIGTERM then SIGKILL to its process group), `wait_ready` polls a readiness check while
 failing fast if the child died, and the /proc helpers find the processes a child left behind, and the
 threads a process named (Linux).
@@ -14,13 +15,17 @@ import contextlib
 import ctypes
 import logging
 import os
+import queue
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -30,6 +35,7 @@ from specdec.hostport import address_family
 log = logging.getLogger(__name__)
 
 _PR_SET_NAME = 15  # prctl's option that names the calling thread (<linux/prctl.h>)
+_PR_SET_PDEATHSIG = 1  # and the one that asks for a signal when the parent (thread) dies
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -51,8 +57,72 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
         return [int(sock.getsockname()[1]) for sock in socks]
 
 
+def die_with(parent: int) -> Callable[[], None]:
+    """A ``preexec_fn`` that has the child sent SIGTERM when the thread that forked it ends (Linux
+    ``PR_SET_PDEATHSIG``). Use `popen_tied_to_this_process`, whose forking thread lives as long as the process."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork, not in the child
+
+    def in_child() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the setting took: no one would stop this child
+            os._exit(1)
+
+    return in_child
+
+
+class _Spawner:
+    """The one thread that forks every child of this process (started on first use, ended with the process)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue[tuple[Future[subprocess.Popen[bytes]], list[str], dict[str, Any]]] | None = None
+        os.register_at_fork(after_in_child=self._forget)  # a forked copy of us has no spawner thread
+
+    def popen(self, argv: list[str], kwargs: dict[str, Any]) -> subprocess.Popen[bytes]:
+        with self._lock:
+            if self._jobs is None:
+                self._jobs = queue.SimpleQueue()
+                threading.Thread(target=self._run, args=(self._jobs,), name="specdec-spawner", daemon=True).start()
+            jobs = self._jobs
+        done: Future[subprocess.Popen[bytes]] = Future()
+        jobs.put((done, argv, kwargs))
+        return done.result()
+
+    def _forget(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs = None
+
+    @staticmethod
+    def _run(jobs: queue.SimpleQueue[tuple[Future[subprocess.Popen[bytes]], list[str], dict[str, Any]]]) -> None:
+        while True:
+            done, argv, kwargs = jobs.get()
+            try:
+                child = subprocess.Popen(argv, preexec_fn=die_with(os.getpid()), **kwargs)  # noqa: S603, PLW1509
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                done.set_exception(exc)
+            else:
+                done.set_result(child)
+
+
+_SPAWNER = _Spawner()
+
+
+def popen_tied_to_this_process(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    """``subprocess.Popen(argv, **kwargs)`` for a child sent SIGTERM when this process ends, however it ends.
+
+    Why: our children run in sessions of their own (so a Ctrl-C reaches us, and we stop them in order), so
+    nothing else stops them when we die without stopping them: a SIGKILL, an OOM kill, or the SIGHUP of a
+    closed terminal would leave a Triton, a draft service or an orchestrator running, holding its ports (the
+    next ``make serve`` then cannot bind 50051), its memory and its GPU. The kernel's parent-death signal
+    fires when the *thread* that forked the child ends, not the process, so a child started from a thread
+    that then returns (a restart run on a worker thread) would be stopped at once: every child is therefore
+    forked by one daemon thread that lives as long as the process."""
+    return _SPAWNER.popen(argv, kwargs)
+
+
 class Process:
-    """A child process in a session of its own, its output in a log file; stopped with SIGTERM, then SIGKILL."""
+    """A child process in a session of its own, its output in a log file; stopped with SIGTERM, then SIGKILL,
+    and sent SIGTERM by the kernel if this process ends first (`popen_tied_to_this_process`)."""
 
     def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str]) -> None:
         self.name = name
@@ -61,7 +131,7 @@ class Process:
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
         log.debug("starting %s: %s", name, " ".join(argv))
-        self.popen = subprocess.Popen(  # noqa: S603 - our own entry points
+        self.popen = popen_tied_to_this_process(
             argv, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             start_new_session=True,
         )

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import importlib.metadata
 import importlib.util
 import logging
@@ -39,7 +38,6 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -47,7 +45,7 @@ from specdec import target_contract as contract
 from specdec.filelock import file_lock
 from specdec.hostport import join_host_port
 from specdec.openmp import TARGET_SPINCOUNT, set_spin
-from specdec.procs import children_named, free_ports, kill_group, wait_triton_ready
+from specdec.procs import children_named, free_ports, kill_group, popen_tied_to_this_process, wait_triton_ready
 from target_service.config import TritonServerConfig
 from target_service.liveness import STUB_COMM, dump_stacks
 
@@ -62,8 +60,6 @@ _PYTHON_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (DEBUG|INFO|WARN
 # A line of a traceback or of a thread's stack: indented, its header, a chained exception's, or its last line.
 _CONTINUED = re.compile(r"^(\s|Traceback |During handling |The above exception |[A-Za-z_][\w.]*: |<no Python frame>)")
 _STACKS = re.compile(r"^(Current thread|Thread) 0x[0-9a-f]+ \(most recent call first\):")
-# prctl's option that has the kernel signal a child when its parent dies (<linux/prctl.h>).
-_PR_SET_PDEATHSIG = 1
 
 
 def line_level(line: str, previous: int = logging.DEBUG) -> int:
@@ -172,20 +168,6 @@ def triton_env(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def die_with(parent: int) -> Callable[[], None]:
-    """A ``preexec_fn`` that has the child sent SIGTERM when the thread that started it ends (Linux
-    ``PR_SET_PDEATHSIG``): Triton runs in a session of its own, so a launcher killed outright (SIGKILL, an
-    OOM kill) would otherwise leave it running, holding its ports, its GPU memory and its stubs."""
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork, not in the child
-
-    def in_child() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # the parent died before the setting took: no one would stop this child
-            os._exit(1)
-
-    return in_child
-
-
 def triton_bind_addresses(host: str) -> tuple[str, str]:
     """``host`` as Triton's flags take it: (``--grpc-address``, ``--http-address`` and ``--metrics-address``).
 
@@ -273,8 +255,8 @@ class TritonServer:
         return [*flags, f"--http-restricted-api={closed}:specdec-http-key={secrets.token_hex(16)}"]
 
     def start(self) -> TritonServer:
-        """Start Triton and wait until the model is ready. Triton is stopped (SIGTERM) if the thread that
-        called this ends first, so call it from the thread that owns the server (the main one)."""
+        """Start Triton and wait until the model is ready. Triton is sent SIGTERM if this process ends
+        without stopping it (`specdec.procs.popen_tied_to_this_process`)."""
         if self._proc is not None:
             raise RuntimeError("already started")
         started = time.monotonic()
@@ -285,14 +267,13 @@ class TritonServer:
             self.log_path = Path(self.config.log_file) if self.config.log_file else self._tmp / "tritonserver.log"
             cmd = self.command(home, repository)
             log.info("starting Triton: %s (log: %s)", " ".join(cmd), self.log_path)
-            self._proc = subprocess.Popen(
+            self._proc = popen_tied_to_this_process(
                 cmd,
                 env=triton_env(),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches us, and we stop Triton in order
-                preexec_fn=die_with(os.getpid()),  # noqa: PLW1509 - a single prctl, nothing that could lock
             )
             self._pump = threading.Thread(
                 target=self._pump_log, args=(self._proc, self.log_path), name="tritonserver-log", daemon=True

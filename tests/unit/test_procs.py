@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from specdec.hostport import address_family, join_host_port
-from specdec.procs import free_ports, name_this_thread, pids_named, threads_named
+from specdec.procs import free_ports, name_this_thread, pids_named, popen_tied_to_this_process, threads_named
 from target_service.config import TritonServerConfig
 from target_service.launcher import TritonServer, triton_bind_addresses
 
@@ -78,6 +81,52 @@ def test_triton_on_an_ipv6_host_gets_it_in_the_forms_its_listeners_parse_and_giv
                                                                       "http://[::1]:8002/metrics")
     command = server.command(Path("/triton"), Path("/models"))
     assert {"--grpc-address=[::1]", "--http-address=ipv6:::1", "--metrics-address=ipv6:::1"} <= set(command)
+
+
+def test_a_child_started_from_a_thread_that_ends_lives_on():
+    # The kernel's parent-death signal follows the thread that forked the child: one forked by a thread that
+    # then returns (a restart done on a worker thread) would be stopped with it, were it not forked by ours.
+    started: list[subprocess.Popen[bytes]] = []
+    thread = threading.Thread(target=lambda: started.append(popen_tied_to_this_process(["sleep", "30"])))
+    thread.start()
+    thread.join()
+    (child,) = started
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            child.wait(1.0)
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_child_is_stopped_when_its_parent_is_killed_outright(tmp_path):
+    # A parent that cannot stop its children (SIGKILL, an OOM kill, a closed terminal's SIGHUP): they run in
+    # sessions of their own, so only the kernel's parent-death signal can stop them.
+    script = (
+        "import subprocess, sys, time\n"
+        "from specdec.procs import Process\n"
+        f"child = Process('sleeper', ['sleep', '60'], __import__('pathlib').Path({str(tmp_path / 'c.log')!r}), {{}})\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,  # noqa: S603
+                              cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    child = int(parent.stdout.readline())
+    assert Path(f"/proc/{child}").exists()
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while not ended(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ended(child), "the child outlived its parent"
+
+
+def ended(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie its new parent has not reaped yet counts)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
 
 
 def test_processes_are_found_by_their_command_name():
