@@ -2,8 +2,9 @@
 
 `specdec serve` starts Triton (SmolLM2-135M target), the draft service (a SmolLM2 self-draft) and the
 orchestrator on 127.0.0.1, shows progress while the models load, prints the address, and stops all three
-on Ctrl-C; ``--draft-replicas N --target-replicas M`` starts a local fleet of N drafts and M Tritons behind
-the one orchestrator. `specdec generate "PROMPT"` calls a running orchestrator and prints the text and the stats.
+on Ctrl-C, SIGTERM or a closed terminal's SIGHUP (while they start, too);
+``--draft-replicas N --target-replicas M`` starts a local fleet of N drafts and M Tritons behind the one
+orchestrator. `specdec generate "PROMPT"` calls a running orchestrator and prints the text and the stats.
 The services also run on their own (`python -m target_service | draft_service | orchestrator`), which is
 how a fleet deploys them.
 """
@@ -15,10 +16,10 @@ import dataclasses
 import logging
 import signal
 import sys
-import threading
 from collections.abc import Sequence
 
 from specdec import config as config_flags
+from specdec.startup import StopSignals
 
 log = logging.getLogger("specdec")
 
@@ -76,10 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def serve_command(config: "StackConfig") -> int:  # noqa: F821 - imported lazily (torch is slow to import)
     from cli.stack import LocalStack
 
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    # SIGHUP too: a closed terminal would otherwise end us before we stop the services.
+    signals = StopSignals(log, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
     with LocalStack(config) as stack:
+        signals.serving()
         sys.stdout.write(
             f"specdec is serving specdec.v1.GenerationService on {stack.address}\n"
             f"  try: specdec generate --address {stack.address} \"The capital of France is\"\n"
@@ -90,7 +91,7 @@ def serve_command(config: "StackConfig") -> int:  # noqa: F821 - imported lazily
             "  Ctrl-C stops every service.\n"
         )
         sys.stdout.flush()
-        while not stop.wait(1.0):
+        while not signals.stop.wait(1.0):
             try:
                 stack.check_alive()
             except RuntimeError as exc:

@@ -9,13 +9,11 @@ restarts a Triton whose model stopped answering, on the same ports.
 from __future__ import annotations
 
 import logging
-import signal
 import sys
-import threading
 import time
 from collections.abc import Sequence
 
-from specdec.startup import exit_if_startup_fails
+from specdec.startup import StopSignals, exit_if_startup_fails
 from specdec.tls import channel_credentials
 from target_service.config import TritonServerConfig, parse_target_config
 from target_service.launcher import TritonServer
@@ -30,21 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.log_verbose > 0:
         logging.getLogger("target_service.tritonserver").setLevel(logging.DEBUG)
         logging.getLogger().setLevel(logging.DEBUG)
-    stop = threading.Event()
-    serving = threading.Event()
-
-    def on_signal(signum: int, _frame: object) -> None:
-        log.info("received %s: stopping", signal.Signals(signum).name)
-        first = not stop.is_set()
-        stop.set()
-        if first and not serving.is_set():
-            # Start-up waits for Triton (up to --ready-timeout-s) without looking at `stop`: end the wait here.
-            # What it started is stopped on the way out (TritonServer.start, `with server`); a second signal
-            # only sets the flag again, so it cannot cut that short.
-            raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    signals = StopSignals(log)
+    stop = signals.stop
     with exit_if_startup_fails(log):
         server = TritonServer(config)
         server.start()  # stops what it started if it fails
@@ -55,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )  # fmt: skip
         with exit_if_startup_fails(log):
             liveness = start_liveness(config, server)
-        serving.set()
+        signals.serving()
         try:
             while not stop.wait(0.5):
                 if not server.is_running():

@@ -153,7 +153,7 @@ def test_a_signal_while_triton_starts_stops_the_service_and_its_triton_at_once(t
         process.stop()
     assert gone(triton)
     log_text = process.log_path.read_text()
-    assert "received SIGTERM: stopping" in log_text and "Traceback" not in log_text, log_text
+    assert "received SIGTERM while starting" in log_text and "Traceback" not in log_text, log_text
     assert "serving model" not in log_text  # it stopped waiting for the model, rather than serving it first
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 from concurrent import futures
@@ -17,7 +18,7 @@ import grpc
 import pytest
 
 from specdec.procs import free_ports
-from specdec.startup import exit_if_startup_fails
+from specdec.startup import StopSignals, exit_if_startup_fails
 from specdec.tls import add_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,6 +57,19 @@ def taken_port() -> int:
     holder.start()
     yield port
     holder.stop(0).wait()
+
+
+def test_a_signal_while_starting_ends_the_start_and_once_serving_only_sets_the_flag() -> None:
+    signals = StopSignals(logging.getLogger("svc"), ())  # no handler installed: handle() is called directly
+    with pytest.raises(SystemExit) as info:
+        signals.handle(signal.SIGTERM)
+    assert info.value.code == 0 and signals.stop.is_set()
+    signals.handle(signal.SIGINT)  # a second one, during the clean-up the first one started: no second exit
+
+    serving = StopSignals(logging.getLogger("svc"), ())
+    serving.serving()
+    serving.handle(signal.SIGTERM)
+    assert serving.stop.is_set()
 
 
 def test_add_port_names_the_address_it_could_not_bind(taken_port) -> None:
