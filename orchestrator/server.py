@@ -194,8 +194,8 @@ async def create_server(
     await set_serving(health_servicer, [SERVICE_NAME], True)
     log.info(
         "orchestrator on %s (%s; draft %s, target %s model %s, context length %s)",
-        join_host_port(config.host, port), _tls_mode(config), config.draft_address or "none", config.triton_url, config.triton_model,
-        context_length,
+        join_host_port(config.host, port), _tls_mode(config), config.draft_address or "none", config.triton_url,
+        config.triton_model, context_length,
     )
     return OrchestratorServer(server, health_servicer, closers, metrics=metrics, breakers=breakers), port
 

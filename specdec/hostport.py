@@ -11,16 +11,22 @@ from __future__ import annotations
 import socket
 
 
+def bare_host(host: str) -> str:
+    """``host`` without the brackets an IPv6 literal may come in (``[::1]`` -> ``::1``), as sockets take it."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
 def join_host_port(host: str, port: int) -> str:
-    """``host:port``, with an IPv6 literal in brackets (``[::1]:8001``); a host already in brackets stays."""
-    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+    """``host:port``, with an IPv6 literal in brackets (``[::1]:8001``), whether or not it came in them."""
+    bare = bare_host(host)
+    return f"[{bare}]:{port}" if ":" in bare else f"{bare}:{port}"
 
 
 def address_family(host: str) -> socket.AddressFamily:
     """The socket family that binds ``host``: AF_INET6 for an IPv6 literal (bracketed or not), otherwise the
     first family the resolver gives a name (AF_INET for an IPv4 literal). OSError naming the host when it
     does not resolve."""
-    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    bare = bare_host(host)
     if ":" in bare:
         return socket.AF_INET6
     try:

@@ -30,7 +30,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from specdec.hostport import address_family
+from specdec.hostport import address_family, bare_host
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
         family = address_family(host)
         socks = [stack.enter_context(socket.socket(family, socket.SOCK_STREAM)) for _ in range(count)]
         for sock in socks:
-            sock.bind((host.strip("[]"), 0))
+            sock.bind((bare_host(host), 0))
         return [int(sock.getsockname()[1]) for sock in socks]
 
 
@@ -70,12 +70,15 @@ def die_with(parent: int) -> Callable[[], None]:
     return in_child
 
 
+_Job = tuple[Future[subprocess.Popen[bytes]], list[str], dict[str, Any]]  # (the answer, argv, Popen's kwargs)
+
+
 class _Spawner:
     """The one thread that forks every child of this process (started on first use, ended with the process)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._jobs: queue.SimpleQueue[tuple[Future[subprocess.Popen[bytes]], list[str], dict[str, Any]]] | None = None
+        self._jobs: queue.SimpleQueue[_Job] | None = None
         os.register_at_fork(after_in_child=self._forget)  # a forked copy of us has no spawner thread
 
     def popen(self, argv: list[str], kwargs: dict[str, Any]) -> subprocess.Popen[bytes]:
@@ -93,7 +96,7 @@ class _Spawner:
         self._jobs = None
 
     @staticmethod
-    def _run(jobs: queue.SimpleQueue[tuple[Future[subprocess.Popen[bytes]], list[str], dict[str, Any]]]) -> None:
+    def _run(jobs: queue.SimpleQueue[_Job]) -> None:
         while True:
             done, argv, kwargs = jobs.get()
             try:
@@ -230,6 +233,14 @@ def _proc_stats() -> list[tuple[int, str, int, int]]:
             after = text.rsplit(")", 1)[1].split()  # fields after the name: state, ppid, pgrp, ...
             found.append((int(stat.parent.name), comm, int(after[1]), int(after[2])))
     return found
+
+
+def ended(pid: int) -> bool:
+    """Whether process ``pid`` has ended: gone, or a zombie its parent has not reaped yet."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
 
 
 def pids_named(name: str) -> list[int]:

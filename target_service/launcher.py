@@ -43,7 +43,7 @@ from types import TracebackType
 
 from specdec import target_contract as contract
 from specdec.filelock import file_lock
-from specdec.hostport import join_host_port
+from specdec.hostport import bare_host, join_host_port
 from specdec.openmp import TARGET_SPINCOUNT, set_spin
 from specdec.procs import children_named, free_ports, kill_group, popen_tied_to_this_process, wait_triton_ready
 from target_service.config import TritonServerConfig
@@ -175,7 +175,7 @@ def triton_bind_addresses(host: str) -> tuple[str, str]:
     brackets (``[::1]``) and its HTTP and metrics servers (libevhtp) as ``ipv6:::1``; given ``::1`` as is,
     gRPC cannot parse ``::1:8001`` and the HTTP server binds 255.255.255.255 without a word. (On ``::``
     those two listeners take IPv6 clients only: libevhtp sets IPV6_V6ONLY; gRPC takes both.)"""
-    bare = host.strip("[]")
+    bare = bare_host(host)
     if ":" not in bare:
         return host, host
     return f"[{bare}]", f"ipv6:{bare}"

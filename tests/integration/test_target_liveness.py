@@ -6,9 +6,9 @@ unanswered, and the service logs the stub's stacks and restarts Triton on the sa
 answers again; under mutual TLS too, the probes presenting the port's own certificate, and a service
 whose probes cannot reach the model over TLS (a certificate Triton refuses from a client) stops at start
 and says why. A service told to stop while Triton is still loading the model stops at once, its Triton
-with it, instead of first waiting for the model. A stub asked for its stacks (SIGUSR1) writes them into the service's log at ERROR. And a
-service killed outright (SIGKILL) leaves no Triton behind: Triton runs in a session of its own, so only the
-kernel's parent-death signal stops it.
+with it, instead of first waiting for the model. A stub asked for its stacks (SIGUSR1) writes them into the
+service's log at ERROR. And a service killed outright (SIGKILL) leaves no Triton behind: Triton runs in a
+session of its own, so only the kernel's parent-death signal stops it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pytest
 import tritonclient.http as httpclient
 
 from specdec import target_contract as contract
-from specdec.procs import Process, children_named, free_ports, wait_triton_ready
+from specdec.procs import Process, children_named, ended, free_ports, wait_triton_ready
 from specdec.tls import channel_credentials
 from target_service.liveness import probe
 from tests.conftest import SERVER_NAME, Leaf, Pki
@@ -151,19 +151,10 @@ def test_a_signal_while_triton_starts_stops_the_service_and_its_triton_at_once(t
         assert process.popen.wait(60) == 0, process.tail()
     finally:
         process.stop()
-    assert gone(triton)
+    assert ended(triton)
     log_text = process.log_path.read_text()
     assert "received SIGTERM while starting" in log_text and "Traceback" not in log_text, log_text
     assert "serving model" not in log_text  # it stopped waiting for the model, rather than serving it first
-
-
-def gone(pid: int) -> bool:
-    """Whether process ``pid`` has ended (a zombie until its reaper waits counts)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 def test_a_service_killed_outright_leaves_no_triton_behind(service):
@@ -171,5 +162,5 @@ def test_a_service_killed_outright_leaves_no_triton_behind(service):
     triton, stub = stub_of(process)
     os.kill(process.pid, signal.SIGKILL)  # only the service: Triton is in a session (and group) of its own
     process.popen.wait(30)
-    wait_until(lambda: gone(triton) and gone(stub), "Triton and its stub gone with their service", 60)
+    wait_until(lambda: ended(triton) and ended(stub), "Triton and its stub gone with their service", 60)
     assert probe(grpc_url, contract.MODEL_NAME, 5) is None  # nothing listens on its port any more

@@ -3,8 +3,10 @@
 Why: the OS may hand a port it just released out again, and a Triton given the same port for two of its
 listeners refuses to start (a CI run failed so: "cannot listen to GRPC requests and metrics requests at the
 same address and port"). On an IPv6 host too: the ports are picked there, every URL puts the host in
-brackets, and Triton's listeners are given it in the forms they parse. And processes found by their command name (the Triton stubs a liveness probe
-asks for their stacks), threads by the OS-level name they gave themselves (the model's forward thread).
+brackets, and Triton's listeners are given it in the forms they parse. A child ends with its parent, even one
+killed outright, and outlives the thread that started it. And processes found by their command name (the
+Triton stubs a liveness probe asks for their stacks), threads by the OS-level name they gave themselves (the
+model's forward thread).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from specdec.hostport import address_family, join_host_port
-from specdec.procs import free_ports, name_this_thread, pids_named, popen_tied_to_this_process, threads_named
+from specdec.procs import ended, free_ports, name_this_thread, pids_named, popen_tied_to_this_process, threads_named
 from target_service.config import TritonServerConfig
 from target_service.launcher import TritonServer, triton_bind_addresses
 
@@ -120,13 +122,6 @@ def test_a_child_is_stopped_when_its_parent_is_killed_outright(tmp_path):
         time.sleep(0.05)
     assert ended(child), "the child outlived its parent"
 
-
-def ended(pid: int) -> bool:
-    """Whether process ``pid`` has ended (a zombie its new parent has not reaped yet counts)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 def test_processes_are_found_by_their_command_name():
