@@ -105,14 +105,15 @@ def create_server(
         max_workers=config.max_sequences + SPARE_THREADS, thread_name_prefix="draft-rpc",
         initializer=_init_server_thread, initargs=(config.threads,),
     )
-    stalled_s = steps.stalled_s if steps is not None else lambda: 0.0
-    metrics = DraftMetrics(draft_core.stats, config.max_sequences, stalled_s)
-    server = grpc.server(threads, options=[EXCLUSIVE_PORT])
-    draft_pb2_grpc.add_DraftServiceServicer_to_server(DraftServicer(draft_core, metrics, config.max_sequences), server)
-    health_servicer = add_health_and_reflection(server, [SERVICE_NAME])
-    try:
+    try:  # a taken port, or a stop signal (`specdec.startup.StopSignals`), stops the step loop and the threads
+        stalled_s = steps.stalled_s if steps is not None else lambda: 0.0
+        metrics = DraftMetrics(draft_core.stats, config.max_sequences, stalled_s)
+        server = grpc.server(threads, options=[EXCLUSIVE_PORT])
+        servicer = DraftServicer(draft_core, metrics, config.max_sequences)
+        draft_pb2_grpc.add_DraftServiceServicer_to_server(servicer, server)
+        health_servicer = add_health_and_reflection(server, [SERVICE_NAME])
         port = add_port(server, config.host, config.port, credentials)
-    except OSError:
+    except BaseException:
         _abandon(threads, steps)
         raise
     handle = DraftServer(server, port, health_servicer, draft_core, metrics, None, threads, steps)

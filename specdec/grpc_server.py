@@ -21,6 +21,7 @@ import functools
 import inspect
 import logging
 import signal
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
@@ -216,19 +217,20 @@ async def serve_until_signal(
     health_servicer: health.aio.HealthServicer,
     service_names: Iterable[str],
     grace_s: float,
-    on_stop: Callable[[], object] | None = None,
+    asked_before: threading.Event | None = None,
 ) -> None:
-    """Run a started server until SIGINT/SIGTERM, then drain: NOT_SERVING, stop with a grace period."""
+    """Run a started server until SIGINT/SIGTERM, then drain: NOT_SERVING, stop with a grace period.
+
+    ``asked_before``: set by a signal that came before this installed the event loop's handlers
+    (`specdec.startup.StopSignals.stop`); it stops the server at once instead of being lost."""
     names = list(service_names)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if asked_before is not None and asked_before.is_set():
+        stop.set()
     await stop.wait()
     log.info("stopping: draining for up to %.1f s", grace_s)
     await set_serving(health_servicer, names, False)
     await server.stop(grace_s)
-    if on_stop is not None:
-        result = on_stop()
-        if inspect.isawaitable(result):
-            await result

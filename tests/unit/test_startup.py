@@ -72,6 +72,63 @@ def test_a_signal_while_starting_ends_the_start_and_once_serving_only_sets_the_f
     assert serving.stop.is_set()
 
 
+# Each holds its service in the middle of its start (the model load, asking the draft replicas what they
+# offer), says so on stdout, and starts the service as ``python -m`` would.
+_BLOCK_DRAFT_MODEL_LOAD = """
+import sys, time
+from draft_service.__main__ import main
+import draft_service.build
+
+def load_forever(config):
+    print("starting", flush=True)
+    time.sleep(120)
+
+draft_service.build.load_draft_model = load_forever
+main(sys.argv[1:])
+"""
+_BLOCK_ORCHESTRATOR_START = """
+import asyncio, sys
+from orchestrator.__main__ import main
+import orchestrator.catalog
+
+async def refresh_forever(self):
+    print("starting", flush=True)
+    await asyncio.sleep(120)
+
+orchestrator.catalog.DrafterCatalog.refresh = refresh_forever
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize(
+    ("script", "argv", "sig"),
+    [
+        (_BLOCK_DRAFT_MODEL_LOAD, ["--port", "0", "--drafters", "model", "--model", "/nowhere"], signal.SIGTERM),
+        (_BLOCK_DRAFT_MODEL_LOAD, ["--port", "0", "--drafters", "model", "--model", "/nowhere"], signal.SIGINT),
+        (_BLOCK_ORCHESTRATOR_START, ["--port", "0", "--metrics-port", "{metrics}"], signal.SIGTERM),
+        (_BLOCK_ORCHESTRATOR_START, ["--port", "0", "--metrics-port", "{metrics}"], signal.SIGINT),
+    ],
+    ids=["draft-sigterm", "draft-sigint", "orchestrator-sigterm", "orchestrator-sigint"],
+)
+def test_a_service_told_to_stop_while_it_starts_stops_then_and_exits_0(script, argv, sig) -> None:
+    """The draft service used to note the signal, load its model, serve, then drain; the orchestrator died
+    of a SIGTERM and printed a KeyboardInterrupt traceback on Ctrl-C. Here the start would block for 120 s."""
+    (metrics,) = free_ports(1, "127.0.0.1")
+    argv = [arg.format(metrics=metrics) for arg in argv]
+    service = subprocess.Popen([sys.executable, "-c", script, *argv], stdout=subprocess.PIPE,  # noqa: S603
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
+    try:
+        assert service.stdout.readline() == "starting\n", service.stderr.read()
+        service.send_signal(sig)
+        stdout, stderr = service.communicate(timeout=60)
+    finally:
+        service.kill()
+        service.wait()
+    assert service.returncode == 0, stderr
+    assert f"received {sig.name} while starting: stopping what has started" in stderr, stderr
+    assert "Traceback" not in stderr and "ready on" not in stderr and "serving specdec" not in stderr, stderr
+
+
 def test_add_port_names_the_address_it_could_not_bind(taken_port) -> None:
     exclusive = grpc.server(futures.ThreadPoolExecutor(max_workers=1), options=[("grpc.so_reuseport", 0)])
     with pytest.raises(OSError, match=f"cannot bind 127.0.0.1:{taken_port}"):
